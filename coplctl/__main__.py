@@ -1,0 +1,3 @@
+from coplctl.cli import main
+
+main()

@@ -1,0 +1,69 @@
+"""The `coplctl` command line. Each command group lives in its own module and imports heavy
+libraries only inside its commands, so `coplctl --help` and `coplctl methods` start fast."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import typer
+
+from coplctl.cli import data, methods
+from coplctl.cli.common import err, examples
+from coplctl.errors import CoplError
+
+app = typer.Typer(
+    name="coplctl",
+    help="Personalized reward models: CoPL and its competitors, trained, adapted and benchmarked.",
+    epilog=examples("coplctl data simulate --variant uf-p-4 --annotations avg --out data/uf-p-4-avg",
+                    "coplctl data inspect data/uf-p-4-avg",
+                    "coplctl methods"),
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+    pretty_exceptions_enable=False,
+    add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+app.add_typer(data.app, name="data")
+methods.register(app)
+
+
+def _usage_line(e: Exception) -> str:
+    """One line for a usage error: what is wrong, and where to find help."""
+    msg = " ".join(e.format_message().split())  # type: ignore[attr-defined]
+    ctx = getattr(e, "ctx", None)
+    path = ctx.command_path if ctx is not None else "coplctl"
+    return f"coplctl: {msg} (see '{path} --help')"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console-script entry point: known errors become one line and a non-zero exit code.
+
+    Set COPLCTL_DEBUG=1 to see full tracebacks.
+    """
+    debug = bool(os.environ.get("COPLCTL_DEBUG"))
+    try:
+        rv = app(args=argv, prog_name="coplctl", standalone_mode=False)
+        code = rv if isinstance(rv, int) else 0
+    except CoplError as e:
+        if debug:
+            raise
+        err.print(f"error: {e}", style="red", markup=False, highlight=False, soft_wrap=True)
+        code = 1
+    except (KeyboardInterrupt, typer.Abort):
+        err.print("interrupted", style="red")
+        code = 130
+    except Exception as e:
+        # Usage errors (click's, or the copy vendored by recent typer) carry exit_code + format_message.
+        if not (hasattr(e, "format_message") and hasattr(e, "exit_code")):
+            raise
+        if type(e).__name__ == "NoArgsIsHelpError":  # a group called without a command: show its help
+            ctx = getattr(e, "ctx", None)
+            typer.echo(ctx.get_help() if ctx is not None else e.format_message())
+            code = 0
+        else:
+            err.print(_usage_line(e), style="red", markup=False, highlight=False, soft_wrap=True)
+            code = e.exit_code
+    if argv is None:
+        sys.exit(code)
+    return code

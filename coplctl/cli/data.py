@@ -1,0 +1,146 @@
+"""`coplctl data ...`: simulate, build and inspect preference datasets."""
+
+from __future__ import annotations
+
+import json
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from coplctl.cli.common import DataDir, Force, Json, Seed, err, examples, out
+
+app = typer.Typer(help="Create and inspect preference datasets (UF-P, simulated or real).", no_args_is_help=True,
+                  epilog=examples("coplctl data simulate --variant uf-p-2 --annotations all --users 1000",
+                                  "coplctl data build-ufp --ultrafeedback uf.parquet --cleaned cleaned.parquet",
+                                  "coplctl data inspect data/sim-uf-p-2-all"))
+
+
+class Variant(str, Enum):
+    ufp2 = "uf-p-2"
+    ufp4 = "uf-p-4"
+
+
+class Annotations(str, Enum):
+    all = "all"
+    avg = "avg"
+
+
+VariantOpt = Annotated[Variant, typer.Option("--variant", help="uf-p-2: helpfulness vs honesty; uf-p-4: all four attributes.")]
+AnnotationsOpt = Annotated[Annotations, typer.Option(
+    "--annotations", help="all: exactly 8 (UF-P-2) / 16 (UF-P-4) annotations per user; avg: uniform 1-15 / 1-31.")]
+UsersOpt = Annotated[int, typer.Option("--users", min=1, help="Seen users, split evenly across groups (paper: 10,000).")]
+UnseenOpt = Annotated[int, typer.Option("--unseen-users", min=0, help="Unseen users for adaptation (paper: 100).")]
+SurveyOpt = Annotated[int, typer.Option("--survey-pairs", min=0,
+                                        help="Controversial pairs in the survey set (paper: 25,993; 0 = all).")]
+FewshotOpt = Annotated[Optional[int], typer.Option("--fewshot-pairs", min=1, show_default="8 / 16",
+                                                   help="Few-shot pairs per unseen user.")]
+ValidOpt = Annotated[int, typer.Option("--valid-pairs", min=0, help="Validation pairs per seen user (survey pairs it did not annotate).")]
+OutOpt = Annotated[Optional[Path], typer.Option("--out", "-o", show_default="data/<source>-<variant>-<annotations>",
+                                                help="Output dataset directory.")]
+
+
+def _protocol(variant, annotations, users, unseen_users, survey_pairs, fewshot_pairs, valid_pairs):
+    from coplctl.data.protocol import ProtocolConfig
+
+    return ProtocolConfig(variant=variant.value, annotations=annotations.value, users=users,
+                          unseen_users=unseen_users, survey_pairs=survey_pairs, fewshot_pairs=fewshot_pairs,
+                          valid_pairs=valid_pairs)
+
+
+def _report(ds, path: Path) -> None:
+    c = ds.meta["counts"]
+    err.print(f"wrote {path}: {c['responses']:,} responses, {c['users']['seen']:,} seen + "
+              f"{c['users']['unseen']:,} unseen users, " + ", ".join(f"{v:,} {k}" for k, v in c["pairs"].items())
+              + f" pairs. Next: coplctl data inspect {path}", highlight=False, soft_wrap=True)
+
+
+@app.command("simulate", epilog=examples(
+    "coplctl data simulate --variant uf-p-4 --annotations avg --out data/uf-p-4-avg",
+    "coplctl data simulate --variant uf-p-2 --annotations all --users 1000 --unseen-users 20 --seed 1"))
+def simulate(
+    variant: VariantOpt = Variant.ufp4,
+    annotations: AnnotationsOpt = Annotations.avg,
+    users: UsersOpt = 10_000,
+    unseen_users: UnseenOpt = 100,
+    survey_pairs: SurveyOpt = 25_993,
+    fewshot_pairs: FewshotOpt = None,
+    valid_pairs: ValidOpt = 2,
+    cue_fidelity: Annotated[float, typer.Option(
+        "--cue-fidelity", min=0.0, max=1.0, help="Chance that a text cue shows the true attribute level.")] = 0.75,
+    seed: Seed = 0,
+    out_dir: OutOpt = None,
+    force: Force = False,
+) -> None:
+    """Generate a simulated UF-P dataset (same protocol and statistics as the real one, offline)."""
+    from coplctl.data.simulate import SimConfig, simulate as run
+
+    proto = _protocol(variant, annotations, users, unseen_users, survey_pairs, fewshot_pairs, valid_pairs)
+    path = out_dir or Path("data") / f"sim-{variant.value}-{annotations.value}"
+    if path.exists() and not force:  # fail before the work, not after
+        from coplctl.errors import CoplError
+
+        raise CoplError(f"{path} already exists; choose another --out or pass --force to replace it")
+    with err.status("simulating UF-P ..."):
+        ds = run(SimConfig(protocol=proto, seed=seed, cue_fidelity=cue_fidelity))
+        ds.save(path, overwrite=force)
+    _report(ds, path)
+
+
+@app.command("build-ufp", epilog=examples(
+    "coplctl data build-ufp --ultrafeedback ~/data/UltraFeedback --cleaned ~/data/uf-cleaned --out data/uf-p-4-avg",
+    "coplctl data build-ufp --variant uf-p-2 --annotations all --tokenizer google/gemma-2b-it --max-tokens 1024"))
+def build_ufp(
+    variant: VariantOpt = Variant.ufp4,
+    annotations: AnnotationsOpt = Annotations.avg,
+    ultrafeedback: Annotated[str, typer.Option(
+        "--ultrafeedback", help="Local JSON/JSONL/Parquet copy (file or directory) of openbmb/UltraFeedback, or the hub id.")]
+    = "openbmb/UltraFeedback",
+    cleaned: Annotated[str, typer.Option(
+        "--cleaned", help="argilla/ultrafeedback-binarized-preferences-cleaned (path or hub id) for the prompt filter; "
+                          "'none' keeps every prompt.")] = "argilla/ultrafeedback-binarized-preferences-cleaned",
+    tokenizer: Annotated[Optional[str], typer.Option("--tokenizer", help="Tokenizer for the length filter.")] = None,
+    max_tokens: Annotated[Optional[int], typer.Option(
+        "--max-tokens", min=1, help="Drop responses longer than this (prompt + response, formatted).")] = None,
+    users: UsersOpt = 10_000,
+    unseen_users: UnseenOpt = 100,
+    survey_pairs: SurveyOpt = 25_993,
+    fewshot_pairs: FewshotOpt = None,
+    valid_pairs: ValidOpt = 2,
+    seed: Seed = 0,
+    out_dir: OutOpt = None,
+    force: Force = False,
+) -> None:
+    """Build real UF-P from UltraFeedback ratings (per-attribute labels, fair-coin ties, controversial survey)."""
+    from coplctl.data.ultrafeedback import BuildConfig, build_ufp as run
+    from coplctl.errors import CoplError
+
+    proto = _protocol(variant, annotations, users, unseen_users, survey_pairs, fewshot_pairs, valid_pairs)
+    path = out_dir or Path("data") / f"ufp-{variant.value}-{annotations.value}"
+    if path.exists() and not force:
+        raise CoplError(f"{path} already exists; choose another --out or pass --force to replace it")
+    cfg = BuildConfig(protocol=proto, seed=seed, ultrafeedback=ultrafeedback,
+                      cleaned=None if cleaned.lower() == "none" else cleaned,
+                      tokenizer=tokenizer, max_tokens=max_tokens)
+    with err.status("building UF-P from UltraFeedback ..."):
+        ds = run(cfg)
+        ds.save(path, overwrite=force)
+    warning = ds.meta["filter_stats"].get("warning")
+    if warning:
+        err.print(f"warning: {warning}", style="yellow")
+    _report(ds, path)
+
+
+@app.command("inspect", epilog=examples("coplctl data inspect data/sim-uf-p-4-avg",
+                                        "coplctl data inspect data/sim-uf-p-4-avg --json | jq .splits"))
+def inspect(path: DataDir, as_json: Json = False) -> None:
+    """Summarise a dataset: users per group and role, annotations per user, pairs per split."""
+    from coplctl.data.dataset import load
+    from coplctl.data.inspect import render, summarize
+
+    summary = summarize(load(path))
+    if as_json:
+        typer.echo(json.dumps(summary, indent=2))
+    else:
+        render(summary, out)

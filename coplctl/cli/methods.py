@@ -1,0 +1,30 @@
+"""`coplctl methods`: list registered reward methods (reads sources, imports no model code)."""
+
+from __future__ import annotations
+
+import json
+
+import typer
+
+from coplctl.cli.common import Json, examples, out
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("methods", epilog=examples("coplctl methods", "coplctl methods --json"))
+    def methods(as_json: Json = False) -> None:
+        """List the registered reward methods with a one-line description each."""
+        from rich.table import Table
+
+        from coplctl.registry import METHODS
+
+        rows = METHODS.describe()
+        if as_json:
+            typer.echo(json.dumps(dict(rows), indent=2))
+            return
+        if not rows:
+            out.print("no methods are registered")
+            return
+        table = Table("method", "description", title="Registered reward methods")
+        for name, desc in rows:
+            table.add_row(name, desc)
+        out.print(table)

@@ -1,0 +1,190 @@
+"""The preference dataset: a directory of three Parquet tables and ``meta.json``.
+
+- ``responses.parquet``: ``response_id``, ``prompt``, ``text`` (+ optional attribute ratings)
+- ``users.parquet``: ``user_id``, ``group`` (nullable), ``role`` (``seen`` | ``unseen``)
+- ``pairs.parquet``: ``user_id``, ``chosen_id``, ``rejected_id``,
+  ``split`` (``train`` | ``valid`` | ``test`` | ``fewshot``), ``controversial`` (bool)
+- ``meta.json``: ``format_version``, source, variant, seed, counts, provenance
+
+Loading validates everything and raises one :class:`DataError` naming the file, the row and the
+problem. Saving validates first, then writes to a temporary directory renamed into place.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from coplctl.atomic import atomic_dir
+from coplctl.errors import DataError
+
+FORMAT_VERSION = 1
+FILES = ("responses.parquet", "users.parquet", "pairs.parquet", "meta.json")
+SPLITS = ("train", "valid", "test", "fewshot")
+ROLES = ("seen", "unseen")
+COLUMNS = {
+    "responses.parquet": ("response_id", "prompt", "text"),
+    "users.parquet": ("user_id", "group", "role"),
+    "pairs.parquet": ("user_id", "chosen_id", "rejected_id", "split", "controversial"),
+}
+#: Splits a user of each role may have.
+ROLE_SPLITS = {"seen": {"train", "valid", "test"}, "unseen": {"fewshot", "test"}}
+
+
+@dataclass
+class PreferenceDataset:
+    """Responses shared across users, users with a role and an optional group, and their pairs."""
+
+    responses: pd.DataFrame
+    users: pd.DataFrame
+    pairs: pd.DataFrame
+    meta: dict = field(default_factory=dict)
+    path: Path | None = None
+
+    def split(self, name: str) -> pd.DataFrame:
+        return self.pairs[self.pairs["split"] == name]
+
+    def user_ids(self, role: str) -> list[str]:
+        return self.users.loc[self.users["role"] == role, "user_id"].tolist()
+
+    @property
+    def groups(self) -> list[str]:
+        return sorted(self.users["group"].dropna().unique().tolist())
+
+    def counts(self) -> dict:
+        return {
+            "responses": int(len(self.responses)),
+            "prompts": int(self.responses["prompt"].nunique()),
+            "users": {role: int((self.users["role"] == role).sum()) for role in ROLES},
+            "pairs": {s: int((self.pairs["split"] == s).sum()) for s in SPLITS},
+        }
+
+    def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
+        """Validate, then write atomically; returns the final path."""
+        validate(self, Path(path))
+        meta = {"format_version": FORMAT_VERSION, **self.meta, "counts": self.counts()}
+        with atomic_dir(path, overwrite=overwrite) as tmp:
+            for name, df in (("responses", self.responses), ("users", self.users), ("pairs", self.pairs)):
+                _write_parquet(df, tmp / f"{name}.parquet")
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        self.meta, self.path = meta, Path(path)
+        return self.path
+
+
+def _write_parquet(df: pd.DataFrame, path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.Table.from_pandas(df.reset_index(drop=True), preserve_index=False)
+    pq.write_table(table, path, compression="zstd")
+
+
+def _read_parquet(path: Path) -> pd.DataFrame:
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_table(path).to_pandas()
+    except Exception as e:  # pyarrow raises several types for truncated or foreign files
+        raise DataError(path, f"not a readable Parquet file ({str(e).splitlines()[0]})") from None
+
+
+def load(path: str | Path) -> PreferenceDataset:
+    """Read and validate a dataset directory."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(path, "no such dataset directory (create one with `coplctl data simulate` "
+                              "or `coplctl data build-ufp`)")
+    if not path.is_dir():
+        raise DataError(path, "is a file; a dataset is a directory holding " + ", ".join(FILES))
+    for name in FILES:
+        if not (path / name).is_file():
+            raise DataError(path / name, "missing; a dataset directory holds " + ", ".join(FILES))
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(path / "meta.json", f"not valid JSON ({e})") from None
+    if not isinstance(meta, dict):
+        raise DataError(path / "meta.json", "must hold a JSON object")
+    version = meta.get("format_version")
+    if version != FORMAT_VERSION:
+        raise DataError(path / "meta.json", f"format_version is {version!r}; this coplctl reads version "
+                                            f"{FORMAT_VERSION} (upgrade coplctl or rebuild the dataset)")
+    tables = {name: _read_parquet(path / name) for name in COLUMNS}
+    ds = PreferenceDataset(tables["responses.parquet"], tables["users.parquet"],
+                           tables["pairs.parquet"], meta, path)
+    validate(ds, path)
+    return ds
+
+
+def _fail(file: Path, problem: str, bad) -> None:
+    """Raise a DataError at the first True row of ``bad`` (if any), counting the others."""
+    bad = np.asarray(bad, dtype=bool)
+    if bad.any():
+        rows = np.flatnonzero(bad)
+        raise DataError(file, problem, row=int(rows[0]), more=len(rows) - 1)
+
+
+def _check_columns(df: pd.DataFrame, file: Path, nullable: tuple[str, ...] = ()) -> None:
+    """Check required columns and nulls; make id and text columns strings in place."""
+    columns = COLUMNS[file.name]
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        raise DataError(file, f"missing column{'s' if len(missing) > 1 else ''} {', '.join(missing)} "
+                              f"(expected {', '.join(columns)})")
+    for c in columns:
+        if c == "controversial":
+            continue
+        null = df[c].isna().to_numpy()
+        if c not in nullable:
+            _fail(file, f"{c} is empty (null)", null)
+        if not pd.api.types.is_string_dtype(df[c]):
+            df[c] = df[c].map(str, na_action="ignore")
+
+
+def validate(ds: PreferenceDataset, root: Path) -> None:
+    """Check every rule of the format; raise one DataError at the first violation found."""
+    rf, uf, pf = root / "responses.parquet", root / "users.parquet", root / "pairs.parquet"
+    ds.responses, ds.users, ds.pairs = (df.reset_index(drop=True) for df in (ds.responses, ds.users, ds.pairs))
+    responses, users, pairs = ds.responses, ds.users, ds.pairs
+
+    _check_columns(responses, rf)
+    _fail(rf, "duplicate response_id", responses["response_id"].duplicated())
+    _fail(rf, "empty text", responses["text"].str.strip().eq("").to_numpy())
+
+    _check_columns(users, uf, nullable=("group",))
+    _fail(uf, "duplicate user_id", users["user_id"].duplicated())
+    _fail(uf, "role must be 'seen' or 'unseen'", ~users["role"].isin(ROLES))
+
+    _check_columns(pairs, pf)
+    contr = pairs["controversial"]
+    if contr.isna().any() or not contr.isin([True, False]).all():
+        _fail(pf, "controversial must be true or false", contr.isna() | ~contr.isin([True, False]))
+    pairs["controversial"] = contr.astype(bool)
+    _fail(pf, "split must be one of " + ", ".join(SPLITS), ~pairs["split"].isin(SPLITS))
+    _fail(pf, "unknown user_id (not in users.parquet)", ~pairs["user_id"].isin(users["user_id"]))
+    for col in ("chosen_id", "rejected_id"):
+        _fail(pf, f"unknown {col} (not a response_id of responses.parquet)",
+              ~pairs[col].isin(responses["response_id"]))
+    _fail(pf, "chosen_id equals rejected_id", pairs["chosen_id"] == pairs["rejected_id"])
+
+    prompt_of = responses.set_index("response_id")["prompt"]
+    _fail(pf, "chosen and rejected responses answer different prompts",
+          pairs["chosen_id"].map(prompt_of).to_numpy() != pairs["rejected_id"].map(prompt_of).to_numpy())
+
+    c, r = pairs["chosen_id"], pairs["rejected_id"]
+    key = pd.DataFrame({"u": pairs["user_id"], "lo": c.where(c < r, r), "hi": r.where(c < r, c)})
+    _fail(pf, "duplicate pair (the same user already annotated these two responses)", key.duplicated())
+
+    role = pairs["user_id"].map(users.set_index("user_id")["role"])
+    for r, allowed in ROLE_SPLITS.items():
+        for split in sorted(set(SPLITS) - allowed):
+            _fail(pf, f"split {split} for a {r} user ({r} users have only "
+                      + "/".join(sorted(allowed)) + " pairs)", (role == r) & (pairs["split"] == split))
+
+    for r, split in (("seen", "train"), ("unseen", "fewshot")):
+        has = set(pairs.loc[pairs["split"] == split, "user_id"])
+        _fail(uf, f"{r} user has no {split} pairs", (users["role"] == r) & ~users["user_id"].isin(has))

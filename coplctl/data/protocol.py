@@ -1,0 +1,193 @@
+"""The UF-P user protocol (paper §5.1 and Appendix C.1), shared by the simulator and the real builder.
+
+Input: candidate pairs of responses to the same prompt, each labelled by every preference group
+(``labels[c, g]`` is True when group ``g`` prefers response ``a[c]`` over ``b[c]``; ties are already
+broken by a fair coin, once per pair and group, so all users of a group agree).
+
+Protocol:
+- 10% of the prompts are held out; every candidate pair of a held-out prompt is in the *test pool*
+  (common and controversial pairs alike: Table 2 splits test accuracy by that flag).
+- The *survey set* is made of controversial candidate pairs (the groups disagree) of the other
+  prompts, subsampled to ``survey_pairs`` (paper: 25,993).
+- Seen users (paper: 10,000) are split evenly across groups. ALL: each annotates exactly ``per_user``
+  survey pairs (8 for UF-P-2, 16 for UF-P-4); AVG: a uniform count in 1..2*per_user-1 (1-15 / 1-31).
+  Each seen user also gets ``valid_pairs`` other survey pairs (model selection, never trained on)
+  and ``test_pairs`` pairs of the test pool (paper: 10), all labelled by the user's **own** group.
+- Unseen users (paper: 100, evenly across groups) get ``fewshot_pairs`` survey pairs (8 / 16) and
+  ``unseen_test_pairs`` test-pool pairs (paper: 50).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from coplctl.errors import CoplError
+
+#: Preference groups = UltraFeedback attributes, in the order UF-P uses them.
+ATTRIBUTES = ("helpfulness", "honesty", "instruction_following", "truthfulness")
+VARIANT_GROUPS = {"uf-p-2": ATTRIBUTES[:2], "uf-p-4": ATTRIBUTES}
+#: Annotations per user in the ALL setting (and mean count in AVG).
+VARIANT_PER_USER = {"uf-p-2": 8, "uf-p-4": 16}
+PAPER_SURVEY_PAIRS = 25_993
+
+
+@dataclass
+class ProtocolConfig:
+    """User protocol of UF-P; every default is the paper's (§5.1, Appendix C.1)."""
+
+    variant: str = "uf-p-4"
+    """``uf-p-2`` (helpfulness vs honesty) or ``uf-p-4`` (all four attributes)."""
+    annotations: str = "avg"
+    """``all``: exactly 8 / 16 annotations per seen user; ``avg``: uniform 1-15 / 1-31."""
+    users: int = 10_000
+    """Seen users, split evenly across groups (paper: 10,000)."""
+    unseen_users: int = 100
+    """Unseen users, split evenly across groups (paper: 100)."""
+    survey_pairs: int = PAPER_SURVEY_PAIRS
+    """Size of the survey set of controversial pairs (paper: 25,993); 0 keeps every candidate."""
+    test_prompt_fraction: float = 0.1
+    """Share of prompts held out as the test pool (paper: 10%)."""
+    test_pairs: int = 10
+    """Test pairs per seen user (paper: 10)."""
+    valid_pairs: int = 2
+    """Validation pairs per seen user, drawn from the survey set (not in the paper: model selection)."""
+    fewshot_pairs: int | None = None
+    """Few-shot pairs per unseen user; None = 8 (UF-P-2) / 16 (UF-P-4) as in the paper."""
+    unseen_test_pairs: int = 50
+    """Test pairs per unseen user (paper: 50)."""
+
+    def __post_init__(self):
+        if self.variant not in VARIANT_GROUPS:
+            raise CoplError(f"unknown variant {self.variant!r}; choose uf-p-2 or uf-p-4")
+        if self.annotations not in ("all", "avg"):
+            raise CoplError(f"unknown annotations setting {self.annotations!r}; choose all or avg")
+        if self.users < 1 or self.unseen_users < 0:
+            raise CoplError("--users must be at least 1 and --unseen-users at least 0")
+        if self.fewshot_pairs is None:
+            self.fewshot_pairs = self.per_user
+        if not 0 < self.test_prompt_fraction < 1:
+            raise CoplError("test_prompt_fraction must lie strictly between 0 and 1")
+
+    @property
+    def groups(self) -> tuple[str, ...]:
+        return VARIANT_GROUPS[self.variant]
+
+    @property
+    def per_user(self) -> int:
+        return VARIANT_PER_USER[self.variant]
+
+    @property
+    def max_annotations(self) -> int:
+        return self.per_user if self.annotations == "all" else 2 * self.per_user - 1
+
+
+def break_ties(ratings_a: np.ndarray, ratings_b: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Group labels of candidate pairs: True where ``a`` is preferred, ties broken by a fair coin.
+
+    ``ratings_*`` have shape (pairs, groups); one coin is drawn per (pair, group).
+    """
+    coin = rng.random(ratings_a.shape) < 0.5
+    return np.where(ratings_a == ratings_b, coin, ratings_a > ratings_b)
+
+
+def controversial(labels: np.ndarray) -> np.ndarray:
+    """A pair is controversial when its groups do not all give the same label."""
+    return labels.any(axis=1) & ~labels.all(axis=1)
+
+
+def _even_groups(n: int, n_groups: int, rng: np.random.Generator) -> np.ndarray:
+    groups = np.arange(n) % n_groups  # exactly even when n divides; otherwise off by at most one
+    return rng.permutation(groups)
+
+
+def assign_users(prompt: np.ndarray, a: np.ndarray, b: np.ndarray, labels: np.ndarray,
+                 cfg: ProtocolConfig, rng: np.random.Generator) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    """Apply the protocol to candidate pairs.
+
+    Returns ``users`` (user_id, group, role), ``pairs`` (user_id, chosen, rejected, split,
+    controversial) where chosen/rejected are response *indices*, and a dict of statistics.
+    """
+    n_groups = len(cfg.groups)
+    if labels.shape != (len(a), n_groups):
+        raise ValueError(f"labels must have shape ({len(a)}, {n_groups}), got {labels.shape}")
+    is_contr = controversial(labels)
+
+    prompts = np.unique(prompt)
+    n_test_prompts = max(1, int(round(cfg.test_prompt_fraction * len(prompts))))
+    test_prompts = rng.choice(prompts, size=n_test_prompts, replace=False)
+    in_test = np.isin(prompt, test_prompts)
+
+    survey = np.flatnonzero(~in_test & is_contr)
+    available = len(survey)
+    if cfg.survey_pairs and available > cfg.survey_pairs:
+        survey = np.sort(rng.choice(survey, size=cfg.survey_pairs, replace=False))
+    test_pool = np.flatnonzero(in_test)
+
+    need_survey = cfg.max_annotations + cfg.valid_pairs
+    if len(survey) < max(need_survey, cfg.fewshot_pairs):
+        raise CoplError(f"only {len(survey)} controversial survey pairs are available, fewer than the "
+                        f"{max(need_survey, cfg.fewshot_pairs)} one user needs; use more prompts")
+    if len(test_pool) < max(cfg.test_pairs, cfg.unseen_test_pairs):
+        raise CoplError(f"only {len(test_pool)} test-pool pairs are available, fewer than one user needs")
+
+    n_seen, n_unseen = cfg.users, cfg.unseen_users
+    seen_group = _even_groups(n_seen, n_groups, rng)
+    unseen_group = _even_groups(n_unseen, n_groups, rng)
+    if cfg.annotations == "all":
+        counts = np.full(n_seen, cfg.per_user)
+    else:
+        counts = rng.integers(1, 2 * cfg.per_user, size=n_seen)  # 1 .. 2n-1 inclusive, mean n
+
+    user_idx, cand_idx, split_code = [], [], []
+
+    def take(user: int, pool: np.ndarray, sizes: list[tuple[int, int]]) -> None:
+        total = sum(k for _, k in sizes)
+        picked = pool[rng.choice(len(pool), size=total, replace=False)]
+        start = 0
+        for code, k in sizes:
+            cand_idx.append(picked[start:start + k])
+            user_idx.append(np.full(k, user))
+            split_code.append(np.full(k, code))
+            start += k
+
+    for u in range(n_seen):
+        take(u, survey, [(0, int(counts[u])), (1, cfg.valid_pairs)])
+        take(u, test_pool, [(2, cfg.test_pairs)])
+    for j in range(n_unseen):
+        u = n_seen + j
+        take(u, survey, [(3, cfg.fewshot_pairs)])
+        take(u, test_pool, [(2, cfg.unseen_test_pairs)])
+
+    user_idx = np.concatenate(user_idx)
+    cand_idx = np.concatenate(cand_idx)
+    split_code = np.concatenate(split_code)
+    group_of_user = np.concatenate([seen_group, unseen_group])
+    prefers_a = labels[cand_idx, group_of_user[user_idx]]
+    width = len(str(n_seen + n_unseen - 1))
+    user_ids = np.array([f"u{i:0{width}d}" for i in range(n_seen + n_unseen)])
+
+    users = pd.DataFrame({
+        "user_id": user_ids,
+        "group": np.asarray(cfg.groups)[group_of_user],
+        "role": np.where(np.arange(n_seen + n_unseen) < n_seen, "seen", "unseen"),
+    })
+    pairs = pd.DataFrame({
+        "user_id": user_ids[user_idx],
+        "chosen": np.where(prefers_a, a[cand_idx], b[cand_idx]),
+        "rejected": np.where(prefers_a, b[cand_idx], a[cand_idx]),
+        "split": np.asarray(["train", "valid", "test", "fewshot"])[split_code],
+        "controversial": is_contr[cand_idx],
+    })
+    stats = {
+        "prompts": int(len(prompts)),
+        "test_prompts": int(n_test_prompts),
+        "candidate_pairs": int(len(a)),
+        "controversial_candidates": int(is_contr.sum()),
+        "survey_pairs_available": int(available),
+        "survey_pairs": int(len(survey)),
+        "test_pool_pairs": int(len(test_pool)),
+    }
+    return users, pairs, stats

@@ -1,0 +1,126 @@
+"""The interface every reward method implements, and the Bradley-Terry pieces they share.
+
+A method learns a scalar reward f(user, response) from pairwise annotations (paper Eq. 1):
+P(a ≻ b | u) = σ(f(u, a) − f(u, b)). Accuracy on a pair = 1 if f(u, chosen) > f(u, rejected).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import numpy as np
+import pandas as pd
+
+from coplctl.atomic import atomic_dir
+from coplctl.errors import CoplError
+
+if TYPE_CHECKING:
+    import torch
+
+    from coplctl.data.dataset import PreferenceDataset
+
+METHOD_FILE = "method.json"
+
+
+def bt_loss(chosen: "torch.Tensor", rejected: "torch.Tensor") -> "torch.Tensor":
+    """Bradley-Terry negative log-likelihood, −log σ(r⁺ − r⁻), averaged (numerically stable)."""
+    import torch.nn.functional as F
+
+    return -F.logsigmoid(chosen - rejected).mean()
+
+
+class RewardMethod(ABC):
+    """A personalized reward model: fit on seen users, adapt to unseen users, score (user, response).
+
+    Subclasses set ``Config`` to a dataclass whose fields carry the paper's defaults, register
+    themselves with ``@register_method("name")`` and implement the abstract methods. ``responses``
+    arguments are DataFrames with the columns of ``responses.parquet`` (``response_id``, ``prompt``,
+    ``text``), one row per score requested.
+    """
+
+    Config: ClassVar[type] = None  # type: ignore[assignment]
+    registry_name: ClassVar[str] = ""
+
+    def __init__(self, config: Any = None, **overrides: Any):
+        if config is None:
+            try:
+                config = self.Config(**overrides)
+            except TypeError as e:
+                raise CoplError(f"bad option for method {self.registry_name or type(self).__name__}: {e}") from None
+        elif overrides:
+            config = dataclasses.replace(config, **overrides)
+        self.config = config
+
+    @abstractmethod
+    def fit(self, data: "PreferenceDataset", backbone: Any = None, *, seed: int = 0) -> dict:
+        """Train on the seen users' ``train`` pairs (``valid`` pairs for model selection); return metrics."""
+
+    @abstractmethod
+    def adapt(self, pairs: pd.DataFrame, responses: pd.DataFrame) -> dict:
+        """Give each user of ``pairs`` (user_id, chosen_id, rejected_id) a state from those pairs only.
+
+        ``responses`` resolves the ids. Returns a JSON-able report (users adapted, pairs used ...).
+        """
+
+    @abstractmethod
+    def score(self, user_ids: Sequence[str], responses: pd.DataFrame) -> "torch.Tensor":
+        """Reward of ``responses.iloc[i]`` for ``user_ids[i]``; a float tensor of ``len(user_ids)``."""
+
+    @abstractmethod
+    def save_state(self, directory: Path) -> None:
+        """Write learned state (weights as safetensors, ids as JSON) into an empty directory."""
+
+    @abstractmethod
+    def load_state(self, directory: Path) -> None:
+        """Restore what :meth:`save_state` wrote."""
+
+    def save(self, directory: str | Path, *, overwrite: bool = True) -> Path:
+        """Save atomically: ``method.json`` (name + config) and the method's state."""
+        with atomic_dir(directory, overwrite=overwrite) as tmp:
+            self.save_state(tmp)
+            info = {"method": self.registry_name, "config": dataclasses.asdict(self.config)}
+            (tmp / METHOD_FILE).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+        return Path(directory)
+
+
+def load_method(directory: str | Path) -> RewardMethod:
+    """Rebuild a saved method in a new process (its class comes from the registry)."""
+    from coplctl.registry import METHODS
+
+    directory = Path(directory)
+    info_path = directory / METHOD_FILE
+    if not info_path.is_file():
+        raise CoplError(f"{directory} is not a saved method (no {METHOD_FILE})")
+    info = json.loads(info_path.read_text())
+    cls = METHODS.get(info["method"])
+    known = {f.name for f in dataclasses.fields(cls.Config)}
+    unknown = set(info["config"]) - known
+    if unknown:
+        raise CoplError(f"{info_path}: config keys {sorted(unknown)} are unknown to method {info['method']}")
+    method = cls(cls.Config(**info["config"]))
+    method.load_state(directory)
+    return method
+
+
+def pair_scores(method: RewardMethod, pairs: pd.DataFrame, responses: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """Scores of the chosen and of the rejected response of every pair, for the pair's user."""
+    table = responses.set_index("response_id")
+    users = pairs["user_id"].tolist()
+    chosen = table.loc[pairs["chosen_id"]].reset_index()
+    rejected = table.loc[pairs["rejected_id"]].reset_index()
+    s_c = method.score(users, chosen).detach().float().cpu().numpy()
+    s_r = method.score(users, rejected).detach().float().cpu().numpy()
+    return s_c, s_r
+
+
+def pair_accuracy(method: RewardMethod, pairs: pd.DataFrame, responses: pd.DataFrame) -> float:
+    """Share of pairs where the chosen response scores strictly higher (ties count as wrong)."""
+    if len(pairs) == 0:
+        return float("nan")
+    s_c, s_r = pair_scores(method, pairs, responses)
+    return float((s_c > s_r).mean())

@@ -1,0 +1,33 @@
+"""Shared fixtures: small simulated datasets built once per session, on disk like a user's."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from coplctl.data.protocol import ProtocolConfig
+from coplctl.data.simulate import SimConfig, simulate
+
+
+def small_protocol(variant: str = "uf-p-2", annotations: str = "all", **kw) -> ProtocolConfig:
+    """A protocol small enough for unit tests (seconds), same rules as paper scale."""
+    base = dict(variant=variant, annotations=annotations, users=120, unseen_users=8, survey_pairs=600)
+    return ProtocolConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory) -> Path:
+    """A small simulated UF-P-2-ALL dataset directory (read-only: copy it before changing it)."""
+    path = tmp_path_factory.mktemp("data") / "tiny"
+    simulate(SimConfig(protocol=small_protocol(), seed=7)).save(path)
+    return path
+
+
+@pytest.fixture
+def tiny_copy(tiny_dir, tmp_path) -> Path:
+    """A private, writable copy of the tiny dataset."""
+    dest = tmp_path / "copy"
+    shutil.copytree(tiny_dir, dest)
+    return dest

@@ -1,0 +1,197 @@
+"""The dataset directory format: round trip, and one clear error per broken rule."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from coplctl.data import PreferenceDataset, load
+from coplctl.errors import CoplError, DataError
+
+
+def _edit(path, table, change):
+    """Rewrite ``path/table.parquet`` after ``change(df)`` (which may return a new frame)."""
+    f = path / f"{table}.parquet"
+    df = pd.read_parquet(f)
+    new = change(df)
+    (new if new is not None else df).to_parquet(f, index=False)
+
+
+def _expect(path, file, row, text):
+    with pytest.raises(DataError) as info:
+        load(path)
+    e = info.value
+    assert e.file.endswith(file), str(e)
+    assert e.row == row, str(e)
+    assert text in str(e), str(e)
+    assert f"{file} row {row}:" in str(e)
+    return e
+
+
+def test_round_trip_keeps_every_table(tiny_dir, tmp_path):
+    ds = load(tiny_dir)
+    again = ds.save(tmp_path / "again")
+    back = load(again)
+    for name in ("responses", "users", "pairs"):
+        pd.testing.assert_frame_equal(getattr(ds, name), getattr(back, name))
+    assert back.meta["format_version"] == 1
+    assert back.meta["counts"]["users"] == {"seen": 120, "unseen": 8}
+
+
+def test_missing_column_is_named(tiny_copy):
+    _edit(tiny_copy, "pairs", lambda df: df.drop(columns=["split"]))
+    with pytest.raises(DataError, match=r"pairs.parquet: missing column split"):
+        load(tiny_copy)
+
+
+def test_unknown_user_id(tiny_copy):
+    _edit(tiny_copy, "pairs", lambda df: df.__setitem__("user_id", df["user_id"].where(df.index != 5, "ghost")))
+    _expect(tiny_copy, "pairs.parquet", 5, "unknown user_id")
+
+
+@pytest.mark.parametrize("col", ["chosen_id", "rejected_id"])
+def test_unknown_response_id(tiny_copy, col):
+    _edit(tiny_copy, "pairs", lambda df: df.__setitem__(col, df[col].where(df.index != 3, "r-missing")))
+    _expect(tiny_copy, "pairs.parquet", 3, f"unknown {col}")
+
+
+def test_chosen_equals_rejected(tiny_copy):
+    def change(df):
+        df.loc[7, "rejected_id"] = df.loc[7, "chosen_id"]
+    _edit(tiny_copy, "pairs", change)
+    _expect(tiny_copy, "pairs.parquet", 7, "chosen_id equals rejected_id")
+
+
+def test_duplicate_pair_even_when_flipped(tiny_copy):
+    def change(df):
+        row = df.iloc[[0]].copy()
+        row[["chosen_id", "rejected_id"]] = row[["rejected_id", "chosen_id"]].to_numpy()
+        return pd.concat([df, row], ignore_index=True)
+    _edit(tiny_copy, "pairs", change)
+    n = len(pd.read_parquet(tiny_copy / "pairs.parquet"))
+    _expect(tiny_copy, "pairs.parquet", n - 1, "duplicate pair")
+
+
+def test_empty_text(tiny_copy):
+    _edit(tiny_copy, "responses", lambda df: df.__setitem__("text", df["text"].where(df.index != 2, "   ")))
+    _expect(tiny_copy, "responses.parquet", 2, "empty text")
+
+
+def test_null_text(tiny_copy):
+    _edit(tiny_copy, "responses", lambda df: df.__setitem__("text", df["text"].where(df.index != 4, None)))
+    _expect(tiny_copy, "responses.parquet", 4, "text is empty (null)")
+
+
+def test_duplicate_response_id(tiny_copy):
+    def change(df):
+        df.loc[9, "response_id"] = df.loc[8, "response_id"]
+    _edit(tiny_copy, "responses", change)
+    _expect(tiny_copy, "responses.parquet", 9, "duplicate response_id")
+
+
+def test_seen_user_without_train_pairs(tiny_copy):
+    users = pd.read_parquet(tiny_copy / "users.parquet")
+    row = int(users.index[users["role"] == "seen"][3])
+    victim = users.loc[row, "user_id"]
+    _edit(tiny_copy, "pairs", lambda df: df[~((df["user_id"] == victim) & (df["split"] == "train"))])
+    _expect(tiny_copy, "users.parquet", row, "seen user has no train pairs")
+
+
+def test_unseen_user_without_fewshot_pairs(tiny_copy):
+    users = pd.read_parquet(tiny_copy / "users.parquet")
+    row = int(users.index[users["role"] == "unseen"][0])
+    victim = users.loc[row, "user_id"]
+    _edit(tiny_copy, "pairs", lambda df: df[~((df["user_id"] == victim) & (df["split"] == "fewshot"))])
+    _expect(tiny_copy, "users.parquet", row, "unseen user has no fewshot pairs")
+
+
+def test_bad_split_and_role(tiny_copy):
+    _edit(tiny_copy, "pairs", lambda df: df.__setitem__("split", df["split"].where(df.index != 1, "dev")))
+    _expect(tiny_copy, "pairs.parquet", 1, "split must be one of")
+
+
+def test_unseen_user_with_train_pair(tiny_copy):
+    pairs = pd.read_parquet(tiny_copy / "pairs.parquet")
+    row = int(pairs.index[pairs["split"] == "fewshot"][0])
+    _edit(tiny_copy, "pairs", lambda df: df.__setitem__("split", df["split"].where(df.index != row, "train")))
+    _expect(tiny_copy, "pairs.parquet", row, "split train for a unseen user")
+
+
+def test_count_of_further_bad_rows_is_reported(tiny_copy):
+    _edit(tiny_copy, "pairs", lambda df: df.__setitem__("user_id", df["user_id"].where(df.index % 100 != 0, "ghost")))
+    e = _expect(tiny_copy, "pairs.parquet", 0, "unknown user_id")
+    assert e.more > 0 and f"and {e.more} more rows" in str(e)
+
+
+def test_truncated_parquet(tiny_copy):
+    f = tiny_copy / "pairs.parquet"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    with pytest.raises(DataError, match=r"pairs.parquet: not a readable Parquet file"):
+        load(tiny_copy)
+
+
+def test_nonexistent_path_and_file_instead_of_dir(tmp_path):
+    with pytest.raises(DataError, match="no such dataset directory"):
+        load(tmp_path / "nope")
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(DataError, match="is a file"):
+        load(tmp_path / "f")
+
+
+def test_missing_file_and_bad_meta(tiny_copy):
+    meta = tiny_copy / "meta.json"
+    meta.write_text(json.dumps({"format_version": 99}))
+    with pytest.raises(DataError, match="format_version is 99"):
+        load(tiny_copy)
+    meta.write_text("{not json")
+    with pytest.raises(DataError, match="meta.json: not valid JSON"):
+        load(tiny_copy)
+    meta.unlink()
+    with pytest.raises(DataError, match="meta.json: missing"):
+        load(tiny_copy)
+
+
+def test_invalid_dataset_is_never_written(tiny_dir, tmp_path):
+    ds = load(tiny_dir)
+    ds.pairs.loc[0, "rejected_id"] = ds.pairs.loc[0, "chosen_id"]
+    dest = tmp_path / "out"
+    with pytest.raises(DataError, match="chosen_id equals rejected_id"):
+        ds.save(dest)
+    assert not dest.exists()
+    assert list(tmp_path.iterdir()) == []  # no temporary directory left behind either
+
+
+def test_crash_while_writing_leaves_nothing(tiny_dir, tmp_path, monkeypatch):
+    ds = load(tiny_dir)
+    import coplctl.data.dataset as mod
+
+    calls = []
+
+    def exploding(df, path):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError("disk full")
+        df.to_parquet(path, index=False)
+
+    monkeypatch.setattr(mod, "_write_parquet", exploding)
+    with pytest.raises(OSError):
+        ds.save(tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_existing_output_needs_overwrite(tiny_dir, tmp_path):
+    ds = load(tiny_dir)
+    dest = ds.save(tmp_path / "out")
+    with pytest.raises(CoplError, match="already exists"):
+        ds.save(dest)
+    ds.save(dest, overwrite=True)
+    assert load(dest).counts() == ds.counts()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_accessors(tiny_dir):
+    ds: PreferenceDataset = load(tiny_dir)
+    assert set(ds.split("fewshot")["user_id"]) == set(ds.user_ids("unseen"))
+    assert ds.groups == ["helpfulness", "honesty"]

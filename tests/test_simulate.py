@@ -1,0 +1,136 @@
+"""The simulated UF-P generator follows the UF-P protocol and is deterministic."""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import small_protocol
+
+from coplctl.data import load
+from coplctl.data.protocol import ATTRIBUTES
+from coplctl.data.simulate import CUES, SimConfig, simulate
+
+
+def _digest(path):
+    return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(path.iterdir())}
+
+
+@pytest.fixture(scope="module")
+def avg4():
+    return simulate(SimConfig(protocol=small_protocol("uf-p-4", "avg", users=200, unseen_users=12), seed=3))
+
+
+def _with_ratings(ds, split=None):
+    pairs = ds.pairs if split is None else ds.split(split)
+    r = ds.responses.set_index("response_id")
+    out = pairs.merge(ds.users, on="user_id")
+    for attr in ATTRIBUTES:
+        out[f"c_{attr}"] = out["chosen_id"].map(r[attr]).to_numpy()
+        out[f"r_{attr}"] = out["rejected_id"].map(r[attr]).to_numpy()
+    out["prompt"] = out["chosen_id"].map(r["prompt"])
+    return out
+
+
+def test_same_seed_same_bytes_other_seed_other_bytes(tmp_path):
+    cfg = dict(protocol=small_protocol(users=40, unseen_users=4, survey_pairs=200))
+    a = simulate(SimConfig(**cfg, seed=11)).save(tmp_path / "a")
+    b = simulate(SimConfig(**cfg, seed=11)).save(tmp_path / "b")
+    c = simulate(SimConfig(**cfg, seed=12)).save(tmp_path / "c")
+    assert _digest(a) == _digest(b)
+    assert _digest(a)["pairs.parquet"] != _digest(c)["pairs.parquet"]
+
+
+def test_groups_even_and_roles(avg4):
+    users = avg4.users
+    counts = users.groupby(["role", "group"]).size()
+    assert set(counts["seen"]) == {50} and len(counts["seen"]) == 4
+    assert set(counts["unseen"]) == {3}
+
+
+def test_all_gives_exact_counts_avg_spans_range(tiny_dir, avg4):
+    all2 = load(tiny_dir)
+    per_user = all2.split("train").groupby("user_id").size()
+    assert set(per_user) == {8}
+    per_user = avg4.split("train").groupby("user_id").size()
+    assert per_user.min() >= 1 and per_user.max() <= 31
+    assert per_user.max() - per_user.min() > 15  # uniform 1..31 actually spreads
+    assert set(avg4.split("fewshot").groupby("user_id").size()) == {16}
+    assert set(all2.split("fewshot").groupby("user_id").size()) == {8}
+
+
+def test_test_pairs_per_user_and_held_out_prompts(avg4):
+    role = avg4.pairs["user_id"].map(avg4.users.set_index("user_id")["role"])
+    test = avg4.pairs[avg4.pairs["split"] == "test"]
+    sizes = test.groupby(role[test.index]).apply(lambda d: set(d.groupby("user_id").size()))
+    assert sizes["seen"] == {10} and sizes["unseen"] == {50}
+    prompts = _with_ratings(avg4).groupby("split")["prompt"].apply(set)
+    assert not prompts["test"] & (prompts["train"] | prompts["valid"] | prompts["fewshot"])
+
+
+def test_labels_follow_the_users_own_group(avg4):
+    pairs = _with_ratings(avg4)
+    for g in ATTRIBUTES:
+        mine = pairs[pairs["group"] == g]
+        diff = mine[f"c_{g}"] - mine[f"r_{g}"]
+        assert (diff >= 0).all(), f"{g}: a pair labelled against the group's own attribute"
+        assert (diff > 0).mean() > 0.6  # ties exist but are a minority
+
+
+def test_ties_are_one_coin_per_pair_and_group(avg4):
+    pairs = _with_ratings(avg4)
+    pairs["key"] = [tuple(sorted(p)) for p in zip(pairs["chosen_id"], pairs["rejected_id"])]
+    for g in ATTRIBUTES:
+        tied = pairs[(pairs["group"] == g) & (pairs[f"c_{g}"] == pairs[f"r_{g}"])]
+        assert len(tied) > 20
+        winners = tied.groupby("key")["chosen_id"].nunique()
+        assert (winners == 1).all()  # every user of the group sees the same coin
+        first = tied.drop_duplicates("key")
+        share = (first["chosen_id"] < first["rejected_id"]).mean()
+        assert 0.25 < share < 0.75  # a fair coin, not a fixed orientation
+
+
+def test_survey_is_controversial_and_flag_matches_ratings(tiny_dir):
+    ds = load(tiny_dir)
+    pairs = _with_ratings(ds)
+    assert pairs.loc[pairs["split"].isin(["train", "valid", "fewshot"]), "controversial"].all()
+    # Where neither group ties, controversy is computable by hand: the two attributes disagree.
+    h = np.sign(pairs["c_helpfulness"] - pairs["r_helpfulness"])
+    o = np.sign(pairs["c_honesty"] - pairs["r_honesty"])
+    clean = (h != 0) & (o != 0)
+    assert (pairs.loc[clean, "controversial"] == (h != o)[clean]).all()
+    test = pairs[pairs["split"] == "test"]
+    assert 0 < test["controversial"].mean() < 1  # the test pool keeps common pairs too
+
+
+def test_attributes_positively_correlated(avg4):
+    corr = avg4.responses[list(ATTRIBUTES)].corr().to_numpy()
+    off = corr[~np.eye(4, dtype=bool)]
+    assert (off > 0.2).all() and (off < 0.9).all()
+
+
+def test_text_cues_reveal_levels_noisily(avg4):
+    """Most cue sentences show the true level, but not all (fidelity 0.75 by default)."""
+    hits = total = 0
+    for _, row in avg4.responses.head(300).iterrows():
+        for attr in ATTRIBUTES:
+            for level, phrases in enumerate(CUES[attr], 1):
+                for p in phrases:
+                    if "{s}" not in p and p in row["text"]:  # subject-free phrases are enough here
+                        total += 1
+                        hits += level == row[attr]
+    assert total > 300
+    assert 0.6 < hits / total < 0.95
+
+
+def test_validation_pairs_are_unannotated_survey_pairs(avg4):
+    p = _with_ratings(avg4)
+    lo = p[["chosen_id", "rejected_id"]].min(axis=1)
+    hi = p[["chosen_id", "rejected_id"]].max(axis=1)
+    assert not pd.DataFrame({"u": p["user_id"], "lo": lo, "hi": hi}).duplicated().any()
+    valid = p[p["split"] == "valid"]
+    assert set(valid.groupby("user_id").size()) == {2}
+    assert valid["controversial"].all()
+    assert not set(valid["prompt"]) & set(p.loc[p["split"] == "test", "prompt"])
