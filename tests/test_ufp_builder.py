@@ -208,7 +208,7 @@ def test_hub_id_without_datasets_says_what_to_install(tmp_path, monkeypatch):
 def test_cli_build_then_corrupt_input_leaves_no_output(tmp_path, capsys):
     from coplctl.cli import main
 
-    uf, cleaned, _ = write_fixture(tmp_path)
+    uf, cleaned, _ = write_fixture(tmp_path, n_random=100)  # enough prompts for 50 test pairs per unseen user
     out = tmp_path / "out"
     argv = ["data", "build-ufp", "--variant", "uf-p-2", "--annotations", "all", "--users", "20",
             "--unseen-users", "2", "--survey-pairs", "0", "--ultrafeedback", str(uf), "--cleaned", str(cleaned),
@@ -218,5 +218,5 @@ def test_cli_build_then_corrupt_input_leaves_no_output(tmp_path, capsys):
     uf.write_text(uf.read_text() + "{truncated\n")
     bad_out = tmp_path / "bad"
     assert main([*argv[:-1], str(bad_out)]) == 1
-    assert f"{uf} line 46: invalid JSON" in capsys.readouterr().err
+    assert f"{uf} line 106: invalid JSON" in capsys.readouterr().err
     assert not bad_out.exists() and not list(tmp_path.glob(".bad*"))
