@@ -131,6 +131,7 @@ def test_validation_pairs_are_unannotated_survey_pairs(avg4):
     hi = p[["chosen_id", "rejected_id"]].max(axis=1)
     assert not pd.DataFrame({"u": p["user_id"], "lo": lo, "hi": hi}).duplicated().any()
     valid = p[p["split"] == "valid"]
-    assert set(valid.groupby("user_id").size()) == {2}
+    assert set(valid[valid["role"] == "seen"].groupby("user_id").size()) == {2}
+    assert set(valid[valid["role"] == "unseen"].groupby("user_id").size()) == {10}
     assert valid["controversial"].all()
     assert not set(valid["prompt"]) & set(p.loc[p["split"] == "test", "prompt"])

@@ -32,7 +32,7 @@ COLUMNS = {
     "pairs.parquet": ("user_id", "chosen_id", "rejected_id", "split", "controversial"),
 }
 #: Splits a user of each role may have.
-ROLE_SPLITS = {"seen": {"train", "valid", "test"}, "unseen": {"fewshot", "test"}}
+ROLE_SPLITS = {"seen": {"train", "valid", "test"}, "unseen": {"fewshot", "valid", "test"}}
 
 
 @dataclass

@@ -14,7 +14,9 @@ Protocol:
   Each seen user also gets ``valid_pairs`` other survey pairs (model selection, never trained on)
   and ``test_pairs`` pairs of the test pool (paper: 10), all labelled by the user's **own** group.
 - Unseen users (paper: 100, evenly across groups) get ``fewshot_pairs`` survey pairs (8 / 16) and
-  ``unseen_test_pairs`` test-pool pairs (paper: 50).
+  ``unseen_test_pairs`` test-pool pairs (paper: 50), plus ``unseen_valid_pairs`` other survey pairs:
+  their responses are graph nodes, so adaptation can be checked at the graph level (Table 5 style)
+  without a reward model.
 """
 
 from __future__ import annotations
@@ -58,6 +60,8 @@ class ProtocolConfig:
     """Few-shot pairs per unseen user; None = 8 (UF-P-2) / 16 (UF-P-4) as in the paper."""
     unseen_test_pairs: int = 50
     """Test pairs per unseen user (paper: 50)."""
+    unseen_valid_pairs: int = 10
+    """Held-out survey pairs per unseen user (not in the paper: graph-level check of adaptation)."""
 
     def __post_init__(self):
         if self.variant not in VARIANT_GROUPS:
@@ -126,10 +130,10 @@ def assign_users(prompt: np.ndarray, a: np.ndarray, b: np.ndarray, labels: np.nd
         survey = np.sort(rng.choice(survey, size=cfg.survey_pairs, replace=False))
     test_pool = np.flatnonzero(in_test)
 
-    need_survey = cfg.max_annotations + cfg.valid_pairs
-    if len(survey) < max(need_survey, cfg.fewshot_pairs):
+    need_survey = max(cfg.max_annotations + cfg.valid_pairs, cfg.fewshot_pairs + cfg.unseen_valid_pairs)
+    if len(survey) < need_survey:
         raise CoplError(f"only {len(survey)} controversial survey pairs are available, fewer than the "
-                        f"{max(need_survey, cfg.fewshot_pairs)} one user needs; use more prompts")
+                        f"{need_survey} one user needs; use more prompts")
     if len(test_pool) < max(cfg.test_pairs, cfg.unseen_test_pairs):
         raise CoplError(f"only {len(test_pool)} test-pool pairs are available, fewer than one user needs")
 
@@ -158,7 +162,7 @@ def assign_users(prompt: np.ndarray, a: np.ndarray, b: np.ndarray, labels: np.nd
         take(u, test_pool, [(2, cfg.test_pairs)])
     for j in range(n_unseen):
         u = n_seen + j
-        take(u, survey, [(3, cfg.fewshot_pairs)])
+        take(u, survey, [(3, cfg.fewshot_pairs), (1, cfg.unseen_valid_pairs)])
         take(u, test_pool, [(2, cfg.unseen_test_pairs)])
 
     user_idx = np.concatenate(user_idx)
