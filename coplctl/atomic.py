@@ -67,6 +67,23 @@ def atomic_file(dest: str | Path, mode: str = "w", **open_kwargs) -> Iterator:
         raise
 
 
+@contextlib.contextmanager
+def atomic_path(dest: str | Path) -> Iterator[Path]:
+    """Yield a temporary path next to ``dest`` for a writer that takes a file name; renamed on success."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.tmp-", dir=dest.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, dest)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
 def atomic_write_text(dest: str | Path, text: str) -> None:
     with atomic_file(dest, "w", encoding="utf-8") as f:
         f.write(text)

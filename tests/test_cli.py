@@ -32,7 +32,7 @@ def test_every_help_shows_examples(path, capsys):
 
 
 @pytest.mark.parametrize("argv, text", [
-    (["dat"], "No such command 'dat'. Did you mean 'data'?"),
+    (["dat"], "No such command 'dat'. Did you mean 'data'"),
     (["data", "simulate", "--sed", "3"], "No such option: --sed"),
     (["data", "simulate", "--variant", "uf-p-3"], "'uf-p-3' is not one of"),
     (["data", "inspect"], "Missing argument 'DIR'"),

@@ -8,7 +8,7 @@ import sys
 
 import typer
 
-from coplctl.cli import data, methods
+from coplctl.cli import adapt, data, graph, methods, plot
 from coplctl.cli.common import err, examples
 from coplctl.errors import CoplError
 
@@ -17,6 +17,8 @@ app = typer.Typer(
     help="Personalized reward models: CoPL and its competitors, trained, adapted and benchmarked.",
     epilog=examples("coplctl data simulate --variant uf-p-4 --annotations avg --out data/uf-p-4-avg",
                     "coplctl data inspect data/uf-p-4-avg",
+                    "coplctl graph train --data data/uf-p-4-avg --out runs/gcf",
+                    "coplctl adapt --model runs/gcf --user-file new_users.jsonl --out runs/new_users",
                     "coplctl methods"),
     no_args_is_help=True,
     rich_markup_mode="rich",
@@ -25,6 +27,9 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 app.add_typer(data.app, name="data")
+app.add_typer(graph.app, name="graph")
+adapt.register(app)
+app.add_typer(plot.app, name="plot")
 methods.register(app)
 
 

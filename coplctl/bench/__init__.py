@@ -1,0 +1,1 @@
+"""Benchmarks: figures (and, later, spec loading, the runner, tables and comparisons)."""

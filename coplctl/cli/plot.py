@@ -1,0 +1,33 @@
+"""`coplctl plot ...`: the paper's figures as PNG files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from coplctl.cli.common import Seed, err, examples
+
+app = typer.Typer(help="Draw the paper's figures (PNG).", no_args_is_help=True,
+                  epilog=examples("coplctl plot embeddings runs/gcf --adapted runs/new_users"))
+
+
+@app.command("embeddings", epilog=examples(
+    "coplctl plot embeddings runs/gcf",
+    "coplctl plot embeddings runs/gcf --adapted runs/new_users --out figures/tsne.png"))
+def embeddings(
+    run: Annotated[Path, typer.Argument(metavar="RUN", help="A trained run (coplctl graph train).", show_default=False)],
+    adapted: Annotated[Optional[Path], typer.Option(
+        "--adapted", help="Output of coplctl adapt: drawn with black edges (paper Figure 4).")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", show_default="RUN/embeddings.png",
+                                                help="PNG to write.")] = None,
+    max_users: Annotated[int, typer.Option("--max-users", min=10, help="Seen users drawn (random sample).")] = 3000,
+    seed: Seed = 0,
+) -> None:
+    """t-SNE of user embeddings coloured by preference group (paper Figures 1 and 4)."""
+    from coplctl.bench.plots import plot_embeddings
+
+    with err.status("running t-SNE ..."):
+        info = plot_embeddings(run, out or run / "embeddings.png", adapted=adapted, max_users=max_users, seed=seed)
+    err.print(f"wrote {info['path']} ({info['seen']} seen, {info['adapted']} adapted users)", highlight=False)

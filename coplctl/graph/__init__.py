@@ -1,0 +1,1 @@
+"""CoPL user representation learning: the preference graph and graph collaborative filtering (GCF)."""

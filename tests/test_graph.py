@@ -1,0 +1,173 @@
+"""CoPL's graph collaborative filtering: normalisation, propagation, sampling, training, resume."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from coplctl.data import load
+from coplctl.errors import CoplError
+from coplctl.graph.graph import PreferenceGraph
+from coplctl.graph.model import GCF
+from coplctl.graph.sampling import NeighborSampler
+from coplctl.graph.train import preset_config, train_gcf
+
+PAIRS = pd.DataFrame({
+    "user_id":     ["u0", "u0", "u1", "u2", "u2"],
+    "chosen_id":   ["a",  "a",  "a",  "c",  "d"],
+    "rejected_id": ["b",  "c",  "b",  "a",  "b"],
+})
+
+
+def test_edges_are_sets_and_normalisation_is_symmetric():
+    g = PreferenceGraph.from_pairs(PAIRS)
+    assert g.user_ids == ["u0", "u1", "u2"] and g.response_ids == ["a", "c", "d", "b"]
+    pos = {(g.user_ids[u], g.response_ids[r]) for u, r in g.pos.T.tolist()}
+    assert pos == {("u0", "a"), ("u1", "a"), ("u2", "c"), ("u2", "d")}  # u0 chose a twice: one edge
+    alpha = {(g.user_ids[u], g.response_ids[r]): w for (u, r), w in zip(g.pos.T.tolist(), g.weights[0].tolist())}
+    beta = {(g.user_ids[u], g.response_ids[r]): w for (u, r), w in zip(g.neg.T.tolist(), g.weights[1].tolist())}
+    # |N+(u0)| = 1, |N+(a)| = 2; |N+(u2)| = 2, |N+(c)| = 1
+    assert alpha[("u0", "a")] == pytest.approx(1 / math.sqrt(1 * 2))
+    assert alpha[("u2", "c")] == pytest.approx(1 / math.sqrt(2 * 1))
+    # |N-(u0)| = 2 (b, c), |N-(b)| = 3 (u0, u1, u2), |N-(c)| = 1
+    assert beta[("u0", "b")] == pytest.approx(1 / math.sqrt(2 * 3))
+    assert beta[("u0", "c")] == pytest.approx(1 / math.sqrt(2 * 1))
+    assert beta[("u2", "a")] == pytest.approx(1 / math.sqrt(2 * 1))
+
+
+def _dense_reference(model: GCF, g: PreferenceGraph, variant: str):
+    """CoPL propagation written edge by edge, literally as in the paper (no shortcut, no sparse ops)."""
+    e_u, e_r = model.users.weight.double(), model.responses.weight.double()
+    (pos, neg), (pw, nw) = (g.pos, g.neg), g.weights
+    d = e_u.shape[1]
+    for layer in model.layers:
+        act = layer.act
+
+        def blocks(lin, k):
+            w = lin.weight.double()
+            return [w[:, i * d:(i + 1) * d] for i in range(k)], lin.bias.double()
+
+        new_u, new_r = [], []
+        for side, (own, other, rows) in enumerate(((e_u, e_r, 0), (e_r, e_u, 1))):
+            out = []
+            for i in range(own.shape[0]):
+                x = own[i]
+                if variant == "paper":
+                    (ws, w1, w2, w3, w4), b = blocks(layer.user if side == 0 else layer.response, 5)
+                    m = torch.zeros(d, dtype=torch.double)
+                    for edges, weights, wa, wb in ((pos, pw, w1, w2), (neg, nw, w3, w4)):
+                        for (uu, rr), a in zip(edges.T.tolist(), weights.tolist()):
+                            me, nb = (uu, rr) if side == 0 else (rr, uu)
+                            if me == i:
+                                m += a * (wa @ other[nb] + wb @ (other[nb] * x))
+                    out.append(act(ws @ x + b + m))
+                else:
+                    (ws, wpos, wneg_block), b = blocks(layer.shared, 3)
+                    wneg = -wneg_block  # the layer learns −W_neg directly; the subtraction is the same
+                    m = torch.zeros(d, dtype=torch.double)
+                    for edges, weights, wt, sign in ((pos, pw, wpos, 1.0), (neg, nw, wneg, -1.0)):
+                        for (uu, rr), a in zip(edges.T.tolist(), weights.tolist()):
+                            me, nb = (uu, rr) if side == 0 else (rr, uu)
+                            if me == i:
+                                m += sign * a * (other[nb] + wt @ (other[nb] * x))
+                    out.append(act(ws @ x + b + m))
+            (new_u if side == 0 else new_r).extend(out)
+        e_u, e_r = torch.stack(new_u), torch.stack(new_r)
+    return e_u, e_r
+
+
+@pytest.mark.parametrize("variant", ["paper", "official"])
+def test_propagation_matches_dense_reference(variant):
+    g = PreferenceGraph.from_pairs(PAIRS)
+    torch.manual_seed(0)
+    model = GCF(g.num_users, g.num_responses, dim=4, layers=2, variant=variant, init_std=0.5).double()
+    e_u, e_r = model(g.adjacency(dtype=torch.double))
+    ref_u, ref_r = _dense_reference(model, g, variant)
+    torch.testing.assert_close(e_u, ref_u)
+    torch.testing.assert_close(e_r, ref_r)
+
+
+def test_hadamard_shortcut_is_exact():
+    torch.manual_seed(1)
+    d, n = 8, 5
+    w2 = torch.randn(d, d, dtype=torch.double)
+    e_u = torch.randn(d, dtype=torch.double)
+    e_r = torch.randn(n, d, dtype=torch.double)
+    alpha = torch.rand(n, dtype=torch.double)
+    per_edge = sum(alpha[i] * (w2 @ (e_r[i] * e_u)) for i in range(n))
+    shortcut = w2 @ (e_u * (alpha[:, None] * e_r).sum(0))
+    torch.testing.assert_close(per_edge, shortcut)
+
+
+def test_sampled_subgraph_equals_full_graph_when_fanout_covers_degrees(tiny_dir):
+    ds = load(tiny_dir)
+    g = PreferenceGraph.from_dataset(ds)
+    torch.manual_seed(0)
+    model = GCF(g.num_users, g.num_responses, dim=8, layers=3).double()
+    full_u, full_r = model(g.adjacency(dtype=torch.double))
+    users, responses = torch.tensor([0, 5, 17]), torch.tensor([3, 40])
+    sub = NeighborSampler(g, [10_000] * 3).sample(users, responses, generator=torch.Generator().manual_seed(0),
+                                                 dtype=torch.double)
+    e_u, e_r = model(sub.adj, sub.users, sub.responses)
+    torch.testing.assert_close(e_u[sub.user_local[users]], full_u[users])
+    torch.testing.assert_close(e_r[sub.response_local[responses]], full_r[responses])
+    small = NeighborSampler(g, [2, 2, 2]).sample(users, responses, generator=torch.Generator().manual_seed(0))
+    assert len(small.users) < len(sub.users) or len(small.responses) < len(sub.responses)
+
+
+def _cfg(**kw):
+    return preset_config("cpu", dim=8, layers=2, epochs=6, patience=0, **kw)
+
+
+def test_training_writes_a_run_and_refuses_to_overwrite(tiny_dir, tmp_path):
+    ds = load(tiny_dir)
+    m = train_gcf(ds, tmp_path / "run", _cfg(), progress=False)
+    assert m["epochs_run"] == 6 and len(m["history"]) == 6 and m["valid_pairs_scored"] > 0
+    emb = load_file(str(tmp_path / "run" / "embeddings.safetensors"))
+    assert emb["users"].shape == (120, 8) and not (tmp_path / "run" / "checkpoint.pt").exists()
+    with pytest.raises(CoplError, match="already holds a trained model"):
+        train_gcf(ds, tmp_path / "run", _cfg(), progress=False)
+
+
+def test_neighbour_sampled_training_runs(tiny_dir, tmp_path):
+    m = train_gcf(load(tiny_dir), tmp_path / "run", _cfg(sampler="neighbor", batch_size=256, fanouts=(3, 3)),
+                  progress=False)
+    assert all(math.isfinite(h["loss"]) for h in m["history"])
+
+
+def test_resume_after_interruption_gives_the_same_model(tiny_dir, tmp_path):
+    ds = load(tiny_dir)
+    cfg = _cfg(batch_size=300)  # minibatches: shuffling state must survive the interruption too
+    straight = train_gcf(ds, tmp_path / "a", cfg, seed=3, progress=False)
+
+    def interrupt(epoch, metrics):
+        if epoch == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(CoplError, match="interrupted after epoch 3"):
+        train_gcf(ds, tmp_path / "b", cfg, seed=3, progress=False, on_epoch_end=interrupt)
+    assert (tmp_path / "b" / "checkpoint.pt").exists() and not (tmp_path / "b" / "metrics.json").exists()
+    with pytest.raises(CoplError, match="different configuration"):
+        train_gcf(ds, tmp_path / "b", _cfg(batch_size=301), seed=3, progress=False)
+    resumed = train_gcf(ds, tmp_path / "b", cfg, seed=3, progress=False)
+    assert resumed["history"] == [{**h, "seconds": resumed["history"][i]["seconds"]}
+                                  for i, h in enumerate(straight["history"])]
+    a = load_file(str(tmp_path / "a" / "embeddings.safetensors"))
+    b = load_file(str(tmp_path / "b" / "embeddings.safetensors"))
+    assert torch.equal(a["users"], b["users"]) and torch.equal(a["responses"], b["responses"])
+
+
+def test_graph_train_command(tiny_dir, tmp_path, capsys):
+    from coplctl.cli import main
+
+    argv = ["graph", "train", "--data", str(tiny_dir), "--out", str(tmp_path / "run"), "--dim", "8",
+            "--layers", "2", "--epochs", "3"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "valid acc" in out and "train acc" in out
+    assert main(argv) == 1
+    assert "already holds a trained model" in capsys.readouterr().err
