@@ -171,3 +171,25 @@ def test_graph_train_command(tiny_dir, tmp_path, capsys):
     assert "valid acc" in out and "train acc" in out
     assert main(argv) == 1
     assert "already holds a trained model" in capsys.readouterr().err
+
+
+def test_gcf_learns_group_preferences_a_global_model_cannot(tmp_path):
+    """On UF-P-2 every survey pair is controversial: a non-personalized ranking is a coin flip there."""
+    from conftest import small_protocol
+
+    from coplctl.data.simulate import SimConfig, simulate
+
+    ds = simulate(SimConfig(protocol=small_protocol(users=1000, unseen_users=4, survey_pairs=1500), seed=1))
+    m = train_gcf(ds, tmp_path / "run", preset_config("cpu", dim=16, epochs=150, patience=20), progress=False)
+    assert m["valid_accuracy"] > 0.9
+    g = PreferenceGraph.from_dataset(ds)
+    u, c, r, _ = g.index_pairs(ds.split("train"))
+    s = torch.zeros(g.num_responses, requires_grad=True)  # one global score per response
+    opt = torch.optim.Adam([s], lr=0.05)
+    for _ in range(200):
+        loss = -torch.nn.functional.logsigmoid(s[c] - s[r]).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    vu, vc, vr, ok = g.index_pairs(ds.split("valid"))
+    assert float((s[vc[ok]] > s[vr[ok]]).float().mean()) < 0.6
