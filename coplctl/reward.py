@@ -57,8 +57,13 @@ class RewardMethod(ABC):
         self.config = config
 
     @abstractmethod
-    def fit(self, data: "PreferenceDataset", backbone: Any = None, *, seed: int = 0) -> dict:
-        """Train on the seen users' ``train`` pairs (``valid`` pairs for model selection); return metrics."""
+    def fit(self, data: "PreferenceDataset", backbone: Any = None, *, seed: int = 0,
+            work_dir: Path | None = None) -> dict:
+        """Train on the seen users' ``train`` pairs (``valid`` pairs for model selection); return metrics.
+
+        ``backbone`` is a loaded :class:`coplctl.backbone.Backbone` to share between methods (None:
+        load the configured one). ``work_dir`` keeps resumable intermediate work (e.g. CoPL's GCF).
+        """
 
     @abstractmethod
     def adapt(self, pairs: pd.DataFrame, responses: pd.DataFrame) -> dict:
@@ -86,6 +91,22 @@ class RewardMethod(ABC):
             info = {"method": self.registry_name, "config": dataclasses.asdict(self.config)}
             (tmp / METHOD_FILE).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
         return Path(directory)
+
+
+def make_config(config_cls: type, overrides: dict, *, owner: str = "method") -> Any:
+    """Build a config dataclass from overrides, naming unknown keys (with close matches) clearly."""
+    import difflib
+
+    fields = {f.name for f in dataclasses.fields(config_cls)}
+    for key in overrides:
+        if key not in fields:
+            close = difflib.get_close_matches(key, fields, n=1)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            raise CoplError(f"{owner} has no option {key!r}{hint} (options: {', '.join(sorted(fields))})")
+    try:
+        return config_cls(**overrides)
+    except TypeError as e:
+        raise CoplError(f"bad option for {owner}: {e}") from None
 
 
 def load_method(directory: str | Path) -> RewardMethod:

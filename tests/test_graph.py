@@ -174,14 +174,14 @@ def test_graph_train_command(tiny_dir, tmp_path, capsys):
 
 
 def test_gcf_learns_group_preferences_a_global_model_cannot(tmp_path):
-    """On UF-P-2 every survey pair is controversial: a non-personalized ranking is a coin flip there."""
+    """On controversial pairs a non-personalized ranking is a coin flip; GCF knows each user's group."""
     from conftest import small_protocol
 
     from coplctl.data.simulate import SimConfig, simulate
 
     ds = simulate(SimConfig(protocol=small_protocol(users=1000, unseen_users=4, survey_pairs=1500), seed=1))
     m = train_gcf(ds, tmp_path / "run", preset_config("cpu", dim=16, epochs=150, patience=20), progress=False)
-    assert m["valid_accuracy"] > 0.9
+    assert m["valid_accuracy"] > 0.85
     g = PreferenceGraph.from_dataset(ds)
     u, c, r, _ = g.index_pairs(ds.split("train"))
     s = torch.zeros(g.num_responses, requires_grad=True)  # one global score per response
@@ -191,5 +191,6 @@ def test_gcf_learns_group_preferences_a_global_model_cannot(tmp_path):
         opt.zero_grad()
         loss.backward()
         opt.step()
-    vu, vc, vr, ok = g.index_pairs(ds.split("valid"))
+    valid = ds.split("valid")
+    vu, vc, vr, ok = g.index_pairs(valid[valid["controversial"]])
     assert float((s[vc[ok]] > s[vr[ok]]).float().mean()) < 0.6

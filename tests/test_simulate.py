@@ -92,17 +92,24 @@ def test_ties_are_one_coin_per_pair_and_group(avg4):
         assert 0.25 < share < 0.75  # a fair coin, not a fixed orientation
 
 
-def test_survey_is_controversial_and_flag_matches_ratings(tiny_dir):
-    ds = load(tiny_dir)
+def test_survey_is_the_uf_p4_set_and_flag_is_about_the_variant_groups(tiny_dir):
+    ds = load(tiny_dir)  # UF-P-2
     pairs = _with_ratings(ds)
-    assert pairs.loc[pairs["split"].isin(["train", "valid", "fewshot"]), "controversial"].all()
-    # Where neither group ties, controversy is computable by hand: the two attributes disagree.
-    h = np.sign(pairs["c_helpfulness"] - pairs["r_helpfulness"])
-    o = np.sign(pairs["c_honesty"] - pairs["r_honesty"])
+    sign = {a: np.sign(pairs[f"c_{a}"] - pairs[f"r_{a}"]) for a in ATTRIBUTES}
+    no_ties = np.all([sign[a] != 0 for a in ATTRIBUTES], axis=0)
+    all_agree = np.all([sign[a] == sign[ATTRIBUTES[0]] for a in ATTRIBUTES], axis=0)
+    survey = pairs["split"].isin(["train", "valid", "fewshot"]).to_numpy()
+    assert not (survey & no_ties & all_agree).any()  # survey pairs: the four attributes disagree
+    # The flag is about helpfulness vs honesty only; where neither ties it is computable by hand.
+    h, o = sign["helpfulness"], sign["honesty"]
     clean = (h != 0) & (o != 0)
     assert (pairs.loc[clean, "controversial"] == (h != o)[clean]).all()
-    test = pairs[pairs["split"] == "test"]
-    assert 0 < test["controversial"].mean() < 1  # the test pool keeps common pairs too
+    for split in ("train", "test"):  # both hold common and controversial pairs in UF-P-2
+        assert 0 < pairs.loc[pairs["split"] == split, "controversial"].mean() < 1
+
+
+def test_uf_p4_survey_is_all_controversial(avg4):
+    assert avg4.pairs.loc[avg4.pairs["split"] != "test", "controversial"].all()
 
 
 def test_attributes_positively_correlated(avg4):

@@ -34,11 +34,16 @@ def write_fixture(tmp_path, n_random=40, seed=0):
         {"instruction": "special prompt", "completions": [
             completion("answer A", 5, 1), completion("answer B", 3, 3), completion("answer C", 3, 3),
             completion("answer D", "N/A", 4), completion("   ", 4, 4), completion(LONG, 4, 2)]},
-        # P-common: both groups prefer X: never a survey pair.
-        {"instruction": "common prompt", "completions": [completion("answer X", 5, 5), completion("answer Y", 1, 1)]},
-        # truthfulness N/A does not matter to UF-P-2
+        # P-common: all four attributes prefer X: never a survey pair.
+        {"instruction": "common prompt", "completions": [completion("answer X", 5, 5, 5, 5),
+                                                         completion("answer Y", 1, 1, 1, 1)]},
+        # an N/A on any attribute drops the completion, even for UF-P-2 (the survey comes from UF-P-4)
         {"instruction": "truth na prompt", "completions": [
-            completion("answer T1", 5, 1, truth="N/A"), completion("answer T2", 1, 5)]},
+            completion("answer T1", 5, 1, truth="N/A"), completion("answer T2", 1, 5), completion("answer T3", 2, 4)]},
+        # helpfulness and honesty agree, the other attributes disagree: a UF-P-4 survey pair that is
+        # common for UF-P-2's two groups
+        {"instruction": "agree prompt", "completions": [completion("answer G1", 5, 5, 1, 1),
+                                                        completion("answer G2", 1, 1, 5, 5)]},
         # contaminated: absent from the cleaned set
         {"instruction": "contaminated prompt", "completions": [completion("answer Q1", 5, 1), completion("answer Q2", 1, 5)]},
         # duplicate instruction: the second copy is dropped
@@ -61,7 +66,7 @@ def write_fixture(tmp_path, n_random=40, seed=0):
 
 def build(tmp_path, **kw):
     uf, cleaned, ratings = write_fixture(tmp_path)
-    proto = small_protocol("uf-p-2", "all", users=60, unseen_users=4, survey_pairs=0, unseen_test_pairs=6)
+    proto = small_protocol("uf-p-2", "all", users=200, unseen_users=4, survey_pairs=0, unseen_test_pairs=6)
     cfg = BuildConfig(protocol=proto, seed=5, ultrafeedback=str(uf), cleaned=str(cleaned), **kw)
     return build_ufp(cfg), ratings
 
@@ -84,9 +89,9 @@ def _pairs(ds):
 def test_filters(built):
     ds, _ = built
     texts = set(ds.responses["text"])
-    assert not texts & {"answer D", "   ", "answer Q1", "answer Q2", "answer Z1", "answer Z2"}
+    assert not texts & {"answer D", "   ", "answer Q1", "answer Q2", "answer Z1", "answer Z2", "answer T1"}
     stats = ds.meta["filter_stats"]
-    assert stats["dropped_na_ratings"] == 1 and stats["dropped_empty_responses"] == 1
+    assert stats["dropped_na_ratings"] == 2 and stats["dropped_empty_responses"] == 1
     assert stats["dropped_prompts_not_in_cleaned"] == 1 and stats["dropped_duplicate_prompts"] == 1
     assert ds.meta["inputs"]["ultrafeedback_sha256"]
 
@@ -111,16 +116,23 @@ def test_controversial_filter(built):
     ds, ratings = built
     p = _pairs(ds)
     survey = p[p["split"] != "test"]
-    assert survey["controversial"].all()
-    # X vs Y is common (both groups prefer X): never in the survey, and flagged common wherever it appears.
+    # X vs Y: all four attributes agree, so never in the survey; common wherever it appears.
     assert not survey["chosen"].isin(["answer X", "answer Y"]).any()
     xy = p[p["chosen"].isin(["answer X", "answer Y"])]
     assert (~xy["controversial"]).all() and (xy["chosen"] == "answer X").all()
-    # Without ties the flag is computable by hand.
-    h = p["chosen"].map(lambda t: int(ratings[t]["helpfulness"])) - p["rejected"].map(lambda t: int(ratings[t]["helpfulness"]))
-    o = p["chosen"].map(lambda t: int(ratings[t]["honesty"])) - p["rejected"].map(lambda t: int(ratings[t]["honesty"]))
+    # G1 vs G2: in the UF-P-4 survey, yet common for helpfulness vs honesty (both prefer G1).
+    g = p[p["chosen"].isin(["answer G1", "answer G2"])]
+    assert len(g) > 0 and (g["chosen"] == "answer G1").all() and (~g["controversial"]).all()
+    # Without ties the flag is computable by hand from the two groups' attributes.
+    rating = lambda col, a: p[col].map(lambda t: int(ratings[t][a]))  # noqa: E731
+    h = rating("chosen", "helpfulness") - rating("rejected", "helpfulness")
+    o = rating("chosen", "honesty") - rating("rejected", "honesty")
     clean = (h != 0) & (o != 0)
     assert (p.loc[clean, "controversial"] == (np.sign(h) != np.sign(o))[clean]).all()
+    # Survey pairs: the four attributes never all agree (where no attribute ties).
+    signs = np.stack([np.sign(rating("chosen", a) - rating("rejected", a)) for a in ATTRIBUTES])
+    agree = (signs != 0).all(0) & (signs == signs[0]).all(0)
+    assert not (agree & (p["split"] != "test")).any()
 
 
 def test_tie_handling(built):
@@ -215,8 +227,10 @@ def test_cli_build_then_corrupt_input_leaves_no_output(tmp_path, capsys):
             "--out", str(out)]
     assert main(argv) == 0
     assert load(out).counts()["users"] == {"seen": 20, "unseen": 2}
+    n_lines = len(uf.read_text().splitlines())
     uf.write_text(uf.read_text() + "{truncated\n")
     bad_out = tmp_path / "bad"
+    capsys.readouterr()
     assert main([*argv[:-1], str(bad_out)]) == 1
-    assert f"{uf} line 106: invalid JSON" in capsys.readouterr().err
+    assert f"{uf} line {n_lines + 1}: invalid JSON" in capsys.readouterr().err
     assert not bad_out.exists() and not list(tmp_path.glob(".bad*"))

@@ -8,7 +8,7 @@ import sys
 
 import typer
 
-from coplctl.cli import adapt, data, graph, methods, plot
+from coplctl.cli import adapt, data, graph, methods, model, plot
 from coplctl.cli.common import err, examples
 from coplctl.errors import CoplError
 
@@ -28,6 +28,7 @@ app = typer.Typer(
 )
 app.add_typer(data.app, name="data")
 app.add_typer(graph.app, name="graph")
+model.register(app)
 adapt.register(app)
 app.add_typer(plot.app, name="plot")
 methods.register(app)

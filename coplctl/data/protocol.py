@@ -1,14 +1,17 @@
 """The UF-P user protocol (paper §5.1 and Appendix C.1), shared by the simulator and the real builder.
 
-Input: candidate pairs of responses to the same prompt, each labelled by every preference group
-(``labels[c, g]`` is True when group ``g`` prefers response ``a[c]`` over ``b[c]``; ties are already
-broken by a fair coin, once per pair and group, so all users of a group agree).
+Input: candidate pairs of responses to the same prompt, labelled on each of the four UltraFeedback
+attributes (``labels[c, k]`` is True when attribute ``k`` prefers response ``a[c]`` over ``b[c]``; ties
+are already broken by a fair coin, once per pair and attribute, so all users of a group agree).
 
 Protocol:
 - 10% of the prompts are held out; every candidate pair of a held-out prompt is in the *test pool*
   (common and controversial pairs alike: Table 2 splits test accuracy by that flag).
-- The *survey set* is made of controversial candidate pairs (the groups disagree) of the other
-  prompts, subsampled to ``survey_pairs`` (paper: 25,993).
+- The *survey set* is made of candidate pairs of the other prompts on which the four attributes do
+  not all agree, subsampled to ``survey_pairs`` (paper: 25,993). Both variants draw it this way: the
+  paper builds its data from UF-P-4 (Appendix C.1), so a UF-P-2 survey also holds pairs on which
+  helpfulness and honesty agree, which is what lets a uniform model learn the common preference
+  (Table 2). A pair's ``controversial`` flag is about the variant's own groups.
 - Seen users (paper: 10,000) are split evenly across groups. ALL: each annotates exactly ``per_user``
   survey pairs (8 for UF-P-2, 16 for UF-P-4); AVG: a uniform count in 1..2*per_user-1 (1-15 / 1-31).
   Each seen user also gets ``valid_pairs`` other survey pairs (model selection, never trained on)
@@ -49,7 +52,7 @@ class ProtocolConfig:
     unseen_users: int = 100
     """Unseen users, split evenly across groups (paper: 100)."""
     survey_pairs: int = PAPER_SURVEY_PAIRS
-    """Size of the survey set of controversial pairs (paper: 25,993); 0 keeps every candidate."""
+    """Size of the survey set (pairs the four attributes disagree on; paper: 25,993); 0 keeps every candidate."""
     test_prompt_fraction: float = 0.1
     """Share of prompts held out as the test pool (paper: 10%)."""
     test_pairs: int = 10
@@ -114,17 +117,20 @@ def assign_users(prompt: np.ndarray, a: np.ndarray, b: np.ndarray, labels: np.nd
     Returns ``users`` (user_id, group, role), ``pairs`` (user_id, chosen, rejected, split,
     controversial) where chosen/rejected are response *indices*, and a dict of statistics.
     """
+    if labels.shape != (len(a), len(ATTRIBUTES)):
+        raise ValueError(f"labels must have shape ({len(a)}, {len(ATTRIBUTES)}), got {labels.shape}")
     n_groups = len(cfg.groups)
-    if labels.shape != (len(a), n_groups):
-        raise ValueError(f"labels must have shape ({len(a)}, {n_groups}), got {labels.shape}")
-    is_contr = controversial(labels)
+    group_cols = [ATTRIBUTES.index(g) for g in cfg.groups]
+    in_survey_pool = controversial(labels)  # the UF-P-4 filter, for both variants
+    labels = labels[:, group_cols]
+    is_contr = controversial(labels)  # the variant's own groups disagree
 
     prompts = np.unique(prompt)
     n_test_prompts = max(1, int(round(cfg.test_prompt_fraction * len(prompts))))
     test_prompts = rng.choice(prompts, size=n_test_prompts, replace=False)
     in_test = np.isin(prompt, test_prompts)
 
-    survey = np.flatnonzero(~in_test & is_contr)
+    survey = np.flatnonzero(~in_test & in_survey_pool)
     available = len(survey)
     if cfg.survey_pairs and available > cfg.survey_pairs:
         survey = np.sort(rng.choice(survey, size=cfg.survey_pairs, replace=False))
@@ -132,7 +138,7 @@ def assign_users(prompt: np.ndarray, a: np.ndarray, b: np.ndarray, labels: np.nd
 
     need_survey = max(cfg.max_annotations + cfg.valid_pairs, cfg.fewshot_pairs + cfg.unseen_valid_pairs)
     if len(survey) < need_survey:
-        raise CoplError(f"only {len(survey)} controversial survey pairs are available, fewer than the "
+        raise CoplError(f"only {len(survey)} survey pairs are available, fewer than the "
                         f"{need_survey} one user needs; use more prompts")
     if len(test_pool) < max(cfg.test_pairs, cfg.unseen_test_pairs):
         raise CoplError(f"only {len(test_pool)} test-pool pairs are available, fewer than one user needs")
@@ -190,6 +196,7 @@ def assign_users(prompt: np.ndarray, a: np.ndarray, b: np.ndarray, labels: np.nd
         "test_prompts": int(n_test_prompts),
         "candidate_pairs": int(len(a)),
         "controversial_candidates": int(is_contr.sum()),
+        "survey_candidates": int(in_survey_pool.sum()),
         "survey_pairs_available": int(available),
         "survey_pairs": int(len(survey)),
         "test_pool_pairs": int(len(test_pool)),

@@ -11,7 +11,7 @@ so that every path runs offline:
   sentences per attribute, each drawn from its own phrase bank at the true level with probability
   ``cue_fidelity``, a neighbouring level or a random level otherwise. A text model can learn the
   levels, but no single phrase gives a group's label away: the label compares two noisy readings;
-- group labels, ties (fair coin), the controversial survey set and the user protocol are those of
+- attribute labels, ties (fair coin), the survey set and the user protocol are those of
   :mod:`coplctl.data.protocol`, shared with the real builder.
 
 Deterministic: the same configuration and seed give byte-identical files.
@@ -240,15 +240,13 @@ def _texts(ratings: np.ndarray, subject: np.ndarray, cfg: SimConfig, rng: np.ran
     return texts
 
 
-def _candidates(n_prompts: int, ratings: np.ndarray, groups: tuple[str, ...], rng: np.random.Generator):
-    """All response pairs of each prompt with their group labels (ties broken by a fair coin)."""
+def _candidates(n_prompts: int, ratings: np.ndarray, rng: np.random.Generator):
+    """All response pairs of each prompt with their labels on every attribute (ties: a fair coin)."""
     i, j = np.triu_indices(RESPONSES_PER_PROMPT, k=1)
     base = np.arange(n_prompts)[:, None] * RESPONSES_PER_PROMPT
     a, b = (base + i).ravel(), (base + j).ravel()
     prompt = np.repeat(np.arange(n_prompts), len(i))
-    cols = [ATTRIBUTES.index(g) for g in groups]
-    labels = break_ties(ratings[a][:, cols], ratings[b][:, cols], rng)
-    return prompt, a, b, labels
+    return prompt, a, b, break_ties(ratings[a], ratings[b], rng)
 
 
 def simulate(cfg: SimConfig) -> PreferenceDataset:
@@ -260,14 +258,16 @@ def simulate(cfg: SimConfig) -> PreferenceDataset:
     # How many prompts give enough controversial survey pairs? Estimate the controversial rate on a
     # pilot, then size the pool with a margin; grow until enough (deterministic for a given seed).
     pilot = _ratings(2000 * RESPONSES_PER_PROMPT, np.random.default_rng(ss.spawn(1)[0]), cfg.attribute_correlation)
-    _, _, _, pilot_labels = _candidates(2000, pilot, p.groups, np.random.default_rng(0))
+    _, _, _, pilot_labels = _candidates(2000, pilot, np.random.default_rng(0))
     rate = max(controversial(pilot_labels).mean(), 0.02)
     pairs_per_prompt = RESPONSES_PER_PROMPT * (RESPONSES_PER_PROMPT - 1) // 2
     target = p.survey_pairs or 2000
     n_prompts = int(np.ceil(target / (rate * pairs_per_prompt * (1 - p.test_prompt_fraction)) * 1.05)) + 10
+    test_need = max(p.test_pairs, p.unseen_test_pairs) if p.unseen_users else p.test_pairs
+    n_prompts = max(n_prompts, int(np.ceil((test_need / pairs_per_prompt + 1) / p.test_prompt_fraction)))
     while True:
         ratings = _ratings(n_prompts * RESPONSES_PER_PROMPT, rng_rate, cfg.attribute_correlation)
-        prompt, a, b, labels = _candidates(n_prompts, ratings, p.groups, rng_label)
+        prompt, a, b, labels = _candidates(n_prompts, ratings, rng_label)
         held = int(round(p.test_prompt_fraction * n_prompts))
         if not p.survey_pairs or controversial(labels).sum() * (n_prompts - held) / n_prompts > p.survey_pairs * 1.02:
             break

@@ -9,10 +9,11 @@ Inputs:
 Either can be a local JSON / JSONL / Parquet file (or a directory of them), or a Hugging Face dataset
 id read through the ``datasets`` library when it is installed and the data is cached or reachable.
 
-Steps: drop empty responses and completions with an "N/A" rating on a group attribute; optionally
-drop responses longer than ``max_tokens`` under a tokenizer; label every pair of completions of a
-prompt per attribute (higher rating wins, ties by a fair coin); then the shared UF-P protocol
-(:mod:`coplctl.data.protocol`): controversial survey set, 10% test prompts, users.
+Steps: drop empty responses and completions with an "N/A" rating (on any of the four attributes: the
+survey set is built from UF-P-4, Appendix C.1); optionally drop responses longer than ``max_tokens``
+under a tokenizer; label every pair of completions of a prompt per attribute (higher rating wins,
+ties by a fair coin); then the shared UF-P protocol (:mod:`coplctl.data.protocol`): survey set,
+10% test prompts, users.
 """
 
 from __future__ import annotations
@@ -147,7 +148,6 @@ def _load_completions(cfg: BuildConfig, stats: dict) -> pd.DataFrame:
                 raise DataError(f, "missing or non-text field prompt",
                                 **({"line": n} if f.suffix == ".jsonl" else {"row": n}))
             keep.add(prompt)
-    groups = cfg.protocol.groups
     rows, seen_prompts = [], set()
     for f, n, rec in read_source(cfg.ultrafeedback, ("instruction", "completions")):
         loc = {"line": n} if f.suffix == ".jsonl" else {"row": n}
@@ -179,7 +179,7 @@ def _load_completions(cfg: BuildConfig, stats: dict) -> pd.DataFrame:
             ann = c["annotations"]
             ratings = [_rating((ann.get(a) or {}).get("Rating") if isinstance(ann.get(a), dict) else None,
                                (f, n), f.suffix == ".jsonl") for a in ATTRIBUTES]
-            if any(np.isnan(ratings[ATTRIBUTES.index(g)]) for g in groups):
+            if any(np.isnan(r) for r in ratings):
                 stats["dropped_na_ratings"] += 1
                 continue
             texts.add(text)
@@ -235,7 +235,7 @@ def build_ufp(cfg: BuildConfig) -> PreferenceDataset:
     a, b = np.concatenate(a_list), np.concatenate(b_list)
     ss = np.random.SeedSequence(cfg.seed)
     rng_label, rng_proto = (np.random.default_rng(s) for s in ss.spawn(2))
-    ratings = comps[list(p.groups)].to_numpy()
+    ratings = comps[list(ATTRIBUTES)].to_numpy()
     labels = break_ties(ratings[a], ratings[b], rng_label)
     users, pairs, proto_stats = assign_users(comps["prompt_idx"].to_numpy()[a], a, b, labels, p, rng_proto)
 
@@ -256,7 +256,7 @@ def build_ufp(cfg: BuildConfig) -> PreferenceDataset:
         "controversial": pairs["controversial"],
     })
     if p.survey_pairs and proto_stats["survey_pairs"] < p.survey_pairs:
-        stats["warning"] = (f"only {proto_stats['survey_pairs']} controversial survey pairs were available "
+        stats["warning"] = (f"only {proto_stats['survey_pairs']} survey pairs were available "
                             f"(asked for {p.survey_pairs})")
     meta = {
         "source": "ultrafeedback",

@@ -20,7 +20,9 @@ from coplctl.errors import CoplError
 from coplctl.graph.graph import PreferenceGraph
 from coplctl.graph.model import VARIANTS, GCF
 from coplctl.graph.sampling import NeighborSampler
+from coplctl.backbone import resolve_device
 from coplctl.reward import bt_loss
+from coplctl.trainer import cosine_with_warmup
 
 
 @dataclass
@@ -91,24 +93,6 @@ def preset_config(preset: str = "auto", **overrides) -> GCFConfig:
     if cfg.sampler == "neighbor" and cfg.batch_size <= 0:
         raise CoplError("the neighbour sampler needs a batch size (--batch-size)")
     return cfg
-
-
-def resolve_device(device: str | None) -> torch.device:
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def cosine_with_warmup(optimizer, total_steps: int, warmup_ratio: float):
-    warmup = int(total_steps * warmup_ratio)
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total_steps - warmup)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 @dataclass

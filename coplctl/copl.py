@@ -1,0 +1,214 @@
+"""CoPL as a registered reward method (paper §4): GCF user embeddings → MoLE reward model → BT loss;
+unseen users get a GCF-adapted embedding that goes through the same gates.
+
+Table 3 ablations are config switches: ``user_embeddings="learned"`` (w/o GNN embedding: a learnable
+embedding per user feeds the gates) and ``mole=False`` (w/o MoLE: the user embedding is projected to
+one extra token, with plain LoRA of rank ``lora_rank`` in ``lora`` mode).
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+import torch
+from torch import nn
+
+from coplctl.encoders import add_lora, concat_batches, default_targets
+from coplctl.errors import CoplError
+from coplctl.mole import Routing, inject_mole, load_balance_loss, mole_routing
+from coplctl.neural import NeuralMethod
+from coplctl.registry import register_method
+from coplctl.trainer import TrainConfig, optimize_rows
+
+
+@dataclass
+class CoPLConfig(TrainConfig):
+    """CoPL hyperparameters; defaults are the paper's (Appendix C.2) unless noted."""
+
+    gcf_preset: str = "auto"
+    """GCF preset (cpu, paper, official; auto = paper on a GPU, else cpu), see ``coplctl graph train``."""
+    gcf_overrides: dict = field(default_factory=dict)
+    """GCF fields to override, e.g. {"dim": 64, "epochs": 200}."""
+    user_embeddings: str = "gcf"
+    """``gcf`` (CoPL) or ``learned`` (Table 3, w/o GNN embedding)."""
+    learned_dim: int = 32
+    """Width of learnable user embeddings when ``user_embeddings="learned"``."""
+    mole: bool = True
+    """Mixture of LoRA experts; False = Table 3's w/o MoLE (user embedding as one extra token)."""
+    experts: int = 8
+    """M, LoRA experts per adapted layer (paper: 8)."""
+    rank: int = 8
+    """Rank n of every expert and of the shared expert (paper: 8)."""
+    alpha: float = 16
+    """LoRA alpha (2 · rank, peft's convention for the paper's setting)."""
+    shared_expert: bool = True
+    """Keep the shared expert A_s B_s (paper: yes)."""
+    gate_hidden: int = 256
+    """Hidden width of each gate MLP (paper: 256)."""
+    gate_temperature: float = 1.0
+    """τ of the gate softmax (paper: 1)."""
+    top_k: int = 1
+    """Experts used per user and layer (paper: 1)."""
+    gate_noise: float = 0.0
+    """Std of Gaussian noise on gate logits while training (drawn once per user row)."""
+    load_balance: float = 0.0
+    """Weight of a Switch-style load-balancing loss (the paper has none and leaves experts unused)."""
+    target_modules: list[str] | None = None
+    """Layers that get experts: peft's defaults in lora mode (q_proj, v_proj for Gemma), the trunk's in frozen mode."""
+    lora_rank: int = 64
+    """LoRA rank of the w/o-MoLE ablation (Table 3: 64 and 16)."""
+    adaptation: str = "weighted"
+    """Unseen users: ``weighted`` (CoPL), ``average`` or ``optimize`` (Table 4)."""
+    hops: int = 2
+    """k of the k-hop adaptation (paper: 2)."""
+    temperature: float = 0.07
+    """κ of the adaptation weights (paper: 0.07)."""
+    adapt_steps: int = 50
+    """Gradient steps for unseen users when ``user_embeddings="learned"`` (as the baselines, Appendix C.2)."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.user_embeddings not in ("gcf", "learned"):
+            raise CoplError("user_embeddings must be gcf or learned")
+
+
+class CoPLNet(nn.Module):
+    """User table → gates of MoLE layers inside the response encoder → linear head (paper Eq. 6-8)."""
+
+    def __init__(self, method: "CoPL", n_users: int, user_dim: int, user_table: torch.Tensor | None):
+        super().__init__()
+        c = method.config
+        if c.user_embeddings == "gcf":
+            self.register_buffer("user_table", user_table if user_table is not None else torch.zeros(n_users, user_dim))
+        else:
+            self.user_table = nn.Parameter(0.1 * torch.randn(n_users, user_dim))
+        self.mole, self.noise, self.balance = c.mole, c.gate_noise, c.load_balance
+        if c.mole:
+            self.encoder = method.encoder()
+            frozen = c.mode == "frozen"
+            targets = c.target_modules or ([f"trunk.{2 * i}" for i in range(c.trunk_layers)] if frozen
+                                           else default_targets(self.encoder.lm))
+            self.layers = inject_mole(self.encoder, targets, user_dim, num_experts=c.experts, rank=c.rank,
+                                      alpha=c.alpha, gate_hidden=c.gate_hidden, temperature=c.gate_temperature,
+                                      top_k=c.top_k, shared=c.shared_expert, train_base=frozen)
+        else:
+            token = 64 if c.mode == "frozen" else method.backbone.hidden_size
+            self.encoder = method.encoder(extra_dim=token if c.mode == "frozen" else 0)
+            self.user_proj = nn.Linear(user_dim, token)
+            if c.mode == "lora":
+                add_lora(self.encoder, c.lora_rank, 2 * c.lora_rank, c.target_modules)
+        self.head = nn.Linear(self.encoder.out_dim, 1)
+
+    def hidden(self, e: torch.Tensor, batch: dict, rows: torch.Tensor) -> tuple[torch.Tensor, list]:
+        """Encoder output for a batch whose sequence i belongs to the user embedding ``e[rows[i]]``."""
+        if not self.mole:
+            return self.encoder(batch, extra=self.user_proj(e)[rows]), []
+        routing = Routing(e, rows, noise=self.noise if self.training else 0.0)
+        with mole_routing(self.layers, routing):
+            return self.encoder(batch), routing.records
+
+    def score_embeddings(self, e: torch.Tensor, batch: dict) -> torch.Tensor:
+        h, _ = self.hidden(e, batch, torch.arange(len(e), device=e.device))
+        return self.head(h).squeeze(-1)
+
+    def score(self, users: torch.Tensor, batch: dict) -> torch.Tensor:
+        return self.score_embeddings(self.user_table[users], batch)
+
+    def forward(self, users, chosen: dict, rejected: dict):
+        n = len(users)
+        rows = torch.arange(n, device=users.device).repeat(2)  # chosen and rejected share their user's gate
+        h, records = self.hidden(self.user_table[users], concat_batches(chosen, rejected), rows)
+        r = self.head(h).squeeze(-1)
+        aux = self.balance * load_balance_loss(records) if self.balance and records else r.new_zeros(())
+        return r[:n], r[n:], aux
+
+
+@register_method("copl")
+class CoPL(NeuralMethod):
+    """CoPL: graph collaborative filtering user embeddings gating a mixture of LoRA experts (EMNLP 2025)."""
+
+    Config = CoPLConfig
+
+    def prepare(self, data, *, seed: int, work_dir: Path | None) -> None:
+        c = self.config
+        if c.user_embeddings == "learned":
+            self.user_ids, self.gcf_dir, self._table = data.user_ids("seen"), None, None
+            return
+        import tempfile
+
+        from coplctl.graph.run import GCFRun
+        from coplctl.graph.train import preset_config, train_gcf
+
+        root = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="copl-"))
+        self.gcf_dir = root / "gcf"
+        if not (self.gcf_dir / "metrics.json").exists():
+            train_gcf(data, self.gcf_dir, preset_config(c.gcf_preset, **c.gcf_overrides), seed=seed,
+                      progress=True)
+        run = GCFRun(self.gcf_dir)
+        self.user_ids = list(run.graph.user_ids)
+        self._table = run.exported_user_emb.clone()
+
+    def build_net(self) -> CoPLNet:
+        c = self.config
+        table = getattr(self, "_table", None)
+        dim = c.learned_dim if c.user_embeddings == "learned" else (
+            table.shape[1] if table is not None else self._saved_dim)
+        return CoPLNet(self, len(self.user_ids), dim, table)
+
+    def adapt(self, pairs: pd.DataFrame, responses: pd.DataFrame) -> dict:
+        """Unseen users: GCF adaptation (weighted k-hop by default), or few-shot fitting of learned rows."""
+        c = self.config
+        new = list(dict.fromkeys(pairs["user_id"]))
+        if c.user_embeddings == "gcf":
+            from coplctl.adapt import AdaptConfig, adapt_users
+            from coplctl.graph.run import GCFRun
+
+            adapted = adapt_users(GCFRun(self.gcf_dir), pairs, AdaptConfig(method=c.adaptation, hops=c.hops,
+                                                                           temperature=c.temperature))
+            self._add_rows(new, adapted.embeddings.to(self.net.user_table))
+            return {k: v for k, v in adapted.report.items() if k != "per_user"}
+        # w/o GNN embedding: fit a new learnable row per user on its few-shot pairs, the model frozen
+        from coplctl.reward import bt_loss
+
+        dev = self.net.user_table.device
+        fresh = nn.Parameter(self.net.user_table.detach().mean(0, keepdim=True).repeat(len(new), 1))
+        local = {u: i for i, u in enumerate(new)}
+        pos = pd.Series(range(len(responses)), index=responses["response_id"])
+        u = torch.tensor(pairs["user_id"].map(local).to_numpy())
+        ch = torch.tensor(pairs["chosen_id"].map(pos).to_numpy())
+        rj = torch.tensor(pairs["rejected_id"].map(pos).to_numpy())
+        inputs = self.inputs(responses)
+        self.net.eval()
+
+        def loss(idx):
+            e = fresh[u[idx]]
+            return bt_loss(self.net.score_embeddings(e, inputs.batch(ch[idx], dev)),
+                           self.net.score_embeddings(e, inputs.batch(rj[idx], dev)))
+
+        optimize_rows([fresh], loss, len(u), steps=c.adapt_steps, frozen=self.net)
+        self._add_rows(new, fresh.detach())
+        return {"users": len(new), "pairs": int(len(pairs)), "method": f"{c.adapt_steps} steps on new user rows"}
+
+    def _add_rows(self, ids: list[str], emb: torch.Tensor) -> None:
+        net = self.net
+        table = torch.cat([net.user_table.detach(), emb.to(net.user_table.dtype)])
+        if isinstance(net.user_table, nn.Parameter):
+            net.user_table = nn.Parameter(table, requires_grad=net.user_table.requires_grad)
+        else:
+            net.user_table = table
+        self.user_ids = self.user_ids + ids
+
+    def save_extra(self, directory: Path) -> None:
+        if self.gcf_dir is not None and Path(self.gcf_dir).resolve() != (directory / "gcf").resolve():
+            shutil.copytree(self.gcf_dir, directory / "gcf", ignore=shutil.ignore_patterns("checkpoint.pt"))
+
+    def load_extra(self, directory: Path) -> None:
+        from safetensors import safe_open
+
+        self.gcf_dir = directory / "gcf" if (directory / "gcf").exists() else None
+        self._table = None
+        with safe_open(str(directory / "model.safetensors"), "pt") as f:
+            self._saved_dim = f.get_slice("user_table").get_shape()[1]

@@ -1,0 +1,136 @@
+"""Response encoders for the two modes every method supports.
+
+- ``frozen``: the backbone embeds each unique response text once (cached on disk, see
+  :mod:`coplctl.features`); a small trunk (MLP) trained on top maps features to a hidden vector.
+- ``lora``: the backbone reads the tokens with trainable adapters inside (the paper's setting).
+
+Either way an encoder maps a batch of responses (plus, optionally, one extra vector per sample:
+a user token in ``lora`` mode, concatenated features in ``frozen`` mode) to hidden vectors that a
+method's head turns into rewards.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pandas as pd
+import torch
+from torch import nn
+
+from coplctl.backbone import Backbone
+
+MODES = ("frozen", "lora")
+
+
+@dataclass
+class ResponseInputs:
+    """Model inputs for a table of responses, one row per response: features or token ids."""
+
+    mode: str
+    features: torch.Tensor | None = None  # (N, F) for frozen mode
+    tokens: list[torch.Tensor] | None = None  # token ids per response for lora mode
+    pad_id: int = 0
+
+    def __len__(self) -> int:
+        return len(self.features) if self.mode == "frozen" else len(self.tokens)
+
+    def batch(self, idx: torch.Tensor, device=None) -> dict[str, torch.Tensor]:
+        if self.mode == "frozen":
+            return {"features": self.features[idx.cpu()].to(device)}
+        seqs = [self.tokens[i] for i in idx.tolist()]
+        ids = nn.utils.rnn.pad_sequence(seqs, batch_first=True, padding_value=self.pad_id)
+        mask = nn.utils.rnn.pad_sequence([torch.ones(len(s), dtype=torch.long) for s in seqs], batch_first=True)
+        return {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
+
+
+def concat_batches(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """One batch holding ``a``'s rows then ``b``'s (token batches padded to a common length)."""
+    if "features" in a:
+        return {"features": torch.cat([a["features"], b["features"]])}
+    width = max(a["input_ids"].shape[1], b["input_ids"].shape[1])
+    pad = lambda t: nn.functional.pad(t, (0, width - t.shape[1]))  # noqa: E731  (masked positions: any id)
+    return {k: torch.cat([pad(a[k]), pad(b[k])]) for k in ("input_ids", "attention_mask")}
+
+
+def build_inputs(backbone: Backbone, responses: pd.DataFrame, mode: str, *, progress=None,
+                 batch_size: int = 64) -> ResponseInputs:
+    """Inputs for ``responses`` (prompt, text): cached frozen features, or token ids."""
+    texts = [backbone.format(p, r) for p, r in zip(responses["prompt"], responses["text"])]
+    if mode == "frozen":
+        from coplctl.features import features
+
+        return ResponseInputs("frozen", features=features(backbone, texts, batch_size=batch_size, progress=progress))
+    enc = backbone.tokenizer(texts, truncation=True, max_length=backbone.max_length)
+    return ResponseInputs("lora", tokens=[torch.tensor(t) for t in enc["input_ids"]],
+                          pad_id=backbone.tokenizer.pad_token_id)
+
+
+def mlp(d_in: int, width: int, layers: int) -> nn.Sequential:
+    mods: list[nn.Module] = []
+    for i in range(layers):
+        mods += [nn.Linear(d_in if i == 0 else width, width), nn.GELU()]
+    return nn.Sequential(*mods)
+
+
+class ResponseEncoder(nn.Module):
+    """Hidden vector per response, in either mode.
+
+    Args:
+        mode: ``frozen`` or ``lora``.
+        backbone: the loaded backbone (its model is used in ``lora`` mode).
+        trunk_width, trunk_layers: the trunk MLP of ``frozen`` mode.
+        extra_dim: width of the per-sample extra vector (``frozen``: concatenated to the features);
+            in ``lora`` mode extra vectors must have the backbone's hidden size and become one token
+            right after the first (BOS / CLS) token.
+    """
+
+    def __init__(self, mode: str, backbone: Backbone, *, trunk_width: int = 256, trunk_layers: int = 2,
+                 extra_dim: int = 0):
+        super().__init__()
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}")
+        self.mode, self.kind = mode, backbone.kind
+        if mode == "frozen":
+            self.trunk = mlp(backbone.hidden_size + extra_dim, trunk_width, trunk_layers)
+            self.out_dim = trunk_width
+        else:
+            self.lm = backbone.model
+            self.out_dim = backbone.hidden_size
+            self._pool = backbone.pool
+
+    def forward(self, batch: dict[str, torch.Tensor], extra: torch.Tensor | None = None) -> torch.Tensor:
+        if self.mode == "frozen":
+            x = batch["features"]
+            if extra is not None:
+                x = torch.cat([x, extra.to(x.dtype)], dim=-1)
+            return self.trunk(x)
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        if extra is None:
+            hidden = self.lm(input_ids=ids, attention_mask=mask).last_hidden_state
+            return self._pool(hidden, mask)
+        emb = self.lm.get_input_embeddings()(ids)
+        tok = extra.to(emb.dtype).unsqueeze(1)
+        emb = torch.cat([emb[:, :1], tok, emb[:, 1:]], dim=1)  # right after BOS / CLS
+        mask = torch.cat([mask[:, :1], torch.ones_like(mask[:, :1]), mask[:, 1:]], dim=1)
+        hidden = self.lm(inputs_embeds=emb, attention_mask=mask).last_hidden_state
+        return self._pool(hidden, mask)
+
+
+def add_lora(encoder: ResponseEncoder, rank: int, alpha: float, targets: list[str] | None = None,
+             dropout: float = 0.0) -> None:
+    """Plain LoRA adapters (peft) inside the backbone of a ``lora``-mode encoder."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    targets = targets or default_targets(encoder.lm)
+    cfg = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, lora_dropout=dropout)
+    inject_adapter_in_model(cfg, encoder.lm)
+
+
+def default_targets(model: nn.Module) -> list[str]:
+    """peft's default LoRA targets for this architecture (q_proj/v_proj for Gemma, query/value for BERT)."""
+    from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as DEFAULTS
+
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in DEFAULTS:
+        raise ValueError(f"no default LoRA target modules for model type {model_type!r}; set target_modules")
+    return list(DEFAULTS[model_type])

@@ -1,0 +1,57 @@
+"""Evaluation of a trained method on a dataset (paper §5.1): seen and unseen users' test accuracy,
+split into common and controversial pairs (Table 2), after adapting the unseen users from their
+few-shot pairs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from coplctl.reward import RewardMethod, pair_scores
+
+
+def accuracy_table(correct: np.ndarray, controversial: np.ndarray) -> dict:
+    def mean(mask):
+        return float(correct[mask].mean()) if mask.any() else None
+
+    return {"accuracy": mean(np.ones_like(correct, dtype=bool)), "common": mean(~controversial),
+            "controversial": mean(controversial), "pairs": int(len(correct)),
+            "controversial_pairs": int(controversial.sum())}
+
+
+def evaluate(method: RewardMethod, ds, *, adapt: bool = True, fewshot: int | None = None) -> dict:
+    """Adapt unseen users (optionally from only their first ``fewshot`` pairs), then score test pairs."""
+    out: dict = {}
+    role = ds.pairs["user_id"].map(ds.users.set_index("user_id")["role"])
+    shots = ds.pairs[(ds.pairs["split"] == "fewshot")]
+    if fewshot is not None:
+        shots = shots.groupby("user_id", sort=False).head(fewshot)
+    if adapt and len(shots):
+        out["adaptation"] = method.adapt(shots.reset_index(drop=True), ds.responses)
+    metrics = {}
+    for r in ("seen", "unseen"):
+        test = ds.pairs[(ds.pairs["split"] == "test") & (role == r)]
+        if test.empty or (r == "unseen" and not adapt):
+            continue
+        s_c, s_r = pair_scores(method, test, ds.responses)
+        metrics[r] = accuracy_table(s_c > s_r, test["controversial"].to_numpy())
+    out["metrics"] = metrics
+    return out
+
+
+def render(result: dict, console, title: str) -> None:
+    from rich.table import Table
+
+    t = Table(title=title)
+    for col in ("users", "accuracy", "common", "controversial", "pairs"):
+        t.add_column(col, justify="left" if col == "users" else "right")
+    pct = lambda v: "-" if v is None else f"{100 * v:.2f}"  # noqa: E731
+    for role, m in result["metrics"].items():
+        t.add_row(role, pct(m["accuracy"]), pct(m["common"]), pct(m["controversial"]), f"{m['pairs']:,}")
+    console.print(t)
+
+
+def score_frame(rows: list[dict]) -> pd.DataFrame:
+    """A responses frame (response_id, prompt, text) for ad-hoc texts to score."""
+    return pd.DataFrame({"response_id": [f"adhoc-{i}" for i in range(len(rows))],
+                         "prompt": [r["prompt"] for r in rows], "text": [r["response"] for r in rows]})

@@ -1,0 +1,91 @@
+"""Frozen-mode features: each unique formatted text is embedded once per backbone and kept on disk.
+
+The cache lives in ``$COPLCTL_CACHE/features/<backbone key>/`` as append-only safetensors shards, each
+holding the SHA-1 digests of its texts and their pooled features. Any method and any run with the
+same backbone (name, architecture, max length, pooling) reuses them; a new dataset only embeds the
+texts not seen before. Shards are written atomically, so an interrupted run loses only the shard
+in progress.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from coplctl.atomic import atomic_path
+from coplctl.backbone import Backbone, cache_root
+
+SHARD_TEXTS = 4096  # texts per shard written (and per progress step)
+
+
+def text_digest(text: str) -> bytes:
+    return hashlib.sha1(text.encode("utf-8")).digest()
+
+
+class FeatureCache:
+    """Digest → feature row store for one backbone key."""
+
+    def __init__(self, key: str, root: Path | None = None):
+        self.dir = (root or cache_root() / "features") / key
+        self.index: dict[bytes, tuple[int, int]] = {}
+        self.shards: list[Path] = []
+        self._loaded: dict[int, torch.Tensor] = {}
+        if self.dir.exists():
+            for path in sorted(self.dir.glob("shard-*.safetensors")):
+                digests = load_file(str(path))["digests"]
+                k = len(self.shards)
+                self.shards.append(path)
+                for row, d in enumerate(digests.numpy()):
+                    self.index.setdefault(d.tobytes(), (k, row))
+
+    def _shard(self, k: int) -> torch.Tensor:
+        if k not in self._loaded:
+            self._loaded[k] = load_file(str(self.shards[k]))["features"]
+        return self._loaded[k]
+
+    def add(self, digests: list[bytes], features: torch.Tensor) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        k = len(self.shards)
+        path = self.dir / f"shard-{time.time_ns():020d}.safetensors"
+        d = torch.frombuffer(bytearray(b"".join(digests)), dtype=torch.uint8).reshape(len(digests), 20)
+        with atomic_path(path) as tmp:
+            save_file({"digests": d, "features": features.contiguous()}, str(tmp))
+        self.shards.append(path)
+        self._loaded[k] = features
+        for row, dg in enumerate(digests):
+            self.index.setdefault(dg, (k, row))
+
+    def lookup(self, digests: list[bytes]) -> torch.Tensor:
+        loc = torch.tensor([self.index[d] for d in digests], dtype=torch.long).reshape(-1, 2)
+        if len(loc) == 0:
+            return torch.empty(0, 0)
+        out = torch.empty(len(loc), self._shard(int(loc[0, 0])).shape[1])
+        for k in loc[:, 0].unique().tolist():
+            m = loc[:, 0] == k
+            out[m] = self._shard(k)[loc[m, 1]]
+        return out
+
+
+def features(backbone: Backbone, texts: list[str], *, batch_size: int = 32, progress=None,
+             root: Path | None = None) -> torch.Tensor:
+    """Pooled frozen-backbone features of formatted texts, computing only those not cached yet.
+
+    ``progress(done, total)`` is called as texts are embedded.
+    """
+    cache = FeatureCache(backbone.key, root)
+    digests = [text_digest(t) for t in texts]
+    missing, seen = [], set()
+    for t, d in zip(texts, digests):
+        if d not in cache.index and d not in seen:
+            seen.add(d)
+            missing.append((t, d))
+    for s in range(0, len(missing), SHARD_TEXTS):
+        chunk = missing[s:s + SHARD_TEXTS]
+        cache.add([d for _, d in chunk], backbone.embed([t for t, _ in chunk], batch_size=batch_size))
+        if progress is not None:
+            progress(min(s + SHARD_TEXTS, len(missing)), len(missing))
+    return cache.lookup(digests)

@@ -1,0 +1,147 @@
+"""Mixture of LoRA experts with a user gate (paper §4.2, Eq. 6-7).
+
+Each adapted linear layer W0 becomes
+
+    W x = W0 x + s·B_s A_s x + s·Σ_{i∈top-k} w_i B_i A_i x,        s = alpha / rank,
+
+with one shared expert (A_s, B_s) and M experts of rank n. A gate per layer, a two-layer MLP
+(hidden 256, ReLU) on the user embedding e_u, gives logits z; p = softmax(z / τ); the top-k experts
+are used with weight w_i = p_i (the probability itself: the authors' code applies it twice, p²).
+The gate runs once per *user row* and is shared by every sequence of that user in the batch (a pair's
+chosen and rejected responses), optional training noise included. Selected experts are computed
+batched: their factors are gathered per sample and applied with batched matrix products.
+
+The user embedding reaches the layers explicitly, as a forward argument injected for the duration of
+one call (the pattern peft uses for per-sample adapters), never as state set on modules.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class Routing:
+    """What one forward call passes to every MoLE layer.
+
+    ``users`` holds one embedding per distinct user row; ``rows`` maps each sequence of the batch to
+    its row (a pair's two sequences share a row). Layers append their gate outputs to ``records``.
+    """
+
+    users: torch.Tensor  # (U, d_user)
+    rows: torch.Tensor  # (B,) long
+    noise: float = 0.0
+    records: list = field(default_factory=list)  # (layer name, probs (U, M), chosen experts (U, k))
+
+
+class MoLELinear(nn.Module):
+    """A linear layer with a shared LoRA expert and a user-gated mixture of LoRA experts.
+
+    Args:
+        base: the wrapped ``nn.Linear`` (frozen unless ``train_base``).
+        user_dim: width of the user embedding the gate reads.
+        num_experts: M (paper: 8).  rank: n (paper: 8).  alpha: LoRA alpha (paper: 2 · rank).
+        gate_hidden: gate MLP width (paper: 256).  temperature: τ (paper: 1).  top_k: experts used (paper: 1).
+        shared: keep the shared expert (paper: yes).  dropout: on the adapter input.
+        name: label used in routing records.
+    """
+
+    def __init__(self, base: nn.Linear, user_dim: int, *, num_experts: int = 8, rank: int = 8, alpha: float = 16,
+                 gate_hidden: int = 256, temperature: float = 1.0, top_k: int = 1, shared: bool = True,
+                 dropout: float = 0.0, train_base: bool = False, name: str = ""):
+        super().__init__()
+        self.base, self.name = base, name
+        base.requires_grad_(train_base)
+        d_in, d_out = base.in_features, base.out_features
+        self.scale, self.temperature, self.top_k = alpha / rank, temperature, top_k
+        self.dropout = nn.Dropout(dropout)
+        dev = base.weight.device
+        self.expert_a = nn.Parameter(torch.empty(num_experts, rank, d_in, device=dev))
+        self.expert_b = nn.Parameter(torch.zeros(num_experts, d_out, rank, device=dev))
+        for a in self.expert_a:
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+        if shared:
+            self.shared_a = nn.Linear(d_in, rank, bias=False, device=dev)
+            self.shared_b = nn.Linear(rank, d_out, bias=False, device=dev)
+            nn.init.zeros_(self.shared_b.weight)
+        else:
+            self.shared_a = self.shared_b = None
+        self.gate = nn.Sequential(nn.Linear(user_dim, gate_hidden), nn.ReLU(), nn.Linear(gate_hidden, num_experts)).to(dev)
+
+    @property
+    def num_experts(self) -> int:
+        return self.expert_a.shape[0]
+
+    def route(self, users: torch.Tensor, noise: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(probabilities (U, M), chosen experts (U, k), their weights (U, k)) for each user row."""
+        logits = self.gate(users.to(self.gate[0].weight.dtype))
+        if noise and self.training:
+            logits = logits + noise * torch.randn_like(logits)
+        probs = torch.softmax(logits / self.temperature, dim=-1)
+        weights, experts = probs.topk(self.top_k, dim=-1)
+        return probs, experts, weights
+
+    def forward(self, x: torch.Tensor, routing: Routing | None = None) -> torch.Tensor:
+        if routing is None:
+            raise RuntimeError(f"MoLE layer {self.name} called without a user: use mole_routing(...)")
+        out = self.base(x)
+        h = self.dropout(x)
+        if self.shared_a is not None:
+            out = out + self.scale * self.shared_b(self.shared_a(h))
+        probs, experts, weights = self.route(routing.users, routing.noise)
+        routing.records.append((self.name, probs, experts))
+        e = experts[routing.rows]  # (B, k): a pair's two sequences get their user's experts
+        w = weights[routing.rows].to(x.dtype)  # (B, k)
+        shape = h.shape
+        h3 = h.reshape(shape[0], -1, shape[-1])  # (B, T, d_in); 2-D inputs become T = 1
+        a = self.expert_a[e].to(x.dtype)  # (B, k, r, d_in)
+        b = self.expert_b[e].to(x.dtype)  # (B, k, d_out, r)
+        low = torch.einsum("btd,bkrd->bktr", h3, a)
+        mixed = torch.einsum("bktr,bkor,bk->bto", low, b, w)
+        return out + self.scale * mixed.reshape(*shape[:-1], -1)
+
+
+def inject_mole(model: nn.Module, targets: list[str], user_dim: int, **kwargs) -> list[MoLELinear]:
+    """Replace every ``nn.Linear`` whose name ends with one of ``targets`` by a :class:`MoLELinear`."""
+    layers = []
+    for name, module in list(model.named_modules()):
+        if isinstance(module, nn.Linear) and any(name == t or name.endswith("." + t) for t in targets):
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            layer = MoLELinear(module, user_dim, name=name, **kwargs)
+            setattr(parent, child, layer)
+            layers.append(layer)
+    if not layers:
+        raise ValueError(f"no linear layer matches the MoLE targets {targets}")
+    return layers
+
+
+@contextlib.contextmanager
+def mole_routing(layers: list[MoLELinear], routing: Routing):
+    """Pass ``routing`` as a forward argument to each layer for the calls made inside the block."""
+
+    def hook(module, args, kwargs):
+        return args, {**kwargs, "routing": routing}
+
+    handles = [layer.register_forward_pre_hook(hook, with_kwargs=True) for layer in layers]
+    try:
+        yield routing
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def load_balance_loss(records: list) -> torch.Tensor:
+    """Switch-style balance term averaged over layers: M · Σ_i f_i · P_i (1 when perfectly balanced)."""
+    terms = []
+    for _, probs, experts in records:
+        m = probs.shape[-1]
+        f = F.one_hot(experts[:, 0], m).float().mean(0)
+        terms.append(m * (f * probs.float().mean(0)).sum())
+    return torch.stack(terms).mean()

@@ -1,0 +1,232 @@
+"""The training loop every neural method shares: Bradley-Terry on pairs, AdamW, cosine schedule with
+warmup, accelerate for devices / mixed precision / several processes, best-of-epochs selection on
+validation pairs (paper Appendix C.2)."""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from coplctl.encoders import MODES, ResponseInputs
+from coplctl.errors import CoplError
+from coplctl.reward import bt_loss
+
+#: Defaults that depend on the mode: the paper's LLM settings for ``lora``, a small trunk's for ``frozen``.
+MODE_DEFAULTS = {
+    "lora": {"lr": 5e-5, "epochs": 1, "batch_size": 32},
+    "frozen": {"lr": 1e-3, "epochs": 8, "batch_size": 128},
+}
+
+
+@dataclass
+class TrainConfig:
+    """Settings shared by every neural method. ``None`` means the mode's default (``MODE_DEFAULTS``)."""
+
+    mode: str = "frozen"
+    """``frozen`` (cached backbone features + trained trunk; CPU-friendly) or ``lora`` (adapters in the LM)."""
+    backbone: str = "minilm"
+    """Embedded name (minilm, gemma-3-270m), gemma-2b-it / gemma-7b-it, or any hub id / local path."""
+    max_length: int = 512
+    """Tokens per formatted text (prompt + response)."""
+    lr: float | None = None
+    """AdamW learning rate (paper: 5e-5 for CoPL; baselines searched in 1e-4, 5e-5, 1e-5, 5e-6)."""
+    epochs: int | None = None
+    """Passes over the training pairs (not reported in the paper)."""
+    batch_size: int | None = None
+    """Pairs per step and process (paper: 32 per GPU for gemma-2b-it, 16 for gemma-7b-it)."""
+    warmup_ratio: float = 0.03
+    """Linear warmup share of the steps before the cosine decay (paper: 0.03)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    grad_clip: float = 1.0
+    """Gradient-norm clipping (0 = off)."""
+    trunk_width: int = 256
+    """Width of the ``frozen``-mode trunk MLP."""
+    trunk_layers: int = 2
+    """Layers of the ``frozen``-mode trunk MLP."""
+    eval_pairs: int = 2000
+    """Validation pairs scored after each epoch to keep the best epoch (a fixed random subset)."""
+    mixed_precision: str = "auto"
+    """``auto`` (bf16 on GPU, none on CPU), ``no``, ``bf16`` or ``fp16``."""
+    device: str = "auto"
+    """``auto``, ``cpu`` or ``cuda``; under ``accelerate launch`` the launcher decides."""
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise CoplError(f"unknown mode {self.mode!r}; choose {' or '.join(MODES)}")
+
+    def get(self, key: str):
+        value = getattr(self, key)
+        return MODE_DEFAULTS[self.mode][key] if value is None else value
+
+
+def cosine_with_warmup(optimizer, total_steps: int, warmup_ratio: float):
+    """Linear warmup then cosine decay to zero, as a LambdaLR."""
+    warmup = int(total_steps * warmup_ratio)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def make_accelerator(cfg: TrainConfig):
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    cpu = cfg.device == "cpu" or not torch.cuda.is_available()
+    mp = cfg.mixed_precision
+    if mp == "auto":
+        mp = "no" if cpu else "bf16"
+    # top-1 routing leaves some experts without gradient in a step: DDP must allow unused parameters
+    return Accelerator(mixed_precision=mp, cpu=cpu,
+                       kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+
+
+def trainable_state(net: nn.Module) -> dict[str, torch.Tensor]:
+    """What a run saves: trained parameters and the method's own buffers (user tables ...), but not the
+    frozen backbone, which is reloaded by name (its buffers live under ``encoder.lm``)."""
+    state = {n: p.detach().cpu().clone() for n, p in net.named_parameters() if p.requires_grad}
+    state.update({n: b.detach().cpu().clone() for n, b in net.named_buffers() if not n.startswith("encoder.lm.")})
+    return state
+
+
+def load_trainable_state(net: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    missing, unexpected = [], []
+    own = dict(net.named_parameters()) | dict(net.named_buffers())
+    for name, value in state.items():
+        if name not in own:
+            unexpected.append(name)
+            continue
+        with torch.no_grad():
+            if own[name].shape != value.shape:
+                raise CoplError(f"saved tensor {name} has shape {tuple(value.shape)}, the model {tuple(own[name].shape)}")
+            own[name].copy_(value)
+    missing = [n for n, p in net.named_parameters() if p.requires_grad and n not in state]
+    if missing or unexpected:
+        raise CoplError(f"saved weights do not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+
+
+@torch.no_grad()
+def rewards(net: nn.Module, users: torch.Tensor, inputs: ResponseInputs, responses: torch.Tensor,
+            batch_size: int = 256) -> torch.Tensor:
+    """r(user, response) for aligned index tensors, in batches, as float32 on CPU."""
+    net.eval()
+    dev = next(net.parameters()).device
+    out = []
+    for s in range(0, len(users), batch_size):
+        out.append(net.score(users[s:s + batch_size].to(dev), inputs.batch(responses[s:s + batch_size], dev)).float().cpu())
+    return torch.cat(out) if out else torch.empty(0)
+
+
+def pair_accuracy(net, inputs, users, chosen, rejected, batch_size: int = 256) -> float:
+    if len(users) == 0:
+        return float("nan")
+    return float((rewards(net, users, inputs, chosen, batch_size) > rewards(net, users, inputs, rejected, batch_size))
+                 .float().mean())
+
+
+def train_pairs(net: nn.Module, inputs: ResponseInputs, train: tuple, valid: tuple, cfg: TrainConfig, *,
+                seed: int = 0, progress: bool = True, label: str = "train") -> dict:
+    """Train ``net`` (forward(users, chosen batch, rejected batch) -> (r⁺, r⁻, aux loss)) on pairs.
+
+    ``train`` and ``valid`` are (user rows, chosen rows, rejected rows) tensors. The epoch with the best
+    validation accuracy is kept. Returns metrics.
+    """
+    from accelerate.utils import set_seed
+
+    acc = make_accelerator(cfg)
+    set_seed(seed)
+    lr, epochs, batch_size = cfg.get("lr"), cfg.get("epochs"), cfg.get("batch_size")
+    params = [p for p in net.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
+    data = torch.utils.data.TensorDataset(*train)
+    loader = torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=True,
+                                         generator=torch.Generator().manual_seed(seed))
+    net, opt, loader = acc.prepare(net, opt, loader)
+    sched = cosine_with_warmup(opt, max(1, epochs * len(loader)), cfg.warmup_ratio)
+    g = torch.Generator().manual_seed(seed)
+    keep = torch.randperm(len(valid[0]), generator=g)[: cfg.eval_pairs]
+    valid = tuple(t[keep] for t in valid)
+    model = acc.unwrap_model(net)
+    history, best, best_acc, best_epoch = [], None, -1.0, 0
+    bar = _bar(progress and acc.is_main_process, epochs * len(loader), label)
+    try:
+        for epoch in range(epochs):
+            net.train()
+            total, n = 0.0, 0
+            for u, c, r in loader:
+                rc, rr, aux = net(u, inputs.batch(c, acc.device), inputs.batch(r, acc.device))
+                loss = bt_loss(rc.float(), rr.float()) + aux
+                acc.backward(loss)
+                if cfg.grad_clip:
+                    acc.clip_grad_norm_(params, cfg.grad_clip)
+                opt.step()
+                sched.step()
+                opt.zero_grad(set_to_none=True)
+                total, n = total + loss.item(), n + 1
+                bar(1, f"epoch {epoch + 1}/{epochs} loss {total / n:.4f}")
+            valid_acc = pair_accuracy(model, inputs, *valid)
+            history.append({"epoch": epoch + 1, "loss": total / max(n, 1), "valid_accuracy": valid_acc})
+            if valid_acc > best_acc or best is None or math.isnan(valid_acc):  # no valid pairs: keep the last
+                best_acc, best, best_epoch = valid_acc, copy.deepcopy(trainable_state(model)), epoch + 1
+    finally:
+        bar(0, None)
+    load_trainable_state(model, best)
+    acc.wait_for_everyone()
+    return {"history": history, "best_epoch": best_epoch, "valid_accuracy": best_acc,
+            "steps": epochs * len(loader), "processes": acc.num_processes}
+
+
+def optimize_rows(params: list[nn.Parameter], loss_fn: Callable[[torch.Tensor], torch.Tensor], n_items: int, *,
+                  steps: int = 50, lr: float = 1e-2, batch_size: int = 256, seed: int = 0,
+                  frozen: nn.Module | None = None) -> None:
+    """Fit only ``params`` (new users' own parameters) for ``steps`` Adam steps on minibatches of items.
+
+    ``loss_fn(item_indices)`` returns the loss of those few-shot pairs. ``frozen`` (the trained model)
+    gets no gradient during the fit and is left exactly as it was.
+    """
+    opt = torch.optim.Adam(params, lr=lr)
+    g = torch.Generator().manual_seed(seed)
+    flags = [(p, p.requires_grad) for p in frozen.parameters()] if frozen is not None else []
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        for _ in range(steps):
+            idx = torch.randperm(n_items, generator=g)[:batch_size]
+            loss = loss_fn(idx)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+def _bar(enabled: bool, total: int, label: str):
+    if not enabled:
+        return lambda advance, info: None
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from coplctl.cli.common import err
+
+    prog = Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    TextColumn("{task.fields[info]}"), console=err)
+    task = prog.add_task(label, total=total, info="")
+    prog.start()
+
+    def update(advance, info):
+        if info is None:
+            prog.stop()
+        else:
+            prog.update(task, advance=advance, info=info)
+
+    return update
