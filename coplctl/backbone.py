@@ -118,7 +118,9 @@ class Backbone:
 
     def __init__(self, name: str = "minilm", *, max_length: int = 512, dtype: str = "auto", device: str = "auto"):
         from transformers import AutoConfig, AutoModel, AutoTokenizer
+        from transformers.utils import logging as hf_logging
 
+        hf_logging.disable_progress_bar()  # rich progress is ours; per-tensor loading bars are noise
         self.name, self.max_length = name, max_length
         source, kind = resolve(name)
         try:

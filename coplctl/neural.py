@@ -21,7 +21,8 @@ from coplctl.backbone import Backbone
 from coplctl.encoders import ResponseEncoder, build_inputs
 from coplctl.errors import CoplError
 from coplctl.reward import RewardMethod
-from coplctl.trainer import TrainConfig, load_trainable_state, rewards, train_pairs, trainable_state
+from coplctl.trainer import (TrainConfig, distributed_state, load_trainable_state, rewards, train_pairs,
+                             trainable_state)
 
 
 class NeuralMethod(RewardMethod):
@@ -48,11 +49,9 @@ class NeuralMethod(RewardMethod):
 
     # -- shared machinery ----------------------------------------------------------------------
     def load_backbone(self) -> Backbone:
-        from accelerate import PartialState
-
         device = self.config.device
         if device == "auto":  # under `accelerate launch` every process uses its own device
-            device = str(PartialState().device)
+            device = str(distributed_state(self.config).device)
         return Backbone(self.config.backbone, max_length=self.config.max_length, device=device)
 
     def encoder(self, extra_dim: int = 0) -> ResponseEncoder:
@@ -89,11 +88,9 @@ class NeuralMethod(RewardMethod):
         return build_inputs(self.backbone, responses, self.config.mode, progress=bar)
 
     def fit(self, data, backbone=None, *, seed: int = 0, work_dir: Path | None = None, progress: bool = True) -> dict:
-        from accelerate import PartialState
-
+        state = distributed_state(self.config)
         torch.manual_seed(seed)
         self.backbone = backbone or self.load_backbone()
-        state = PartialState()
         with state.main_process_first():  # the main process trains shared work (GCF) and fills caches first
             self.prepare(data, seed=seed, work_dir=work_dir)
             inputs = self.inputs(data.responses, progress=progress and state.is_main_process)

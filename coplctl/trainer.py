@@ -78,11 +78,22 @@ def cosine_with_warmup(optimizer, total_steps: int, warmup_ratio: float):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def use_cpu(cfg: TrainConfig) -> bool:
+    return cfg.device == "cpu" or not torch.cuda.is_available()
+
+
+def distributed_state(cfg: TrainConfig):
+    """accelerate's process state; the first call decides the backend (gloo across CPU processes)."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=use_cpu(cfg))
+
+
 def make_accelerator(cfg: TrainConfig):
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
 
-    cpu = cfg.device == "cpu" or not torch.cuda.is_available()
+    cpu = use_cpu(cfg)
     mp = cfg.mixed_precision
     if mp == "auto":
         mp = "no" if cpu else "bf16"

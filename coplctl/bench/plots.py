@@ -76,3 +76,73 @@ def plot_embeddings(run_dir: str | Path, out: str | Path, *, adapted: str | Path
         fig.savefig(tmp, format="png")
     plt.close(fig)
     return {"seen": int((~is_new).sum()), "adapted": int(is_new.sum()), "groups": names, "path": str(out)}
+
+
+def expert_allocation(run_dir: str | Path) -> dict:
+    """Top-1 expert of every user at every MoLE layer, read from a CoPL run's saved gates.
+
+    Needs no backbone: each gate is a two-layer MLP on the user table, and top-1 routing is the argmax
+    of its logits. Returns {"users": [...], "groups": [...], "layers": {name: [expert per user]}}.
+    """
+    import pandas as pd
+    import torch
+    from safetensors.torch import load_file
+
+    from coplctl.errors import CoplError
+
+    run_dir = Path(run_dir)
+    weights = load_file(str(run_dir / "model.safetensors"))
+    gates = sorted(k[: -len(".gate.0.weight")] for k in weights if k.endswith(".gate.0.weight"))
+    if not gates or "user_table" not in weights:
+        raise CoplError(f"{run_dir} has no MoLE gates (is it a CoPL run with mole enabled?)")
+    users = json.loads((run_dir / "users.json").read_text())
+    table = weights["user_table"]
+    groups_file = run_dir / "gcf" / "users.parquet"
+    group_of = {}
+    if groups_file.exists():
+        g = pd.read_parquet(groups_file)
+        group_of = dict(zip(g["user_id"], g["group"].fillna("(no group)")))
+    layers = {}
+    for name in gates:
+        h = torch.relu(table @ weights[f"{name}.gate.0.weight"].T + weights[f"{name}.gate.0.bias"])
+        logits = h @ weights[f"{name}.gate.2.weight"].T + weights[f"{name}.gate.2.bias"]
+        layers[name.removeprefix("encoder.")] = logits.argmax(-1).tolist()
+    return {"users": users, "groups": [group_of.get(u, "(no group)") for u in users], "layers": layers,
+            "experts": int(weights[f"{gates[0]}.gate.2.weight"].shape[0])}
+
+
+def plot_experts(run_dir: str | Path, out: str | Path, *, layers: list[int] | None = None) -> dict:
+    """Users per expert and group at each MoLE layer (paper Figure 3), as a PNG grid of bar charts."""
+    alloc = expert_allocation(run_dir)
+    names = list(alloc["layers"])
+    if layers:
+        names = [names[i] for i in layers if 0 <= i < len(names)]
+    groups = np.asarray(alloc["groups"])
+    group_names = sorted(set(groups))
+    m = alloc["experts"]
+    plt = _pyplot()
+    cols = min(4, len(names))
+    rows = (len(names) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), dpi=120, squeeze=False)
+    colours = plt.get_cmap("tab10")
+    for ax, name in zip(axes.flat, names):
+        chosen = np.asarray(alloc["layers"][name])
+        bottom = np.zeros(m)
+        for k, g in enumerate(group_names):
+            counts = np.bincount(chosen[groups == g], minlength=m)
+            ax.bar(np.arange(m), counts, bottom=bottom, color=colours(k % 10), label=g)
+            bottom += counts
+        ax.set_title(name if len(name) < 40 else "…" + name[-38:], fontsize=8)
+        ax.set_xticks(range(m))
+        ax.tick_params(labelsize=7)
+    for ax in list(axes.flat)[len(names):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=6)
+    fig.supxlabel("expert")
+    fig.supylabel("users")
+    fig.tight_layout()
+    with atomic_path(Path(out)) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    used = {n: sorted(set(alloc["layers"][n])) for n in names}
+    return {"path": str(out), "layers": len(names), "experts_used": used}

@@ -38,8 +38,8 @@ def register(app: typer.Typer) -> None:
         "coplctl train copl --data data/sim-uf-p-2-all --backbone minilm --mode frozen --out runs/copl",
         "coplctl train copl --data data/uf-p-4-avg --backbone gemma-2b-it --mode lora --out runs/copl-2b",
         "coplctl train copl --data data/sim --out runs/no-mole --set mole=false",
-        "accelerate launch --num_processes 4 -m coplctl train copl --data data/uf-p-4-avg --backbone gemma-7b-it "
-        "--mode lora --out runs/copl-7b"))
+        "accelerate launch --multi_gpu --num_processes 4 -m coplctl train copl --data data/uf-p-4-avg "
+        "--backbone gemma-7b-it --mode lora --out runs/copl-7b"))
     def train(
         method: Annotated[str, typer.Argument(help="A registered method (see coplctl methods).", show_default=False)],
         data: Annotated[Path, typer.Option("--data", "-d", help="Dataset directory.", show_default=False)],
@@ -59,13 +59,12 @@ def register(app: typer.Typer) -> None:
         force: Force = False,
     ) -> None:
         """Train a reward method on a dataset's seen users and save the run."""
-        from accelerate import PartialState
-
         from coplctl.atomic import atomic_write_text
         from coplctl.data import load
         from coplctl.errors import CoplError
         from coplctl.registry import METHODS
         from coplctl.reward import make_config
+        from coplctl.trainer import distributed_state
 
         cls = METHODS.get(method)
         overrides = {k: v for k, v in {"backbone": backbone, "mode": mode.value if mode else None, "epochs": epochs,
@@ -77,8 +76,8 @@ def register(app: typer.Typer) -> None:
         ds = load(data)
         work = out_dir.parent / f".{out_dir.name}.work"  # resumable intermediate work (e.g. CoPL's GCF)
         model = cls(cfg)
+        state = distributed_state(cfg)
         metrics = model.fit(ds, seed=seed, work_dir=work)
-        state = PartialState()
         if state.is_main_process:
             model.save(out_dir, overwrite=True)
             info = {"method": method, "data": str(data), "seed": seed, "metrics": metrics,

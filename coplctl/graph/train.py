@@ -66,7 +66,10 @@ class GCFConfig:
     fanouts: tuple[int, ...] = (15, 10, 10, 10)
     """Edges sampled per node and hop when ``sampler="neighbor"``."""
     patience: int = 40
-    """Stop after this many epochs without a better validation accuracy (0 = never)."""
+    """Stop after this many epochs without a better validation accuracy (0 = never) ..."""
+    min_epochs: int = 150
+    """... but not before this epoch: accuracy plateaus at the non-personalized level for tens of
+    epochs before users' groups separate (longer for larger d)."""
     dtype: str = "float32"
     """Parameter dtype (float32, bfloat16 or float16)."""
 
@@ -224,7 +227,7 @@ def train_gcf(ds, out: str | Path, cfg: GCFConfig, *, seed: int = 0, device: str
             bar(state, metrics)
             if on_epoch_end is not None:
                 on_epoch_end(state.epoch, metrics)
-            if cfg.patience and state.since_best >= cfg.patience:
+            if cfg.patience and state.since_best >= cfg.patience and state.epoch >= cfg.min_epochs:
                 break
             if time.monotonic() - last_ckpt > CHECKPOINT_SECONDS:
                 save_checkpoint()
