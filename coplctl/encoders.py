@@ -11,6 +11,7 @@ method's head turns into rewards.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import pandas as pd
@@ -134,3 +135,18 @@ def default_targets(model: nn.Module) -> list[str]:
     if model_type not in DEFAULTS:
         raise ValueError(f"no default LoRA target modules for model type {model_type!r}; set target_modules")
     return list(DEFAULTS[model_type])
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module):
+    """Run ``model`` as the plain frozen backbone: peft adapters injected into it are switched off."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    for m in layers:
+        m.enable_adapters(False)
+    try:
+        yield model
+    finally:
+        for m in layers:
+            m.enable_adapters(True)

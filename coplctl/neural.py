@@ -10,19 +10,21 @@ from __future__ import annotations
 
 import json
 from abc import abstractmethod
+from dataclasses import dataclass
 from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
 import torch
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 from coplctl.backbone import Backbone
-from coplctl.encoders import ResponseEncoder, build_inputs
+from coplctl.encoders import ResponseEncoder, add_lora, build_inputs, concat_batches
 from coplctl.errors import CoplError
-from coplctl.reward import RewardMethod
-from coplctl.trainer import (TrainConfig, distributed_state, load_trainable_state, rewards, train_pairs,
-                             trainable_state)
+from coplctl.reward import RewardMethod, bt_loss
+from coplctl.trainer import (TrainConfig, distributed_state, load_trainable_state, optimize_rows, rewards,
+                             train_pairs, trainable_state)
 
 
 class NeuralMethod(RewardMethod):
@@ -31,6 +33,8 @@ class NeuralMethod(RewardMethod):
     Config = TrainConfig
     #: user ids known to the method, in row order: seen users first, then adapted ones
     user_ids: list[str]
+    #: False for methods whose reward ignores the user (Uniform): any user id is accepted
+    personalized: bool = True
 
     # -- hooks -------------------------------------------------------------------------------
     def prepare(self, data, *, seed: int, work_dir: Path | None) -> None:
@@ -40,6 +44,10 @@ class NeuralMethod(RewardMethod):
     @abstractmethod
     def build_net(self) -> torch.nn.Module:
         """The method's network, on ``self.backbone`` (called after ``prepare`` / ``load_extra``)."""
+
+    def extra_columns(self, data) -> tuple[torch.Tensor, ...]:
+        """Per-training-pair tensors passed to the net's forward after the three batches (default none)."""
+        return ()
 
     def save_extra(self, directory: Path) -> None:
         """Files beyond weights and user ids (e.g. CoPL's GCF run)."""
@@ -66,6 +74,8 @@ class NeuralMethod(RewardMethod):
         return self._index_of
 
     def rows(self, user_ids: Sequence[str]) -> torch.Tensor:
+        if not self.personalized:
+            return torch.zeros(len(user_ids), dtype=torch.long)
         index = self.user_index
         unknown = [u for u in dict.fromkeys(user_ids) if u not in index]
         if unknown:
@@ -96,7 +106,7 @@ class NeuralMethod(RewardMethod):
             inputs = self.inputs(data.responses, progress=progress and state.is_main_process)
         torch.manual_seed(seed)
         self.net = self.build_net()
-        train = self.pair_tensors(data.split("train"), data.responses)
+        train = self.pair_tensors(data.split("train"), data.responses) + self.extra_columns(data)
         valid = data.split("valid")
         valid = valid[valid["user_id"].isin(self.user_index)]
         metrics = train_pairs(self.net, inputs, train, self.pair_tensors(valid, data.responses), self.config,
@@ -107,6 +117,37 @@ class NeuralMethod(RewardMethod):
         rows = self.rows(list(user_ids))
         inputs = self.inputs(responses.reset_index(drop=True))
         return rewards(self.net, rows, inputs, torch.arange(len(rows)))
+
+    def adapt_rows(self, pairs: pd.DataFrame, responses: pd.DataFrame, owner: nn.Module, attr: str,
+                   init: torch.Tensor, *, steps: int, lr: float) -> dict:
+        """Give new users a row of the table ``owner.<attr>`` fitted to their pairs, all else frozen.
+
+        The table grows by one row per new user (initialised to ``init``); only those rows get
+        gradient, for ``steps`` Adam steps of the BT loss on the few-shot pairs (Appendix C.2: 50).
+        """
+        new = [u for u in dict.fromkeys(pairs["user_id"]) if u not in self.user_index]
+        old = getattr(owner, attr)
+        table = nn.Parameter(torch.cat([old.detach(), init.to(old).expand(len(new), -1)]))
+        setattr(owner, attr, table)
+        self.user_ids = self.user_ids + new
+        rows, chosen, rejected = self.pair_tensors(pairs, responses)
+        mask = torch.zeros(len(table), 1, dtype=table.dtype, device=table.device)
+        mask[len(old):] = 1
+        handle = table.register_hook(lambda g: g * mask)  # seen users' rows stay exactly as trained
+        inputs, dev = self.inputs(responses), table.device
+        self.net.eval()
+
+        def loss(idx):
+            r_c = self.net.score(rows[idx].to(dev), inputs.batch(chosen[idx], dev))
+            r_r = self.net.score(rows[idx].to(dev), inputs.batch(rejected[idx], dev))
+            return bt_loss(r_c.float(), r_r.float())
+
+        try:
+            optimize_rows([table], loss, len(rows), steps=steps, lr=lr, frozen=self.net)
+        finally:
+            handle.remove()
+            table.requires_grad_(old.requires_grad)
+        return {"users": len(new), "pairs": int(len(pairs)), "method": f"{steps} Adam steps on each new user's row"}
 
     def save_state(self, directory: Path) -> None:
         save_file({k: v.contiguous() for k, v in trainable_state(self.net).items()}, str(directory / "model.safetensors"))
@@ -121,3 +162,47 @@ class NeuralMethod(RewardMethod):
         self.net = self.build_net()
         load_trainable_state(self.net, load_file(str(directory / "model.safetensors")))
         self.net.to(self.backbone.device)
+
+
+@dataclass
+class BaselineConfig(TrainConfig):
+    """Settings shared by the baselines (paper Appendix C.2). The paper searches the learning rate over
+    1e-4, 5e-5, 1e-5 and 5e-6 for each baseline (set it with ``--lr``; default: the mode's)."""
+
+    lora_rank: int = 64
+    """LoRA rank in ``lora`` mode (paper: 64 for every baseline)."""
+    lora_alpha: float = 128
+    """LoRA alpha (2 · rank)."""
+    lora_targets: list[str] | None = None
+    """LoRA target modules; None = peft's defaults for the backbone (q_proj, v_proj for Gemma)."""
+    token_dim: int = 64
+    """Width of a per-user vector concatenated to the features in ``frozen`` mode (in ``lora`` mode a
+    user token has the backbone's hidden size)."""
+    adapt_steps: int = 50
+    """Gradient steps fitting an unseen user's own parameters (paper: 50)."""
+    adapt_lr: float = 1e-2
+    """Adam learning rate of those steps."""
+
+
+class UserVectorNet(nn.Module):
+    """A response encoder (with plain LoRA in ``lora`` mode) that reads an optional per-user vector,
+    and a linear head on the pooled output: Uniform (no vector), I2E and I2E-proxy (a user token)."""
+
+    def __init__(self, method: NeuralMethod, user_vector: nn.Module | None = None):
+        super().__init__()
+        c = method.config
+        self.token_dim = c.token_dim if c.mode == "frozen" else method.backbone.hidden_size
+        self.encoder = method.encoder(extra_dim=self.token_dim if c.mode == "frozen" and user_vector else 0)
+        if c.mode == "lora":
+            add_lora(self.encoder, c.lora_rank, c.lora_alpha, c.lora_targets)
+        self.user_vector = user_vector
+        self.head = nn.Linear(self.encoder.out_dim, 1)
+
+    def score(self, users: torch.Tensor, batch: dict) -> torch.Tensor:
+        extra = self.user_vector(users) if self.user_vector is not None else None
+        return self.head(self.encoder(batch, extra)).squeeze(-1)
+
+    def forward(self, users, chosen: dict, rejected: dict):
+        n = len(users)
+        r = self.score(users.repeat(2), concat_batches(chosen, rejected))
+        return r[:n], r[n:], r.new_zeros(())

@@ -89,6 +89,11 @@ class Registry(Generic[T]):
         self._ensure()
         return [(n, self._entries[n].description) for n in sorted(self._entries)]
 
+    def entries(self) -> list[Entry]:
+        """Every entry (name, description, providing module), without importing lazy ones."""
+        self._ensure()
+        return [self._entries[n] for n in sorted(self._entries)]
+
     def __contains__(self, name: str) -> bool:
         self._ensure()
         return name in self._entries

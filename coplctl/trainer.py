@@ -106,7 +106,9 @@ def trainable_state(net: nn.Module) -> dict[str, torch.Tensor]:
     """What a run saves: trained parameters and the method's own buffers (user tables ...), but not the
     frozen backbone, which is reloaded by name (its buffers live under ``encoder.lm``)."""
     state = {n: p.detach().cpu().clone() for n, p in net.named_parameters() if p.requires_grad}
-    state.update({n: b.detach().cpu().clone() for n, b in net.named_buffers() if not n.startswith("encoder.lm.")})
+    persistent = net.state_dict(keep_vars=True)
+    state.update({n: b.detach().cpu().clone() for n, b in net.named_buffers()
+                  if n in persistent and ".lm." not in f".{n}"})
     return state
 
 
@@ -147,10 +149,11 @@ def pair_accuracy(net, inputs, users, chosen, rejected, batch_size: int = 256) -
 
 def train_pairs(net: nn.Module, inputs: ResponseInputs, train: tuple, valid: tuple, cfg: TrainConfig, *,
                 seed: int = 0, progress: bool = True, label: str = "train") -> dict:
-    """Train ``net`` (forward(users, chosen batch, rejected batch) -> (r⁺, r⁻, aux loss)) on pairs.
+    """Train ``net`` (forward(users, chosen batch, rejected batch, *extra) -> (r⁺, r⁻, aux loss)) on pairs.
 
-    ``train`` and ``valid`` are (user rows, chosen rows, rejected rows) tensors. The epoch with the best
-    validation accuracy is kept. Returns metrics.
+    ``train`` is (user rows, chosen rows, rejected rows, *extra columns) and ``valid`` (user rows,
+    chosen rows, rejected rows) tensors. The epoch with the best validation accuracy is kept.
+    Returns metrics.
     """
     from accelerate.utils import set_seed
 
@@ -174,8 +177,8 @@ def train_pairs(net: nn.Module, inputs: ResponseInputs, train: tuple, valid: tup
         for epoch in range(epochs):
             net.train()
             total, n = 0.0, 0
-            for u, c, r in loader:
-                rc, rr, aux = net(u, inputs.batch(c, acc.device), inputs.batch(r, acc.device))
+            for u, c, r, *extra in loader:  # extra columns (e.g. VPL's pair ids) go to the net as they are
+                rc, rr, aux = net(u, inputs.batch(c, acc.device), inputs.batch(r, acc.device), *extra)
                 loss = bt_loss(rc.float(), rr.float()) + aux
                 acc.backward(loss)
                 if cfg.grad_clip:
@@ -207,7 +210,8 @@ def optimize_rows(params: list[nn.Parameter], loss_fn: Callable[[torch.Tensor], 
     """
     opt = torch.optim.Adam(params, lr=lr)
     g = torch.Generator().manual_seed(seed)
-    flags = [(p, p.requires_grad) for p in frozen.parameters()] if frozen is not None else []
+    fitted = {id(p) for p in params}
+    flags = [(p, p.requires_grad) for p in frozen.parameters() if id(p) not in fitted] if frozen is not None else []
     for p, _ in flags:
         p.requires_grad_(False)
     try:

@@ -1,6 +1,6 @@
 """GCF speed, memory and accuracy at paper scale (simulated UF-P-4-AVG: 10,000 seen + 100 unseen users).
 
-For the CPU preset and for d=512 (same schedule), prints seconds per epoch (median), time to the best
+For the CPU preset and for d=512 (same schedule, learning rate scaled by sqrt(32/d)), prints seconds per epoch (median), time to the best
 validation accuracy, that accuracy, and peak memory; then, on the CPU-preset run, the time and extra
 peak memory of adapting the 100 unseen users, and graph-level accuracy on their held-out survey
 pairs for each adaptation method, next to a non-personalized Bradley-Terry baseline.
@@ -118,7 +118,9 @@ def main() -> None:
     results = {}
     for d in (int(x) for x in a.dims.split(",")):
         out = str(work / f"gcf-d{d}")
-        results[d] = _spawn("--worker", "train", "--args", json.dumps({"data": data, "out": out, "overrides": {"dim": d}}))
+        # Adam's steps are per coordinate: keep the step-to-weight ratio of the preset as d grows
+        overrides = {"dim": d, "lr": round(0.02 * (32 / d) ** 0.5, 6)}
+        results[d] = _spawn("--worker", "train", "--args", json.dumps({"data": data, "out": out, "overrides": overrides}))
         r = results[d]
         print(f"d={d:<4} s/epoch {r['s_per_epoch_median']:6.2f}  epochs {r['epochs']:3d}  best epoch {r['best_epoch']:3d}  "
               f"time to best {r['seconds_to_best']:7.1f} s  valid acc {100 * r['valid_accuracy']:.2f}  "

@@ -14,6 +14,7 @@ def register(app: typer.Typer) -> None:
     def methods(as_json: Json = False) -> None:
         """List the registered reward methods with a one-line description each."""
         from rich.table import Table
+        from rich.text import Text
 
         from coplctl.registry import METHODS
 
@@ -26,5 +27,5 @@ def register(app: typer.Typer) -> None:
             return
         table = Table("method", "description", title="Registered reward methods")
         for name, desc in rows:
-            table.add_row(name, desc)
+            table.add_row(name, Text(desc))  # descriptions are plain text, not rich markup
         out.print(table)

@@ -57,8 +57,9 @@ class GCFConfig:
     """Linear warmup share of all steps before the cosine decay (paper: 0.1)."""
     negative_slope: float = 0.2
     """LeakyReLU slope ψ (paper: not reported; 0.2 as in NGCF)."""
-    init_std: float = 0.1
-    """Standard deviation of the initial embeddings."""
+    init_std: float | None = None
+    """Standard deviation of the initial embeddings; None = 0.1·sqrt(32/d), so that embedding norms
+    (and initial scores) do not grow with d."""
     edge_dropout: float = 0.0
     """Share of edges dropped at each training step (official code: 0.1)."""
     sampler: str = "full"
@@ -146,8 +147,9 @@ def train_gcf(ds, out: str | Path, cfg: GCFConfig, *, seed: int = 0, device: str
     u, c, r, vu, vc, vr = (t.to(dev) for t in (u, c, r, vu, vc, vr))
 
     torch.manual_seed(seed)
+    init_std = cfg.init_std if cfg.init_std is not None else 0.1 * math.sqrt(32 / cfg.dim)
     model = GCF(graph.num_users, graph.num_responses, cfg.dim, cfg.layers, cfg.variant,
-                cfg.negative_slope, cfg.init_std).to(device=dev, dtype=dtype)
+                cfg.negative_slope, init_std).to(device=dev, dtype=dtype)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     n = len(u)
     steps_per_epoch = 1 if cfg.batch_size <= 0 else math.ceil(n / cfg.batch_size)

@@ -1,0 +1,51 @@
+"""I2E (Li et al. 2024, P-RLHF; paper Appendix B): a learnable embedding per user, plus a generic-user
+embedding added to every user's, read by the reward model as one extra input token right after BOS
+(``lora`` mode) or concatenated to the response features (``frozen`` mode). Unseen users: a new
+embedding fitted on their few-shot pairs (50 steps) with the model frozen."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pandas as pd
+import torch
+from torch import nn
+
+from coplctl.neural import BaselineConfig, NeuralMethod, UserVectorNet
+from coplctl.registry import register_method
+
+
+@dataclass
+class I2EConfig(BaselineConfig):
+    """I2E: the baselines' settings; unseen users get ``adapt_steps`` (paper: 50) gradient steps."""
+
+    init_std: float = 0.02
+    """Standard deviation of the initial user embeddings."""
+
+
+class UserTokens(nn.Module):
+    """e_u + e_generic for each user row."""
+
+    def __init__(self, n_users: int, dim: int, std: float):
+        super().__init__()
+        self.table = nn.Parameter(std * torch.randn(n_users, dim))
+        self.generic = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, users: torch.Tensor) -> torch.Tensor:
+        return self.table[users] + self.generic
+
+
+@register_method("i2e")
+class I2E(NeuralMethod):
+    """I2E: a learnable embedding per user inserted as one extra input token (P-RLHF)."""
+
+    Config = I2EConfig
+
+    def build_net(self) -> UserVectorNet:
+        dim = self.config.token_dim if self.config.mode == "frozen" else self.backbone.hidden_size
+        return UserVectorNet(self, UserTokens(len(self.user_ids), dim, self.config.init_std))
+
+    def adapt(self, pairs: pd.DataFrame, responses: pd.DataFrame) -> dict:
+        tokens = self.net.user_vector
+        return self.adapt_rows(pairs, responses, tokens, "table", tokens.table.detach().mean(0),
+                               steps=self.config.adapt_steps, lr=self.config.adapt_lr)

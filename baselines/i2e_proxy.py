@@ -1,0 +1,49 @@
+"""I2E-proxy (Li et al. 2024; paper Appendix B): the user token is a softmax-weighted mix of N = 10
+learnable proxy embeddings, softmax(a_u)·C. Unseen users: only their mixing logits a_u are fitted."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pandas as pd
+import torch
+from torch import nn
+
+from coplctl.neural import BaselineConfig, NeuralMethod, UserVectorNet
+from coplctl.registry import register_method
+
+
+@dataclass
+class I2EProxyConfig(BaselineConfig):
+    """I2E-proxy: the baselines' settings plus the number of proxies."""
+
+    proxies: int = 10
+    """N, proxy embeddings shared by all users (paper: 10)."""
+
+
+class ProxyTokens(nn.Module):
+    """softmax(a_u) · C over N proxies C."""
+
+    def __init__(self, n_users: int, n_proxies: int, dim: int):
+        super().__init__()
+        self.logits = nn.Parameter(0.01 * torch.randn(n_users, n_proxies))
+        self.proxies = nn.Parameter(0.02 * torch.randn(n_proxies, dim))
+
+    def forward(self, users: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.logits[users], dim=-1) @ self.proxies
+
+
+@register_method("i2e-proxy")
+class I2EProxy(NeuralMethod):
+    """I2E-proxy: the user token is a softmax-weighted mix of N = 10 learnable proxies."""
+
+    Config = I2EProxyConfig
+
+    def build_net(self) -> UserVectorNet:
+        dim = self.config.token_dim if self.config.mode == "frozen" else self.backbone.hidden_size
+        return UserVectorNet(self, ProxyTokens(len(self.user_ids), self.config.proxies, dim))
+
+    def adapt(self, pairs: pd.DataFrame, responses: pd.DataFrame) -> dict:
+        tokens = self.net.user_vector
+        return self.adapt_rows(pairs, responses, tokens, "logits", torch.zeros(tokens.logits.shape[1]),
+                               steps=self.config.adapt_steps, lr=self.config.adapt_lr)

@@ -1,0 +1,79 @@
+"""PAL (Chen et al. 2024; paper Appendix B), the PAL-A variant with the logistic loss: an ideal-point
+model. A response's representation h is mapped by f (a residual two-layer MLP); a user's ideal point
+is f(softmax(w_u)·P), a mix of N = 10 learnable prototypes P in the representation space; the reward
+is −s·‖f(h) − a_u‖ with a learnable scale s > 0, trained with −log σ(r⁺ − r⁻). Unseen users: only
+their mixing weights w_u are fitted (50 steps)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pandas as pd
+import torch
+from torch import nn
+
+from coplctl.encoders import add_lora, concat_batches
+from coplctl.neural import BaselineConfig, NeuralMethod
+from coplctl.registry import register_method
+
+
+@dataclass
+class PALConfig(BaselineConfig):
+    """PAL-A (logistic): the baselines' settings plus the ideal-point model's sizes."""
+
+    prototypes: int = 10
+    """N, prototypes shared by all users (paper: 10)."""
+    ideal_dim: int = 64
+    """Width of the space f maps into."""
+
+
+class ResidualMap(nn.Module):
+    """f(x) = W x + MLP(W x): a linear projection with a residual two-layer MLP."""
+
+    def __init__(self, d_in: int, d_out: int):
+        super().__init__()
+        self.proj = nn.Linear(d_in, d_out)
+        self.mlp = nn.Sequential(nn.Linear(d_out, d_out), nn.GELU(), nn.Linear(d_out, d_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.proj(x)
+        return y + self.mlp(y)
+
+
+class PALNet(nn.Module):
+    def __init__(self, method: "PAL"):
+        super().__init__()
+        c = method.config
+        self.encoder = method.encoder()
+        if c.mode == "lora":
+            add_lora(self.encoder, c.lora_rank, c.lora_alpha, c.lora_targets)
+        d = self.encoder.out_dim
+        self.f = ResidualMap(d, c.ideal_dim)
+        self.prototypes = nn.Parameter(0.1 * torch.randn(c.prototypes, d))
+        self.weights = nn.Parameter(0.01 * torch.randn(len(method.user_ids), c.prototypes))
+        self.log_scale = nn.Parameter(torch.zeros(()))
+
+    def score(self, users: torch.Tensor, batch: dict) -> torch.Tensor:
+        h = self.f(self.encoder(batch))
+        ideal = self.f(torch.softmax(self.weights[users], dim=-1) @ self.prototypes)
+        dist = ((h - ideal.to(h.dtype)).pow(2).sum(-1) + 1e-8).sqrt()
+        return -self.log_scale.exp() * dist
+
+    def forward(self, users, chosen: dict, rejected: dict):
+        n = len(users)
+        r = self.score(users.repeat(2), concat_batches(chosen, rejected))
+        return r[:n], r[n:], r.new_zeros(())
+
+
+@register_method("pal")
+class PAL(NeuralMethod):
+    """PAL-A: ideal-point reward, −s·‖f(h) − f(softmax(w_u)·P)‖ over N = 10 prototypes (logistic loss)."""
+
+    Config = PALConfig
+
+    def build_net(self) -> PALNet:
+        return PALNet(self)
+
+    def adapt(self, pairs: pd.DataFrame, responses: pd.DataFrame) -> dict:
+        return self.adapt_rows(pairs, responses, self.net, "weights", torch.zeros(self.config.prototypes),
+                               steps=self.config.adapt_steps, lr=self.config.adapt_lr)

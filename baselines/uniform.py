@@ -1,0 +1,32 @@
+"""Uniform (paper Appendix B): one Bradley-Terry reward model on every user's pairs — the common
+preference, the same reward for every user."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pandas as pd
+
+from coplctl.neural import BaselineConfig, NeuralMethod, UserVectorNet
+from coplctl.registry import register_method
+
+
+@dataclass
+class UniformConfig(BaselineConfig):
+    """Uniform: the baselines' settings (LoRA rank 64 in lora mode); no user state."""
+
+
+@register_method("uniform")
+class Uniform(NeuralMethod):
+    """Uniform: one Bradley-Terry reward model trained on all users' pairs (common preference)."""
+
+    Config = UniformConfig
+    personalized = False
+
+    def build_net(self) -> UserVectorNet:
+        return UserVectorNet(self)
+
+    def adapt(self, pairs: pd.DataFrame, responses: pd.DataFrame) -> dict:
+        new = [u for u in dict.fromkeys(pairs["user_id"]) if u not in self.user_index]
+        self.user_ids = self.user_ids + new
+        return {"users": len(new), "pairs": 0, "method": "none: the reward does not depend on the user"}

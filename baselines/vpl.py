@@ -1,0 +1,185 @@
+"""VPL (Poddar et al. 2024; paper Appendix B): a variational encoder maps a user's annotated pairs to a
+latent z — a pair MLP on [e_chosen, e_rejected] (frozen-backbone embeddings), self-attention across
+the pairs, a mean, then linear maps to μ and log σ² — and the reward is an MLP on [h(x), z]. Loss:
+Bradley-Terry + β·KL(q(z) ‖ N(0, I)), β annealed from 0 (β = 0 for UF-P-2, 3e-6 for UF-P-4 as in VPL's
+code). Unseen users: their few-shot pairs are encoded, no optimisation.
+
+Training and evaluation use the same context: the user's other training pairs (the pair being
+predicted is left out of its own context), and z = μ whenever a reward is scored.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pandas as pd
+import torch
+from torch import nn
+
+from coplctl.encoders import add_lora, adapters_disabled, concat_batches
+from coplctl.features import features
+from coplctl.neural import BaselineConfig, NeuralMethod
+from coplctl.registry import register_method
+
+
+@dataclass
+class VPLConfig(BaselineConfig):
+    """VPL: the baselines' settings plus the variational encoder's."""
+
+    latent_dim: int = 32
+    """Width of z."""
+    hidden: int = 256
+    """Width of the pair MLP, the attention and the reward MLP."""
+    heads: int = 4
+    """Attention heads across a user's pairs."""
+    context_pairs: int = 32
+    """Most pairs a user's context holds (UF-P-4-AVG users have up to 31)."""
+    beta: float | None = None
+    """KL weight; None = 0 for UF-P-2 and 3e-6 for UF-P-4 (VPL's code)."""
+    kl_anneal: float = 0.5
+    """Share of the training steps over which β ramps up linearly from 0."""
+
+
+class VPLNet(nn.Module):
+    def __init__(self, method: "VPL", feat_dim: int):
+        super().__init__()
+        c = method.config
+        self.encoder = method.encoder()
+        if c.mode == "lora":
+            add_lora(self.encoder, c.lora_rank, c.lora_alpha, c.lora_targets)
+        h, z = c.hidden, c.latent_dim
+        self.pair_mlp = nn.Sequential(nn.Linear(2 * feat_dim, h), nn.GELU(), nn.Linear(h, h))
+        self.attn = nn.MultiheadAttention(h, c.heads, batch_first=True)
+        self.to_mu, self.to_logvar = nn.Linear(h, z), nn.Linear(h, z)
+        self.reward = nn.Sequential(nn.Linear(self.encoder.out_dim + z, h), nn.GELU(), nn.Linear(h, 1))
+        self.register_buffer("latent", torch.zeros(len(method.user_ids), z))  # μ of every known user
+        self.context: tuple | None = None  # training only: (features, pair endpoints, pairs per user)
+        self.beta, self.anneal_steps, self.step = 0.0, 1, 0
+
+    def encode(self, feats: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(μ, log σ²) from context pair features (B, K, 2F) with a validity mask (B, K)."""
+        x = self.pair_mlp(feats)
+        x, _ = self.attn(x, x, x, key_padding_mask=~mask, need_weights=False)
+        m = mask.unsqueeze(-1).to(x.dtype)
+        pooled = (x * m).sum(1) / m.sum(1).clamp(min=1)
+        return self.to_mu(pooled), self.to_logvar(pooled)
+
+    def context_of(self, users: torch.Tensor, leave_out: torch.Tensor | None = None):
+        feats, ends, per_user = self.context  # kept where they were built; results go to the batch's device
+        idx = per_user[users.to(per_user.device)]  # (B, K) pair ids, -1 = padding
+        mask = idx >= 0
+        if leave_out is not None:  # a pair is not part of its own context ...
+            mask = mask & (idx != leave_out.to(idx.device).unsqueeze(1))
+            empty = ~mask.any(1)  # ... unless it is the user's only one
+            mask[empty] = idx[empty] >= 0
+        safe = idx.clamp(min=0)
+        pair_feats = torch.cat([feats[ends[safe, 0]], feats[ends[safe, 1]]], dim=-1)
+        dev = self.to_mu.weight.device
+        return pair_feats.to(dev, self.to_mu.weight.dtype), mask.to(dev)
+
+    def latent_of(self, users: torch.Tensor) -> torch.Tensor:
+        if self.context is None:
+            return self.latent[users]
+        return self.encode(*self.context_of(users))[0]
+
+    def score(self, users: torch.Tensor, batch: dict) -> torch.Tensor:
+        h = self.encoder(batch)
+        z = self.latent_of(users).to(h.dtype)
+        return self.reward(torch.cat([h, z], dim=-1)).squeeze(-1)
+
+    def forward(self, users, chosen: dict, rejected: dict, pair_ids: torch.Tensor):
+        n = len(users)
+        mu, logvar = self.encode(*self.context_of(users, pair_ids))
+        z = mu + torch.randn_like(mu) * (0.5 * logvar).exp()
+        h = self.encoder(concat_batches(chosen, rejected))
+        r = self.reward(torch.cat([h, z.repeat(2, 1).to(h.dtype)], dim=-1)).squeeze(-1)
+        kl = -0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).sum(-1).mean()
+        weight = self.beta * min(1.0, self.step / self.anneal_steps)
+        self.step += 1
+        return r[:n], r[n:], weight * kl
+
+
+def _user_contexts(pairs: pd.DataFrame, user_index: dict, n_users: int, k: int) -> torch.Tensor:
+    """(n_users, k) ids of each user's first k pairs (rows of ``pairs``), -1 padded."""
+    out = torch.full((n_users, k), -1, dtype=torch.long)
+    for user, rows in pairs.reset_index(drop=True).groupby("user_id", sort=False).indices.items():
+        if user in user_index:
+            rows = rows[:k]
+            out[user_index[user], : len(rows)] = torch.as_tensor(rows)
+    return out
+
+
+@register_method("vpl")
+class VPL(NeuralMethod):
+    """VPL: variational user latent encoded from the user's annotated pairs; reward MLP on [h(x), z]."""
+
+    Config = VPLConfig
+
+    def _features(self, responses: pd.DataFrame) -> torch.Tensor:
+        """Frozen-backbone embeddings of responses, for contexts (adapters off in lora mode)."""
+        texts = [self.backbone.format(p, t) for p, t in zip(responses["prompt"], responses["text"])]
+        with adapters_disabled(self.backbone.model):
+            return features(self.backbone, texts)
+
+    def prepare(self, data, *, seed, work_dir) -> None:
+        super().prepare(data, seed=seed, work_dir=work_dir)
+        self._train = data.split("train").reset_index(drop=True)
+        self._feats = self._features(data.responses)
+        pos = pd.Series(range(len(data.responses)), index=data.responses["response_id"])
+        self._ends = torch.tensor(self._train[["chosen_id", "rejected_id"]].apply(lambda s: s.map(pos)).to_numpy())
+        beta = self.config.beta
+        self._beta = beta if beta is not None else (3e-6 if data.meta.get("variant") == "uf-p-4" else 0.0)
+
+    def extra_columns(self, data) -> tuple[torch.Tensor, ...]:
+        return (torch.arange(len(self._train)),)  # the pair ids, to leave each pair out of its own context
+
+    def build_net(self) -> VPLNet:
+        feat_dim = self._feats.shape[1] if getattr(self, "_feats", None) is not None else self._feat_dim
+        net = VPLNet(self, feat_dim)
+        if getattr(self, "_train", None) is not None:
+            per_user = _user_contexts(self._train, self.user_index, len(self.user_ids), self.config.context_pairs)
+            net.context = (self._feats, self._ends, per_user)
+            net.beta = self._beta
+            c = self.config
+            steps = c.get("epochs") * -(-len(self._train) // c.get("batch_size"))
+            net.anneal_steps = max(1, int(steps * c.kl_anneal))
+        return net
+
+    def fit(self, data, backbone=None, **kw) -> dict:
+        metrics = super().fit(data, backbone, **kw)
+        net = self.net
+        with torch.no_grad():  # every seen user's μ from its full training context
+            net.eval()
+            dev = net.latent.device
+            net.latent = torch.cat([net.latent_of(torch.arange(s, min(s + 512, len(self.user_ids)), device=dev))
+                                    for s in range(0, len(self.user_ids), 512)])
+        net.context, self._train, self._feats = None, None, None
+        return metrics
+
+    def adapt(self, pairs: pd.DataFrame, responses: pd.DataFrame) -> dict:
+        new = [u for u in dict.fromkeys(pairs["user_id"]) if u not in self.user_index]
+        index = {u: i for i, u in enumerate(new)}
+        shots = pairs[pairs["user_id"].isin(index)].reset_index(drop=True)
+        feats = self._features(responses)
+        pos = pd.Series(range(len(responses)), index=responses["response_id"])
+        ends = torch.tensor(shots[["chosen_id", "rejected_id"]].apply(lambda s: s.map(pos)).to_numpy())
+        per_user = _user_contexts(shots, index, len(new), self.config.context_pairs)
+        net = self.net
+        dev = net.latent.device
+        net.context = (feats, ends, per_user)
+        try:
+            with torch.no_grad():
+                net.eval()
+                mu = net.latent_of(torch.arange(len(new), device=dev))
+        finally:
+            net.context = None
+        net.latent = torch.cat([net.latent, mu.to(net.latent.dtype)])
+        self.user_ids = self.user_ids + new
+        return {"users": len(new), "pairs": int(len(shots)), "method": "encoded few-shot pairs (z = μ)"}
+
+    def load_extra(self, directory) -> None:
+        from safetensors import safe_open
+
+        self._train = self._feats = None
+        with safe_open(str(directory / "model.safetensors"), "pt") as f:
+            self._feat_dim = f.get_slice("pair_mlp.0.weight").get_shape()[1] // 2
