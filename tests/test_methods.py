@@ -22,7 +22,7 @@ SMALL = {
 
 
 def test_the_seven_methods_are_registered():
-    assert sorted(BUILTIN) == ["copl", "i2e", "i2e-proxy", "oracle", "pal", "uniform", "vpl"]
+    assert {"copl", "i2e", "i2e-proxy", "oracle", "pal", "uniform", "vpl"} <= set(BUILTIN)
     assert all(e.description for e in METHODS.entries())
 
 
