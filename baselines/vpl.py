@@ -28,12 +28,12 @@ class VPLConfig(BaselineConfig):
 
     latent_dim: int = 32
     """Width of z."""
-    hidden: int = 256
+    hidden: int = 128
     """Width of the pair MLP, the attention and the reward MLP."""
     heads: int = 4
     """Attention heads across a user's pairs."""
-    context_pairs: int = 32
-    """Most pairs a user's context holds (UF-P-4-AVG users have up to 31)."""
+    context_pairs: int = 16
+    """Most pairs a user's context holds (the user's first ones; the encoder's cost grows with it)."""
     beta: float | None = None
     """KL weight; None = 0 for UF-P-2 and 3e-6 for UF-P-4 (VPL's code)."""
     kl_anneal: float = 0.5

@@ -146,7 +146,7 @@ class CoPL(NeuralMethod):
         self.gcf_dir = root / "gcf"
         if not (self.gcf_dir / "metrics.json").exists():
             train_gcf(data, self.gcf_dir, preset_config(c.gcf_preset, **c.gcf_overrides), seed=seed,
-                      progress=True)
+                      progress=getattr(self, "progress", True))
         run = GCFRun(self.gcf_dir)
         self.user_ids = list(run.graph.user_ids)
         self._table = run.exported_user_emb.clone()
@@ -191,6 +191,16 @@ class CoPL(NeuralMethod):
         optimize_rows([fresh], loss, len(u), steps=c.adapt_steps, frozen=self.net)
         self._add_rows(new, fresh.detach())
         return {"users": len(new), "pairs": int(len(pairs)), "method": f"{c.adapt_steps} steps on new user rows"}
+
+    def forget_users(self, keep: int) -> None:
+        """Drop every user row after the first ``keep`` (undo adaptations, e.g. to try another variant)."""
+        net = self.net
+        table = net.user_table[:keep].detach().clone()
+        if isinstance(net.user_table, nn.Parameter):
+            net.user_table = nn.Parameter(table, requires_grad=net.user_table.requires_grad)
+        else:
+            net.user_table = table
+        self.user_ids = self.user_ids[:keep]
 
     def _add_rows(self, ids: list[str], emb: torch.Tensor) -> None:
         net = self.net

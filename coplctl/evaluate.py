@@ -19,8 +19,10 @@ def accuracy_table(correct: np.ndarray, controversial: np.ndarray) -> dict:
             "controversial_pairs": int(controversial.sum())}
 
 
-def evaluate(method: RewardMethod, ds, *, adapt: bool = True, fewshot: int | None = None) -> dict:
-    """Adapt unseen users (optionally from only their first ``fewshot`` pairs), then score test pairs."""
+def evaluate(method: RewardMethod, ds, *, adapt: bool = True, fewshot: int | None = None,
+             roles: tuple[str, ...] = ("seen", "unseen")) -> dict:
+    """Adapt unseen users (optionally from only their first ``fewshot`` pairs), then score the test
+    pairs of the users of ``roles``."""
     out: dict = {}
     role = ds.pairs["user_id"].map(ds.users.set_index("user_id")["role"])
     shots = ds.pairs[(ds.pairs["split"] == "fewshot")]
@@ -29,7 +31,7 @@ def evaluate(method: RewardMethod, ds, *, adapt: bool = True, fewshot: int | Non
     if adapt and len(shots):
         out["adaptation"] = method.adapt(shots.reset_index(drop=True), ds.responses)
     metrics = {}
-    for r in ("seen", "unseen"):
+    for r in roles:
         test = ds.pairs[(ds.pairs["split"] == "test") & (role == r)]
         if test.empty or (r == "unseen" and not adapt):
             continue

@@ -101,6 +101,7 @@ class NeuralMethod(RewardMethod):
         state = distributed_state(self.config)
         torch.manual_seed(seed)
         self.backbone = backbone or self.load_backbone()
+        self.progress = progress
         with state.main_process_first():  # the main process trains shared work (GCF) and fills caches first
             self.prepare(data, seed=seed, work_dir=work_dir)
             inputs = self.inputs(data.responses, progress=progress and state.is_main_process)

@@ -28,10 +28,12 @@ def _stratified(groups: np.ndarray, limit: int, rng: np.random.Generator) -> np.
 
 
 def plot_embeddings(run_dir: str | Path, out: str | Path, *, adapted: str | Path | None = None,
+                    adapted_embeddings: tuple[list[str], "object"] | None = None,
                     max_users: int = 3000, seed: int = 0, title: str | None = None) -> dict:
     """t-SNE of seen users' (and adapted unseen users') embeddings, coloured by group, as a PNG.
 
-    Adapted users are drawn with black edges, as in the paper's Figure 4. Returns what was drawn.
+    Adapted users come from an ``adapt`` output directory or as (ids, embeddings); they are drawn with
+    black edges, as in the paper's Figure 4. Returns what was drawn.
     """
     from safetensors import safe_open
     from sklearn.manifold import TSNE
@@ -51,6 +53,11 @@ def plot_embeddings(run_dir: str | Path, out: str | Path, *, adapted: str | Path
         with safe_open(str(Path(adapted) / "embeddings.safetensors"), "pt") as f:
             ids = json.loads(f.metadata()["user_ids"])
             X.append(f.get_tensor("embeddings").numpy())
+        groups.append(np.asarray([group_of.get(u, "(no group)") for u in ids]))
+        is_new.append(np.ones(len(ids), dtype=bool))
+    if adapted_embeddings is not None and len(adapted_embeddings[0]):
+        ids, emb = adapted_embeddings
+        X.append(np.asarray(emb, dtype=np.float32))
         groups.append(np.asarray([group_of.get(u, "(no group)") for u in ids]))
         is_new.append(np.ones(len(ids), dtype=bool))
     X, groups, is_new = np.concatenate(X), np.concatenate(groups), np.concatenate(is_new)

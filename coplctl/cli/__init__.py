@@ -8,14 +8,15 @@ import sys
 
 import typer
 
-from coplctl.cli import adapt, data, graph, methods, model, plot
+from coplctl.cli import adapt, bench, data, graph, methods, model, plot
 from coplctl.cli.common import err, examples
 from coplctl.errors import CoplError
 
 app = typer.Typer(
     name="coplctl",
     help="Personalized reward models: CoPL and its competitors, trained, adapted and benchmarked.",
-    epilog=examples("coplctl data simulate --variant uf-p-4 --annotations avg --out data/uf-p-4-avg",
+    epilog=examples("coplctl benchmark quick",
+                    "coplctl data simulate --variant uf-p-4 --annotations avg --out data/uf-p-4-avg",
                     "coplctl data inspect data/uf-p-4-avg",
                     "coplctl graph train --data data/uf-p-4-avg --out runs/gcf",
                     "coplctl adapt --model runs/gcf --user-file new_users.jsonl --out runs/new_users",
@@ -30,6 +31,7 @@ app.add_typer(data.app, name="data")
 app.add_typer(graph.app, name="graph")
 model.register(app)
 adapt.register(app)
+bench.register(app)
 app.add_typer(plot.app, name="plot")
 methods.register(app)
 

@@ -24,3 +24,18 @@ Force = Annotated[bool, typer.Option("--force", help="Replace the output if it a
 Json = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of tables.")]
 DataDir = Annotated[Path, typer.Argument(metavar="DIR", help="Dataset directory (responses/users/pairs .parquet + meta.json).",
                                          show_default=False)]
+
+
+def parse_sets(sets: list[str]) -> dict:
+    """``key=value`` options; values are read as YAML (numbers, true/false, lists, mappings)."""
+    import yaml
+
+    from coplctl.errors import CoplError
+
+    result = {}
+    for item in sets:
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise CoplError(f"--set expects key=value, got {item!r}")
+        result[key.strip().replace("-", "_")] = yaml.safe_load(value)
+    return result

@@ -10,27 +10,12 @@ from typing import Annotated, Optional
 
 import typer
 
-from coplctl.cli.common import Force, Json, Seed, err, examples, out
+from coplctl.cli.common import Force, Json, Seed, err, examples, out, parse_sets
 
 
 class Mode(str, Enum):
     frozen = "frozen"
     lora = "lora"
-
-
-def _overrides(sets: list[str]) -> dict:
-    """``key=value`` pairs; values are read as YAML (numbers, true/false, lists, mappings)."""
-    import yaml
-
-    from coplctl.errors import CoplError
-
-    result = {}
-    for item in sets:
-        key, eq, value = item.partition("=")
-        if not eq or not key:
-            raise CoplError(f"--set expects key=value, got {item!r}")
-        result[key.strip().replace("-", "_")] = yaml.safe_load(value)
-    return result
 
 
 def register(app: typer.Typer) -> None:
@@ -69,7 +54,7 @@ def register(app: typer.Typer) -> None:
         cls = METHODS.get(method)
         overrides = {k: v for k, v in {"backbone": backbone, "mode": mode.value if mode else None, "epochs": epochs,
                                        "lr": lr, "batch_size": batch_size}.items() if v is not None}
-        overrides.update(_overrides(sets or []))
+        overrides.update(parse_sets(sets or []))
         cfg = make_config(cls.Config, overrides, owner=f"method {method}")
         if out_dir.exists() and not force:
             raise CoplError(f"{out_dir} already exists; choose another --out or pass --force to replace it")

@@ -1,0 +1,59 @@
+"""Regression comparison of two results stores, for CI: a metric fails when it drops by more than
+the tolerance or the baseline seeds' spread, whichever is larger; a result that disappeared fails too."""
+
+from __future__ import annotations
+
+import statistics
+
+from coplctl.bench.results import load_results
+
+ROLES = ("seen", "unseen")
+KEYS = ("accuracy", "common", "controversial")
+
+
+def flatten(result: dict) -> dict[str, float]:
+    """Comparable metrics of one result, in points (0-100)."""
+    out = {}
+    for role in ROLES:
+        for key in KEYS:
+            v = (result["metrics"].get(role) or {}).get(key)
+            if v is not None:
+                out[f"{role}.{key}"] = 100 * v
+    extra = result.get("extra") or {}
+    if extra.get("gcf"):
+        out["gcf.valid_accuracy"] = 100 * extra["gcf"]["valid_accuracy"]
+    for variant, m in (extra.get("adaptation") or {}).items():
+        if m and m.get("accuracy") is not None:
+            out[f"adaptation.{variant}"] = 100 * m["accuracy"]
+    return out
+
+
+def _group(results: list[dict]) -> dict[tuple[str, str, str], list[float]]:
+    out: dict = {}
+    for r in results:
+        for metric, v in flatten(r).items():
+            out.setdefault((r["spec"], r["name"], metric), []).append(v)
+    return out
+
+
+def compare(baseline: str, current: str, tolerance: float = 1.0) -> tuple[list[dict], bool]:
+    """Rows of (spec, name, metric, baseline, current, delta, allowed, status); True if any failed."""
+    base, cur = _group(load_results(baseline)), _group(load_results(current))
+    rows, failed = [], False
+    for key in sorted(base.keys() | cur.keys()):
+        b, c = base.get(key), cur.get(key)
+        row = {"spec": key[0], "name": key[1], "metric": key[2],
+               "baseline": statistics.fmean(b) if b else None, "current": statistics.fmean(c) if c else None}
+        if b is None:
+            row.update(delta=None, allowed=None, status="new")
+        elif c is None:
+            row.update(delta=None, allowed=None, status="missing")
+            failed = True
+        else:
+            spread = statistics.pstdev(b) if len(b) > 1 else 0.0
+            row["delta"] = row["current"] - row["baseline"]
+            row["allowed"] = max(tolerance, spread)
+            row["status"] = "regressed" if row["delta"] < -row["allowed"] else "ok"
+            failed |= row["status"] == "regressed"
+        rows.append(row)
+    return rows, failed

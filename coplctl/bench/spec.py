@@ -1,0 +1,229 @@
+"""Benchmark specs: versioned YAML files validated into dataclasses that reject unknown keys.
+
+A spec may ``include:`` another (a path relative to its own file) and override a few keys; mappings
+merge recursively, everything else is replaced. A spec named on the command line is looked up in
+``./benchmarks/`` and then in the ``benchmarks/`` directory next to this package (a clone's).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from coplctl.errors import CoplError
+
+SPEC_VERSION = 1
+PAPER_METHODS = ["oracle", "uniform", "i2e", "i2e-proxy", "vpl", "pal", "copl"]
+
+
+class SpecError(CoplError):
+    """An invalid benchmark spec; the message names the file and the key."""
+
+
+@dataclass
+class DataSpec:
+    """Where the data comes from; simulated data is generated (deterministically) on first use."""
+
+    source: str = "simulated"
+    """``simulated`` (coplctl data simulate) or ``ultrafeedback`` (built beforehand with coplctl data build-ufp)."""
+    variant: str = "uf-p-4"
+    annotations: str = "avg"
+    users: int = 10_000
+    unseen_users: int = 100
+    survey_pairs: int = 25_993
+    fewshot_pairs: int | None = None
+    """Few-shot pairs per unseen user; None = the paper's 8 / 16 (more to draw Figure 2 further)."""
+    seed: int = 0
+    """Seed of the data (simulation and user protocol), distinct from the methods' seeds."""
+    path: str | None = None
+    """``ultrafeedback``: the dataset directory written by `coplctl data build-ufp` (relative to the working directory)."""
+
+
+@dataclass
+class Ablation:
+    """A named variant of a method (Table 3), e.g. CoPL without MoLE."""
+
+    name: str
+    method: str
+    overrides: dict = field(default_factory=dict)
+
+
+@dataclass
+class FewshotCurve:
+    """Figure 2: CoPL's unseen accuracy against the number of few-shot annotations, per hop count."""
+
+    shots: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])
+    hops: list[int] = field(default_factory=lambda: [2, 4])
+
+
+@dataclass
+class PseudoLabels:
+    """Table 6: reward models trained on GCF pseudo-labels."""
+
+    pairs_per_user: int = 16
+    """Extra survey pairs per seen user, labelled by the GCF, added to CoPL's training pairs."""
+    users_per_group: int = 10
+    """Users per group that get their own Uniform model trained on pseudo-labels (paper: 10)."""
+    pairs_per_specific_user: int = 2000
+    """Pseudo-labelled survey pairs each of those user-specific models is trained on."""
+
+
+@dataclass
+class BenchmarkSpec:
+    """One benchmark: data, methods, backbone and mode, seeds, and the paper's extra experiments."""
+
+    version: int
+    name: str
+    description: str = ""
+    data: DataSpec = field(default_factory=DataSpec)
+    methods: list[str] = field(default_factory=lambda: list(PAPER_METHODS))
+    backbone: str = "minilm"
+    mode: str = "frozen"
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    common: dict = field(default_factory=dict)
+    """Config overrides for every method."""
+    overrides: dict = field(default_factory=dict)
+    """Per-method config overrides: {method: {field: value}}."""
+    ablations: list[Ablation] = field(default_factory=list)
+    adaptation: list[str] = field(default_factory=list)
+    """Table 4: CoPL's unseen-user adaptation variants to evaluate (weighted, average, optimize)."""
+    fewshot_curve: FewshotCurve | None = None
+    pseudo_labels: PseudoLabels | None = None
+    figures: bool = True
+    """Draw the t-SNE of user embeddings and the expert allocation of each CoPL run."""
+    path: str | None = None
+    """The file the spec was read from (set by the loader)."""
+
+    def jobs(self) -> list[tuple[str, str, dict]]:
+        """(result name, method, overrides) of every model to train, ablations included."""
+        out = [(m, m, {**self.common, **self.overrides.get(m, {})}) for m in self.methods]
+        for a in self.ablations:
+            out.append((a.name, a.method, {**self.common, **self.overrides.get(a.method, {}), **a.overrides}))
+        return out
+
+
+def _check(cls, data, file: Path, where: str):
+    """Build dataclass ``cls`` from a mapping, rejecting unknown keys and wrong types."""
+    if not isinstance(data, dict):
+        raise SpecError(f"{file}: {where or 'the spec'} must be a mapping, got {type(data).__name__}")
+    internal = ("path",) if cls is BenchmarkSpec else ()  # set by the loader, not by spec files
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name not in internal}
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in data.items():
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), fields, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise SpecError(f"{file}: unknown key {where + '.' if where else ''}{key}{hint}; "
+                            f"known keys: {', '.join(fields)}")
+        kwargs[key] = _value(hints[key], value, file, f"{where + '.' if where else ''}{key}")
+    missing = [n for n, f in fields.items()
+               if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and n not in kwargs]
+    if missing:
+        raise SpecError(f"{file}: missing key {', '.join(missing)}")
+    return cls(**kwargs)
+
+
+def _value(hint, value, file: Path, key: str):
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        hint = next(a for a in args if a is not type(None))
+        origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if dataclasses.is_dataclass(hint):
+        return _check(hint, value if value is not None else {}, file, key)
+    if origin is list:
+        if not isinstance(value, list):
+            raise SpecError(f"{file}: {key} must be a list, got {value!r}")
+        return [_value(args[0], v, file, f"{key}[{i}]") for i, v in enumerate(value)]
+    if hint is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise SpecError(f"{file}: {key} must be a mapping, got {value!r}")
+        return value
+    expected = {int: int, str: str, bool: bool, float: (int, float)}.get(hint)
+    if expected is not None and (not isinstance(value, expected) or (hint is int and isinstance(value, bool))):
+        raise SpecError(f"{file}: {key} must be {hint.__name__}, got {value!r}")
+    return value
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _read(file: Path, seen: tuple[Path, ...] = ()) -> dict:
+    if file in seen:
+        raise SpecError(f"{file}: include cycle ({' -> '.join(str(p) for p in (*seen, file))})")
+    if not file.is_file():
+        raise SpecError(f"{file}: no such spec file")
+    try:
+        data = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise SpecError(f"{file}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise SpecError(f"{file}: a spec must be a mapping of keys")
+    include = data.pop("include", None)
+    if include is None:
+        return data
+    if not isinstance(include, str):
+        raise SpecError(f"{file}: include must be a file name")
+    return _merge(_read((file.parent / include).resolve(), (*seen, file)), data)
+
+
+def search_dirs() -> list[Path]:
+    return [Path.cwd() / "benchmarks", Path(__file__).resolve().parents[2] / "benchmarks"]
+
+
+def find_spec(name_or_path: str) -> Path:
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml") or p.exists():
+        return p
+    for d in search_dirs():
+        if (d / f"{name_or_path}.yaml").is_file():
+            return d / f"{name_or_path}.yaml"
+    known = sorted({f.stem for d in search_dirs() if d.is_dir() for f in d.glob("*.yaml")})
+    close = difflib.get_close_matches(name_or_path, known, n=2)
+    hint = f"; did you mean {' or '.join(close)}?" if close else ""
+    raise SpecError(f"unknown benchmark {name_or_path!r}{hint} (known: {', '.join(known) or 'none'})")
+
+
+def load_spec(name_or_path: str) -> BenchmarkSpec:
+    """Read, merge includes, validate. Method names are checked against the registry."""
+    from coplctl.registry import METHODS
+
+    file = find_spec(name_or_path).resolve()
+    spec = _check(BenchmarkSpec, _read(file), file, "")
+    if spec.version != SPEC_VERSION:
+        raise SpecError(f"{file}: version is {spec.version}; this coplctl reads spec version {SPEC_VERSION}")
+    for m in spec.methods + [a.method for a in spec.ablations] + list(spec.overrides):
+        if m not in METHODS:
+            close = difflib.get_close_matches(m, METHODS.names(), n=1)
+            raise SpecError(f"{file}: unknown method {m!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    for a in spec.adaptation:
+        if a not in ("weighted", "average", "optimize"):
+            raise SpecError(f"{file}: adaptation entries are weighted, average or optimize, not {a!r}")
+    if spec.data.source not in ("simulated", "ultrafeedback"):
+        raise SpecError(f"{file}: data.source must be simulated or ultrafeedback")
+    if spec.data.source == "ultrafeedback" and not spec.data.path:
+        raise SpecError(f"{file}: data.path is required when data.source is ultrafeedback")
+    spec.path = str(file)
+    return spec
+
+
+def list_specs() -> list[Path]:
+    seen, out = set(), []
+    for d in search_dirs():
+        for f in sorted(d.glob("*.yaml")) if d.is_dir() else []:
+            if f.stem not in seen:
+                seen.add(f.stem)
+                out.append(f)
+    return out

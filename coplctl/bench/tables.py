@@ -1,0 +1,199 @@
+"""The paper's tables and Figure 2, built only from stored results: mean ± std over seeds, the best
+value of each column in bold (Oracle and ablations excluded, as in the paper)."""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass, field
+
+METHOD_ORDER = ["oracle", "uniform", "i2e", "i2e-proxy", "vpl", "pal", "copl"]
+LABELS = {"oracle": "Oracle", "uniform": "Uniform", "i2e": "I2E", "i2e-proxy": "I2E-proxy", "vpl": "VPL",
+          "pal": "PAL", "copl": "CoPL"}
+SPEC_ORDER = ["uf-p-2-all", "uf-p-2-avg", "uf-p-4-all", "uf-p-4-avg"]
+
+
+@dataclass
+class Cell:
+    values: list[float]
+    bold: bool = False
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.values)
+
+    @property
+    def std(self) -> float:
+        return statistics.pstdev(self.values) if len(self.values) > 1 else 0.0
+
+
+@dataclass
+class Table:
+    key: str
+    title: str
+    columns: list[str]
+    rows: list[tuple[str, list[Cell | None]]] = field(default_factory=list)
+
+
+def _spec_key(name: str) -> tuple:
+    base = name.removeprefix("sim-")
+    return (name.startswith("sim-"), SPEC_ORDER.index(base) if base in SPEC_ORDER else 99, name)
+
+
+def _row_key(name: str) -> tuple:
+    return (METHOD_ORDER.index(name) if name in METHOD_ORDER else 99, name)
+
+
+def _collect(results, value) -> dict[tuple[str, str], list[float]]:
+    """{(spec, name): [value per seed]} for results where ``value(result)`` is not None."""
+    out: dict = {}
+    for r in results:
+        v = value(r)
+        if v is not None:
+            out.setdefault((r["spec"], r["name"]), []).append(100 * v)
+    return out
+
+
+def _grid(key, title, data, names=None, specs=None, bold_excluding=("oracle",)) -> Table | None:
+    specs = specs or sorted({s for s, _ in data}, key=_spec_key)
+    names = names or sorted({n for _, n in data}, key=_row_key)
+    if not data:
+        return None
+    t = Table(key, title, specs)
+    for n in names:
+        t.rows.append((LABELS.get(n, n), [Cell(data[(s, n)]) if (s, n) in data else None for s in specs]))
+    for j in range(len(specs)):
+        cand = [row[1][j] for row, n in zip(t.rows, names) if row[1][j] is not None and n not in bold_excluding]
+        if cand:
+            max(cand, key=lambda c: c.mean).bold = True
+    return t
+
+
+def _metric(role: str, key: str = "accuracy"):
+    return lambda r: (r["metrics"].get(role) or {}).get(key)
+
+
+def build_tables(results: list[dict]) -> list[Table]:
+    main = [r for r in results if r["name"] in METHOD_ORDER]
+    tables = []
+    for role in ("seen", "unseen"):
+        tables.append(_grid(f"table1-{role}", f"Table 1 ({role} users): accuracy on held-out pairs",
+                            _collect(main, _metric(role))))
+    for spec in sorted({r["spec"] for r in main if r.get("data", {}).get("variant") == "uf-p-2"}, key=_spec_key):
+        mine = [r for r in main if r["spec"] == spec]
+        data = {}
+        for label, key in (("common", "common"), ("controversial", "controversial"), ("total", "accuracy")):
+            for (s, n), v in _collect(mine, _metric("seen", key)).items():
+                data[(label, n)] = v
+        tables.append(_grid(f"table2-{spec}", f"Table 2 ({spec}, seen users): common vs controversial pairs",
+                            data, specs=["common", "controversial", "total"]))
+    ablation_specs = {r["spec"] for r in results if r["name"] not in METHOD_ORDER}
+    abl = [r for r in results if r["spec"] in ablation_specs and (r["name"] == "copl" or r["name"] not in METHOD_ORDER)]
+    if ablation_specs:
+        tables.append(_grid("table3", "Table 3: CoPL ablations (seen users)", _collect(abl, _metric("seen")),
+                            bold_excluding=()))
+    copl = [r for r in results if r["name"] == "copl" and r.get("extra")]
+    variants = {"weighted": "CoPL", "average": "Naive Avg.", "optimize": "User Opt."}
+    data = {}
+    for v, label in variants.items():
+        for (s, _), vals in _collect(copl, lambda r, v=v: ((r["extra"].get("adaptation") or {}).get(v) or {})
+                                     .get("accuracy")).items():
+            data[(s, label)] = vals
+    tables.append(_grid("table4", "Table 4: unseen-user adaptation (unseen users)", data,
+                        names=list(variants.values()), bold_excluding=()))
+    data = {}
+    for label, key in (("GCF valid", "valid_accuracy"), ("GCF train", "train_accuracy")):
+        for (s, _), vals in _collect(copl, lambda r, k=key: r["extra"]["gcf"].get(k)).items():
+            data[(s, label)] = vals
+    tables.append(_grid("table5", "Table 5: GCF accuracy on held-out pairs of seen users", data,
+                        names=["GCF valid", "GCF train"], bold_excluding=("GCF valid", "GCF train")))
+    pseudo = [r for r in copl if r["extra"].get("pseudo_labels")]
+    if pseudo:
+        specs = {r["spec"] for r in pseudo}
+        data = {}
+        rows = {"CoPL": lambda r: r["metrics"]["seen"]["accuracy"],
+                "Pseudo label": lambda r: r["extra"]["pseudo_labels"]["pseudo_label"]["accuracy"],
+                "User-specific": lambda r: r["extra"]["pseudo_labels"]["user_specific"]["accuracy"]}
+        for label, fn in rows.items():
+            for (s, _), vals in _collect(pseudo, fn).items():
+                data[(s, label)] = vals
+        for (s, _), vals in _collect([r for r in results if r["name"] == "oracle" and r["spec"] in specs],
+                                     _metric("seen")).items():
+            data[(s, "Oracle")] = vals
+        tables.append(_grid("table6", "Table 6: reward models trained on GCF pseudo-labels (seen users)", data,
+                            names=["CoPL", "Pseudo label", "Oracle", "User-specific"], bold_excluding=()))
+    return [t for t in tables if t is not None and t.rows]
+
+
+def _fmt(c: Cell | None, latex: bool = False) -> str:
+    if c is None:
+        return "-"
+    text = f"{c.mean:.2f}" + (f" ± {c.std:.2f}" if len(c.values) > 1 else "")
+    if latex:
+        text = text.replace("±", "$\\pm$")
+        return f"\\textbf{{{text}}}" if c.bold else text
+    return f"**{text}**" if c.bold else text
+
+
+def to_markdown(t: Table) -> str:
+    head = f"| | {' | '.join(t.columns)} |\n|---|{'---|' * len(t.columns)}\n"
+    return f"**{t.title}**\n\n" + head + "\n".join(f"| {label} | {' | '.join(_fmt(c) for c in cells)} |"
+                                                 for label, cells in t.rows) + "\n"
+
+
+def to_csv(t: Table) -> str:
+    import csv
+    import io
+
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["table", "row", "column", "mean", "std", "seeds"])
+    for label, cells in t.rows:
+        for col, c in zip(t.columns, cells):
+            if c is not None:
+                w.writerow([t.key, label, col, f"{c.mean:.4f}", f"{c.std:.4f}", len(c.values)])
+    return buf.getvalue()
+
+
+def to_latex(t: Table) -> str:
+    lines = [f"% {t.title}", "\\begin{tabular}{l" + "c" * len(t.columns) + "}", "\\toprule",
+             " & " + " & ".join(t.columns) + " \\\\", "\\midrule"]
+    lines += [f"{label} & " + " & ".join(_fmt(c, latex=True) for c in cells) + " \\\\" for label, cells in t.rows]
+    return "\n".join(lines + ["\\bottomrule", "\\end{tabular}"]) + "\n"
+
+
+def fewshot_curves(results: list[dict]) -> dict:
+    """{spec: {hops: {shots: (mean, std)}}} of CoPL's unseen accuracy (Figure 2)."""
+    acc: dict = {}
+    for r in results:
+        curve = (r.get("extra") or {}).get("fewshot_curve") if r["name"] == "copl" else None
+        for hops, points in (curve or {}).items():
+            for shots, v in points.items():
+                if v is not None:
+                    acc.setdefault(r["spec"], {}).setdefault(int(hops), {}).setdefault(int(shots), []).append(100 * v)
+    return {s: {h: {k: (statistics.fmean(v), statistics.pstdev(v) if len(v) > 1 else 0.0)
+                    for k, v in sorted(pts.items())} for h, pts in hs.items()} for s, hs in acc.items()}
+
+
+def plot_fewshot(curves: dict, out) -> str:
+    """Figure 2 as a PNG: one panel per benchmark, one line per hop count."""
+    from coplctl.atomic import atomic_path
+    from coplctl.bench.plots import _pyplot
+
+    plt = _pyplot()
+    specs = sorted(curves, key=_spec_key)
+    fig, axes = plt.subplots(1, len(specs), figsize=(4.2 * len(specs), 3.4), dpi=120, squeeze=False)
+    for ax, spec in zip(axes[0], specs):
+        for hops, pts in sorted(curves[spec].items()):
+            xs = list(pts)
+            ax.errorbar(xs, [pts[x][0] for x in xs], yerr=[pts[x][1] for x in xs], marker="o", capsize=3,
+                        label=f"{hops}-hop")
+        ax.set_title(spec)
+        ax.set_xlabel("few-shot annotations")
+        ax.set_ylabel("unseen accuracy (%)")
+        ax.set_xscale("log", base=2)
+        ax.legend()
+    fig.tight_layout()
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return str(out)

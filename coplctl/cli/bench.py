@@ -1,0 +1,132 @@
+"""`coplctl benchmark / report / compare`: head-to-head runs from specs, paper tables, CI regressions."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from coplctl.cli.common import err, examples, out, parse_sets
+
+
+def _csv(value: Optional[str], cast=str) -> Optional[list]:
+    return None if value is None else [cast(v.strip()) for v in value.split(",") if v.strip()]
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("benchmark", epilog=examples(
+        "coplctl benchmark quick",
+        "coplctl benchmark sim-uf-p-4-avg --seeds 0",
+        "coplctl benchmark uf-p-4-avg --backbone gemma-7b-it --set batch_size=16",
+        "accelerate launch --multi_gpu --num_processes 4 -m coplctl benchmark uf-p-4-avg --backbone gemma-7b-it",
+        "coplctl benchmark --list"))
+    def benchmark(
+        spec: Annotated[Optional[str], typer.Argument(
+            help="A spec name (benchmarks/NAME.yaml) or a path to a spec file.", show_default=False)] = None,
+        backbone: Annotated[Optional[str], typer.Option("--backbone", "-b", help="Override the spec's backbone.")] = None,
+        mode: Annotated[Optional[str], typer.Option("--mode", help="Override the spec's mode (frozen or lora).")] = None,
+        methods: Annotated[Optional[str], typer.Option(
+            "--methods", help="Comma-separated methods or ablation names to run (default: all of the spec's).")] = None,
+        seeds: Annotated[Optional[str], typer.Option("--seeds", help="Comma-separated seeds (default: the spec's).")] = None,
+        sets: Annotated[Optional[list[str]], typer.Option(
+            "--set", help="Config field for every method, key=value (repeatable), e.g. --set batch_size=16.")] = None,
+        out_dir: Annotated[Path, typer.Option("--out", "-o", help="Results directory.")] = Path("results"),
+        list_specs: Annotated[bool, typer.Option("--list", help="List the available specs and exit.")] = False,
+        force: Annotated[bool, typer.Option("--force", help="Redo (method, seed) runs that already have results.")] = False,
+    ) -> None:
+        """Run every method of a benchmark spec over its seeds, store results, print the tables.
+
+        Finished (method, seed) results are skipped: an interrupted benchmark resumes where it stopped.
+        """
+        from coplctl.bench.spec import list_specs as all_specs
+        from coplctl.bench.spec import load_spec
+        from coplctl.errors import CoplError
+
+        if list_specs:
+            for f in all_specs():
+                s = load_spec(str(f))
+                out.print(f"{s.name:<16} {s.description}", highlight=False, soft_wrap=True)
+            return
+        if spec is None:
+            raise CoplError("name a benchmark spec (see coplctl benchmark --list)")
+        from coplctl.bench.runner import run_benchmark
+
+        s = load_spec(spec)
+        s.common.update(parse_sets(sets or []))
+        summary = run_benchmark(s, out_dir, names=_csv(methods), seeds=_csv(seeds, int), backbone=backbone,
+                                mode=mode, force=force, log=lambda m: err.print(m, highlight=False))
+        if summary["skipped"]:
+            err.print(f"skipped {len(summary['skipped'])} finished run(s); --force redoes them")
+        _report(out_dir / s.name, "md", None)
+        err.print(f"results in {out_dir / s.name}. Next: coplctl report {out_dir} --out report/", highlight=False)
+
+    @app.command("report", epilog=examples("coplctl report results", "coplctl report results --format latex",
+                                           "coplctl report results --out report/"))
+    def report(
+        results: Annotated[Path, typer.Argument(metavar="RESULTS", help="A results directory (or one result file).",
+                                                show_default=False)],
+        fmt: Annotated[str, typer.Option("--format", help="md, csv or latex (printed to stdout).")] = "md",
+        out_path: Annotated[Optional[Path], typer.Option(
+            "--out", "-o", help="Write every format, Figure 2 and figure links into this directory.")] = None,
+    ) -> None:
+        """Render the paper's tables (and Figure 2) from stored results only."""
+        _report(results, fmt, out_path)
+
+    @app.command("compare", epilog=examples("coplctl compare benchmarks/baselines/quick results/quick",
+                                            "coplctl compare old/ new/ --tolerance 0.5"))
+    def compare(
+        baseline: Annotated[Path, typer.Argument(help="Baseline results.", show_default=False)],
+        current: Annotated[Path, typer.Argument(help="Current results.", show_default=False)],
+        tolerance: Annotated[float, typer.Option(
+            "--tolerance", help="Allowed drop in accuracy points (or the baseline seeds' spread if larger).")] = 1.0,
+    ) -> None:
+        """Exit non-zero when any metric dropped by more than the tolerance: the CI regression check."""
+        from rich.table import Table
+
+        from coplctl.bench.compare import compare as run_compare
+
+        rows, failed = run_compare(str(baseline), str(current), tolerance)
+        t = Table(title=f"{current} vs {baseline} (tolerance {tolerance} points)")
+        for col in ("benchmark", "method", "metric", "baseline", "current", "delta", "status"):
+            t.add_column(col, justify="left" if col in ("benchmark", "method", "metric", "status") else "right")
+        num = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
+        for r in rows:
+            style = {"regressed": "red", "missing": "red", "new": "cyan"}.get(r["status"])
+            t.add_row(r["spec"], r["name"], r["metric"], num(r["baseline"]), num(r["current"]),
+                      "-" if r["delta"] is None else f"{r['delta']:+.2f}", r["status"], style=style)
+        out.print(t)
+        if failed:
+            bad = sum(r["status"] in ("regressed", "missing") for r in rows)
+            err.print(f"{bad} metric(s) regressed or went missing", style="red")
+            raise typer.Exit(1)
+
+
+def _report(results: Path, fmt: str, out_dir: Optional[Path]) -> None:
+    from coplctl.atomic import atomic_write_text
+    from coplctl.bench.results import load_results
+    from coplctl.bench.tables import build_tables, fewshot_curves, plot_fewshot, to_csv, to_latex, to_markdown
+    from coplctl.errors import CoplError
+
+    render = {"md": to_markdown, "csv": to_csv, "latex": to_latex}
+    if fmt not in render:
+        raise CoplError(f"unknown format {fmt!r}; choose md, csv or latex")
+    found = load_results(results)
+    if not found:
+        raise CoplError(f"no results under {results} (run coplctl benchmark first)")
+    tables = build_tables(found)
+    typer.echo("\n".join(render[fmt](t) for t in tables))
+    if out_dir is None:
+        return
+    for name, fn in render.items():
+        atomic_write_text(out_dir / f"tables.{'tex' if name == 'latex' else name}", "\n".join(fn(t) for t in tables))
+    curves = fewshot_curves(found)
+    lines = []
+    if curves:
+        lines.append(f"![Figure 2]({Path(plot_fewshot(curves, out_dir / 'figure2.png')).name})")
+    for r in found:
+        for kind, path in ((r.get("extra") or {}).get("figures") or {}).items():
+            lines.append(f"- {r['spec']} seed {r['seed']} {kind}: {path}")
+    if lines:
+        atomic_write_text(out_dir / "figures.md", "\n".join(lines) + "\n")
+    err.print(f"wrote {out_dir}/tables.md, tables.csv, tables.tex" + (" and figure2.png" if curves else ""))
