@@ -32,7 +32,7 @@ class UserTokens(nn.Module):
         self.generic = nn.Parameter(torch.zeros(dim))
 
     def forward(self, users: torch.Tensor) -> torch.Tensor:
-        return self.table[users] + self.generic
+        return self.table.index_select(0, users) + self.generic
 
 
 @register_method("i2e")

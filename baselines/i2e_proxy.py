@@ -30,7 +30,7 @@ class ProxyTokens(nn.Module):
         self.proxies = nn.Parameter(0.02 * torch.randn(n_proxies, dim))
 
     def forward(self, users: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(self.logits[users], dim=-1) @ self.proxies
+        return torch.softmax(self.logits.index_select(0, users), dim=-1) @ self.proxies
 
 
 @register_method("i2e-proxy")

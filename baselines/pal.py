@@ -55,7 +55,7 @@ class PALNet(nn.Module):
 
     def score(self, users: torch.Tensor, batch: dict) -> torch.Tensor:
         h = self.f(self.encoder(batch))
-        ideal = self.f(torch.softmax(self.weights[users], dim=-1) @ self.prototypes)
+        ideal = self.f(torch.softmax(self.weights.index_select(0, users), dim=-1) @ self.prototypes)
         dist = ((h - ideal.to(h.dtype)).pow(2).sum(-1) + 1e-8).sqrt()
         return -self.log_scale.exp() * dist
 

@@ -145,7 +145,7 @@ def _optimize(E_u, E_r, pu, pc, pr, n, cfg: AdaptConfig) -> torch.Tensor:
     opt = torch.optim.Adam([free], lr=cfg.lr)
     delta = E_r[pc] - E_r[pr]
     for _ in range(cfg.steps):
-        loss = -F.logsigmoid((free[pu] * delta).sum(-1)).mean() + cfg.l2 * free.pow(2).sum(-1).mean()
+        loss = -F.logsigmoid((free.index_select(0, pu) * delta).sum(-1)).mean() + cfg.l2 * free.pow(2).sum(-1).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -105,7 +105,7 @@ class CoPLNet(nn.Module):
     def hidden(self, e: torch.Tensor, batch: dict, rows: torch.Tensor) -> tuple[torch.Tensor, list]:
         """Encoder output for a batch whose sequence i belongs to the user embedding ``e[rows[i]]``."""
         if not self.mole:
-            return self.encoder(batch, extra=self.user_proj(e)[rows]), []
+            return self.encoder(batch, extra=self.user_proj(e).index_select(0, rows)), []
         routing = Routing(e, rows, noise=self.noise if self.training else 0.0)
         with mole_routing(self.layers, routing):
             return self.encoder(batch), routing.records
@@ -115,12 +115,12 @@ class CoPLNet(nn.Module):
         return self.head(h).squeeze(-1)
 
     def score(self, users: torch.Tensor, batch: dict) -> torch.Tensor:
-        return self.score_embeddings(self.user_table[users], batch)
+        return self.score_embeddings(self.user_table.index_select(0, users), batch)
 
     def forward(self, users, chosen: dict, rejected: dict):
         n = len(users)
         rows = torch.arange(n, device=users.device).repeat(2)  # chosen and rejected share their user's gate
-        h, records = self.hidden(self.user_table[users], concat_batches(chosen, rejected), rows)
+        h, records = self.hidden(self.user_table.index_select(0, users), concat_batches(chosen, rejected), rows)
         r = self.head(h).squeeze(-1)
         aux = self.balance * load_balance_loss(records) if self.balance and records else r.new_zeros(())
         return r[:n], r[n:], aux
@@ -184,7 +184,7 @@ class CoPL(NeuralMethod):
         self.net.eval()
 
         def loss(idx):
-            e = fresh[u[idx]]
+            e = fresh.index_select(0, u[idx])
             return bt_loss(self.net.score_embeddings(e, inputs.batch(ch[idx], dev)),
                            self.net.score_embeddings(e, inputs.batch(rj[idx], dev)))
 

@@ -97,11 +97,14 @@ class MoLELinear(nn.Module):
         probs, experts, weights = self.route(routing.users, routing.noise)
         routing.records.append((self.name, probs, experts))
         e = experts[routing.rows]  # (B, k): a pair's two sequences get their user's experts
-        w = weights[routing.rows].to(x.dtype)  # (B, k)
+        w = weights.index_select(0, routing.rows).to(x.dtype)  # (B, k); index_select: reproducible backward
         shape = h.shape
         h3 = h.reshape(shape[0], -1, shape[-1])  # (B, T, d_in); 2-D inputs become T = 1
-        a = self.expert_a[e].to(x.dtype)  # (B, k, r, d_in)
-        b = self.expert_b[e].to(x.dtype)  # (B, k, d_out, r)
+        # Gather each sample's experts as a one-hot product rather than by indexing: the gradient then
+        # reduces with matrix products, which sum in a fixed order (indexing's scatter-add does not).
+        pick = F.one_hot(e, self.num_experts).to(x.dtype)  # (B, k, M)
+        a = torch.einsum("bkm,mrd->bkrd", pick, self.expert_a.to(x.dtype))  # (B, k, r, d_in)
+        b = torch.einsum("bkm,mor->bkor", pick, self.expert_b.to(x.dtype))  # (B, k, d_out, r)
         low = torch.einsum("btd,bkrd->bktr", h3, a)
         mixed = torch.einsum("bktr,bkor,bk->bto", low, b, w)
         return out + self.scale * mixed.reshape(*shape[:-1], -1)

@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import json
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
 import pandas as pd
 import torch
 from safetensors.torch import load_file, save_file
-from torch_geometric.utils import coalesce, degree, to_torch_csr_tensor
+from torch_geometric.utils import coalesce, degree, spmm, to_torch_csr_tensor
 
 from coplctl.atomic import atomic_path, atomic_write_text
 from coplctl.errors import CoplError
@@ -33,12 +33,34 @@ warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitl
 
 @dataclass
 class Adjacency:
-    """Row-normalised-by-α sparse matrices; ``ur`` rows are users (messages into users), ``ru`` responses."""
+    """Normalised sparse matrices; ``ur`` rows are users (messages into users), ``ru`` responses.
+
+    ``transposes`` holds each matrix's transpose, so that backward passes multiply by an explicit
+    CSR transpose: row-wise sums in a fixed order, hence the same numbers on every run.
+    """
 
     pos_ur: torch.Tensor
     pos_ru: torch.Tensor
     neg_ur: torch.Tensor
     neg_ru: torch.Tensor
+    transposes: dict = field(default_factory=dict)
+
+    def propagate(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """``getattr(self, name) @ x``, differentiable with respect to ``x``."""
+        return _SpMM.apply(getattr(self, name), self.transposes[name], x)
+
+
+class _SpMM(torch.autograd.Function):
+    """y = A x; dx = Aᵀ dy with the explicit transpose (a scatter-add backward is order-dependent)."""
+
+    @staticmethod
+    def forward(ctx, a, a_t, x):
+        ctx.a_t = a_t
+        return spmm(a, x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return None, None, spmm(ctx.a_t, grad)
 
 
 def sym_norm(edges: torch.Tensor, n_users: int, n_responses: int) -> torch.Tensor:
@@ -57,12 +79,10 @@ def build_adjacency(pos: torch.Tensor, pos_w: torch.Tensor, neg: torch.Tensor, n
     def csr(idx, w, size):
         return to_torch_csr_tensor(idx.to(device), w.to(device=device, dtype=dtype), size=size)
 
-    return Adjacency(
-        pos_ur=csr(pos, pos_w, (n_users, n_responses)),
-        pos_ru=csr(pos.flip(0), pos_w, (n_responses, n_users)),
-        neg_ur=csr(neg, neg_w, (n_users, n_responses)),
-        neg_ru=csr(neg.flip(0), neg_w, (n_responses, n_users)),
-    )
+    pos_ur, pos_ru = csr(pos, pos_w, (n_users, n_responses)), csr(pos.flip(0), pos_w, (n_responses, n_users))
+    neg_ur, neg_ru = csr(neg, neg_w, (n_users, n_responses)), csr(neg.flip(0), neg_w, (n_responses, n_users))
+    return Adjacency(pos_ur, pos_ru, neg_ur, neg_ru,
+                     {"pos_ur": pos_ru, "pos_ru": pos_ur, "neg_ur": neg_ru, "neg_ru": neg_ur})
 
 
 @dataclass

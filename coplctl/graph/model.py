@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch_geometric.utils import spmm
-
 from coplctl.graph.graph import Adjacency
 
 VARIANTS = ("paper", "official")
@@ -54,8 +52,8 @@ class CoPLLayer(nn.Module):
         return self.act(lin(torch.cat([e, e * pos, e * neg], dim=-1)) + pos - neg)
 
     def forward(self, e_u: torch.Tensor, e_r: torch.Tensor, adj: Adjacency) -> tuple[torch.Tensor, torch.Tensor]:
-        u_pos, u_neg = spmm(adj.pos_ur, e_r), spmm(adj.neg_ur, e_r)
-        r_pos, r_neg = spmm(adj.pos_ru, e_u), spmm(adj.neg_ru, e_u)
+        u_pos, u_neg = adj.propagate("pos_ur", e_r), adj.propagate("neg_ur", e_r)
+        r_pos, r_neg = adj.propagate("pos_ru", e_u), adj.propagate("neg_ru", e_u)
         lin_u, lin_r = (self.user, self.response) if self.variant == "paper" else (self.shared, self.shared)
         return self._side(lin_u, e_u, u_pos, u_neg), self._side(lin_r, e_r, r_pos, r_neg)
 
@@ -93,4 +91,5 @@ class GCF(nn.Module):
     @staticmethod
     def score(e_u: torch.Tensor, e_r: torch.Tensor, users: torch.Tensor, responses: torch.Tensor) -> torch.Tensor:
         """s_ur = ⟨e_u, e_r⟩ for aligned index tensors."""
-        return (e_u[users] * e_r[responses]).sum(-1)
+        # index_select, not e[idx]: its backward sums repeated rows in a fixed order (reproducible runs)
+        return (e_u.index_select(0, users) * e_r.index_select(0, responses)).sum(-1)

@@ -107,4 +107,5 @@ def _directed(parts: dict, nu: int, nr: int, device, dtype) -> Adjacency:
                              nu, nr, device=device, dtype=dtype)
     into_r = build_adjacency(parts["pos_ru"][0].flip(0), parts["pos_ru"][1], parts["neg_ru"][0].flip(0),
                              parts["neg_ru"][1], nu, nr, device=device, dtype=dtype)
-    return Adjacency(into_u.pos_ur, into_r.pos_ru, into_u.neg_ur, into_r.neg_ru)
+    return Adjacency(into_u.pos_ur, into_r.pos_ru, into_u.neg_ur, into_r.neg_ru,
+                     {"pos_ur": into_u.pos_ru, "pos_ru": into_r.pos_ur, "neg_ur": into_u.neg_ru, "neg_ru": into_r.neg_ur})

@@ -200,8 +200,8 @@ def train_gcf(ds, out: str | Path, cfg: GCFConfig, *, seed: int = 0, device: str
                     bu, bc, br = ul[bu], rl[bc], rl[br]
                 loss = bt_loss(GCF.score(e_u, e_r, bu, bc).float(), GCF.score(e_u, e_r, bu, br).float())
                 if cfg.l2:
-                    loss = loss + cfg.l2 * (e_u[bu].pow(2).sum(-1) + e_r[bc].pow(2).sum(-1)
-                                            + e_r[br].pow(2).sum(-1)).float().mean()
+                    loss = loss + cfg.l2 * (e_u.index_select(0, bu).pow(2).sum(-1) + e_r.index_select(0, bc).pow(2).sum(-1)
+                                            + e_r.index_select(0, br).pow(2).sum(-1)).float().mean()
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 if cfg.grad_clip:
