@@ -86,8 +86,8 @@ class NeuralMethod(RewardMethod):
     def pair_tensors(self, pairs: pd.DataFrame, responses: pd.DataFrame) -> tuple[torch.Tensor, ...]:
         pos = pd.Series(range(len(responses)), index=responses["response_id"])
         return (self.rows(pairs["user_id"].tolist()),
-                torch.tensor(pairs["chosen_id"].map(pos).to_numpy()),
-                torch.tensor(pairs["rejected_id"].map(pos).to_numpy()))
+                torch.tensor(pairs["chosen_id"].map(pos).to_numpy(dtype="int64")),
+                torch.tensor(pairs["rejected_id"].map(pos).to_numpy(dtype="int64")))
 
     def inputs(self, responses: pd.DataFrame, progress: bool = False):
         bar = None

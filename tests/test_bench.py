@@ -119,12 +119,18 @@ def test_compare_fails_on_a_deliberately_worsened_method(tmp_path, capsys):
     assert main(["compare", str(tmp_path / "base"), str(tmp_path / "cur")]) == 1  # a missing result fails too
 
 
-def test_report_command_writes_every_format(tmp_path, capsys):
-    spec = load_spec(str(_write(tmp_path, TINY.format(extra=""), "tiny.yaml")))
+def test_pseudo_labels_and_report_in_every_format(tmp_path, capsys):
+    text = TINY.format(extra="") + "pseudo_labels: {pairs_per_user: 2, users_per_group: 1, pairs_per_specific_user: 40}\n"
+    spec = load_spec(str(_write(tmp_path, text, "tiny.yaml")))
     spec.methods = ["copl"]
     runner.run_benchmark(spec, tmp_path / "res", progress=False)
+    copl = load_results(tmp_path / "res")[0]
+    pseudo = copl["extra"]["pseudo_labels"]
+    assert pseudo["pairs_added"] == 2 * 60 and pseudo["user_specific"]["users"] == 2
+    assert 0 <= pseudo["pseudo_label"]["accuracy"] <= 1
     assert main(["report", str(tmp_path / "res"), "--out", str(tmp_path / "rep")]) == 0
-    assert "Table 1 (seen users)" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "Table 1 (seen users)" in printed and "Table 6" in printed and "| User-specific |" in printed
     for f in ("tables.md", "tables.csv", "tables.tex", "figure2.png"):
         assert (tmp_path / "rep" / f).stat().st_size > 0
     assert main(["report", str(tmp_path / "nothing")]) == 1
