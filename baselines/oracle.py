@@ -18,7 +18,7 @@ from torch import nn
 
 from coplctl.encoders import concat_batches, default_targets
 from coplctl.errors import CoplError
-from coplctl.neural import BaselineConfig, NeuralMethod
+from coplctl.neural import BaselineConfig, NeuralMethod, lora_alpha
 from coplctl.registry import register_method
 
 
@@ -46,7 +46,7 @@ class OracleNet(nn.Module):
             with warnings.catch_warnings():  # several adapters in one model is the point here
                 warnings.filterwarnings("ignore", message="Already found a `peft_config`")
                 for k in range(n_groups):
-                    inject_adapter_in_model(LoraConfig(r=c.lora_rank, lora_alpha=c.lora_alpha,
+                    inject_adapter_in_model(LoraConfig(r=c.lora_rank, lora_alpha=lora_alpha(c),
                                                        target_modules=targets),
                                             self.encoder.lm, adapter_name=f"group{k}")
         width = self.encoders[0].out_dim if c.mode == "frozen" else self.encoder.out_dim

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from coplctl.encoders import add_lora, concat_batches
-from coplctl.neural import BaselineConfig, NeuralMethod
+from coplctl.neural import BaselineConfig, NeuralMethod, lora_alpha
 from coplctl.registry import register_method
 
 
@@ -24,7 +24,7 @@ class PALConfig(BaselineConfig):
     prototypes: int = 10
     """N, prototypes shared by all users (paper: 10)."""
     ideal_dim: int = 64
-    """Width of the space f maps into."""
+    """Width of the space f maps into (not given in the paper)."""
 
 
 class ResidualMap(nn.Module):
@@ -46,7 +46,7 @@ class PALNet(nn.Module):
         c = method.config
         self.encoder = method.encoder()
         if c.mode == "lora":
-            add_lora(self.encoder, c.lora_rank, c.lora_alpha, c.lora_targets)
+            add_lora(self.encoder, c.lora_rank, lora_alpha(c), c.lora_targets)
         d = self.encoder.out_dim
         self.f = ResidualMap(d, c.ideal_dim)
         self.prototypes = nn.Parameter(0.1 * torch.randn(c.prototypes, d))

@@ -18,7 +18,8 @@ from torch import nn
 
 from coplctl.encoders import add_lora, adapters_disabled, concat_batches
 from coplctl.features import features
-from coplctl.neural import BaselineConfig, NeuralMethod
+from coplctl.neural import BaselineConfig, NeuralMethod, lora_alpha
+from coplctl.trainer import distributed_state
 from coplctl.registry import register_method
 
 
@@ -27,34 +28,44 @@ class VPLConfig(BaselineConfig):
     """VPL: the baselines' settings plus the variational encoder's."""
 
     latent_dim: int = 32
-    """Width of z."""
+    """Width of z (not given in the paper; small, as the groups are few)."""
     hidden: int = 128
-    """Width of the pair MLP, the attention and the reward MLP."""
+    """Width of the pair MLP, the attention and the reward MLP (not given in the paper)."""
     heads: int = 4
-    """Attention heads across a user's pairs."""
+    """Attention heads across a user's pairs (not given in the paper)."""
     context_pairs: int = 16
     """Most pairs a user's context holds (the user's first ones; the encoder's cost grows with it)."""
     beta: float | None = None
     """KL weight; None = 0 for UF-P-2 and 3e-6 for UF-P-4 (VPL's code)."""
     kl_anneal: float = 0.5
-    """Share of the training steps over which β ramps up linearly from 0."""
+    """Share of the training steps over which β ramps up linearly from 0 (VPL anneals; the share is ours)."""
 
 
 class VPLNet(nn.Module):
-    def __init__(self, method: "VPL", feat_dim: int):
+    """Variational user encoder + reward MLP.
+
+    Args:
+        method: the VPL method (config, backbone, users).
+        feat_dim: width of the frozen-backbone features of context responses.
+        context: training context (features, pair endpoints, pair ids per user row), or None.
+        beta: KL weight reached after ``anneal_steps`` training steps.
+    """
+
+    def __init__(self, method: "VPL", feat_dim: int, context: tuple | None = None, beta: float = 0.0,
+                 anneal_steps: int = 1):
         super().__init__()
         c = method.config
         self.encoder = method.encoder()
         if c.mode == "lora":
-            add_lora(self.encoder, c.lora_rank, c.lora_alpha, c.lora_targets)
+            add_lora(self.encoder, c.lora_rank, lora_alpha(c), c.lora_targets)
         h, z = c.hidden, c.latent_dim
         self.pair_mlp = nn.Sequential(nn.Linear(2 * feat_dim, h), nn.GELU(), nn.Linear(h, h))
         self.attn = nn.MultiheadAttention(h, c.heads, batch_first=True)
         self.to_mu, self.to_logvar = nn.Linear(h, z), nn.Linear(h, z)
         self.reward = nn.Sequential(nn.Linear(self.encoder.out_dim + z, h), nn.GELU(), nn.Linear(h, 1))
         self.register_buffer("latent", torch.zeros(len(method.user_ids), z))  # μ of every known user
-        self.context: tuple | None = None  # training only: (features, pair endpoints, pairs per user)
-        self.beta, self.anneal_steps, self.step = 0.0, 1, 0
+        self.context = context  # training only: (features, pair endpoints, pairs per user)
+        self.beta, self.anneal_steps, self.step = beta, max(1, anneal_steps), 0
 
     def encode(self, feats: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(μ, log σ²) from context pair features (B, K, 2F) with a validity mask (B, K)."""
@@ -64,8 +75,8 @@ class VPLNet(nn.Module):
         pooled = (x * m).sum(1) / m.sum(1).clamp(min=1)
         return self.to_mu(pooled), self.to_logvar(pooled)
 
-    def context_of(self, users: torch.Tensor, leave_out: torch.Tensor | None = None):
-        feats, ends, per_user = self.context  # kept where they were built; results go to the batch's device
+    def context_of(self, users: torch.Tensor, leave_out: torch.Tensor | None = None, context: tuple | None = None):
+        feats, ends, per_user = context or self.context  # kept where built; results go to the batch's device
         idx = per_user[users.to(per_user.device)]  # (B, K) pair ids, -1 = padding
         mask = idx >= 0
         if leave_out is not None:  # a pair is not part of its own context ...
@@ -78,9 +89,26 @@ class VPLNet(nn.Module):
         return pair_feats.to(dev, self.to_mu.weight.dtype), mask.to(dev)
 
     def latent_of(self, users: torch.Tensor) -> torch.Tensor:
+        """z = μ: from the training context while training, then from the stored table."""
         if self.context is None:
             return self.latent[users]
         return self.encode(*self.context_of(users))[0]
+
+    @torch.no_grad()
+    def finish_training(self) -> None:
+        """Store every user's μ from its full training context, and let the context go."""
+        self.eval()
+        users = torch.arange(len(self.latent), device=self.latent.device)
+        self.latent = torch.cat([self.latent_of(users[s:s + 512]) for s in range(0, len(users), 512)])
+        self.context = None
+
+    @torch.no_grad()
+    def add_users(self, context: tuple, n: int) -> None:
+        """Append the μ of ``n`` new users encoded from ``context`` (their few-shot pairs)."""
+        self.eval()
+        rows = torch.arange(n, device=self.latent.device)
+        mu = self.encode(*self.context_of(rows, context=context))[0]
+        self.latent = torch.cat([self.latent, mu.to(self.latent.dtype)])
 
     def score(self, users: torch.Tensor, batch: dict) -> torch.Tensor:
         h = self.encoder(batch)
@@ -134,26 +162,19 @@ class VPL(NeuralMethod):
         return (torch.arange(len(self._train)),)  # the pair ids, to leave each pair out of its own context
 
     def build_net(self) -> VPLNet:
-        feat_dim = self._feats.shape[1] if getattr(self, "_feats", None) is not None else self._feat_dim
-        net = VPLNet(self, feat_dim)
-        if getattr(self, "_train", None) is not None:
-            per_user = _user_contexts(self._train, self.user_index, len(self.user_ids), self.config.context_pairs)
-            net.context = (self._feats, self._ends, per_user)
-            net.beta = self._beta
-            c = self.config
-            steps = c.get("epochs") * -(-len(self._train) // c.get("batch_size"))
-            net.anneal_steps = max(1, int(steps * c.kl_anneal))
-        return net
+        if getattr(self, "_train", None) is None:  # loading a trained model: no training context
+            return VPLNet(self, self._feat_dim)
+        c = self.config
+        per_user = _user_contexts(self._train, self.user_index, len(self.user_ids), c.context_pairs)
+        processes = distributed_state(c).num_processes  # each process takes its share of the steps
+        steps = c.get("epochs") * -(-len(self._train) // (c.get("batch_size") * processes))
+        return VPLNet(self, self._feats.shape[1], (self._feats, self._ends, per_user), self._beta,
+                      int(steps * c.kl_anneal))
 
     def fit(self, data, backbone=None, **kw) -> dict:
         metrics = super().fit(data, backbone, **kw)
-        net = self.net
-        with torch.no_grad():  # every seen user's μ from its full training context
-            net.eval()
-            dev = net.latent.device
-            net.latent = torch.cat([net.latent_of(torch.arange(s, min(s + 512, len(self.user_ids)), device=dev))
-                                    for s in range(0, len(self.user_ids), 512)])
-        net.context, self._train, self._feats = None, None, None
+        self.net.finish_training()
+        self._train = self._feats = None
         return metrics
 
     def adapt(self, pairs: pd.DataFrame, responses: pd.DataFrame) -> dict:
@@ -164,16 +185,7 @@ class VPL(NeuralMethod):
         pos = pd.Series(range(len(responses)), index=responses["response_id"])
         ends = torch.tensor(shots[["chosen_id", "rejected_id"]].apply(lambda s: s.map(pos)).to_numpy())
         per_user = _user_contexts(shots, index, len(new), self.config.context_pairs)
-        net = self.net
-        dev = net.latent.device
-        net.context = (feats, ends, per_user)
-        try:
-            with torch.no_grad():
-                net.eval()
-                mu = net.latent_of(torch.arange(len(new), device=dev))
-        finally:
-            net.context = None
-        net.latent = torch.cat([net.latent, mu.to(net.latent.dtype)])
+        self.net.add_users((feats, ends, per_user), len(new))
         self.user_ids = self.user_ids + new
         return {"users": len(new), "pairs": int(len(shots)), "method": "encoded few-shot pairs (z = μ)"}
 

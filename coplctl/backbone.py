@@ -21,9 +21,9 @@ from pathlib import Path
 
 import torch
 
+from coplctl.data.dataset import TEXT_FORMAT
 from coplctl.errors import CoplError
 
-TEXT_FORMAT = "Human: {prompt}\n\nAssistant: {response}"
 #: Short names users type for the paper's backbones.
 ALIASES = {"gemma-2b-it": "google/gemma-2b-it", "gemma-7b-it": "google/gemma-7b-it"}
 
@@ -141,7 +141,9 @@ class Backbone:
         self.hidden_size = int(self.model.config.hidden_size)
         digest = hashlib.sha1(json.dumps(config.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:12]
         #: identifies this backbone's features in caches: name, architecture, length, pooling
-        self.key = f"{Path(name).name if Path(name).exists() else name.replace('/', '--')}-{digest}-{self.max_length}-{self.kind}"
+        dt = str(self.dtype).removeprefix("torch.")
+        self.key = (f"{Path(name).name if Path(name).exists() else name.replace('/', '--')}-{digest}-{self.max_length}"
+                    f"-{self.kind}-{dt}")
 
     def format(self, prompt: str, response: str) -> str:
         return TEXT_FORMAT.format(prompt=prompt, response=response)

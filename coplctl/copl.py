@@ -8,6 +8,7 @@ one extra token, with plain LoRA of rank ``lora_rank`` in ``lora`` mode).
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +22,7 @@ from coplctl.errors import CoplError
 from coplctl.mole import Routing, inject_mole, load_balance_loss, mole_routing
 from coplctl.neural import NeuralMethod
 from coplctl.registry import register_method
-from coplctl.trainer import TrainConfig, optimize_rows
+from coplctl.trainer import TrainConfig
 
 
 @dataclass
@@ -32,6 +33,8 @@ class CoPLConfig(TrainConfig):
     """GCF preset (cpu, paper, official; auto = paper on a GPU, else cpu), see ``coplctl graph train``."""
     gcf_overrides: dict = field(default_factory=dict)
     """GCF fields to override, e.g. {"dim": 64, "epochs": 200}."""
+    gcf_run: str | None = None
+    """Use this trained GCF run (coplctl graph train) instead of training one."""
     user_embeddings: str = "gcf"
     """``gcf`` (CoPL) or ``learned`` (Table 3, w/o GNN embedding)."""
     learned_dim: int = 32
@@ -42,8 +45,8 @@ class CoPLConfig(TrainConfig):
     """M, LoRA experts per adapted layer (paper: 8)."""
     rank: int = 8
     """Rank n of every expert and of the shared expert (paper: 8)."""
-    alpha: float = 16
-    """LoRA alpha (2 · rank, peft's convention for the paper's setting)."""
+    alpha: float | None = None
+    """LoRA alpha; None = 2 · rank (the paper does not give it)."""
     shared_expert: bool = True
     """Keep the shared expert A_s B_s (paper: yes)."""
     gate_hidden: int = 256
@@ -59,7 +62,9 @@ class CoPLConfig(TrainConfig):
     target_modules: list[str] | None = None
     """Layers that get experts: peft's defaults in lora mode (q_proj, v_proj for Gemma), the trunk's in frozen mode."""
     lora_rank: int = 64
-    """LoRA rank of the w/o-MoLE ablation (Table 3: 64 and 16)."""
+    """LoRA rank of the w/o-MoLE ablation (Table 3: 64 and 16); its alpha is 2 · rank."""
+    token_dim: int = 64
+    """w/o MoLE in frozen mode: width of the projected user vector concatenated to the features."""
     adaptation: str = "weighted"
     """Unseen users: ``weighted`` (CoPL), ``average`` or ``optimize`` (Table 4)."""
     hops: int = 2
@@ -68,6 +73,8 @@ class CoPLConfig(TrainConfig):
     """κ of the adaptation weights (paper: 0.07)."""
     adapt_steps: int = 50
     """Gradient steps for unseen users when ``user_embeddings="learned"`` (as the baselines, Appendix C.2)."""
+    adapt_lr: float = 1e-2
+    """Adam learning rate of those steps."""
 
     def __post_init__(self):
         super().__post_init__()
@@ -92,10 +99,11 @@ class CoPLNet(nn.Module):
             targets = c.target_modules or ([f"trunk.{2 * i}" for i in range(c.trunk_layers)] if frozen
                                            else default_targets(self.encoder.lm))
             self.layers = inject_mole(self.encoder, targets, user_dim, num_experts=c.experts, rank=c.rank,
-                                      alpha=c.alpha, gate_hidden=c.gate_hidden, temperature=c.gate_temperature,
+                                      alpha=c.alpha if c.alpha is not None else 2 * c.rank,
+                                      gate_hidden=c.gate_hidden, temperature=c.gate_temperature,
                                       top_k=c.top_k, shared=c.shared_expert, train_base=frozen)
         else:
-            token = 64 if c.mode == "frozen" else method.backbone.hidden_size
+            token = c.token_dim if c.mode == "frozen" else method.backbone.hidden_size
             self.encoder = method.encoder(extra_dim=token if c.mode == "frozen" else 0)
             self.user_proj = nn.Linear(user_dim, token)
             if c.mode == "lora":
@@ -137,19 +145,36 @@ class CoPL(NeuralMethod):
         if c.user_embeddings == "learned":
             self.user_ids, self.gcf_dir, self._table = data.user_ids("seen"), None, None
             return
-        import tempfile
-
         from coplctl.graph.run import GCFRun
-        from coplctl.graph.train import preset_config, train_gcf
 
-        root = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="copl-"))
-        self.gcf_dir = root / "gcf"
-        if not (self.gcf_dir / "metrics.json").exists():
-            train_gcf(data, self.gcf_dir, preset_config(c.gcf_preset, **c.gcf_overrides), seed=seed,
-                      progress=getattr(self, "progress", True))
+        self.gcf_dir = GCFRun(c.gcf_run).path if c.gcf_run else self._train_gcf(data, seed, work_dir)
         run = GCFRun(self.gcf_dir)
         self.user_ids = list(run.graph.user_ids)
         self._table = run.exported_user_emb.clone()
+
+    def _train_gcf(self, data, seed: int, work_dir: Path | None) -> Path:
+        """Train the GCF in ``work_dir/gcf`` — or reuse / resume the one there if it was made from the
+        same training pairs, GCF settings and seed (a fingerprint guards against stale work)."""
+        import hashlib
+        import json
+
+        from coplctl.backbone import cache_root
+        from coplctl.graph.train import preset_config, train_gcf
+
+        cfg = preset_config(self.config.gcf_preset, **self.config.gcf_overrides)
+        pairs = data.split("train")[["user_id", "chosen_id", "rejected_id"]]
+        digest = hashlib.sha256(pd.util.hash_pandas_object(pairs, index=False).to_numpy().tobytes())
+        digest.update(json.dumps({"gcf": dataclasses.asdict(cfg), "seed": seed}, sort_keys=True).encode())
+        fingerprint = digest.hexdigest()
+        root = Path(work_dir) if work_dir else cache_root() / "work" / fingerprint[:16]
+        gcf_dir, stamp = root / "gcf", root / "gcf.fingerprint"
+        if stamp.exists() and stamp.read_text() != fingerprint:
+            shutil.rmtree(gcf_dir, ignore_errors=True)  # made from other data or settings: start over
+        root.mkdir(parents=True, exist_ok=True)
+        stamp.write_text(fingerprint)
+        if not (gcf_dir / "metrics.json").exists():
+            train_gcf(data, gcf_dir, cfg, seed=seed, progress=getattr(self, "progress", True))
+        return gcf_dir
 
     def build_net(self) -> CoPLNet:
         c = self.config
@@ -170,27 +195,10 @@ class CoPL(NeuralMethod):
                                                                            temperature=c.temperature))
             self._add_rows(new, adapted.embeddings.to(self.net.user_table))
             return {k: v for k, v in adapted.report.items() if k != "per_user"}
-        # w/o GNN embedding: fit a new learnable row per user on its few-shot pairs, the model frozen
-        from coplctl.reward import bt_loss
-
-        dev = self.net.user_table.device
-        fresh = nn.Parameter(self.net.user_table.detach().mean(0, keepdim=True).repeat(len(new), 1))
-        local = {u: i for i, u in enumerate(new)}
-        pos = pd.Series(range(len(responses)), index=responses["response_id"])
-        u = torch.tensor(pairs["user_id"].map(local).to_numpy())
-        ch = torch.tensor(pairs["chosen_id"].map(pos).to_numpy())
-        rj = torch.tensor(pairs["rejected_id"].map(pos).to_numpy())
-        inputs = self.inputs(responses)
-        self.net.eval()
-
-        def loss(idx):
-            e = fresh.index_select(0, u[idx])
-            return bt_loss(self.net.score_embeddings(e, inputs.batch(ch[idx], dev)),
-                           self.net.score_embeddings(e, inputs.batch(rj[idx], dev)))
-
-        optimize_rows([fresh], loss, len(u), steps=c.adapt_steps, frozen=self.net)
-        self._add_rows(new, fresh.detach())
-        return {"users": len(new), "pairs": int(len(pairs)), "method": f"{c.adapt_steps} steps on new user rows"}
+        # w/o GNN embedding: a new learnable row per user, fitted on its few-shot pairs, the model frozen
+        table = self.net.user_table
+        return self.adapt_rows(pairs, responses, self.net, "user_table", table.detach().mean(0),
+                               steps=c.adapt_steps, lr=c.adapt_lr)
 
     def forget_users(self, keep: int) -> None:
         """Drop every user row after the first ``keep`` (undo adaptations, e.g. to try another variant)."""
@@ -203,13 +211,20 @@ class CoPL(NeuralMethod):
         self.user_ids = self.user_ids[:keep]
 
     def _add_rows(self, ids: list[str], emb: torch.Tensor) -> None:
-        net = self.net
-        table = torch.cat([net.user_table.detach(), emb.to(net.user_table.dtype)])
+        """Known users get their row replaced, new users a new row."""
+        net, index = self.net, self.user_index
+        table = net.user_table.detach().clone()
+        emb = emb.to(table)
+        fresh = [i for i, u in enumerate(ids) if u not in index]
+        for i, u in enumerate(ids):
+            if u in index:
+                table[index[u]] = emb[i]
+        table = torch.cat([table, emb[fresh]])
         if isinstance(net.user_table, nn.Parameter):
             net.user_table = nn.Parameter(table, requires_grad=net.user_table.requires_grad)
         else:
             net.user_table = table
-        self.user_ids = self.user_ids + ids
+        self.user_ids = self.user_ids + [ids[i] for i in fresh]
 
     def save_extra(self, directory: Path) -> None:
         if self.gcf_dir is not None and Path(self.gcf_dir).resolve() != (directory / "gcf").resolve():

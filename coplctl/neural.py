@@ -23,16 +23,14 @@ from coplctl.backbone import Backbone
 from coplctl.encoders import ResponseEncoder, add_lora, build_inputs, concat_batches
 from coplctl.errors import CoplError
 from coplctl.reward import RewardMethod, bt_loss
-from coplctl.trainer import (TrainConfig, distributed_state, load_trainable_state, optimize_rows, rewards,
-                             train_pairs, trainable_state)
+from coplctl.trainer import (TrainConfig, autocast, distributed_state, fp32_trainable, load_trainable_state,
+                             optimize_rows, rewards, train_pairs, trainable_state)
 
 
 class NeuralMethod(RewardMethod):
     """A reward method trained with :func:`coplctl.trainer.train_pairs` on a response encoder."""
 
     Config = TrainConfig
-    #: user ids known to the method, in row order: seen users first, then adapted ones
-    user_ids: list[str]
     #: False for methods whose reward ignores the user (Uniform): any user id is accepted
     personalized: bool = True
 
@@ -60,7 +58,8 @@ class NeuralMethod(RewardMethod):
         device = self.config.device
         if device == "auto":  # under `accelerate launch` every process uses its own device
             device = str(distributed_state(self.config).device)
-        return Backbone(self.config.backbone, max_length=self.config.max_length, device=device)
+        return Backbone(self.config.backbone, max_length=self.config.max_length, dtype=self.config.dtype,
+                        device=device)
 
     def encoder(self, extra_dim: int = 0) -> ResponseEncoder:
         c = self.config
@@ -68,9 +67,17 @@ class NeuralMethod(RewardMethod):
                                extra_dim=extra_dim)
 
     @property
+    def user_ids(self) -> list[str]:
+        """User ids known to the method, in row order: seen users first, then adapted ones."""
+        return self._user_ids
+
+    @user_ids.setter
+    def user_ids(self, ids) -> None:
+        self._user_ids = list(ids)
+        self._index_of = {u: i for i, u in enumerate(self._user_ids)}
+
+    @property
     def user_index(self) -> dict[str, int]:
-        if getattr(self, "_index_of", None) is None or len(self._index_of) != len(self.user_ids):
-            self._index_of = {u: i for i, u in enumerate(self.user_ids)}
         return self._index_of
 
     def rows(self, user_ids: Sequence[str]) -> torch.Tensor:
@@ -80,7 +87,7 @@ class NeuralMethod(RewardMethod):
         unknown = [u for u in dict.fromkeys(user_ids) if u not in index]
         if unknown:
             raise CoplError(f"unknown user {unknown[0]!r} for {self.registry_name}: neither seen in training nor "
-                            f"adapted (adapt new users first: coplctl adapt / evaluate)")
+                            f"adapted (coplctl adapt --model RUN --user-file FILE --out NEW_RUN adds new users)")
         return torch.tensor([index[u] for u in user_ids], dtype=torch.long)
 
     def pair_tensors(self, pairs: pd.DataFrame, responses: pd.DataFrame) -> tuple[torch.Tensor, ...]:
@@ -102,11 +109,12 @@ class NeuralMethod(RewardMethod):
         torch.manual_seed(seed)
         self.backbone = backbone or self.load_backbone()
         self.progress = progress
+        self.responses = data.responses[["response_id", "prompt", "text"]]
         with state.main_process_first():  # the main process trains shared work (GCF) and fills caches first
             self.prepare(data, seed=seed, work_dir=work_dir)
             inputs = self.inputs(data.responses, progress=progress and state.is_main_process)
         torch.manual_seed(seed)
-        self.net = self.build_net()
+        self.net = fp32_trainable(self.build_net())
         train = self.pair_tensors(data.split("train"), data.responses) + self.extra_columns(data)
         valid = data.split("valid")
         valid = valid[valid["user_id"].isin(self.user_index)]
@@ -139,8 +147,9 @@ class NeuralMethod(RewardMethod):
         self.net.eval()
 
         def loss(idx):
-            r_c = self.net.score(rows[idx].to(dev), inputs.batch(chosen[idx], dev))
-            r_r = self.net.score(rows[idx].to(dev), inputs.batch(rejected[idx], dev))
+            with autocast(self.net):
+                r_c = self.net.score(rows[idx].to(dev), inputs.batch(chosen[idx], dev))
+                r_r = self.net.score(rows[idx].to(dev), inputs.batch(rejected[idx], dev))
             return bt_loss(r_c.float(), r_r.float())
 
         try:
@@ -153,14 +162,17 @@ class NeuralMethod(RewardMethod):
     def save_state(self, directory: Path) -> None:
         save_file({k: v.contiguous() for k, v in trainable_state(self.net).items()}, str(directory / "model.safetensors"))
         (directory / "users.json").write_text(json.dumps(self.user_ids))
+        # the responses it was trained on: user files given to `coplctl adapt` name them by id or text
+        self.responses.to_parquet(directory / "responses.parquet", index=False)
         self.save_extra(directory)
 
     def load_state(self, directory: Path) -> None:
         self.user_ids = json.loads((directory / "users.json").read_text())
+        self.responses = pd.read_parquet(directory / "responses.parquet")
         self.load_extra(directory)
         self.backbone = self.load_backbone()
         torch.manual_seed(0)
-        self.net = self.build_net()
+        self.net = fp32_trainable(self.build_net())
         load_trainable_state(self.net, load_file(str(directory / "model.safetensors")))
         self.net.to(self.backbone.device)
 
@@ -172,8 +184,8 @@ class BaselineConfig(TrainConfig):
 
     lora_rank: int = 64
     """LoRA rank in ``lora`` mode (paper: 64 for every baseline)."""
-    lora_alpha: float = 128
-    """LoRA alpha (2 · rank)."""
+    lora_alpha: float | None = None
+    """LoRA alpha; None = 2 · rank (the paper does not give it)."""
     lora_targets: list[str] | None = None
     """LoRA target modules; None = peft's defaults for the backbone (q_proj, v_proj for Gemma)."""
     token_dim: int = 64
@@ -183,6 +195,10 @@ class BaselineConfig(TrainConfig):
     """Gradient steps fitting an unseen user's own parameters (paper: 50)."""
     adapt_lr: float = 1e-2
     """Adam learning rate of those steps."""
+
+
+def lora_alpha(cfg: BaselineConfig) -> float:
+    return cfg.lora_alpha if cfg.lora_alpha is not None else 2 * cfg.lora_rank
 
 
 class UserVectorNet(nn.Module):
@@ -195,7 +211,7 @@ class UserVectorNet(nn.Module):
         self.token_dim = c.token_dim if c.mode == "frozen" else method.backbone.hidden_size
         self.encoder = method.encoder(extra_dim=self.token_dim if c.mode == "frozen" and user_vector else 0)
         if c.mode == "lora":
-            add_lora(self.encoder, c.lora_rank, c.lora_alpha, c.lora_targets)
+            add_lora(self.encoder, c.lora_rank, lora_alpha(c), c.lora_targets)
         self.user_vector = user_vector
         self.head = nn.Linear(self.encoder.out_dim, 1)
 

@@ -14,6 +14,7 @@ from torch import nn
 
 from coplctl.encoders import MODES, ResponseInputs
 from coplctl.errors import CoplError
+from coplctl.progress import Bar
 from coplctl.reward import bt_loss
 
 #: Defaults that depend on the mode: the paper's LLM settings for ``lora``, a small trunk's for ``frozen``.
@@ -51,14 +52,19 @@ class TrainConfig:
     """Layers of the ``frozen``-mode trunk MLP."""
     eval_pairs: int = 2000
     """Validation pairs scored after each epoch to keep the best epoch (a fixed random subset)."""
+    dtype: str = "auto"
+    """Backbone weights: ``auto`` (bf16 on GPU, fp32 on CPU, as the paper trains in bf16), ``float32``,
+    ``bfloat16``; trained parameters (adapters, gates, heads) stay fp32."""
     mixed_precision: str = "auto"
-    """``auto`` (bf16 on GPU, none on CPU), ``no``, ``bf16`` or ``fp16``."""
+    """``auto`` (autocast to the backbone's dtype when it is not fp32), ``no`` or ``bf16``."""
     device: str = "auto"
     """``auto``, ``cpu`` or ``cuda``; under ``accelerate launch`` the launcher decides."""
 
     def __post_init__(self):
         if self.mode not in MODES:
             raise CoplError(f"unknown mode {self.mode!r}; choose {' or '.join(MODES)}")
+        if self.mixed_precision not in ("auto", "no", "bf16"):
+            raise CoplError(f"mixed_precision must be auto, no or bf16, not {self.mixed_precision!r}")
 
     def get(self, key: str):
         value = getattr(self, key)
@@ -93,12 +99,10 @@ def make_accelerator(cfg: TrainConfig):
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
 
-    cpu = use_cpu(cfg)
-    mp = cfg.mixed_precision
-    if mp == "auto":
-        mp = "no" if cpu else "bf16"
-    # top-1 routing leaves some experts without gradient in a step: DDP must allow unused parameters
-    return Accelerator(mixed_precision=mp, cpu=cpu,
+    # Precision is handled by `autocast` below, not by accelerate, whose process-wide state cannot
+    # change precision between two methods trained in one process (a benchmark).
+    # Top-1 routing leaves some experts without gradient in a step: DDP must allow unused parameters.
+    return Accelerator(mixed_precision="no", cpu=use_cpu(cfg),
                        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
 
 
@@ -128,6 +132,29 @@ def load_trainable_state(net: nn.Module, state: dict[str, torch.Tensor]) -> None
         raise CoplError(f"saved weights do not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
 
 
+def autocast(net: nn.Module, mode: str = "auto"):
+    """Autocast for a low-precision backbone: ``auto`` follows its weights' dtype, ``bf16`` forces
+    bfloat16, ``no`` disables it. Training and scoring use the same rule."""
+    import contextlib
+
+    if mode == "no":
+        return contextlib.nullcontext()
+    low = next((p for p in net.parameters() if p.is_floating_point() and p.dtype in (torch.bfloat16, torch.float16)),
+               None)
+    dtype = torch.bfloat16 if mode == "bf16" else (low.dtype if low is not None else None)
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(next(net.parameters()).device.type, dtype=dtype)
+
+
+def fp32_trainable(net: nn.Module) -> nn.Module:
+    """Keep every trained parameter in fp32 (a low-precision backbone's adapters would otherwise follow it)."""
+    for p in net.parameters():
+        if p.requires_grad and p.is_floating_point() and p.dtype != torch.float32:
+            p.data = p.data.float()
+    return net
+
+
 @torch.no_grad()
 def rewards(net: nn.Module, users: torch.Tensor, inputs: ResponseInputs, responses: torch.Tensor,
             batch_size: int = 256) -> torch.Tensor:
@@ -135,12 +162,15 @@ def rewards(net: nn.Module, users: torch.Tensor, inputs: ResponseInputs, respons
     net.eval()
     dev = next(net.parameters()).device
     out = []
-    for s in range(0, len(users), batch_size):
-        out.append(net.score(users[s:s + batch_size].to(dev), inputs.batch(responses[s:s + batch_size], dev)).float().cpu())
+    with autocast(net):
+        for s in range(0, len(users), batch_size):
+            r = net.score(users[s:s + batch_size].to(dev), inputs.batch(responses[s:s + batch_size], dev))
+            out.append(r.float().cpu())
     return torch.cat(out) if out else torch.empty(0)
 
 
-def pair_accuracy(net, inputs, users, chosen, rejected, batch_size: int = 256) -> float:
+def row_accuracy(net, inputs, users, chosen, rejected, batch_size: int = 256) -> float:
+    """Accuracy on pairs given as row indices (users, chosen responses, rejected responses)."""
     if len(users) == 0:
         return float("nan")
     return float((rewards(net, users, inputs, chosen, batch_size) > rewards(net, users, inputs, rejected, batch_size))
@@ -172,13 +202,14 @@ def train_pairs(net: nn.Module, inputs: ResponseInputs, train: tuple, valid: tup
     valid = tuple(t[keep] for t in valid)
     model = acc.unwrap_model(net)
     history, best, best_acc, best_epoch = [], None, -1.0, 0
-    bar = _bar(progress and acc.is_main_process, epochs * len(loader), label)
+    bar = Bar(progress and acc.is_main_process, epochs * len(loader), label)
     try:
         for epoch in range(epochs):
             net.train()
             total, n = 0.0, 0
             for u, c, r, *extra in loader:  # extra columns (e.g. VPL's pair ids) go to the net as they are
-                rc, rr, aux = net(u, inputs.batch(c, acc.device), inputs.batch(r, acc.device), *extra)
+                with autocast(model, cfg.mixed_precision):
+                    rc, rr, aux = net(u, inputs.batch(c, acc.device), inputs.batch(r, acc.device), *extra)
                 loss = bt_loss(rc.float(), rr.float()) + aux
                 acc.backward(loss)
                 if cfg.grad_clip:
@@ -187,13 +218,13 @@ def train_pairs(net: nn.Module, inputs: ResponseInputs, train: tuple, valid: tup
                 sched.step()
                 opt.zero_grad(set_to_none=True)
                 total, n = total + loss.item(), n + 1
-                bar(1, f"epoch {epoch + 1}/{epochs} loss {total / n:.4f}")
-            valid_acc = pair_accuracy(model, inputs, *valid)
+                bar.update(advance=1, info=f"epoch {epoch + 1}/{epochs} loss {total / n:.4f}")
+            valid_acc = row_accuracy(model, inputs, *valid)
             history.append({"epoch": epoch + 1, "loss": total / max(n, 1), "valid_accuracy": valid_acc})
             if valid_acc > best_acc or best is None or math.isnan(valid_acc):  # no valid pairs: keep the last
                 best_acc, best, best_epoch = valid_acc, copy.deepcopy(trainable_state(model)), epoch + 1
     finally:
-        bar(0, None)
+        bar.close()
     load_trainable_state(model, best)
     acc.wait_for_everyone()
     return {"history": history, "best_epoch": best_epoch, "valid_accuracy": best_acc,
@@ -224,24 +255,3 @@ def optimize_rows(params: list[nn.Parameter], loss_fn: Callable[[torch.Tensor], 
     finally:
         for p, flag in flags:
             p.requires_grad_(flag)
-
-
-def _bar(enabled: bool, total: int, label: str):
-    if not enabled:
-        return lambda advance, info: None
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from coplctl.cli.common import err
-
-    prog = Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    TextColumn("{task.fields[info]}"), console=err)
-    task = prog.add_task(label, total=total, info="")
-    prog.start()
-
-    def update(advance, info):
-        if info is None:
-            prog.stop()
-        else:
-            prog.update(task, advance=advance, info=info)
-
-    return update

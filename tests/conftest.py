@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import tempfile
@@ -13,6 +14,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # Caches (frozen-mode features, dequantised backbones) go to a private directory per test session.
 os.environ["COPLCTL_CACHE"] = tempfile.mkdtemp(prefix="coplctl-test-cache-")
+atexit.register(shutil.rmtree, os.environ["COPLCTL_CACHE"], ignore_errors=True)
 
 from coplctl.data.protocol import ProtocolConfig
 from coplctl.data.simulate import SimConfig, simulate

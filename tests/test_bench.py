@@ -117,6 +117,8 @@ def test_compare_fails_on_a_deliberately_worsened_method(tmp_path, capsys):
     assert cur["metrics"]["seen"]["accuracy"] < base["metrics"]["seen"]["accuracy"] - 0.02
     (tmp_path / "cur" / "tiny" / "results" / "uniform" / "seed0.json").unlink()
     assert main(["compare", str(tmp_path / "base"), str(tmp_path / "cur")]) == 1  # a missing result fails too
+    assert main(["compare", str(tmp_path / "nothing"), str(tmp_path / "base")]) == 1  # so does an empty baseline
+    assert "no results under" in capsys.readouterr().err
 
 
 def test_pseudo_labels_and_report_in_every_format(tmp_path, capsys):
@@ -141,3 +143,35 @@ def test_real_data_spec_without_data_says_how_to_build_it(tmp_path, monkeypatch)
     spec = load_spec("uf-p-4-avg")
     with pytest.raises(CoplError, match=r"data/uf-p-4-avg does not exist.*coplctl data build-ufp.*sim-uf-p-4-avg"):
         runner.run_benchmark(spec, tmp_path / "out", progress=False)
+
+
+def test_finished_results_are_reused_only_with_the_same_settings(tmp_path):
+    spec = load_spec(str(_write(tmp_path, TINY.format(extra=""), "tiny.yaml")))
+    spec.methods, spec.adaptation, spec.fewshot_curve = ["uniform"], [], None
+    runner.run_benchmark(spec, tmp_path / "out", progress=False)
+    with pytest.raises(CoplError, match=r"produced with other settings \(epochs: 2 -> 3\)"):
+        spec.common["epochs"] = 3
+        runner.run_benchmark(spec, tmp_path / "out", progress=False)
+    summary = runner.run_benchmark(spec, tmp_path / "out", progress=False, force=True)
+    assert len(summary["done"]) == 1
+    spec.methods = ["uniform", "copl"]
+    spec.common["experts"] = 4  # a CoPL option: uniform ignores it, so its result still stands
+    assert runner.run_benchmark(spec, tmp_path / "out", names=["uniform"], progress=False)["skipped"]
+    spec.common["expert"] = 4
+    with pytest.raises(CoplError, match="no method of tiny has the option 'expert'; did you mean experts"):
+        runner.run_benchmark(spec, tmp_path / "out", progress=False)
+
+
+def test_benchmark_under_two_processes_writes_each_result_once(tmp_path):
+    import subprocess
+    import sys
+
+    f = _write(tmp_path, TINY.format(extra="").replace("methods: [uniform, copl]", "methods: [uniform]"), "tiny.yaml")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "-m", "coplctl", "benchmark", str(f), "--out", str(tmp_path / "out")]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    results = load_results(tmp_path / "out")
+    assert len(results) == 1 and results[0]["training"]["processes"] == 2
+    assert (tmp_path / "out" / "tiny" / "runs" / "uniform" / "seed0" / "method.json").exists()

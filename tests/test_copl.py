@@ -56,8 +56,68 @@ def test_frozen_mode_fit_adapt_score_save_load(frozen_copl, tmp_path):
 
 def test_unknown_user_is_a_clear_error(frozen_copl):
     method, _, ds = frozen_copl
-    with pytest.raises(CoplError, match="unknown user 'nobody'"):
+    with pytest.raises(CoplError, match="unknown user 'nobody'.*coplctl adapt"):
         method.score(["nobody"], ds.responses.head(1))
+
+
+def test_adapt_command_adds_users_to_a_model_run_and_score_reads_them(frozen_copl, tmp_path, capsys):
+    from coplctl.cli import main
+
+    method, _, ds = frozen_copl
+    method.save(tmp_path / "run")
+    fs = ds.split("fewshot").head(4)
+    lines = [{"user": "alice", "chosen": c, "rejected": r} for c, r in zip(fs.chosen_id, fs.rejected_id)]
+    f = tmp_path / "alice.jsonl"
+    f.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    args = ["--user", "alice", "--prompt", ds.responses.prompt[0], "--response", ds.responses.text[0]]
+    assert main(["score", str(tmp_path / "run"), *args]) == 1  # not known yet
+    assert "unknown user 'alice'" in capsys.readouterr().err
+    assert main(["adapt", "--model", str(tmp_path / "run"), "--user-file", str(f), "--out", str(tmp_path / "plus")]) == 0
+    capsys.readouterr()
+    assert main(["score", str(tmp_path / "plus"), *args]) == 0
+    assert float(capsys.readouterr().out) == pytest.approx(
+        float(load_method(tmp_path / "plus").score(["alice"], ds.responses.head(1))[0]), abs=1e-6)
+    assert json.loads((tmp_path / "plus" / "summary.json").read_text())["users"] == 1
+
+
+def test_gcf_work_is_not_reused_for_other_data(tiny_dir, micro_dir, tmp_path):
+    first = CoPL(gcf_overrides=SMALL_GCF, epochs=1)
+    first.fit(load(tiny_dir), work_dir=tmp_path / "work", progress=False)
+    second = CoPL(gcf_overrides=SMALL_GCF, epochs=1)
+    second.fit(load(micro_dir), work_dir=tmp_path / "work", progress=False)  # same work dir, other data
+    assert second.user_ids == load(micro_dir).user_ids("seen") != first.user_ids
+
+
+def test_experts_figure(frozen_copl, tmp_path):
+    from PIL import Image
+
+    from coplctl.bench.plots import expert_allocation
+    from coplctl.cli import main
+
+    method, _, _ = frozen_copl
+    method.save(tmp_path / "run")
+    alloc = expert_allocation(tmp_path / "run")
+    assert list(alloc["layers"]) == ["trunk.0", "trunk.2"] and alloc["experts"] == 8
+    assert all(0 <= e < 8 for e in alloc["layers"]["trunk.0"]) and len(alloc["groups"]) == len(alloc["users"])
+    assert main(["plot", "experts", str(tmp_path / "run"), "--out", str(tmp_path / "e.png")]) == 0
+    with Image.open(tmp_path / "e.png") as im:
+        assert im.format == "PNG"
+    assert main(["plot", "experts", str(tmp_path / "run"), "--layer", "7"]) == 1
+
+
+def test_bf16_backbone_trains_and_scores_with_fp32_adapters(micro_dir, tmp_path):
+    ds = load(micro_dir)
+    method = CoPL(mode="lora", dtype="bfloat16", max_length=64, batch_size=16, gcf_overrides=SMALL_GCF)
+    method.fit(ds, work_dir=tmp_path / "work", progress=False)
+    assert method.backbone.model.dtype == torch.bfloat16
+    trained = [p for p in method.net.parameters() if p.requires_grad]
+    assert trained and all(p.dtype == torch.float32 for p in trained)
+    evaluate(method, ds)
+    method.save(tmp_path / "run")
+    again = load_method(tmp_path / "run")
+    before, after = _all_test_scores(method, ds), _all_test_scores(again, ds)
+    assert all(torch.isfinite(torch.tensor(s)).all() for s in before)
+    assert all((a == b).all() for a, b in zip(before, after))
 
 
 @pytest.mark.parametrize("overrides", [{"mole": False}, {"user_embeddings": "learned", "adapt_steps": 5}])

@@ -148,7 +148,7 @@ def test_resume_after_interruption_gives_the_same_model(tiny_dir, tmp_path):
         if epoch == 3:
             raise KeyboardInterrupt
 
-    with pytest.raises(CoplError, match="interrupted after epoch 3"):
+    with pytest.raises(CoplError, match="resume after epoch 3"):
         train_gcf(ds, tmp_path / "b", cfg, seed=3, progress=False, on_epoch_end=interrupt)
     assert (tmp_path / "b" / "checkpoint.pt").exists() and not (tmp_path / "b" / "metrics.json").exists()
     with pytest.raises(CoplError, match="different configuration"):
@@ -194,3 +194,47 @@ def test_gcf_learns_group_preferences_a_global_model_cannot(tmp_path):
     valid = ds.split("valid")
     vu, vc, vr, ok = g.index_pairs(valid[valid["controversial"]])
     assert float((s[vc[ok]] > s[vr[ok]]).float().mean()) < 0.6
+
+
+def test_interrupt_in_the_middle_of_an_epoch_resumes_from_the_last_boundary(tiny_dir, tmp_path, monkeypatch):
+    import coplctl.graph.train as gt
+
+    ds = load(tiny_dir)
+    cfg = _cfg(batch_size=300)  # 4 steps per epoch
+    straight = train_gcf(ds, tmp_path / "a", cfg, seed=3, progress=False)
+    monkeypatch.setattr(gt, "CHECKPOINT_SECONDS", 0)  # checkpoint at every epoch boundary
+    calls, real = [], gt.bt_loss
+
+    def ctrl_c_in_epoch_four(*args):
+        calls.append(1)
+        if len(calls) == 14:  # epoch 4, second step: half-updated weights must not be saved
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(gt, "bt_loss", ctrl_c_in_epoch_four)
+    with pytest.raises(CoplError, match="resume after epoch 3"):
+        train_gcf(ds, tmp_path / "b", cfg, seed=3, progress=False)
+    monkeypatch.setattr(gt, "bt_loss", real)
+    resumed = train_gcf(ds, tmp_path / "b", cfg, seed=3, progress=False)
+    assert [h["loss"] for h in resumed["history"]] == [h["loss"] for h in straight["history"]]
+    a = load_file(str(tmp_path / "a" / "embeddings.safetensors"))
+    b = load_file(str(tmp_path / "b" / "embeddings.safetensors"))
+    assert torch.equal(a["users"], b["users"])
+
+
+def test_lightgcn_variant_is_signed_propagation_averaged_over_layers():
+    g = PreferenceGraph.from_pairs(PAIRS)
+    torch.manual_seed(0)
+    model = GCF(g.num_users, g.num_responses, dim=4, layers=2, variant="lightgcn").double()
+    assert not [p for n, p in model.named_parameters() if not n.startswith(("users", "responses"))]
+    adj = g.adjacency(dtype=torch.double)
+    dense = {k: getattr(adj, k).to_dense() for k in ("pos_ur", "neg_ur", "pos_ru", "neg_ru")}
+    e_u, e_r = model.users.weight, model.responses.weight
+    layers_u, layers_r = [e_u], [e_r]
+    for _ in range(2):
+        e_u, e_r = dense["pos_ur"] @ e_r - dense["neg_ur"] @ e_r, dense["pos_ru"] @ e_u - dense["neg_ru"] @ e_u
+        layers_u.append(e_u)
+        layers_r.append(e_r)
+    out_u, out_r = model(adj)
+    torch.testing.assert_close(out_u, torch.stack(layers_u).mean(0))
+    torch.testing.assert_close(out_r, torch.stack(layers_r).mean(0))

@@ -38,7 +38,14 @@ def _group(results: list[dict]) -> dict[tuple[str, str, str], list[float]]:
 
 def compare(baseline: str, current: str, tolerance: float = 1.0) -> tuple[list[dict], bool]:
     """Rows of (spec, name, metric, baseline, current, delta, allowed, status); True if any failed."""
-    base, cur = _group(load_results(baseline)), _group(load_results(current))
+    from coplctl.errors import CoplError
+
+    found = {}
+    for label, where in (("baseline", baseline), ("current", current)):
+        found[label] = load_results(where)
+        if not found[label]:
+            raise CoplError(f"no results under {where} ({label}): nothing to compare")
+    base, cur = _group(found["baseline"]), _group(found["current"])
     rows, failed = [], False
     for key in sorted(base.keys() | cur.keys()):
         b, c = base.get(key), cur.get(key)

@@ -85,6 +85,13 @@ def plot_embeddings(run_dir: str | Path, out: str | Path, *, adapted: str | Path
     return {"seen": int((~is_new).sum()), "adapted": int(is_new.sum()), "groups": names, "path": str(out)}
 
 
+def _natural(name: str) -> list:
+    """Sort key reading digit runs as numbers: layers.2 before layers.10."""
+    import re
+
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
 def expert_allocation(run_dir: str | Path) -> dict:
     """Top-1 expert of every user at every MoLE layer, read from a CoPL run's saved gates.
 
@@ -99,7 +106,7 @@ def expert_allocation(run_dir: str | Path) -> dict:
 
     run_dir = Path(run_dir)
     weights = load_file(str(run_dir / "model.safetensors"))
-    gates = sorted(k[: -len(".gate.0.weight")] for k in weights if k.endswith(".gate.0.weight"))
+    gates = sorted((k[: -len(".gate.0.weight")] for k in weights if k.endswith(".gate.0.weight")), key=_natural)
     if not gates or "user_table" not in weights:
         raise CoplError(f"{run_dir} has no MoLE gates (is it a CoPL run with mole enabled?)")
     users = json.loads((run_dir / "users.json").read_text())
@@ -123,7 +130,12 @@ def plot_experts(run_dir: str | Path, out: str | Path, *, layers: list[int] | No
     alloc = expert_allocation(run_dir)
     names = list(alloc["layers"])
     if layers:
-        names = [names[i] for i in layers if 0 <= i < len(names)]
+        bad = [i for i in layers if not 0 <= i < len(names)]
+        if bad:
+            from coplctl.errors import CoplError
+
+            raise CoplError(f"--layer {bad[0]} does not exist: {run_dir} has MoLE layers 0-{len(names) - 1}")
+        names = [names[i] for i in layers]
     groups = np.asarray(alloc["groups"])
     group_names = sorted(set(groups))
     m = alloc["experts"]

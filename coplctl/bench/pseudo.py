@@ -13,14 +13,14 @@ import numpy as np
 import pandas as pd
 import torch
 
-from coplctl.data.dataset import PreferenceDataset
+from coplctl.data.dataset import PreferenceDataset, unordered
 
 
 def _survey(ds) -> pd.DataFrame:
     """Distinct survey pairs (as annotated anywhere) with their controversial flag."""
     s = ds.pairs[ds.pairs["split"].isin(["train", "valid", "fewshot"])]
-    c, r = s["chosen_id"], s["rejected_id"]
-    pairs = pd.DataFrame({"a": c.where(c < r, r), "b": r.where(c < r, c), "controversial": s["controversial"]})
+    a, b = unordered(s["chosen_id"], s["rejected_id"])
+    pairs = pd.DataFrame({"a": a, "b": b, "controversial": s["controversial"]})
     return pairs.drop_duplicates(["a", "b"]).reset_index(drop=True)
 
 
@@ -38,8 +38,7 @@ def _label(run, users: np.ndarray, a: np.ndarray, b: np.ndarray) -> pd.DataFrame
 def _sample(survey: pd.DataFrame, ds, users: list[str], k: int, rng) -> pd.DataFrame:
     """k survey pairs per user that the user has not annotated (fewer if the survey is small)."""
     own = ds.pairs[ds.pairs["user_id"].isin(set(users))]
-    c, r = own["chosen_id"], own["rejected_id"]
-    taken = set(zip(own["user_id"], c.where(c < r, r), r.where(c < r, c)))
+    taken = set(zip(own["user_id"], *unordered(own["chosen_id"], own["rejected_id"])))
     rows = []
     for u in users:
         pick = rng.choice(len(survey), size=min(len(survey), k + 8), replace=False)
@@ -71,8 +70,8 @@ def pseudo_label_experiments(spec, ds, copl, base, seed: int, settings: dict) ->
                                   ds.path)
     shared = copl.backbone if settings["mode"] == "frozen" else None  # lora mode: copl's LM holds its adapters
     cls = METHODS.get("copl")
-    model = cls(make_config(cls.Config, {**settings}))
-    model.fit(augmented, shared, seed=seed, work_dir=base / "work" / f"copl-seed{seed}", progress=False)  # same GCF
+    model = cls(make_config(cls.Config, {**settings, "gcf_run": str(copl.gcf_dir)}))  # the labels' own GCF
+    model.fit(augmented, shared, seed=seed, progress=False)
     out = {"pseudo_label": evaluate(model, ds, roles=("seen",))["metrics"]["seen"], "pairs_added": int(len(extra))}
 
     uniform = METHODS.get("uniform")

@@ -12,6 +12,7 @@ from pathlib import Path
 from coplctl.bench.results import provenance, result_path, write_result
 from coplctl.bench.spec import BenchmarkSpec
 from coplctl.errors import CoplError
+from coplctl.progress import Bar
 
 HOW_TO_BUILD = (
     "{path} does not exist. Build it from UltraFeedback first: download openbmb/UltraFeedback and "
@@ -22,7 +23,7 @@ HOW_TO_BUILD = (
 )
 
 
-def prepare_data(spec: BenchmarkSpec, base: Path):
+def prepare_data(spec: BenchmarkSpec, base: Path, force: bool = False):
     """The spec's dataset: generated once for simulated specs, read from data.path for real ones."""
     from coplctl.data import load
 
@@ -36,14 +37,20 @@ def prepare_data(spec: BenchmarkSpec, base: Path):
             raise CoplError(f"{path} holds {ds.meta.get('variant')}-{ds.meta.get('annotations')}, but the spec "
                             f"{spec.name} expects {d.variant}-{d.annotations}")
         return ds
-    path = base / "data"
-    if not (path / "meta.json").exists():
-        from coplctl.data.protocol import ProtocolConfig
-        from coplctl.data.simulate import SimConfig, simulate
+    from coplctl.data.protocol import ProtocolConfig
+    from coplctl.data.simulate import SimConfig, simulate
 
-        proto = ProtocolConfig(variant=d.variant, annotations=d.annotations, users=d.users,
-                               unseen_users=d.unseen_users, survey_pairs=d.survey_pairs, fewshot_pairs=d.fewshot_pairs)
-        simulate(SimConfig(protocol=proto, seed=d.seed)).save(path, overwrite=True)
+    path = base / "data"
+    proto = ProtocolConfig(variant=d.variant, annotations=d.annotations, users=d.users,
+                           unseen_users=d.unseen_users, survey_pairs=d.survey_pairs, fewshot_pairs=d.fewshot_pairs)
+    if (path / "meta.json").exists():
+        ds = load(path)
+        if ds.meta.get("protocol") == asdict(proto) and ds.meta.get("seed") == d.seed:
+            return ds
+        if not force:
+            raise CoplError(f"{path} was simulated with other settings than the spec's data section; results "
+                            f"there are stale: use another --out, or --force to regenerate and rerun everything")
+    simulate(SimConfig(protocol=proto, seed=d.seed)).save(path, overwrite=True)
     return load(path)
 
 
@@ -57,26 +64,33 @@ def run_benchmark(spec: BenchmarkSpec, out: str | Path, *, names: list[str] | No
     state = PartialState(cpu=not torch.cuda.is_available())
     base = Path(out) / spec.name
     with state.main_process_first():
-        ds = prepare_data(spec, base)
-    jobs = [j for j in spec.jobs() if not names or j[0] in names or j[1] in names]
-    if names and not jobs:
-        raise CoplError(f"none of {', '.join(names)} is a method or ablation of {spec.name} "
-                        f"(it has: {', '.join(j[0] for j in spec.jobs())})")
+        ds = prepare_data(spec, base, force)
+    _check_common(spec)
+    known = [j[0] for j in spec.jobs()]
+    unknown = [n for n in names or [] if n not in known]
+    if unknown:
+        raise CoplError(f"{unknown[0]!r} is not a method or ablation of {spec.name} (it has: {', '.join(known)})")
+    jobs = [j for j in spec.jobs() if not names or j[0] in names]
     seeds = seeds if seeds is not None else spec.seeds
     todo, skipped = [], []
     for name, method, overrides in jobs:
+        settings = _settings(spec, method, overrides, backbone, mode)
         for seed in seeds:
             path = result_path(out, spec.name, name, seed)
-            (todo if force or not path.exists() else skipped).append((name, method, overrides, seed, path))
+            if path.exists() and not force:
+                _check_same(path, settings)
+                skipped.append(path)
+            else:
+                todo.append((name, method, overrides, seed, path))
     if state.is_main_process:
         base.mkdir(parents=True, exist_ok=True)
         (base / "spec.json").write_text(json.dumps(asdict(spec), indent=2) + "\n")
-    bar = _bar(progress and state.is_main_process, len(todo), spec.name)
+    bar = Bar(progress and state.is_main_process, len(todo), spec.name)
     done = []
     try:
         for i, (name, method, overrides, seed, path) in enumerate(todo):
             result = run_job(spec, ds, base, name, method, overrides, seed, backbone=backbone, mode=mode,
-                             stage=lambda s, n=name, k=seed: bar(i, f"{n} seed {k}: {s}"))
+                             stage=lambda s, n=name, k=seed: bar.update(completed=i, info=f"{n} seed {k}: {s}"))
             if state.is_main_process:
                 write_result(path, result)
                 shutil.rmtree(base / "work" / f"{name}-seed{seed}", ignore_errors=True)
@@ -88,8 +102,52 @@ def run_benchmark(spec: BenchmarkSpec, out: str | Path, *, names: list[str] | No
             state.wait_for_everyone()
             done.append(str(path))
     finally:
-        bar(len(todo), None)
-    return {"done": done, "skipped": [str(t[-1]) for t in skipped]}
+        bar.update(completed=len(done))
+        bar.close()
+    return {"done": done, "skipped": [str(p) for p in skipped]}
+
+
+def _settings(spec: BenchmarkSpec, method: str, overrides: dict, backbone, mode) -> dict:
+    """The config a job resolves to: spec backbone/mode (or the overrides of the command line), then
+    the spec's overrides — keeping only the fields this method has (``common`` and ``--set`` apply to
+    every method that knows the key)."""
+    import dataclasses
+
+    from coplctl.registry import METHODS
+    from coplctl.reward import make_config
+
+    cls = METHODS.get(method)
+    fields = {f.name for f in dataclasses.fields(cls.Config)}
+    own = {k: v for k, v in overrides.items()
+           if k in fields or k not in spec.common or k in spec.overrides.get(method, {})}
+    settings = {"backbone": backbone or spec.backbone, "mode": mode or spec.mode, **own}
+    return asdict(make_config(cls.Config, settings, owner=f"{spec.name}: method {method}"))
+
+
+def _check_common(spec: BenchmarkSpec) -> None:
+    """A key of ``common`` (or ``--set``) must be an option of at least one of the spec's methods."""
+    import dataclasses
+
+    from coplctl.registry import METHODS
+
+    fields = {f.name for _, m, _ in spec.jobs() for f in dataclasses.fields(METHODS.get(m).Config)}
+    for key in spec.common:
+        if key not in fields:
+            import difflib
+
+            close = difflib.get_close_matches(key, fields, n=1)
+            raise CoplError(f"no method of {spec.name} has the option {key!r}"
+                            + (f"; did you mean {close[0]}?" if close else ""))
+
+
+def _check_same(path: Path, settings: dict) -> None:
+    """A finished result is reused only if it was produced with the same settings."""
+    old = json.loads(path.read_text()).get("config", {})
+    diff = sorted(k for k in settings.keys() | old.keys() if old.get(k) != settings.get(k))
+    if diff:
+        shown = ", ".join(f"{k}: {old.get(k)!r} -> {settings.get(k)!r}" for k in diff[:3])
+        raise CoplError(f"{path} was produced with other settings ({shown}); use another --out, or --force "
+                        f"to redo it")
 
 
 def _pct(result: dict, role: str) -> str:
@@ -99,20 +157,28 @@ def _pct(result: dict, role: str) -> str:
 
 def run_job(spec, ds, base: Path, name: str, method_name: str, overrides: dict, seed: int, *,
             backbone=None, mode=None, stage=lambda s: None) -> dict:
-    """Train one (method, seed), save its run, evaluate it, and the paper's extras for CoPL."""
+    """Train one (method, seed), save its run, evaluate it, and the paper's extras for CoPL.
+
+    Under several processes every process trains (training is collective); only the main process
+    writes files.
+    """
+    from accelerate import PartialState
+
     from coplctl.evaluate import evaluate
     from coplctl.registry import METHODS
-    from coplctl.reward import make_config
 
+    main = PartialState().is_main_process
     cls = METHODS.get(method_name)
-    settings = {"backbone": backbone or spec.backbone, "mode": mode or spec.mode, **overrides}
-    method = cls(make_config(cls.Config, settings, owner=f"{spec.name}: method {name}"))
+    settings = _settings(spec, method_name, overrides, backbone, mode)
+    method = cls(cls.Config(**settings))
     stage("train")
     t0 = time.perf_counter()
     training = method.fit(ds, seed=seed, work_dir=base / "work" / f"{name}-seed{seed}", progress=False)
     fit_seconds = time.perf_counter() - t0
     run_dir = base / "runs" / name / f"seed{seed}"
-    method.save(run_dir)
+    if main:
+        method.save(run_dir)
+    PartialState().wait_for_everyone()
     n_seen = len(method.user_ids)
     stage("evaluate")
     t0 = time.perf_counter()
@@ -127,11 +193,11 @@ def run_job(spec, ds, base: Path, name: str, method_name: str, overrides: dict, 
         "run_dir": str(run_dir), "provenance": provenance(ds.path),
     }
     if method_name == "copl" and name == "copl":
-        result["extra"] = copl_extras(spec, ds, method, n_seen, base, seed, settings, stage)
+        result["extra"] = copl_extras(spec, ds, method, n_seen, base, seed, settings, stage, main)
     return result
 
 
-def copl_extras(spec, ds, method, n_seen: int, base: Path, seed: int, settings: dict, stage) -> dict:
+def copl_extras(spec, ds, method, n_seen: int, base: Path, seed: int, settings: dict, stage, main: bool) -> dict:
     """Table 4 (adaptation variants), Table 5 (GCF accuracy), Figure 2 (few-shot curve), figures, Table 6."""
     from coplctl.evaluate import evaluate
 
@@ -158,7 +224,7 @@ def copl_extras(spec, ds, method, n_seen: int, base: Path, seed: int, settings: 
                 curve.setdefault(str(hops), {})[str(shots)] = m["accuracy"] if m else None
         extra["fewshot_curve"] = curve
     method.config.adaptation, method.config.hops = original
-    if spec.figures:
+    if spec.figures and main:
         stage("figures")
         from coplctl.bench.plots import plot_embeddings, plot_experts
 
@@ -176,23 +242,3 @@ def copl_extras(spec, ds, method, n_seen: int, base: Path, seed: int, settings: 
     return extra
 
 
-def _bar(enabled: bool, total: int, label: str):
-    if not enabled:
-        return lambda done, info: None
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from coplctl.cli.common import err
-
-    prog = Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    TextColumn("{task.fields[info]}"), console=err)
-    task = prog.add_task(label, total=total, info="")
-    prog.start()
-
-    def update(done, info):
-        if info is None:
-            prog.update(task, completed=done, info="")
-            prog.stop()
-        else:
-            prog.update(task, completed=done, info=info)
-
-    return update

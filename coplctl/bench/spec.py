@@ -33,10 +33,15 @@ class DataSpec:
     source: str = "simulated"
     """``simulated`` (coplctl data simulate) or ``ultrafeedback`` (built beforehand with coplctl data build-ufp)."""
     variant: str = "uf-p-4"
+    """``uf-p-2`` (helpfulness, honesty) or ``uf-p-4`` (all four attributes)."""
     annotations: str = "avg"
+    """``all`` (8 / 16 annotations per user) or ``avg`` (uniform 1-15 / 1-31)."""
     users: int = 10_000
+    """Seen users (paper: 10,000); simulated data only, real data has what it was built with."""
     unseen_users: int = 100
+    """Unseen users (paper: 100)."""
     survey_pairs: int = 25_993
+    """Survey set size (paper: 25,993)."""
     fewshot_pairs: int | None = None
     """Few-shot pairs per unseen user; None = the paper's 8 / 16 (more to draw Figure 2 further)."""
     seed: int = 0
@@ -50,8 +55,11 @@ class Ablation:
     """A named variant of a method (Table 3), e.g. CoPL without MoLE."""
 
     name: str
+    """Its name in results and tables."""
     method: str
+    """The registered method it varies."""
     overrides: dict = field(default_factory=dict)
+    """Config fields that make it the variant."""
 
 
 @dataclass
@@ -59,7 +67,9 @@ class FewshotCurve:
     """Figure 2: CoPL's unseen accuracy against the number of few-shot annotations, per hop count."""
 
     shots: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])
+    """Few-shot annotations given to each unseen user (the first ones of its fewshot pairs)."""
     hops: list[int] = field(default_factory=lambda: [2, 4])
+    """k of the k-hop adaptation (paper: 2 and 4)."""
 
 
 @dataclass
@@ -79,22 +89,33 @@ class BenchmarkSpec:
     """One benchmark: data, methods, backbone and mode, seeds, and the paper's extra experiments."""
 
     version: int
+    """Spec format version (1)."""
     name: str
+    """Benchmark id: results go to RESULTS/<name>/."""
     description: str = ""
+    """One line shown by `coplctl benchmark --list`."""
     data: DataSpec = field(default_factory=DataSpec)
+    """Where the data comes from."""
     methods: list[str] = field(default_factory=lambda: list(PAPER_METHODS))
+    """Registered methods to run (paper: the seven of Table 1)."""
     backbone: str = "minilm"
+    """Backbone of every method (paper: gemma-2b-it and gemma-7b-it)."""
     mode: str = "frozen"
+    """``frozen`` or ``lora`` (the paper's)."""
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    """Training seeds (paper: three)."""
     common: dict = field(default_factory=dict)
     """Config overrides for every method."""
     overrides: dict = field(default_factory=dict)
     """Per-method config overrides: {method: {field: value}}."""
     ablations: list[Ablation] = field(default_factory=list)
+    """Table 3: named variants of methods."""
     adaptation: list[str] = field(default_factory=list)
     """Table 4: CoPL's unseen-user adaptation variants to evaluate (weighted, average, optimize)."""
     fewshot_curve: FewshotCurve | None = None
+    """Figure 2 (None: skip)."""
     pseudo_labels: PseudoLabels | None = None
+    """Table 6 (None: skip)."""
     figures: bool = True
     """Draw the t-SNE of user embeddings and the expert allocation of each CoPL run."""
     path: str | None = None

@@ -14,6 +14,8 @@ SPEC_ORDER = ["uf-p-2-all", "uf-p-2-avg", "uf-p-4-all", "uf-p-4-avg"]
 
 @dataclass
 class Cell:
+    """One table cell: a metric over seeds (points), and whether it is the column's best."""
+
     values: list[float]
     bold: bool = False
 
@@ -28,6 +30,8 @@ class Cell:
 
 @dataclass
 class Table:
+    """A rendered-format-neutral table: rows of cells under column names."""
+
     key: str
     title: str
     columns: list[str]

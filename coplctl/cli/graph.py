@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from coplctl.cli.common import Force, Seed, err, examples, out
+from coplctl.cli.common import Force, Seed, err, examples, out, parse_sets
 
 app = typer.Typer(help="Learn user embeddings on the user–response preference graph (CoPL §4.1).",
                   no_args_is_help=True,
@@ -26,6 +26,7 @@ class Preset(str, Enum):
 @app.command("train", epilog=examples(
     "coplctl graph train --data data/sim-uf-p-4-avg --out runs/gcf",
     "coplctl graph train --data data/sim-uf-p-4-avg --out runs/gcf512 --dim 512 --epochs 100",
+    "coplctl graph train --data data/sim-uf-p-4-avg --out runs/lightgcn --set variant=lightgcn",
     "coplctl graph train --data data/uf-p-4-avg --out runs/gcf-paper --preset paper --device cuda"))
 def train(
     data: Annotated[Path, typer.Option("--data", "-d", help="Dataset directory.", show_default=False)],
@@ -42,6 +43,8 @@ def train(
         "--batch-size", min=0, help="Pairs per step; 0 = all pairs (one full-graph step per epoch).")] = None,
     sampler: Annotated[Optional[str], typer.Option(
         "--sampler", help="full, or neighbor (sampled subgraphs per batch, for very large graphs).")] = None,
+    sets: Annotated[Optional[list[str]], typer.Option(
+        "--set", help="Any other GCF field, key=value (repeatable), e.g. --set variant=official --set l2=0.")] = None,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:1 ...")] = "auto",
     seed: Seed = 0,
     force: Force = False,
@@ -52,8 +55,15 @@ def train(
     from coplctl.data import load
     from coplctl.graph.train import preset_config, train_gcf
 
+    from coplctl.graph.train import GCFConfig
+    from coplctl.reward import make_config
+
+    extra = parse_sets(sets or [])
+    make_config(GCFConfig, extra, owner="graph train")  # unknown keys: a clear error now, not mid-run
+    if "fanouts" in extra:
+        extra["fanouts"] = tuple(extra["fanouts"])
     cfg = preset_config(preset.value, dim=dim, layers=layers, epochs=epochs, lr=lr, batch_size=batch_size,
-                        sampler=sampler)
+                        sampler=sampler, **extra)
     ds = load(data)
     if (out_dir / "checkpoint.pt").exists() and not force:
         err.print(f"resuming the interrupted run in {out_dir}")

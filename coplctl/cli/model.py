@@ -60,6 +60,8 @@ def register(app: typer.Typer) -> None:
             raise CoplError(f"{out_dir} already exists; choose another --out or pass --force to replace it")
         ds = load(data)
         work = out_dir.parent / f".{out_dir.name}.work"  # resumable intermediate work (e.g. CoPL's GCF)
+        if force:
+            shutil.rmtree(work, ignore_errors=True)
         model = cls(cfg)
         state = distributed_state(cfg)
         metrics = model.fit(ds, seed=seed, work_dir=work)

@@ -23,6 +23,8 @@ from coplctl.atomic import atomic_dir
 from coplctl.errors import DataError
 
 FORMAT_VERSION = 1
+#: How a backbone reads a response (paper §5; the same for every method and backbone).
+TEXT_FORMAT = "Human: {prompt}\n\nAssistant: {response}"
 FILES = ("responses.parquet", "users.parquet", "pairs.parquet", "meta.json")
 SPLITS = ("train", "valid", "test", "fewshot")
 ROLES = ("seen", "unseen")
@@ -73,6 +75,11 @@ class PreferenceDataset:
             (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
         self.meta, self.path = meta, Path(path)
         return self.path
+
+
+def unordered(a: pd.Series, b: pd.Series) -> tuple[pd.Series, pd.Series]:
+    """The two response ids of pairs in a fixed order, so that a ≻ b and b ≻ a share one key."""
+    return a.where(a < b, b), b.where(a < b, a)
 
 
 def _write_parquet(df: pd.DataFrame, path: Path) -> None:
@@ -175,8 +182,8 @@ def validate(ds: PreferenceDataset, root: Path) -> None:
     _fail(pf, "chosen and rejected responses answer different prompts",
           pairs["chosen_id"].map(prompt_of).to_numpy() != pairs["rejected_id"].map(prompt_of).to_numpy())
 
-    c, r = pairs["chosen_id"], pairs["rejected_id"]
-    key = pd.DataFrame({"u": pairs["user_id"], "lo": c.where(c < r, r), "hi": r.where(c < r, c)})
+    lo, hi = unordered(pairs["chosen_id"], pairs["rejected_id"])
+    key = pd.DataFrame({"u": pairs["user_id"], "lo": lo, "hi": hi})
     _fail(pf, "duplicate pair (the same user already annotated these two responses)", key.duplicated())
 
     role = pairs["user_id"].map(users.set_index("user_id")["role"])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from coplctl.data.dataset import ROLES, SPLITS, PreferenceDataset
+from coplctl.data.dataset import ROLES, SPLITS, PreferenceDataset, unordered
 
 
 def _spread(counts: pd.Series) -> dict:
@@ -35,8 +35,8 @@ def summarize(ds: PreferenceDataset) -> dict:
     train_counts = pairs[pairs["split"] == "train"].groupby("user_id").size().reindex(seen, fill_value=0)
     histogram = {int(k): int(v) for k, v in train_counts.value_counts().sort_index().items()}
     survey = pairs[pairs["split"].isin(["train", "valid", "fewshot"])]
-    c, r = survey["chosen_id"], survey["rejected_id"]
-    keys = pd.DataFrame({"lo": c.where(c < r, r), "hi": r.where(c < r, c), "contr": survey["controversial"]})
+    lo, hi = unordered(survey["chosen_id"], survey["rejected_id"])
+    keys = pd.DataFrame({"lo": lo, "hi": hi, "contr": survey["controversial"]})
     distinct = keys.drop_duplicates(["lo", "hi"])
     return {
         "path": str(ds.path) if ds.path else None,

@@ -160,7 +160,9 @@ class SimConfig:
     """Simulated UF-P. The protocol fields are the paper's; the generator fields shape the text."""
 
     protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
+    """The UF-P user protocol (paper defaults)."""
     seed: int = 0
+    """Seed of everything random: ratings, texts, ties, users."""
     attribute_correlation: float = 0.5
     """Share of each attribute's latent variance coming from a response's overall quality."""
     cues_per_attribute: int = 2

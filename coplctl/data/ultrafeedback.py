@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from coplctl.data.dataset import PreferenceDataset
+from coplctl.data.dataset import TEXT_FORMAT, PreferenceDataset
 from coplctl.data.protocol import ATTRIBUTES, ProtocolConfig, assign_users, break_ties
 from coplctl.errors import CoplError, DataError
 
@@ -37,7 +37,6 @@ HOW_TO_GET = (
     "download it where you have network access, e.g. `huggingface-cli download --repo-type dataset "
     "{id} --local-dir DIR`, and pass DIR (or one of its .parquet/.jsonl files) here"
 )
-TEXT_FORMAT = "Human: {prompt}\n\nAssistant: {response}"
 
 
 @dataclass
@@ -45,7 +44,9 @@ class BuildConfig:
     """Real UF-P builder; the protocol fields are the paper's defaults."""
 
     protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
+    """The UF-P user protocol (paper defaults)."""
     seed: int = 0
+    """Seed of the tie coins and the user protocol."""
     ultrafeedback: str = UF_HUB_ID
     """Path of a local copy of openbmb/UltraFeedback, or its hub id."""
     cleaned: str | None = CLEANED_HUB_ID

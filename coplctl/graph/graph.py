@@ -25,11 +25,6 @@ from torch_geometric.utils import coalesce, degree, spmm, to_torch_csr_tensor
 from coplctl.atomic import atomic_path, atomic_write_text
 from coplctl.errors import CoplError
 
-# torch announces on every CSR construction that CSR support is "beta" and that invariant checks are
-# off; the matrices built here are valid by construction, so these notices are noise for users.
-warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
-warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitly disabled")
-
 
 @dataclass
 class Adjacency:
@@ -77,7 +72,10 @@ def build_adjacency(pos: torch.Tensor, pos_w: torch.Tensor, neg: torch.Tensor, n
     """CSR matrices for the four message directions (sign × receiving side)."""
 
     def csr(idx, w, size):
-        return to_torch_csr_tensor(idx.to(device), w.to(device=device, dtype=dtype), size=size)
+        with warnings.catch_warnings():  # torch calls CSR "beta" on every construction: noise here
+            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
+            warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitly disabled")
+            return to_torch_csr_tensor(idx.to(device), w.to(device=device, dtype=dtype), size=size)
 
     pos_ur, pos_ru = csr(pos, pos_w, (n_users, n_responses)), csr(pos.flip(0), pos_w, (n_responses, n_users))
     neg_ur, neg_ru = csr(neg, neg_w, (n_users, n_responses)), csr(neg.flip(0), neg_w, (n_responses, n_users))

@@ -14,6 +14,10 @@ stored as one ``Linear(5d, d)`` over [e, Σα e_r, e ⊙ Σα e_r, Σβ e_r, e �
 Official-code variant (``variant="official"``): one W_pos, W_neg, W_self per layer shared by users and
 responses; the raw aggregate is added untransformed, only the Hadamard term is transformed, and the
 negative message is subtracted:  e ← LeakyReLU(W_self e + (p + W_pos(e ⊙ p)) − (n + W_neg(e ⊙ n))).
+
+``variant="lightgcn"`` is another GNN the paper's limitations invite (§7): signed LightGCN
+propagation without weights or non-linearity, e ← Σα e_r − Σβ e_r, and the mean of all layers'
+embeddings as the output (He et al. 2020).
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import torch
 from torch import nn
 from coplctl.graph.graph import Adjacency
 
-VARIANTS = ("paper", "official")
+VARIANTS = ("paper", "official", "lightgcn")
 
 
 class CoPLLayer(nn.Module):
@@ -30,7 +34,8 @@ class CoPLLayer(nn.Module):
 
     Args:
         dim: embedding width d.
-        variant: ``paper`` (separate weights per sign and side) or ``official`` (the authors' code).
+        variant: ``paper`` (separate weights per sign and side), ``official`` (the authors' code) or
+            ``lightgcn`` (no weights: signed aggregation only).
         negative_slope: LeakyReLU slope ψ (not given in the paper; 0.2 as in NGCF).
     """
 
@@ -43,7 +48,7 @@ class CoPLLayer(nn.Module):
         if variant == "paper":
             self.user = nn.Linear(5 * dim, dim)
             self.response = nn.Linear(5 * dim, dim)
-        else:
+        elif variant == "official":
             self.shared = nn.Linear(3 * dim, dim)
 
     def _side(self, lin: nn.Linear, e: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
@@ -54,6 +59,8 @@ class CoPLLayer(nn.Module):
     def forward(self, e_u: torch.Tensor, e_r: torch.Tensor, adj: Adjacency) -> tuple[torch.Tensor, torch.Tensor]:
         u_pos, u_neg = adj.propagate("pos_ur", e_r), adj.propagate("neg_ur", e_r)
         r_pos, r_neg = adj.propagate("pos_ru", e_u), adj.propagate("neg_ru", e_u)
+        if self.variant == "lightgcn":
+            return u_pos - u_neg, r_pos - r_neg
         lin_u, lin_r = (self.user, self.response) if self.variant == "paper" else (self.shared, self.shared)
         return self._side(lin_u, e_u, u_pos, u_neg), self._side(lin_r, e_r, r_pos, r_neg)
 
@@ -84,8 +91,13 @@ class GCF(nn.Module):
         """Layer-L embeddings of all nodes, or of the given node subsets (a sampled subgraph)."""
         e_u = self.users.weight if users is None else self.users(users)
         e_r = self.responses.weight if responses is None else self.responses(responses)
+        all_u, all_r = [e_u], [e_r]
         for layer in self.layers:
             e_u, e_r = layer(e_u, e_r, adj)
+            all_u.append(e_u)
+            all_r.append(e_r)
+        if self.layers and self.layers[0].variant == "lightgcn":  # LightGCN: mean over layers
+            return torch.stack(all_u).mean(0), torch.stack(all_r).mean(0)
         return e_u, e_r
 
     @staticmethod

@@ -20,6 +20,7 @@ from coplctl.errors import CoplError
 from coplctl.graph.graph import PreferenceGraph
 from coplctl.graph.model import VARIANTS, GCF
 from coplctl.graph.sampling import NeighborSampler
+from coplctl.progress import Bar
 from coplctl.backbone import resolve_device
 from coplctl.reward import bt_loss
 from coplctl.trainer import cosine_with_warmup
@@ -39,7 +40,7 @@ class GCFConfig:
     layers: int = 4
     """Message-passing layers L (paper: 4)."""
     variant: str = "paper"
-    """``paper`` (Eq. 2-4) or ``official`` (the authors' code, see METHODS.md)."""
+    """``paper`` (Eq. 2-4), ``official`` (the authors' code, see METHODS.md) or ``lightgcn`` (another GNN)."""
     epochs: int = 300
     """Maximum epochs (paper: 300; official code: 100)."""
     lr: float = 2e-2
@@ -178,10 +179,13 @@ def train_gcf(ds, out: str | Path, cfg: GCFConfig, *, seed: int = 0, device: str
                         "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                         "generator": gen.get_state(), "state": state}, f)
 
-    bar = _progress(progress, cfg.epochs, state.epoch)
+    bar = Bar(progress, cfg.epochs, "GCF", completed=state.epoch)
     last_ckpt = time.monotonic()
+    saved_epoch = state.epoch if ckpt.exists() else None
+    at_boundary = True  # a checkpoint is exact only between epochs
     try:
         while state.epoch < cfg.epochs:
+            at_boundary = False
             t0 = time.perf_counter()
             model.train()
             order = torch.randperm(n, generator=gen).to(dev) if cfg.batch_size > 0 else None
@@ -226,19 +230,24 @@ def train_gcf(ds, out: str | Path, cfg: GCFConfig, *, seed: int = 0, device: str
                 state.seconds_to_best, state.since_best = state.seconds, 0
             else:
                 state.since_best += 1
-            bar(state, metrics)
+            at_boundary = True
+            bar.update(completed=state.epoch, info=f"loss {metrics['loss']:.4f} valid {metrics['valid_accuracy']:.4f}"
+                                                   f" best {state.best_valid:.4f}@{state.best_epoch}")
             if on_epoch_end is not None:
                 on_epoch_end(state.epoch, metrics)
             if cfg.patience and state.since_best >= cfg.patience and state.epoch >= cfg.min_epochs:
                 break
             if time.monotonic() - last_ckpt > CHECKPOINT_SECONDS:
                 save_checkpoint()
-                last_ckpt = time.monotonic()
+                saved_epoch, last_ckpt = state.epoch, time.monotonic()
     except KeyboardInterrupt:
-        save_checkpoint()
-        raise CoplError(f"interrupted after epoch {state.epoch}; run the same command again to resume") from None
+        if at_boundary:
+            save_checkpoint()
+            saved_epoch = state.epoch
+        where = f"after epoch {saved_epoch}" if saved_epoch else "from the start"
+        raise CoplError(f"interrupted during training; run the same command again to resume {where}") from None
     finally:
-        bar(None, None)
+        bar.close()
 
     model.load_state_dict(state.best_state)
     return _export(out, ds, graph, model, adj, cfg, seed, state, (u, c, r), (vu, vc, vr), ckpt)
@@ -273,26 +282,3 @@ def _export(out, ds, graph, model, adj, cfg, seed, state, train, valid, ckpt) ->
     atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")  # written last: marks completion
     ckpt.unlink(missing_ok=True)
     return metrics
-
-
-def _progress(enabled: bool, epochs: int, start: int):
-    """A rich progress bar on stderr; returns update(state, metrics), and update(None, None) closes it."""
-    if not enabled:
-        return lambda state, metrics: None
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from coplctl.cli.common import err
-
-    prog = Progress(TextColumn("GCF"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    TextColumn("{task.fields[info]}"), console=err, transient=False)
-    task = prog.add_task("train", total=epochs, completed=start, info="")
-    prog.start()
-
-    def update(state, metrics):
-        if state is None:
-            prog.stop()
-            return
-        prog.update(task, completed=state.epoch, info=f"loss {metrics['loss']:.4f} "
-                    f"valid {metrics['valid_accuracy']:.4f} best {state.best_valid:.4f}@{state.best_epoch}")
-
-    return update
