@@ -16,9 +16,9 @@ import pandas as pd
 import torch
 from torch import nn
 
-from coplctl.encoders import concat_batches, default_targets
+from coplctl.encoders import default_targets
 from coplctl.errors import CoplError
-from coplctl.neural import BaselineConfig, NeuralMethod, lora_alpha
+from coplctl.neural import BaselineConfig, NeuralMethod, PairScorer, lora_alpha
 from coplctl.registry import register_method
 
 
@@ -27,7 +27,7 @@ class OracleConfig(BaselineConfig):
     """Oracle: the baselines' settings (LoRA rank 64 in lora mode) for every group's model."""
 
 
-class OracleNet(nn.Module):
+class OracleNet(PairScorer):
     """One encoder adapter (or trunk) and head per group; rows are routed by their user's group."""
 
     def __init__(self, method: "Oracle"):
@@ -76,11 +76,6 @@ class OracleNet(nn.Module):
                 h = self.encoder(sub)
             out = out.index_put((idx,), self.heads[k](h).squeeze(-1).to(out.dtype))
         return out
-
-    def forward(self, users, chosen: dict, rejected: dict):
-        n = len(users)
-        r = self.score(users.repeat(2), concat_batches(chosen, rejected))
-        return r[:n], r[n:], r.new_zeros(())
 
 
 @register_method("oracle")

@@ -12,8 +12,8 @@ import pandas as pd
 import torch
 from torch import nn
 
-from coplctl.encoders import add_lora, concat_batches
-from coplctl.neural import BaselineConfig, NeuralMethod, lora_alpha
+from coplctl.encoders import add_lora
+from coplctl.neural import BaselineConfig, NeuralMethod, PairScorer, lora_alpha
 from coplctl.registry import register_method
 
 
@@ -40,7 +40,7 @@ class ResidualMap(nn.Module):
         return y + self.mlp(y)
 
 
-class PALNet(nn.Module):
+class PALNet(PairScorer):
     def __init__(self, method: "PAL"):
         super().__init__()
         c = method.config
@@ -58,11 +58,6 @@ class PALNet(nn.Module):
         ideal = self.f(torch.softmax(self.weights.index_select(0, users), dim=-1) @ self.prototypes)
         dist = ((h - ideal.to(h.dtype)).pow(2).sum(-1) + 1e-8).sqrt()
         return -self.log_scale.exp() * dist
-
-    def forward(self, users, chosen: dict, rejected: dict):
-        n = len(users)
-        r = self.score(users.repeat(2), concat_batches(chosen, rejected))
-        return r[:n], r[n:], r.new_zeros(())
 
 
 @register_method("pal")

@@ -197,11 +197,20 @@ class BaselineConfig(TrainConfig):
     """Adam learning rate of those steps."""
 
 
+class PairScorer(nn.Module):
+    """A net whose training forward scores a pair's two responses in one batch with ``score``."""
+
+    def forward(self, users, chosen: dict, rejected: dict):
+        n = len(users)
+        r = self.score(users.repeat(2), concat_batches(chosen, rejected))
+        return r[:n], r[n:], r.new_zeros(())
+
+
 def lora_alpha(cfg: BaselineConfig) -> float:
     return cfg.lora_alpha if cfg.lora_alpha is not None else 2 * cfg.lora_rank
 
 
-class UserVectorNet(nn.Module):
+class UserVectorNet(PairScorer):
     """A response encoder (with plain LoRA in ``lora`` mode) that reads an optional per-user vector,
     and a linear head on the pooled output: Uniform (no vector), I2E and I2E-proxy (a user token)."""
 
@@ -218,8 +227,3 @@ class UserVectorNet(nn.Module):
     def score(self, users: torch.Tensor, batch: dict) -> torch.Tensor:
         extra = self.user_vector(users) if self.user_vector is not None else None
         return self.head(self.encoder(batch, extra)).squeeze(-1)
-
-    def forward(self, users, chosen: dict, rejected: dict):
-        n = len(users)
-        r = self.score(users.repeat(2), concat_batches(chosen, rejected))
-        return r[:n], r[n:], r.new_zeros(())
