@@ -118,12 +118,9 @@ class CoPLNet(nn.Module):
         with mole_routing(self.layers, routing):
             return self.encoder(batch), routing.records
 
-    def score_embeddings(self, e: torch.Tensor, batch: dict) -> torch.Tensor:
-        h, _ = self.hidden(e, batch, torch.arange(len(e), device=e.device))
-        return self.head(h).squeeze(-1)
-
     def score(self, users: torch.Tensor, batch: dict) -> torch.Tensor:
-        return self.score_embeddings(self.user_table.index_select(0, users), batch)
+        h, _ = self.hidden(self.user_table.index_select(0, users), batch, torch.arange(len(users), device=users.device))
+        return self.head(h).squeeze(-1)
 
     def forward(self, users, chosen: dict, rejected: dict):
         n = len(users)

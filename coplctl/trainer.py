@@ -239,6 +239,8 @@ def optimize_rows(params: list[nn.Parameter], loss_fn: Callable[[torch.Tensor], 
     ``loss_fn(item_indices)`` returns the loss of those few-shot pairs. ``frozen`` (the trained model)
     gets no gradient during the fit and is left exactly as it was.
     """
+    if n_items == 0:
+        return
     opt = torch.optim.Adam(params, lr=lr)
     g = torch.Generator().manual_seed(seed)
     fitted = {id(p) for p in params}

@@ -63,13 +63,13 @@ def run_benchmark(spec: BenchmarkSpec, out: str | Path, *, names: list[str] | No
 
     state = PartialState(cpu=not torch.cuda.is_available())
     base = Path(out) / spec.name
-    with state.main_process_first():
-        ds = prepare_data(spec, base, force)
     _check_common(spec)
     known = [j[0] for j in spec.jobs()]
     unknown = [n for n in names or [] if n not in known]
     if unknown:
         raise CoplError(f"{unknown[0]!r} is not a method or ablation of {spec.name} (it has: {', '.join(known)})")
+    with state.main_process_first():
+        ds = prepare_data(spec, base, force)
     jobs = [j for j in spec.jobs() if not names or j[0] in names]
     seeds = seeds if seeds is not None else spec.seeds
     todo, skipped = [], []
