@@ -48,8 +48,11 @@ def register(app: typer.Typer) -> None:
             "--skip-invalid", help="Skip bad lines and users without a usable pair, and report them.")] = False,
         force: Force = False,
     ) -> None:
-        """Adapt new users. A graph run gives embeddings.safetensors + summary.json; a reward-model run
-        gives a new run that scores the new users too (coplctl score OUT --user ...)."""
+        """Place new users from a few annotations, in a graph run or a reward-model run.
+
+        A graph run gives embeddings.safetensors and summary.json; a reward-model run gives a new run
+        that scores the new users too (coplctl score OUT --user ...).
+        """
         from coplctl.errors import CoplError
 
         if (user_file is None) == (data is None):
