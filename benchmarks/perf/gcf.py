@@ -134,7 +134,7 @@ def main() -> None:
     for method in ("weighted", "average", "optimize"):
         r = ad[method]
         print(f"adapt {method:<8} {r['users']} users: {r['seconds_median']:.3f} s (median of 5), extra peak "
-              f"{r['extra_peak_mb']:.0f} MB, unseen held-out accuracy {100 * r['unseen_valid_accuracy']:.2f} "
+              f"{max(0.0, r['extra_peak_mb']):.0f} MB, unseen held-out accuracy {100 * r['unseen_valid_accuracy']:.2f} "
               f"({r['pairs']} pairs, {r['fallback_users']} fallback users)")
     print(f"non-personalized BT floor: seen valid {100 * ad['global_bt_seen_valid_accuracy']:.2f}, "
           f"unseen held-out {100 * ad['global_bt_unseen_valid_accuracy']:.2f}")
