@@ -1,6 +1,14 @@
-"""One rich progress bar on stderr, shared by every long loop (GCF epochs, training steps, benchmarks)."""
+"""One rich progress bar on stderr, shared by every long loop (GCF epochs, training steps, benchmarks).
+
+When stderr is not a terminal (CI logs, `> run.log 2>&1`), rich draws nothing until the bar stops, so the bar
+also prints a plain progress line every `LOG_EVERY_S` seconds there.
+"""
 
 from __future__ import annotations
+
+import time
+
+LOG_EVERY_S = 30.0
 
 
 class Bar:
@@ -22,11 +30,22 @@ class Bar:
         self.prog = Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                              TextColumn("{task.fields[info]}"), console=err)
         self.task = self.prog.add_task(label, total=total, completed=completed, info="")
+        self.label, self.total, self.done, self.info = label, total, completed, ""
+        self.start = self.last_log = time.monotonic()
+        self.log = not err.is_terminal
         self.prog.start()
 
     def update(self, *, advance: int = 0, completed: int | None = None, info: str = "") -> None:
-        if self.prog is not None:
-            self.prog.update(self.task, advance=advance, completed=completed, info=info)
+        if self.prog is None:
+            return
+        self.prog.update(self.task, advance=advance, completed=completed, info=info)
+        self.done = completed if completed is not None else self.done + advance
+        self.info = info or self.info
+        now = time.monotonic()
+        if self.log and now - self.last_log >= LOG_EVERY_S:
+            self.last_log = now
+            self.prog.console.print(f"{self.label} {self.done}/{self.total} [{now - self.start:.0f} s] {self.info}",
+                                    markup=False, highlight=False)
 
     def close(self) -> None:
         if self.prog is not None:

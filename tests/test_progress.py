@@ -1,0 +1,21 @@
+"""The progress bar leaves plain lines in a log when stderr is not a terminal."""
+
+from coplctl import progress
+
+
+def test_bar_logs_lines_when_not_a_terminal(monkeypatch, capsys):
+    monkeypatch.setattr(progress, "LOG_EVERY_S", 0.0)
+    bar = progress.Bar(True, 3, "bench")
+    bar.update(completed=1, info="copl seed 0: train")
+    bar.update(advance=1)
+    bar.close()
+    lines = capsys.readouterr().err.splitlines()
+    assert any(line.startswith("bench 1/3") and line.endswith("copl seed 0: train") for line in lines)
+    assert any(line.startswith("bench 2/3") for line in lines)
+
+
+def test_disabled_bar_prints_nothing(capsys):
+    bar = progress.Bar(False, 3, "bench")
+    bar.update(advance=1, info="x")
+    bar.close()
+    assert capsys.readouterr().err == ""
