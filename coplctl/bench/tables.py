@@ -82,7 +82,10 @@ def build_tables(results: list[dict]) -> list[Table]:
     for role in ("seen", "unseen"):
         tables.append(_grid(f"table1-{role}", f"Table 1 ({role} users): accuracy on held-out pairs",
                             _collect(main, _metric(role))))
-    for spec in sorted({r["spec"] for r in main if r.get("data", {}).get("variant") == "uf-p-2"}, key=_spec_key):
+    # The paper shows Table 2 for UF-P-2 only; it is rendered for every spec whose test pairs include
+    # controversial ones (with 4 groups: pairs on which the groups do not all agree).
+    contested = {r["spec"] for r in main if (r["metrics"].get("seen") or {}).get("controversial_pairs")}
+    for spec in sorted(contested, key=_spec_key):
         mine = [r for r in main if r["spec"] == spec]
         data = {}
         for label, key in (("common", "common"), ("controversial", "controversial"), ("total", "accuracy")):
