@@ -30,8 +30,7 @@ class Bar:
         self.prog = Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                              TextColumn("{task.fields[info]}"), console=err)
         self.task = self.prog.add_task(label, total=total, completed=completed, info="")
-        self.label, self.total, self.done, self.info = label, total, completed, ""
-        self.start = self.last_log = time.monotonic()
+        self.last_log = time.monotonic()
         self.log = not err.is_terminal
         self.prog.start()
 
@@ -39,13 +38,12 @@ class Bar:
         if self.prog is None:
             return
         self.prog.update(self.task, advance=advance, completed=completed, info=info)
-        self.done = completed if completed is not None else self.done + advance
-        self.info = info or self.info
         now = time.monotonic()
         if self.log and now - self.last_log >= LOG_EVERY_S:
             self.last_log = now
-            self.prog.console.print(f"{self.label} {self.done}/{self.total} [{now - self.start:.0f} s] {self.info}",
-                                    markup=False, highlight=False)
+            t = self.prog.tasks[0]
+            self.prog.console.print(f"{t.description} {t.completed:.0f}/{t.total:.0f} [{t.elapsed:.0f} s] "
+                                    f"{t.fields['info']}", markup=False, highlight=False)
 
     def close(self) -> None:
         if self.prog is not None:
