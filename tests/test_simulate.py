@@ -53,8 +53,9 @@ def test_groups_even_and_roles(avg4):
 def test_all_gives_exact_counts_avg_spans_range(tiny_dir, avg4):
     all2 = load(tiny_dir)
     per_user = all2.split("train").groupby("user_id").size()
-    assert set(per_user) == {8}
-    per_user = avg4.split("train").groupby("user_id").size()
+    assert set(per_user) == {7}  # 8 annotations in all: 7 train + 1 valid, as the authors hold one out
+    seen = avg4.pairs[avg4.pairs["split"].isin(["train", "valid"])]
+    per_user = seen.groupby("user_id").size()
     assert per_user.min() >= 1 and per_user.max() <= 31
     assert per_user.max() - per_user.min() > 15  # uniform 1..31 actually spreads
     assert set(avg4.split("fewshot").groupby("user_id").size()) == {16}
@@ -76,7 +77,7 @@ def test_labels_follow_the_users_own_group(avg4):
         mine = pairs[pairs["group"] == g]
         diff = mine[f"c_{g}"] - mine[f"r_{g}"]
         assert (diff >= 0).all(), f"{g}: a pair labelled against the group's own attribute"
-        assert (diff > 0).mean() > 0.6  # ties exist but are a minority
+        assert (diff > 0).mean() > 0.5  # ties exist but are a minority
 
 
 def test_ties_are_one_coin_per_pair_and_group(avg4):
@@ -98,8 +99,8 @@ def test_survey_is_the_uf_p4_set_and_flag_is_about_the_variant_groups(tiny_dir):
     sign = {a: np.sign(pairs[f"c_{a}"] - pairs[f"r_{a}"]) for a in ATTRIBUTES}
     no_ties = np.all([sign[a] != 0 for a in ATTRIBUTES], axis=0)
     all_agree = np.all([sign[a] == sign[ATTRIBUTES[0]] for a in ATTRIBUTES], axis=0)
-    survey = pairs["split"].isin(["train", "valid", "fewshot"]).to_numpy()
-    assert not (survey & no_ties & all_agree).any()  # survey pairs: the four attributes disagree
+    # every pair, test pairs included, passed the filter: the four attributes do not all agree
+    assert not (no_ties & all_agree).any()
     # The flag is about helpfulness vs honesty only; where neither ties it is computable by hand.
     h, o = sign["helpfulness"], sign["honesty"]
     clean = (h != 0) & (o != 0)
@@ -108,8 +109,31 @@ def test_survey_is_the_uf_p4_set_and_flag_is_about_the_variant_groups(tiny_dir):
         assert 0 < pairs.loc[pairs["split"] == split, "controversial"].mean() < 1
 
 
-def test_uf_p4_survey_is_all_controversial(avg4):
-    assert avg4.pairs.loc[avg4.pairs["split"] != "test", "controversial"].all()
+def test_uf_p4_pairs_are_all_controversial(avg4):
+    assert avg4.pairs["controversial"].all()  # the filter applies to the test pool too
+
+
+def test_one_candidate_pair_per_prompt(avg4, tiny_dir):
+    """As UF-P's binarized pairs: every prompt has one pair, and every response is in exactly one pair."""
+    for ds in (avg4, load(tiny_dir)):
+        p = _with_ratings(ds)
+        key = pd.DataFrame({"lo": p[["chosen_id", "rejected_id"]].min(axis=1),
+                            "hi": p[["chosen_id", "rejected_id"]].max(axis=1), "prompt": p["prompt"]})
+        distinct = key.drop_duplicates(["lo", "hi"])
+        assert distinct["prompt"].is_unique
+        assert pd.concat([distinct["lo"], distinct["hi"]]).is_unique
+        assert set(ds.responses["response_id"]) == set(distinct["lo"]) | set(distinct["hi"])
+        # binarized: the chosen side of the candidate is the best-rated completion by mean rating
+        r = ds.responses.set_index("response_id")[list(ATTRIBUTES)].mean(axis=1)
+        assert ((r[distinct["lo"]].to_numpy() != r[distinct["hi"]].to_numpy())).all()
+
+
+def test_stage_counts_and_test_share_in_meta(tiny_dir):
+    stats = load(tiny_dir).meta["protocol_stats"]
+    assert stats["candidate_pairs"] >= stats["four_attributes_disagree"] >= stats["survey_pairs"]
+    assert stats["four_attributes_disagree"] == stats["survey_pairs_available"] + stats["test_pool_pairs"]
+    assert 0.3 < stats["test_pool_controversial_share"] < 0.8  # the test pool passed the same filter
+    assert stats["seen_valid_pairs"] == 120  # one held out per seen user (ALL)
 
 
 def test_attributes_positively_correlated(avg4):
@@ -138,7 +162,10 @@ def test_validation_pairs_are_unannotated_survey_pairs(avg4):
     hi = p[["chosen_id", "rejected_id"]].max(axis=1)
     assert not pd.DataFrame({"u": p["user_id"], "lo": lo, "hi": hi}).duplicated().any()
     valid = p[p["split"] == "valid"]
-    assert set(valid[valid["role"] == "seen"].groupby("user_id").size()) == {2}
+    # AVG: one of a user's annotations is held out when it drew at least 16 (the authors' code)
+    seen_counts = p[p["role"] == "seen"].groupby("user_id")["split"].agg(lambda s: ((s == "train").sum(), (s == "valid").sum()))
+    for train, held in seen_counts:
+        assert held == (1 if train + held >= 16 else 0)
     assert set(valid[valid["role"] == "unseen"].groupby("user_id").size()) == {10}
     assert valid["controversial"].all()
     assert not set(valid["prompt"]) & set(p.loc[p["split"] == "test", "prompt"])

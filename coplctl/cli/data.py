@@ -33,10 +33,12 @@ AnnotationsOpt = Annotated[Annotations, typer.Option(
 UsersOpt = Annotated[int, typer.Option("--users", min=1, help="Seen users, split evenly across groups (paper: 10,000).")]
 UnseenOpt = Annotated[int, typer.Option("--unseen-users", min=0, help="Unseen users for adaptation (paper: 100).")]
 SurveyOpt = Annotated[int, typer.Option("--survey-pairs", min=0,
-                                        help="Controversial pairs in the survey set (paper: 25,993; 0 = all).")]
+                                        help="Pairs in the survey set (the four attributes disagree; paper: 25,993; 0 = all).")]
 FewshotOpt = Annotated[Optional[int], typer.Option("--fewshot-pairs", min=1, show_default="8 / 16",
                                                    help="Few-shot pairs per unseen user.")]
-ValidOpt = Annotated[int, typer.Option("--valid-pairs", min=0, help="Validation pairs per seen user (survey pairs it did not annotate).")]
+ValidOpt = Annotated[int, typer.Option("--valid-pairs", min=0, help=(
+    "Annotations of each seen user held out for validation (authors: 1; ALL: always, AVG: when the user "
+    "has at least 8 / 16)."))]
 OutOpt = Annotated[Optional[Path], typer.Option("--out", "-o", show_default="data/<source>-<variant>-<annotations>",
                                                 help="Output dataset directory.")]
 
@@ -66,7 +68,7 @@ def simulate(
     unseen_users: UnseenOpt = 100,
     survey_pairs: SurveyOpt = 25_993,
     fewshot_pairs: FewshotOpt = None,
-    valid_pairs: ValidOpt = 2,
+    valid_pairs: ValidOpt = 1,
     cue_fidelity: Annotated[float, typer.Option(
         "--cue-fidelity", min=0.0, max=1.0, help="Chance that a text cue shows the true attribute level.")] = 0.75,
     seed: Seed = 0,
@@ -98,8 +100,9 @@ def build_ufp(
         "--ultrafeedback", help="Local JSON/JSONL/Parquet copy (file or directory) of openbmb/UltraFeedback, or the hub id.")]
     = "openbmb/UltraFeedback",
     cleaned: Annotated[str, typer.Option(
-        "--cleaned", help="argilla/ultrafeedback-binarized-preferences-cleaned (path or hub id) for the prompt filter; "
-                          "'none' keeps every prompt.")] = "argilla/ultrafeedback-binarized-preferences-cleaned",
+        "--cleaned", help="argilla/ultrafeedback-binarized-preferences-cleaned (path or hub id): its chosen/rejected "
+                          "row is each prompt's one candidate pair (other prompts are dropped); 'none' keeps every "
+                          "prompt and binarizes it here (best mean rating vs a random worse completion).")] = "argilla/ultrafeedback-binarized-preferences-cleaned",
     tokenizer: Annotated[Optional[str], typer.Option("--tokenizer", help="Tokenizer for the length filter.")] = None,
     max_tokens: Annotated[Optional[int], typer.Option(
         "--max-tokens", min=1, help="Drop responses longer than this (prompt + response, formatted).")] = None,
@@ -107,12 +110,13 @@ def build_ufp(
     unseen_users: UnseenOpt = 100,
     survey_pairs: SurveyOpt = 25_993,
     fewshot_pairs: FewshotOpt = None,
-    valid_pairs: ValidOpt = 2,
+    valid_pairs: ValidOpt = 1,
     seed: Seed = 0,
     out_dir: OutOpt = None,
     force: Force = False,
 ) -> None:
-    """Build real UF-P from UltraFeedback ratings (per-attribute labels, fair-coin ties, controversial survey)."""
+    """Build real UF-P from UltraFeedback ratings (one cleaned chosen/rejected pair per prompt, per-attribute
+    labels, fair-coin ties, four-attributes-disagree filter)."""
     from coplctl.data.ultrafeedback import BuildConfig, build_ufp as run
     from coplctl.errors import CoplError
 

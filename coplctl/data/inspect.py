@@ -50,6 +50,7 @@ def summarize(ds: PreferenceDataset) -> dict:
         "users": {r: int((users["role"] == r).sum()) for r in ROLES},
         "annotations_per_seen_user": {**_spread(train_counts), "histogram": histogram},
         "splits": split_rows,
+        "filtering": {**(ds.meta.get("filter_stats") or {}), **(ds.meta.get("protocol_stats") or {})},
         "survey": {"pairs": int(len(distinct)),
                    "controversial_share": round(float(distinct["contr"].mean()), 4) if len(distinct) else None},
     }
@@ -93,3 +94,12 @@ def render(summary: dict, console) -> None:
     s = summary["survey"]
     share = "-" if s["controversial_share"] is None else f"{100 * s['controversial_share']:.1f}%"
     console.print(f"Survey set (distinct train/valid/fewshot pairs): {s['pairs']:,}, controversial: {share}")
+    if summary["filtering"]:
+        t = Table(title="Building: counts after each stage")
+        t.add_column("stage")
+        t.add_column("count", justify="right")
+        for k, v in summary["filtering"].items():
+            if isinstance(v, float) and k.endswith("share"):
+                v = f"{100 * v:.1f}%"
+            t.add_row(k.replace("_", " "), f"{v:,}" if isinstance(v, int) else str(v))
+        console.print(t)

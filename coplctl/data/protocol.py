@@ -4,18 +4,22 @@ Input: candidate pairs of responses to the same prompt, labelled on each of the 
 attributes (``labels[c, k]`` is True when attribute ``k`` prefers response ``a[c]`` over ``b[c]``; ties
 are already broken by a fair coin, once per pair and attribute, so all users of a group agree).
 
-Protocol:
-- 10% of the prompts are held out; every candidate pair of a held-out prompt is in the *test pool*
-  (common and controversial pairs alike: Table 2 splits test accuracy by that flag).
-- The *survey set* is made of candidate pairs of the other prompts on which the four attributes do
-  not all agree, subsampled to ``survey_pairs`` (paper: 25,993). Both variants draw it this way: the
-  paper builds its data from UF-P-4 (Appendix C.1), so a UF-P-2 survey also holds pairs on which
-  helpfulness and honesty agree, which is what lets a uniform model learn the common preference
-  (Table 2). A pair's ``controversial`` flag is about the variant's own groups.
+Protocol (the authors' and VPL's UF-P code; paper §5.1, Appendix C.1):
+- Candidate pairs come **one per prompt** (the binarized chosen/rejected row of
+  argilla/ultrafeedback-binarized-preferences-cleaned, joined to the four ratings), so every response
+  belongs to exactly one pair; the builders (real and simulated) make them.
+- The whole table is filtered first: a pair is kept when the four attributes do not all agree. Both
+  variants filter this way (the paper builds its data from UF-P-4), so a UF-P-2 pair may still be one
+  both of its groups agree on. A pair's ``controversial`` flag is about the variant's own groups.
+- Then 10% of the kept pairs' prompts are held out: their pairs are the *test pool*, so test pairs pass
+  the same filter as the survey set. The other kept pairs are the *survey set*, subsampled to
+  ``survey_pairs`` (paper: 25,993).
 - Seen users (paper: 10,000) are split evenly across groups. ALL: each annotates exactly ``per_user``
   survey pairs (8 for UF-P-2, 16 for UF-P-4); AVG: a uniform count in 1..2*per_user-1 (1-15 / 1-31).
-  Each seen user also gets ``valid_pairs`` other survey pairs (model selection, never trained on)
-  and ``test_pairs`` pairs of the test pool (paper: 10), all labelled by the user's **own** group.
+  These counts include validation: ``valid_pairs`` (authors: 1) of a user's annotations are held out,
+  always in ALL (n-1 train + 1 valid) and in AVG only when the drawn count is at least ``per_user``
+  (the authors' ``context_unseen``). Each seen user also gets ``test_pairs`` pairs of the test pool
+  (paper: 10), all labelled by the user's **own** group.
 - Unseen users (paper: 100, evenly across groups) get ``fewshot_pairs`` survey pairs (8 / 16) and
   ``unseen_test_pairs`` test-pool pairs (paper: 50), plus ``unseen_valid_pairs`` other survey pairs:
   their responses are graph nodes, so adaptation can be checked at the graph level (Table 5 style)
@@ -57,8 +61,9 @@ class ProtocolConfig:
     """Share of prompts held out as the test pool (paper: 10%)."""
     test_pairs: int = 10
     """Test pairs per seen user (paper: 10)."""
-    valid_pairs: int = 2
-    """Validation pairs per seen user, drawn from the survey set (not in the paper: model selection)."""
+    valid_pairs: int = 1
+    """Of a seen user's annotations, this many are held out for validation (authors: 1). ALL: always
+    (n-1 train + valid); AVG: only when the drawn count is at least n (their code); 0: none."""
     fewshot_pairs: int | None = None
     """Few-shot pairs per unseen user; None = 8 (UF-P-2) / 16 (UF-P-4) as in the paper."""
     unseen_test_pairs: int = 50
@@ -75,6 +80,9 @@ class ProtocolConfig:
             raise CoplError("--users must be at least 1 and --unseen-users at least 0")
         if self.fewshot_pairs is None:
             self.fewshot_pairs = self.per_user
+        if not 0 <= self.valid_pairs < self.per_user:
+            raise CoplError(f"valid_pairs must lie in 0..{self.per_user - 1}: they are held out of a "
+                            f"user's {self.per_user} annotations")
         if not 0 < self.test_prompt_fraction < 1:
             raise CoplError("test_prompt_fraction must lie strictly between 0 and 1")
 
@@ -121,26 +129,29 @@ def assign_users(prompt: np.ndarray, a: np.ndarray, b: np.ndarray, labels: np.nd
         raise ValueError(f"labels must have shape ({len(a)}, {len(ATTRIBUTES)}), got {labels.shape}")
     n_groups = len(cfg.groups)
     group_cols = [ATTRIBUTES.index(g) for g in cfg.groups]
-    in_survey_pool = controversial(labels)  # the UF-P-4 filter, for both variants
+    kept = np.flatnonzero(controversial(labels))  # the UF-P-4 filter, for both variants, before splitting
+    is_contr = controversial(labels[:, group_cols])  # the variant's own groups disagree
     labels = labels[:, group_cols]
-    is_contr = controversial(labels)  # the variant's own groups disagree
 
-    prompts = np.unique(prompt)
-    n_test_prompts = max(1, int(round(cfg.test_prompt_fraction * len(prompts))))
+    prompts = np.unique(prompt[kept])
+    if len(prompts) < 2:
+        raise CoplError(f"only {len(prompts)} prompts have a pair on which the four attributes disagree; "
+                        f"use more prompts")
+    n_test_prompts = min(len(prompts) - 1, max(1, int(round(cfg.test_prompt_fraction * len(prompts)))))
     test_prompts = rng.choice(prompts, size=n_test_prompts, replace=False)
-    in_test = np.isin(prompt, test_prompts)
+    in_test = np.isin(prompt[kept], test_prompts)
 
-    survey = np.flatnonzero(~in_test & in_survey_pool)
+    survey = kept[~in_test]
     available = len(survey)
     if cfg.survey_pairs and available > cfg.survey_pairs:
         survey = np.sort(rng.choice(survey, size=cfg.survey_pairs, replace=False))
-    test_pool = np.flatnonzero(in_test)
+    test_pool = kept[in_test]
 
-    need_survey = max(cfg.max_annotations + cfg.valid_pairs, cfg.fewshot_pairs + cfg.unseen_valid_pairs)
+    need_survey = max(cfg.max_annotations, cfg.fewshot_pairs + cfg.unseen_valid_pairs)
     if len(survey) < need_survey:
         raise CoplError(f"only {len(survey)} survey pairs are available, fewer than the "
                         f"{need_survey} one user needs; use more prompts")
-    if len(test_pool) < max(cfg.test_pairs, cfg.unseen_test_pairs):
+    if len(test_pool) < max(cfg.test_pairs, cfg.unseen_test_pairs if cfg.unseen_users else 0):
         raise CoplError(f"only {len(test_pool)} test-pool pairs are available, fewer than one user needs")
 
     n_seen, n_unseen = cfg.users, cfg.unseen_users
@@ -150,6 +161,7 @@ def assign_users(prompt: np.ndarray, a: np.ndarray, b: np.ndarray, labels: np.nd
         counts = np.full(n_seen, cfg.per_user)
     else:
         counts = rng.integers(1, 2 * cfg.per_user, size=n_seen)  # 1 .. 2n-1 inclusive, mean n
+    held_out = np.where(counts >= cfg.per_user, cfg.valid_pairs, 0)
 
     user_idx, cand_idx, split_code = [], [], []
 
@@ -164,7 +176,7 @@ def assign_users(prompt: np.ndarray, a: np.ndarray, b: np.ndarray, labels: np.nd
             start += k
 
     for u in range(n_seen):
-        take(u, survey, [(0, int(counts[u])), (1, cfg.valid_pairs)])
+        take(u, survey, [(0, int(counts[u] - held_out[u])), (1, int(held_out[u]))])
         take(u, test_pool, [(2, cfg.test_pairs)])
     for j in range(n_unseen):
         u = n_seen + j
@@ -192,13 +204,16 @@ def assign_users(prompt: np.ndarray, a: np.ndarray, b: np.ndarray, labels: np.nd
         "controversial": is_contr[cand_idx],
     })
     stats = {
+        "candidate_pairs": int(len(a)),
+        "four_attributes_disagree": int(len(kept)),
         "prompts": int(len(prompts)),
         "test_prompts": int(n_test_prompts),
-        "candidate_pairs": int(len(a)),
-        "controversial_candidates": int(is_contr.sum()),
-        "survey_candidates": int(in_survey_pool.sum()),
         "survey_pairs_available": int(available),
         "survey_pairs": int(len(survey)),
+        "survey_controversial_share": round(float(is_contr[survey].mean()), 4),
         "test_pool_pairs": int(len(test_pool)),
+        "test_pool_controversial_share": round(float(is_contr[test_pool].mean()), 4),
+        "seen_annotations": int(counts.sum()),
+        "seen_valid_pairs": int(held_out.sum()),
     }
     return users, pairs, stats

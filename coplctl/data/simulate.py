@@ -11,6 +11,8 @@ so that every path runs offline:
   sentences per attribute, each drawn from its own phrase bank at the true level with probability
   ``cue_fidelity``, a neighbouring level or a random level otherwise. A text model can learn the
   levels, but no single phrase gives a group's label away: the label compares two noisy readings;
+- one candidate pair per prompt, binarized as the cleaned UltraFeedback set the real builder reads
+  (chosen = best mean rating, rejected = a random worse completion), so each response is in one pair;
 - attribute labels, ties (fair coin), the survey set and the user protocol are those of
   :mod:`coplctl.data.protocol`, shared with the real builder.
 
@@ -243,12 +245,21 @@ def _texts(ratings: np.ndarray, subject: np.ndarray, cfg: SimConfig, rng: np.ran
 
 
 def _candidates(n_prompts: int, ratings: np.ndarray, rng: np.random.Generator):
-    """All response pairs of each prompt with their labels on every attribute (ties: a fair coin)."""
-    i, j = np.triu_indices(RESPONSES_PER_PROMPT, k=1)
-    base = np.arange(n_prompts)[:, None] * RESPONSES_PER_PROMPT
-    a, b = (base + i).ravel(), (base + j).ravel()
-    prompt = np.repeat(np.arange(n_prompts), len(i))
-    return prompt, a, b, break_ties(ratings[a], ratings[b], rng)
+    """One candidate pair per prompt, binarized as argilla/ultrafeedback-binarized-preferences-cleaned:
+    chosen = the completion with the best mean rating (ties by a fair draw), rejected = a random
+    completion with a strictly lower mean; a prompt whose completions all tie gives no pair. Returns
+    (prompt, chosen, rejected, labels on every attribute with ties by a fair coin, prompts dropped)."""
+    k = RESPONSES_PER_PROMPT
+    mean = ratings.reshape(n_prompts, k, -1).mean(-1)
+    jitter = rng.random((n_prompts, k))  # breaks ties among equally rated completions at random
+    best = np.argmax(mean + 1e-3 * jitter, axis=1)  # means are multiples of 1/4: the jitter only breaks ties
+    lower = mean < mean[np.arange(n_prompts), best][:, None]
+    ok = lower.any(axis=1)
+    pick = np.argmax(np.where(lower, rng.random((n_prompts, k)), -1.0), axis=1)
+    prompt = np.flatnonzero(ok)
+    a = prompt * k + best[ok]
+    b = prompt * k + pick[ok]
+    return prompt, a, b, break_ties(ratings[a], ratings[b], rng), int((~ok).sum())
 
 
 def simulate(cfg: SimConfig) -> PreferenceDataset:
@@ -257,24 +268,26 @@ def simulate(cfg: SimConfig) -> PreferenceDataset:
     ss = np.random.SeedSequence(cfg.seed)
     rng_rate, rng_label, rng_proto, rng_text, rng_prompt = (np.random.default_rng(s) for s in ss.spawn(5))
 
-    # How many prompts give enough controversial survey pairs? Estimate the controversial rate on a
-    # pilot, then size the pool with a margin; grow until enough (deterministic for a given seed).
-    pilot = _ratings(2000 * RESPONSES_PER_PROMPT, np.random.default_rng(ss.spawn(1)[0]), cfg.attribute_correlation)
-    _, _, _, pilot_labels = _candidates(2000, pilot, np.random.default_rng(0))
-    rate = max(controversial(pilot_labels).mean(), 0.02)
-    pairs_per_prompt = RESPONSES_PER_PROMPT * (RESPONSES_PER_PROMPT - 1) // 2
+    # How many prompts give enough survey pairs (one candidate per prompt, kept when the four attributes
+    # disagree)? Estimate the keep rate on a pilot, size the pool with a margin, and grow it until there
+    # are enough (deterministic for a given seed).
+    pilot = _ratings(4000 * RESPONSES_PER_PROMPT, np.random.default_rng(ss.spawn(1)[0]), cfg.attribute_correlation)
+    _, _, _, pilot_labels, _ = _candidates(4000, pilot, np.random.default_rng(0))
+    rate = max(controversial(pilot_labels).mean() * len(pilot_labels) / 4000, 0.02)
+    keep = 1 - p.test_prompt_fraction
     target = p.survey_pairs or 2000
-    n_prompts = int(np.ceil(target / (rate * pairs_per_prompt * (1 - p.test_prompt_fraction)) * 1.05)) + 10
+    n_prompts = int(np.ceil(target / (rate * keep) * 1.03)) + 10
     test_need = max(p.test_pairs, p.unseen_test_pairs) if p.unseen_users else p.test_pairs
-    n_prompts = max(n_prompts, int(np.ceil((test_need / pairs_per_prompt + 1) / p.test_prompt_fraction)))
+    n_prompts = max(n_prompts, int(np.ceil((test_need / rate + 2) / p.test_prompt_fraction * 1.1)))
     while True:
         ratings = _ratings(n_prompts * RESPONSES_PER_PROMPT, rng_rate, cfg.attribute_correlation)
-        prompt, a, b, labels = _candidates(n_prompts, ratings, rng_label)
-        held = int(round(p.test_prompt_fraction * n_prompts))
-        if not p.survey_pairs or controversial(labels).sum() * (n_prompts - held) / n_prompts > p.survey_pairs * 1.02:
+        prompt, a, b, labels, tied = _candidates(n_prompts, ratings, rng_label)
+        kept = int(controversial(labels).sum())
+        if (not p.survey_pairs or kept * keep > p.survey_pairs * 1.01) and kept * p.test_prompt_fraction > test_need:
             break
         n_prompts = int(n_prompts * 1.1)
     users, pairs, stats = assign_users(prompt, a, b, labels, p, rng_proto)
+    stats = {"generated_prompts": n_prompts, "dropped_tied_prompts": tied, **stats}
 
     used = np.unique(np.concatenate([pairs["chosen"].to_numpy(), pairs["rejected"].to_numpy()]))
     prompt_texts, subject = _prompts(n_prompts, rng_prompt)
