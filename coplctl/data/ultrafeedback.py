@@ -3,17 +3,31 @@
 Inputs:
 - ``openbmb/UltraFeedback``: one row per prompt (``instruction``) with four ``completions``, each
   holding a ``response`` and per-attribute ``annotations`` whose ``Rating`` is "1".."5" or "N/A";
-- ``argilla/ultrafeedback-binarized-preferences-cleaned``: its ``prompt`` column is the cleaned prompt
-  set (TruthfulQA contamination and broken rows removed); UltraFeedback prompts outside it are dropped.
+- ``argilla/ultrafeedback-binarized-preferences-cleaned``: one binarized row per prompt, ``prompt``,
+  ``chosen``, ``rejected`` (each a list of chat messages ``[{"role": "user", ...}, {"role":
+  "assistant", "content": response}]``, or a plain response text). TruthfulQA-contaminated and broken
+  prompts are already removed from it; UltraFeedback prompts outside it are dropped.
 
 Either can be a local JSON / JSONL / Parquet file (or a directory of them), or a Hugging Face dataset
 id read through the ``datasets`` library when it is installed and the data is cached or reachable.
 
-Steps: drop empty responses and completions with an "N/A" rating (on any of the four attributes: the
-survey set is built from UF-P-4, Appendix C.1); optionally drop responses longer than ``max_tokens``
-under a tokenizer; label every pair of completions of a prompt per attribute (higher rating wins,
-ties by a fair coin); then the shared UF-P protocol (:mod:`coplctl.data.protocol`): survey set,
-10% test prompts, users.
+Steps, as the CoPL authors' and VPL's UF-P code (``inner_join``):
+- drop empty and duplicate responses and completions with an "N/A" rating (on any of the four
+  attributes: the survey set is built from UF-P-4, Appendix C.1); optionally drop responses longer
+  than ``max_tokens`` under a tokenizer;
+- **one candidate pair per prompt**: the cleaned set's chosen/rejected row, joined by (prompt,
+  response text) to the usable completions and so to their four attribute ratings. A row whose prompt
+  or either response is not among the usable completions is dropped (``dropped_pairs_not_joined``),
+  as are later rows repeating a prompt and rows whose chosen equals rejected. Without a cleaned set
+  (``cleaned=None``, the offline fallback) each prompt is binarized as argilla did: chosen = the
+  completion with the best mean of the four ratings (ties by a fair random draw), rejected = a
+  uniformly random completion with a strictly lower mean; a prompt whose completions all tie gives
+  no pair;
+- label each pair per attribute (higher rating wins, ties by a fair coin), then the shared UF-P
+  protocol (:mod:`coplctl.data.protocol`): the four-attributes-disagree filter, 10% test prompts,
+  survey set, users.
+
+Every count of what was dropped goes to ``meta["filter_stats"]`` (shown by ``coplctl data inspect``).
 """
 
 from __future__ import annotations
@@ -50,7 +64,11 @@ class BuildConfig:
     ultrafeedback: str = UF_HUB_ID
     """Path of a local copy of openbmb/UltraFeedback, or its hub id."""
     cleaned: str | None = CLEANED_HUB_ID
-    """Path or hub id of argilla/ultrafeedback-binarized-preferences-cleaned; None skips the prompt filter."""
+    """Path or hub id of argilla/ultrafeedback-binarized-preferences-cleaned: its chosen/rejected row gives
+    each prompt's one candidate pair (UltraFeedback prompts outside it are dropped). None is the offline
+    fallback: every prompt is kept and binarized here as argilla did (chosen = best mean of the four
+    ratings, ties by a fair draw; rejected = a random completion with a strictly lower mean; a prompt
+    whose completions all tie gives no pair)."""
     tokenizer: str | None = None
     """Tokenizer (hub id or local path) for the optional length filter."""
     max_tokens: int | None = None
@@ -138,20 +156,55 @@ def _rating(value, where: tuple[Path, int], is_line: bool) -> float:
     return r
 
 
-def _load_completions(cfg: BuildConfig, stats: dict) -> pd.DataFrame:
-    """One row per usable completion: prompt index, prompt, response text, four ratings."""
-    keep = None
-    if cfg.cleaned:
-        keep = set()
-        for f, n, rec in read_source(cfg.cleaned, ("prompt",)):
-            prompt = rec.get("prompt") if isinstance(rec, dict) else None
-            if not isinstance(prompt, str):
-                raise DataError(f, "missing or non-text field prompt",
-                                **({"line": n} if f.suffix == ".jsonl" else {"row": n}))
-            keep.add(prompt)
+def _loc(f: Path, n: int) -> dict:
+    return {"line": n} if f.suffix == ".jsonl" else {"row": n}
+
+
+def _response_text(value, column: str, f: Path, n: int) -> str:
+    """The response of a cleaned-set ``chosen`` / ``rejected`` cell: a plain text, or the content of the
+    last assistant message of a chat-message list."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (list, tuple)) and all(isinstance(m, dict) for m in value):
+        for m in reversed(value):
+            if m.get("role") == "assistant":
+                if isinstance(m.get("content"), str):
+                    return m["content"]
+                break
+        raise DataError(f, f"field {column} has no assistant message with a text content", **_loc(f, n))
+    raise DataError(f, f"field {column} must be a response text or a list of chat messages "
+                       f"(role, content), not {type(value).__name__}", **_loc(f, n))
+
+
+def _read_cleaned(source: str, stats: dict) -> tuple[dict[str, tuple[str, str]], set[str]]:
+    """The cleaned set's binarized rows: {prompt: (chosen text, rejected text)}, and every prompt it holds."""
+    rows, prompts = {}, set()
+    for f, n, rec in read_source(source, ("prompt", "chosen", "rejected")):
+        if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str):
+            raise DataError(f, "missing or non-text field prompt", **_loc(f, n))
+        for column in ("chosen", "rejected"):
+            if column not in rec:
+                raise DataError(f, f"missing field {column}", **_loc(f, n))
+        chosen = _response_text(rec["chosen"], "chosen", f, n)
+        rejected = _response_text(rec["rejected"], "rejected", f, n)
+        prompt = rec["prompt"]
+        stats["cleaned_rows"] += 1
+        if prompt in prompts:
+            stats["dropped_duplicate_cleaned_prompts"] += 1
+            continue
+        prompts.add(prompt)
+        if chosen == rejected:
+            stats["dropped_chosen_equals_rejected"] += 1
+            continue
+        rows[prompt] = (chosen, rejected)
+    return rows, prompts
+
+
+def _load_completions(cfg: BuildConfig, stats: dict, keep: set[str] | None) -> pd.DataFrame:
+    """One row per usable completion: prompt, response text, four ratings (prompts in file order)."""
     rows, seen_prompts = [], set()
     for f, n, rec in read_source(cfg.ultrafeedback, ("instruction", "completions")):
-        loc = {"line": n} if f.suffix == ".jsonl" else {"row": n}
+        loc = _loc(f, n)
         if not isinstance(rec, dict) or not isinstance(rec.get("instruction"), str):
             raise DataError(f, "missing or non-text field instruction", **loc)
         comps = rec.get("completions")
@@ -188,6 +241,41 @@ def _load_completions(cfg: BuildConfig, stats: dict) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["prompt", "text", *ATTRIBUTES])
 
 
+def _join(comps: pd.DataFrame, cleaned: dict[str, tuple[str, str]], stats: dict) -> tuple[np.ndarray, np.ndarray]:
+    """Join each cleaned row to the usable completions by (prompt, response text): (chosen, rejected)
+    completion indices, one pair per prompt, in UltraFeedback's prompt order."""
+    index = {key: i for i, key in enumerate(zip(comps["prompt"], comps["text"]))}
+    pairs = []
+    for prompt, (chosen, rejected) in cleaned.items():
+        a, b = index.get((prompt, chosen)), index.get((prompt, rejected))
+        if a is None or b is None:
+            stats["dropped_pairs_not_joined"] += 1
+            continue
+        pairs.append((a, b))
+    pairs.sort()
+    arr = np.array(pairs, dtype=np.int64).reshape(-1, 2)
+    return arr[:, 0], arr[:, 1]
+
+
+def _binarize(comps: pd.DataFrame, rng: np.random.Generator, stats: dict) -> tuple[np.ndarray, np.ndarray]:
+    """Offline fallback, argilla's binarization: chosen = the completion with the best mean of the four
+    ratings (ties by a fair draw), rejected = a uniformly random completion with a strictly lower mean."""
+    mean = comps[list(ATTRIBUTES)].to_numpy().mean(axis=1)
+    a, b = [], []
+    for idx in comps.groupby("prompt_idx", sort=True).indices.values():
+        if len(idx) < 2:
+            stats["dropped_prompts_one_completion"] += 1
+            continue
+        m = mean[idx]
+        top, lower = idx[m == m.max()], idx[m < m.max()]
+        if not len(lower):
+            stats["dropped_tied_prompts"] += 1
+            continue
+        a.append(rng.choice(top))
+        b.append(rng.choice(lower))
+    return np.asarray(a, dtype=np.int64), np.asarray(b, dtype=np.int64)
+
+
 def _length_filter(comps: pd.DataFrame, cfg: BuildConfig, stats: dict) -> pd.DataFrame:
     if cfg.max_tokens is None:
         return comps
@@ -218,24 +306,31 @@ def _sha256(path: Path) -> str | None:
 
 
 def build_ufp(cfg: BuildConfig) -> PreferenceDataset:
-    """Build UF-P from UltraFeedback (see module docstring)."""
+    """Build UF-P from UltraFeedback (see module docstring): one candidate pair per prompt, the cleaned
+    set's chosen/rejected row joined to the four ratings, or, with ``cfg.cleaned=None``, argilla's
+    binarization done here (best mean rating vs a random strictly worse completion)."""
     p = cfg.protocol
     stats = {k: 0 for k in ("ultrafeedback_prompts", "dropped_prompts_not_in_cleaned", "dropped_duplicate_prompts",
                             "dropped_empty_responses", "dropped_duplicate_responses", "dropped_na_ratings")}
-    comps = _length_filter(_load_completions(cfg, stats), cfg, stats)
-    comps["prompt_idx"] = pd.factorize(comps["prompt"])[0]
-    # Candidate pairs: every pair of usable completions of the same prompt.
-    a_list, b_list = [], []
-    for idx in comps.groupby("prompt_idx", sort=True).indices.values():
-        if len(idx) >= 2:
-            i, j = np.triu_indices(len(idx), k=1)
-            a_list.append(idx[i])
-            b_list.append(idx[j])
-    if not a_list:
-        raise CoplError("no prompt has two usable completions after filtering; check the inputs")
-    a, b = np.concatenate(a_list), np.concatenate(b_list)
     ss = np.random.SeedSequence(cfg.seed)
-    rng_label, rng_proto = (np.random.default_rng(s) for s in ss.spawn(2))
+    rng_label, rng_proto, rng_binarize = (np.random.default_rng(s) for s in ss.spawn(3))
+    cleaned, keep = None, None
+    if cfg.cleaned:
+        stats.update(cleaned_rows=0, dropped_duplicate_cleaned_prompts=0, dropped_chosen_equals_rejected=0)
+        cleaned, keep = _read_cleaned(cfg.cleaned, stats)
+    comps = _length_filter(_load_completions(cfg, stats, keep), cfg, stats)
+    comps["prompt_idx"] = pd.factorize(comps["prompt"])[0]
+    # Candidate pairs: one per prompt, the cleaned set's chosen/rejected row (or argilla's rule offline).
+    if cleaned is not None:
+        stats["dropped_pairs_not_joined"] = 0
+        a, b = _join(comps, cleaned, stats)
+    else:
+        stats.update(dropped_prompts_one_completion=0, dropped_tied_prompts=0)
+        a, b = _binarize(comps, rng_binarize, stats)
+    if not len(a):
+        raise CoplError("no candidate pair is left after filtering and "
+                        + ("joining the cleaned set to UltraFeedback" if cleaned is not None else "binarizing")
+                        + "; check the inputs")
     ratings = comps[list(ATTRIBUTES)].to_numpy()
     labels = break_ties(ratings[a], ratings[b], rng_label)
     users, pairs, proto_stats = assign_users(comps["prompt_idx"].to_numpy()[a], a, b, labels, p, rng_proto)
@@ -265,6 +360,7 @@ def build_ufp(cfg: BuildConfig) -> PreferenceDataset:
         "annotations": p.annotations,
         "groups": list(p.groups),
         "seed": cfg.seed,
+        "binarization": "cleaned" if cleaned is not None else "best-mean (offline fallback)",
         "inputs": {"ultrafeedback": cfg.ultrafeedback, "ultrafeedback_sha256": _sha256(Path(cfg.ultrafeedback)),
                    "cleaned": cfg.cleaned,
                    "cleaned_sha256": _sha256(Path(cfg.cleaned)) if cfg.cleaned else None,
