@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from coplctl.config import check_fields
 from coplctl.encoders import MODES, ResponseInputs
 from coplctl.errors import CoplError
 from coplctl.progress import Bar
@@ -61,6 +62,11 @@ class TrainConfig:
     """``auto``, ``cpu`` or ``cuda``; under ``accelerate launch`` the launcher decides."""
 
     def __post_init__(self):
+        check_fields(self, type(self).__name__.removesuffix("Config") or "method")
+        for name in ("lr", "epochs", "batch_size", "max_length", "trunk_width", "trunk_layers", "eval_pairs"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise CoplError(f"option {name}: {value} must be positive")
         if self.mode not in MODES:
             raise CoplError(f"unknown mode {self.mode!r}; choose {' or '.join(MODES)}")
         if self.mixed_precision not in ("auto", "no", "bf16"):

@@ -182,6 +182,14 @@ def test_gcf_learns_group_preferences_a_global_model_cannot(tmp_path):
     ds = simulate(SimConfig(protocol=small_protocol(users=1000, unseen_users=4, survey_pairs=1500), seed=1))
     m = train_gcf(ds, tmp_path / "run", preset_config("cpu", dim=16, epochs=150, patience=20), progress=False)
     assert m["valid_accuracy"] > 0.85
+    assert m["group_probe"] > 0.9  # the user embeddings carry the groups (what the MoLE gates route on)
+    from coplctl.graph.probe import group_probe
+    from coplctl.graph.run import GCFRun
+
+    run = GCFRun(tmp_path / "run")
+    groups = ds.users.set_index("user_id")["group"].reindex(run.graph.user_ids).to_numpy()
+    shuffled = pd.Series(groups).sample(frac=1.0, random_state=0).to_numpy()
+    assert 0.35 < group_probe(run.exported_user_emb.numpy(), shuffled) < 0.65  # random labels: chance
     g = PreferenceGraph.from_dataset(ds)
     u, c, r, _ = g.index_pairs(ds.split("train"))
     s = torch.zeros(g.num_responses, requires_grad=True)  # one global score per response

@@ -108,11 +108,14 @@ def build_tables(results: list[dict]) -> list[Table]:
     tables.append(_grid("table4", "Table 4: unseen-user adaptation (unseen users)", data,
                         names=list(variants.values()), bold_excluding=()))
     data = {}
-    for label, key in (("GCF valid", "valid_accuracy"), ("GCF train", "train_accuracy")):
+    for label, key in (("GCF valid", "valid_accuracy"), ("GCF train", "train_accuracy"),
+                       ("Group probe", "group_probe")):
         for (s, _), vals in _collect(copl, lambda r, k=key: r["extra"]["gcf"].get(k)).items():
             data[(s, label)] = vals
-    tables.append(_grid("table5", "Table 5: GCF accuracy on held-out pairs of seen users", data,
-                        names=["GCF valid", "GCF train"], bold_excluding=("GCF valid", "GCF train")))
+    tables.append(_grid("table5", "Table 5: GCF accuracy on held-out pairs of seen users; group probe: "
+                        "5-fold logistic-regression accuracy of the group from the user embeddings", data,
+                        names=["GCF valid", "GCF train", "Group probe"],
+                        bold_excluding=("GCF valid", "GCF train", "Group probe")))
     pseudo = [r for r in copl if r["extra"].get("pseudo_labels")]
     if pseudo:
         specs = {r["spec"] for r in pseudo}

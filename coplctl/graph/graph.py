@@ -137,10 +137,28 @@ class PreferenceGraph:
         return (sym_norm(self.pos, self.num_users, self.num_responses),
                 sym_norm(self.neg, self.num_users, self.num_responses))
 
+    def edge_ids(self, users: torch.Tensor, responses: torch.Tensor, sign: str) -> torch.Tensor:
+        """Column of each (user, response) edge in ``self.pos`` (sign ``pos``) or ``self.neg``."""
+        edges = getattr(self, sign)
+        keys = edges[0] * self.num_responses + edges[1]  # coalesced: sorted and unique
+        return torch.searchsorted(keys, users * self.num_responses + responses)
+
     def adjacency(self, *, device=None, dtype=torch.float32, edge_dropout: float = 0.0,
-                  generator: torch.Generator | None = None) -> Adjacency:
-        """Normalised adjacency; with ``edge_dropout`` > 0, edges are dropped and survivors rescaled."""
+                  generator: torch.Generator | None = None,
+                  without: tuple[torch.Tensor, torch.Tensor] | None = None) -> Adjacency:
+        """Normalised adjacency; with ``edge_dropout`` > 0, edges are dropped and survivors rescaled.
+
+        ``without`` = (positive, negative) edge columns to leave out: the graph is then renormalised on
+        the remaining edges (the degrees a node would have without them)."""
         (pos, neg), (pw, nw) = (self.pos, self.neg), self.weights
+        if without is not None:
+            keep_p = torch.ones(pos.shape[1], dtype=torch.bool)
+            keep_n = torch.ones(neg.shape[1], dtype=torch.bool)
+            keep_p[without[0]] = False
+            keep_n[without[1]] = False
+            pos, neg = pos[:, keep_p], neg[:, keep_n]
+            pw = sym_norm(pos, self.num_users, self.num_responses)
+            nw = sym_norm(neg, self.num_users, self.num_responses)
         if edge_dropout > 0:
             keep_p = torch.rand(pw.shape, generator=generator) >= edge_dropout
             keep_n = torch.rand(nw.shape, generator=generator) >= edge_dropout

@@ -39,7 +39,7 @@ class CoPLLayer(nn.Module):
         negative_slope: LeakyReLU slope ψ (not given in the paper; 0.2 as in NGCF).
     """
 
-    def __init__(self, dim: int, variant: str = "paper", negative_slope: float = 0.2):
+    def __init__(self, dim: int, variant: str = "paper", negative_slope: float = 0.2, signed_init: bool = False):
         super().__init__()
         if variant not in VARIANTS:
             raise ValueError(f"variant must be one of {VARIANTS}")
@@ -48,6 +48,11 @@ class CoPLLayer(nn.Module):
         if variant == "paper":
             self.user = nn.Linear(5 * dim, dim)
             self.response = nn.Linear(5 * dim, dim)
+            if signed_init:  # W1 = I, W3 = -I: start from signed propagation e_r(+) - e_r(-)
+                with torch.no_grad():
+                    for lin in (self.user, self.response):
+                        lin.weight[:, dim:2 * dim] = torch.eye(dim)
+                        lin.weight[:, 3 * dim:4 * dim] = -torch.eye(dim)
         elif variant == "official":
             self.shared = nn.Linear(3 * dim, dim)
 
@@ -78,13 +83,14 @@ class GCF(nn.Module):
     """
 
     def __init__(self, num_users: int, num_responses: int, dim: int = 512, layers: int = 4,
-                 variant: str = "paper", negative_slope: float = 0.2, init_std: float = 0.1):
+                 variant: str = "paper", negative_slope: float = 0.2, init_std: float = 0.1,
+                 signed_init: bool = False):
         super().__init__()
         self.users = nn.Embedding(num_users, dim)
         self.responses = nn.Embedding(num_responses, dim)
         nn.init.normal_(self.users.weight, std=init_std)
         nn.init.normal_(self.responses.weight, std=init_std)
-        self.layers = nn.ModuleList(CoPLLayer(dim, variant, negative_slope) for _ in range(layers))
+        self.layers = nn.ModuleList(CoPLLayer(dim, variant, negative_slope, signed_init) for _ in range(layers))
 
     def forward(self, adj: Adjacency, users: torch.Tensor | None = None,
                 responses: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -42,7 +42,8 @@ class GCFRun:
 
     @property
     def exported_user_emb(self) -> torch.Tensor:
-        """User embeddings handed to reward models (L2-normalised in the official variant, as its code does)."""
+        """User embeddings handed to reward models: L2-normalised (as the authors' code does), so that the
+        MoLE gates read a user's direction, whose scale varies with d, L and training length."""
         return export(self.user_emb, self.variant)
 
     @cached_property
@@ -57,4 +58,5 @@ class GCFRun:
 
 
 def export(emb: torch.Tensor, variant: str) -> torch.Tensor:
-    return torch.nn.functional.normalize(emb, dim=-1) if variant == "official" else emb
+    """Exported user embeddings of every variant are unit vectors (the scores keep the raw ones)."""
+    return torch.nn.functional.normalize(emb, dim=-1)
