@@ -19,7 +19,7 @@ from torch import nn
 
 from coplctl.encoders import add_lora, concat_batches, default_targets
 from coplctl.errors import CoplError
-from coplctl.mole import Routing, inject_mole, load_balance_loss, mole_routing
+from coplctl.mole import Routing, gate_routing, inject_mole, load_balance_loss, mole_routing
 from coplctl.neural import NeuralMethod
 from coplctl.registry import register_method
 from coplctl.trainer import TrainConfig
@@ -57,8 +57,11 @@ class CoPLConfig(TrainConfig):
     """Experts used per user and layer (paper: 1)."""
     gate_noise: float = 0.0
     """Std of Gaussian noise on gate logits while training (drawn once per user row)."""
-    load_balance: float = 0.0
-    """Weight of a Switch-style load-balancing loss (the paper has none and leaves experts unused)."""
+    load_balance: float = 0.01
+    """Weight of a Switch-style load-balancing loss (Fedus et al. 2022: 0.01). The paper has none and its
+    limitations note unused experts; without it a trunk layer of the frozen-mode reward model routes
+    every user to one expert (quick spec: 100% on trunk.2; with it both layers split the groups, normalised
+    MI 0.98, and seen accuracy +1.1 points). 0 = the paper."""
     target_modules: list[str] | None = None
     """Layers that get experts: peft's defaults in lora mode (q_proj, v_proj for Gemma), the trunk's in frozen mode."""
     lora_rank: int = 64
@@ -179,6 +182,25 @@ class CoPL(NeuralMethod):
         dim = c.learned_dim if c.user_embeddings == "learned" else (
             table.shape[1] if table is not None else self._saved_dim)
         return CoPLNet(self, len(self.user_ids), dim, table)
+
+    def fit(self, data, backbone=None, **kwargs) -> dict:
+        """Train (see :meth:`NeuralMethod.fit`); with MoLE the metrics also get ``routing``: per layer, the
+        seen users' top-1 expert shares and the mutual information of expert and group
+        (:func:`coplctl.mole.routing_stats`), with a warning when a layer sends (nearly) everybody to one expert."""
+        metrics = super().fit(data, backbone, **kwargs)
+        if self.config.mole:
+            metrics["routing"] = self.routing_report(data)
+        return metrics
+
+    def routing_report(self, data, *, warn: bool | None = None) -> dict:
+        """:func:`coplctl.mole.gate_routing` of the seen users' table, grouped by the dataset's groups."""
+        from coplctl.trainer import distributed_state
+
+        group_of = dict(zip(data.users["user_id"], data.users["group"]))
+        groups = [group_of.get(u) for u in self.user_ids]
+        if warn is None:
+            warn = distributed_state(self.config).is_main_process
+        return gate_routing(self.net.layers, self.net.user_table.detach(), groups, warn=warn)
 
     def adapt(self, pairs: pd.DataFrame, responses: pd.DataFrame) -> dict:
         """Unseen users: GCF adaptation (weighted k-hop by default), or few-shot fitting of learned rows."""

@@ -19,11 +19,17 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+#: A layer whose most used expert gets at least this share of the users counts as *collapsed*: its
+#: gate routes (nearly) everybody to one expert, so the user embeddings no longer choose anything.
+COLLAPSE_SHARE = 0.95
 
 
 @dataclass
@@ -148,3 +154,95 @@ def load_balance_loss(records: list) -> torch.Tensor:
         f = F.one_hot(experts[:, 0], m).float().mean(0)
         terms.append(m * (f * probs.float().mean(0)).sum())
     return torch.stack(terms).mean()
+
+
+def top1_allocation(layers: Sequence[MoLELinear], users: torch.Tensor) -> dict[str, list[int]]:
+    """Top-1 expert of each user (row of ``users``) at each layer: the gate's argmax, no noise, no grad."""
+    alloc = {}
+    with torch.no_grad():
+        for layer in layers:
+            logits = layer.gate(users.to(device=layer.gate[0].weight.device, dtype=layer.gate[0].weight.dtype))
+            alloc[layer.name] = logits.argmax(-1).tolist()  # softmax and its temperature keep the argmax
+    return alloc
+
+
+def _known(g) -> bool:
+    """False for None, NaN and pandas' NA (whose comparisons are NA, not a bool)."""
+    if g is None:
+        return False
+    try:
+        return not bool(g != g)
+    except TypeError:
+        return False
+
+
+def _entropy_bits(counts) -> float:
+    n = sum(counts)
+    return -sum(c / n * math.log2(c / n) for c in counts if c)
+
+
+def routing_stats(allocation: Mapping[str, Sequence[int]], groups: Sequence | None = None, *,
+                  num_experts: int | None = None) -> dict[str, dict]:
+    """How each layer's top-1 routing spreads users over experts and how much it follows their groups.
+
+    Args:
+        allocation: layer name → expert of each user (as from :func:`top1_allocation` or
+            ``coplctl.bench.plots.expert_allocation(...)["layers"]``).
+        groups: each user's preference group, same order; None / NaN where unknown (or no groups at all).
+        num_experts: M (default: largest expert index + 1).
+
+    Returns, per layer: ``share`` (fraction of all users per expert, M floats), ``top_expert`` and
+    ``top_share`` (the most used expert and its share), ``collapsed`` (``top_share >= COLLAPSE_SHARE``),
+    ``users``, ``grouped_users`` (users with a known group), ``mutual_information`` (plug-in estimate of
+    I(group; expert) in bits over the users with a known group; None without any), and
+    ``normalized_mi`` (MI / H(group), 0..1: 1 when the expert tells the group; None unless two groups
+    or more). The plug-in estimate is biased upwards by about (G-1)(M-1) / (2 N ln 2) bits.
+    """
+    stats = {}
+    for name, experts in allocation.items():
+        experts = [int(e) for e in (experts.tolist() if hasattr(experts, "tolist") else experts)]
+        n = len(experts)
+        m = num_experts if num_experts is not None else (max(experts) + 1 if experts else 0)
+        counts = [0] * m
+        for e in experts:
+            counts[e] += 1
+        share = [c / n if n else 0.0 for c in counts]
+        top = max(range(m), key=lambda i: counts[i]) if m else 0
+        known = [(g, e) for g, e in zip(groups, experts) if _known(g)] if groups is not None else []
+        mi = nmi = None
+        if known:
+            joint, by_group, by_expert = {}, {}, {}
+            for g, e in known:
+                joint[g, e] = joint.get((g, e), 0) + 1
+                by_group[g] = by_group.get(g, 0) + 1
+                by_expert[e] = by_expert.get(e, 0) + 1
+            k = len(known)
+            mi = max(0.0, sum(c / k * math.log2(c * k / (by_group[g] * by_expert[e])) for (g, e), c in joint.items()))
+            h = _entropy_bits(by_group.values())
+            if len(by_group) > 1:
+                nmi = min(1.0, mi / h)
+        stats[name] = {"share": share, "top_expert": top, "top_share": share[top] if m else 0.0,
+                       "collapsed": bool(m and share[top] >= COLLAPSE_SHARE), "users": n, "grouped_users": len(known),
+                       "mutual_information": mi, "normalized_mi": nmi}
+    return stats
+
+
+def warn_collapsed(stats: Mapping[str, dict]) -> list[str]:
+    """One ``UserWarning`` naming every collapsed layer (see :data:`COLLAPSE_SHARE`); returns their names."""
+    bad = [name for name, s in stats.items() if s["collapsed"]]
+    if bad:
+        parts = [f"MoLE layer {name} routes {100 * stats[name]['top_share']:.0f}% of users to expert "
+                 f"{stats[name]['top_expert']}" for name in bad]
+        warnings.warn(f"{'; '.join(parts)}: the gate ignores the user embeddings (collapse: one expert for "
+                      f">= {100 * COLLAPSE_SHARE:.0f}% of users)", UserWarning, stacklevel=2)
+    return bad
+
+
+def gate_routing(layers: Sequence[MoLELinear], users: torch.Tensor, groups: Sequence | None = None, *,
+                 warn: bool = True) -> dict[str, dict]:
+    """:func:`routing_stats` of the layers' top-1 routing of ``users``, warning when a layer collapsed."""
+    stats = routing_stats(top1_allocation(layers, users), groups,
+                          num_experts=layers[0].num_experts if layers else None)
+    if warn:
+        warn_collapsed(stats)
+    return stats

@@ -125,8 +125,26 @@ def expert_allocation(run_dir: str | Path) -> dict:
             "experts": int(weights[f"{gates[0]}.gate.2.weight"].shape[0])}
 
 
+def _routing_title(name: str, stats: dict) -> str:
+    """A panel title: the layer, then its group-expert mutual information and a collapse mark."""
+    label = name if len(name) < 40 else "…" + name[-38:]
+    mi, nmi = stats["mutual_information"], stats["normalized_mi"]
+    line = "MI n/a (no groups)" if mi is None else f"MI {mi:.2f} bits"
+    if nmi is not None:
+        line += f" ({100 * nmi:.0f}% of H)"
+    if stats["collapsed"]:
+        line += f" · COLLAPSED {100 * stats['top_share']:.0f}% → {stats['top_expert']}"
+    return f"{label}\n{line}"
+
+
 def plot_experts(run_dir: str | Path, out: str | Path, *, layers: list[int] | None = None) -> dict:
-    """Users per expert and group at each MoLE layer (paper Figure 3), as a PNG grid of bar charts."""
+    """Users per expert and group at each MoLE layer (paper Figure 3), as a PNG grid of bar charts.
+
+    Each panel's title gives the layer's mutual information between group and expert and marks a
+    collapsed layer (:func:`coplctl.mole.routing_stats`); so does the returned ``routing``.
+    """
+    from coplctl.mole import routing_stats
+
     alloc = expert_allocation(run_dir)
     names = list(alloc["layers"])
     if layers:
@@ -139,6 +157,8 @@ def plot_experts(run_dir: str | Path, out: str | Path, *, layers: list[int] | No
     groups = np.asarray(alloc["groups"])
     group_names = sorted(set(groups))
     m = alloc["experts"]
+    stats = routing_stats({n: alloc["layers"][n] for n in names},
+                          [None if g == "(no group)" else g for g in alloc["groups"]], num_experts=m)
     plt = _pyplot()
     cols = min(4, len(names))
     rows = (len(names) + cols - 1) // cols
@@ -151,7 +171,8 @@ def plot_experts(run_dir: str | Path, out: str | Path, *, layers: list[int] | No
             counts = np.bincount(chosen[groups == g], minlength=m)
             ax.bar(np.arange(m), counts, bottom=bottom, color=colours(k % 10), label=g)
             bottom += counts
-        ax.set_title(name if len(name) < 40 else "…" + name[-38:], fontsize=8)
+        ax.set_title(_routing_title(name, stats[name]), fontsize=7,
+                     color="tab:red" if stats[name]["collapsed"] else "black")
         ax.set_xticks(range(m))
         ax.tick_params(labelsize=7)
     for ax in list(axes.flat)[len(names):]:
@@ -164,4 +185,4 @@ def plot_experts(run_dir: str | Path, out: str | Path, *, layers: list[int] | No
         fig.savefig(tmp, format="png")
     plt.close(fig)
     used = {n: sorted(set(alloc["layers"][n])) for n in names}
-    return {"path": str(out), "layers": len(names), "experts_used": used}
+    return {"path": str(out), "layers": len(names), "experts_used": used, "routing": stats}

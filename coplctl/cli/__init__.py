@@ -44,12 +44,30 @@ def _usage_line(e: Exception) -> str:
     return f"coplctl: {msg} (see '{path} --help')"
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Library warnings (e.g. a collapsed MoLE gate) as one yellow line, without source locations."""
+    err.print(f"warning: {message}", style="yellow", markup=False, highlight=False, soft_wrap=True)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Console-script entry point: known errors become one line and a non-zero exit code.
+    """Console-script entry point: known errors become one line and a non-zero exit code, warnings one
+    yellow line.
 
     Set COPLCTL_DEBUG=1 to see full tracebacks.
     """
+    import warnings
+
     debug = bool(os.environ.get("COPLCTL_DEBUG"))
+    with warnings.catch_warnings():  # restores the caller's warning display afterwards
+        if not debug:
+            warnings.showwarning = _show_warning
+        code = _run(argv, debug)
+    if argv is None:
+        sys.exit(code)
+    return code
+
+
+def _run(argv: list[str] | None, debug: bool) -> int:
     try:
         rv = app(args=argv, prog_name="coplctl", standalone_mode=False)
         code = rv if isinstance(rv, int) else 0
@@ -72,6 +90,4 @@ def main(argv: list[str] | None = None) -> int:
         else:
             err.print(_usage_line(e), style="red", markup=False, highlight=False, soft_wrap=True)
             code = e.exit_code
-    if argv is None:
-        sys.exit(code)
     return code

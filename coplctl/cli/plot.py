@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from coplctl.cli.common import Seed, err, examples
+from coplctl.cli.common import Seed, err, examples, out as stdout
 
 app = typer.Typer(help="Draw the paper's figures (PNG).", no_args_is_help=True,
                   epilog=examples("coplctl plot embeddings runs/gcf --adapted runs/new_users",
@@ -43,9 +43,27 @@ def experts(
     out: Annotated[Optional[Path], typer.Option("--out", "-o", show_default="RUN/experts.png",
                                                 help="PNG to write.")] = None,
 ) -> None:
-    """Which expert each group's users route to, per MoLE layer (paper Figure 3)."""
+    """Which expert each group's users route to, per MoLE layer (paper Figure 3), with each layer's
+    group-expert mutual information; prints per-layer top share and MI, and flags collapsed layers."""
+    from rich.table import Table
+
     from coplctl.bench.plots import plot_experts
+    from coplctl.mole import COLLAPSE_SHARE
 
     info = plot_experts(run, out or run / "experts.png", layers=layer)
+    t = Table(title=f"Top-1 routing of {run}'s users per MoLE layer",
+              caption=f"MI: mutual information of group and expert (bits; % of H(group)); "
+                      f"collapsed: one expert for >= {100 * COLLAPSE_SHARE:.0f}% of users")
+    for col in ("layer", "top expert", "top share", "MI (bits)", "MI / H(group)", "collapsed"):
+        t.add_column(col, justify="left" if col == "layer" else "right")
+    for name, s in info["routing"].items():
+        mi, nmi = s["mutual_information"], s["normalized_mi"]
+        t.add_row(name, str(s["top_expert"]), f"{100 * s['top_share']:.1f}%", "-" if mi is None else f"{mi:.3f}",
+                  "-" if nmi is None else f"{100 * nmi:.1f}%", "[red]yes[/red]" if s["collapsed"] else "no")
+    stdout.print(t)
+    collapsed = [n for n, s in info["routing"].items() if s["collapsed"]]
+    if collapsed:
+        err.print(f"warning: {len(collapsed)} MoLE layer(s) route (nearly) all users to one expert: "
+                  + ", ".join(collapsed), style="yellow", highlight=False, soft_wrap=True)
     err.print(f"wrote {info['path']} ({info['layers']} layers); experts in use per layer: "
               + "; ".join(f"{n}: {e}" for n, e in info["experts_used"].items()), highlight=False, soft_wrap=True)
