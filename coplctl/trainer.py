@@ -63,10 +63,12 @@ class TrainConfig:
 
     def __post_init__(self):
         check_fields(self, type(self).__name__.removesuffix("Config") or "method")
-        for name in ("lr", "epochs", "batch_size", "max_length", "trunk_width", "trunk_layers", "eval_pairs"):
+        for name in ("epochs", "batch_size", "max_length", "trunk_width", "trunk_layers", "eval_pairs"):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise CoplError(f"option {name}: {value} must be positive")
+        if self.lr is not None and self.lr < 0:
+            raise CoplError(f"option lr: {self.lr} is negative")
         if self.mode not in MODES:
             raise CoplError(f"unknown mode {self.mode!r}; choose {' or '.join(MODES)}")
         if self.mixed_precision not in ("auto", "no", "bf16"):

@@ -246,3 +246,25 @@ def test_lightgcn_variant_is_signed_propagation_averaged_over_layers():
     out_u, out_r = model(adj)
     torch.testing.assert_close(out_u, torch.stack(layers_u).mean(0))
     torch.testing.assert_close(out_r, torch.stack(layers_r).mean(0))
+
+
+def test_adjacency_without_edges_is_renormalised():
+    g = PreferenceGraph.from_pairs(PAIRS)
+    u = torch.tensor([g.user_index["u0"]])
+    a, b = torch.tensor([g.response_index["a"]]), torch.tensor([g.response_index["b"]])
+    adj = g.adjacency(without=(g.edge_ids(u, a, "pos"), g.edge_ids(u, b, "neg")))
+    pos = adj.pos_ur.to_dense()
+    assert pos[g.user_index["u0"]].abs().sum() == 0  # u0's positive edge to a is gone
+    assert pos[g.user_index["u1"], g.response_index["a"]] == pytest.approx(1.0)  # |N+(u1)| = |N+(a)| = 1 now
+    neg = adj.neg_ur.to_dense()
+    assert neg[g.user_index["u0"], g.response_index["b"]] == 0
+    assert neg[g.user_index["u0"], g.response_index["c"]] == pytest.approx(1 / math.sqrt(1 * 1))
+
+
+def test_holdout_training_runs_and_is_reproducible(tiny_dir, tmp_path):
+    ds = load(tiny_dir)
+    cfg = preset_config("cpu", dim=8, layers=2, epochs=4, holdout=0.5)
+    a = train_gcf(ds, tmp_path / "a", cfg, progress=False)
+    b = train_gcf(ds, tmp_path / "b", cfg, progress=False)
+    assert len(a["history"]) == 4
+    assert [h["loss"] for h in a["history"]] == [h["loss"] for h in b["history"]]  # the held pairs: seeded
