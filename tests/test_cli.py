@@ -65,11 +65,14 @@ def test_simulate_then_inspect(tmp_path, capsys):
     assert main(["data", "inspect", str(out), "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["users"] == {"seen": 40, "unseen": 4}
-    assert summary["annotations_per_seen_user"]["histogram"] == {"8": 40}
+    assert summary["annotations_per_seen_user"]["histogram"] == {"7": 40}  # 8 with the held-out valid pair
+    stages = summary["filtering"]
+    assert stages["survey_pairs"] == 300 and stages["four_attributes_disagree"] <= stages["candidate_pairs"]
     assert 0 < summary["survey"]["controversial_share"] < 1  # UF-P-2: the UF-P-4 survey holds common pairs too
     assert main(["data", "inspect", str(out)]) == 0
     text = capsys.readouterr().out
     assert "Users per group and role" in text and "helpfulness" in text
+    assert "counts after each stage" in text and "test pool controversial share" in text
 
 
 def test_bad_input_leaves_no_output(tmp_path, capsys):

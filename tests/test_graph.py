@@ -208,7 +208,7 @@ def test_interrupt_in_the_middle_of_an_epoch_resumes_from_the_last_boundary(tiny
     import coplctl.graph.train as gt
 
     ds = load(tiny_dir)
-    cfg = _cfg(batch_size=300)  # 4 steps per epoch
+    cfg = _cfg(batch_size=210)  # 840 training pairs: 4 steps per epoch
     straight = train_gcf(ds, tmp_path / "a", cfg, seed=3, progress=False)
     monkeypatch.setattr(gt, "CHECKPOINT_SECONDS", 0)  # checkpoint at every epoch boundary
     calls, real = [], gt.bt_loss
