@@ -7,6 +7,22 @@ import pandas as pd
 from coplctl.data.dataset import ROLES, SPLITS, PreferenceDataset, unordered
 
 
+#: Building stages in pipeline order (meta.json stores its keys sorted); unknown keys follow.
+STAGES = ("ultrafeedback_prompts", "dropped_prompts_not_in_cleaned", "dropped_duplicate_prompts",
+          "dropped_empty_responses", "dropped_duplicate_responses", "dropped_na_ratings", "dropped_too_long",
+          "cleaned_rows", "dropped_duplicate_cleaned_prompts", "dropped_chosen_equals_rejected",
+          "dropped_pairs_not_joined", "dropped_prompts_one_completion", "generated_prompts", "dropped_tied_prompts",
+          "candidate_pairs", "four_attributes_disagree", "prompts", "test_prompts", "survey_pairs_available",
+          "survey_pairs", "survey_controversial_share", "test_pool_pairs", "test_pool_controversial_share",
+          "seen_annotations", "seen_valid_pairs")
+
+
+def _stages(meta: dict) -> dict:
+    found = {**(meta.get("filter_stats") or {}), **(meta.get("protocol_stats") or {})}
+    order = {k: i for i, k in enumerate(STAGES)}
+    return dict(sorted(found.items(), key=lambda kv: order.get(kv[0], len(order))))
+
+
 def _spread(counts: pd.Series) -> dict:
     if counts.empty:
         return {"min": 0, "max": 0, "mean": 0.0}
@@ -50,7 +66,7 @@ def summarize(ds: PreferenceDataset) -> dict:
         "users": {r: int((users["role"] == r).sum()) for r in ROLES},
         "annotations_per_seen_user": {**_spread(train_counts), "histogram": histogram},
         "splits": split_rows,
-        "filtering": {**(ds.meta.get("filter_stats") or {}), **(ds.meta.get("protocol_stats") or {})},
+        "filtering": _stages(ds.meta),
         "survey": {"pairs": int(len(distinct)),
                    "controversial_share": round(float(distinct["contr"].mean()), 4) if len(distinct) else None},
     }
