@@ -89,6 +89,14 @@ def main() -> None:
     for name, valid, probe, best, to_best, per_epoch in rows:
         print(f"| {name} | {100 * valid:.2f} | {100 * probe:.2f} | {best} | {to_best:.0f} | {per_epoch:.2f} |")
     print(f"| signed spectral split (no learning) | - | {100 * spectral:.2f} | - | {spectral_s:.0f} | - |")
+    by_name = {r[0]: r for r in rows}
+    if "cpu" in by_name:
+        for name, row in by_name.items():
+            if name.startswith("official"):
+                ratio = row[4] / max(by_name["cpu"][4], 1e-9)
+                print(f"\ncpu vs {name}: probe {100 * (by_name['cpu'][2] - row[2]):+.2f} points, "
+                      f"{ratio:.1f}x faster to its best epoch")
+        print(f"cpu vs spectral split: probe {100 * (by_name['cpu'][2] - spectral):+.2f} points")
 
 
 if __name__ == "__main__":
