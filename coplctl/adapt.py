@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from coplctl.errors import CoplError
-from coplctl.graph.run import GCFRun, export
+from coplctl.graph.run import GCFRun
 
 METHODS = ("weighted", "average", "optimize")
 
@@ -103,7 +103,7 @@ def adapt_users(run: GCFRun, pairs: pd.DataFrame, cfg: AdaptConfig | None = None
 
     if cfg.method == "optimize":
         raw = _optimize(E_u, E_r, pu, pc, pr, n, cfg)
-        emb = export(raw, run.variant)
+        emb = run.export(raw)
         fallback = 0
     else:
         reach = _neighbours(run, pu, pc, n, cfg.hops)

@@ -90,3 +90,20 @@ def test_spectral_split_finds_the_groups_of_simulated_users(tiny_dir):
     assert acc > 0.8
     shuffled = seen["group"].sample(frac=1.0, random_state=1).to_numpy()
     assert spectral_split(ds.split("train"), list(seen["user_id"]), shuffled) < 0.7
+
+
+def test_exports_are_unit_vectors_and_older_runs_keep_theirs(tiny_dir, tmp_path):
+    import json
+
+    import torch
+
+    from coplctl.graph.run import GCFRun
+    from coplctl.graph.train import train_gcf
+
+    train_gcf(load(tiny_dir), tmp_path / "run", preset_config("cpu", dim=8, layers=2, epochs=2), progress=False)
+    run = GCFRun(tmp_path / "run")
+    assert torch.allclose(run.exported_user_emb.norm(dim=-1), torch.ones(run.graph.num_users))
+    info = json.loads((tmp_path / "run" / "config.json").read_text())
+    del info["export"]  # as written before every variant's exports were normalised
+    (tmp_path / "run" / "config.json").write_text(json.dumps(info))
+    assert torch.equal(GCFRun(tmp_path / "run").exported_user_emb, run.user_emb)

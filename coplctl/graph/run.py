@@ -44,7 +44,13 @@ class GCFRun:
     def exported_user_emb(self) -> torch.Tensor:
         """User embeddings handed to reward models: L2-normalised (as the authors' code does), so that the
         MoLE gates read a user's direction, whose scale varies with d, L and training length."""
-        return export(self.user_emb, self.variant)
+        return self.export(self.user_emb)
+
+    def export(self, emb: torch.Tensor) -> torch.Tensor:
+        """Raw layer-L user embeddings as this run hands them to reward models (see exported_user_emb)."""
+        # runs written before exports were normalised for every variant say nothing: keep what they did
+        default = "l2" if self.variant == "official" else "raw"
+        return torch.nn.functional.normalize(emb, dim=-1) if self.config.get("export", default) == "l2" else emb
 
     @cached_property
     def responses(self) -> pd.DataFrame:
@@ -56,7 +62,3 @@ class GCFRun:
         """Users of the training dataset (user_id, group, role)."""
         return pd.read_parquet(self.path / "users.parquet")
 
-
-def export(emb: torch.Tensor, variant: str) -> torch.Tensor:
-    """Exported user embeddings of every variant are unit vectors (the scores keep the raw ones)."""
-    return torch.nn.functional.normalize(emb, dim=-1)

@@ -328,7 +328,7 @@ def _export(out, ds, graph, model, adj, cfg, seed, state, train, valid, ckpt) ->
                           ("embeddings", {"users": e_u.float(), "responses": e_r.float()})):
         with atomic_path(out / f"{name}.safetensors") as tmp:
             save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
-    info = {"gcf": dataclasses.asdict(cfg), "seed": seed, "graph": graph.stats(),
+    info = {"gcf": dataclasses.asdict(cfg), "seed": seed, "graph": graph.stats(), "export": "l2",
             "data": {"path": str(ds.path) if ds.path else None, "meta": {k: ds.meta.get(k) for k in
                                                                            ("source", "variant", "annotations", "seed", "counts")}}}
     atomic_write_text(out / "config.json", json.dumps(info, indent=2) + "\n")
