@@ -99,9 +99,9 @@ class NeuralMethod(RewardMethod):
     def inputs(self, responses: pd.DataFrame, progress: bool = False):
         bar = None
         if progress:
-            from coplctl.cli.common import err
+            from coplctl.progress import stderr_console
 
-            bar = lambda done, total: err.print(f"embedded {done:,}/{total:,} new response texts")  # noqa: E731
+            bar = lambda done, total: stderr_console().print(f"embedded {done:,}/{total:,} new response texts")  # noqa: E731
         return build_inputs(self.backbone, responses, self.config.mode, progress=bar)
 
     def fit(self, data, backbone=None, *, seed: int = 0, work_dir: Path | None = None, progress: bool = True) -> dict:

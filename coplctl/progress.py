@@ -6,9 +6,18 @@ also prints a plain progress line every `LOG_EVERY_S` seconds there.
 
 from __future__ import annotations
 
+import functools
 import time
 
 LOG_EVERY_S = 30.0
+
+
+@functools.cache
+def stderr_console():
+    """The one rich console on stderr (logs, progress, errors); the CLI prints through it too."""
+    from rich.console import Console
+
+    return Console(stderr=True)
 
 
 class Bar:
@@ -25,13 +34,11 @@ class Bar:
             return
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-        from coplctl.cli.common import err
-
         self.prog = Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                             TextColumn("{task.fields[info]}"), console=err)
+                             TextColumn("{task.fields[info]}"), console=stderr_console())
         self.task = self.prog.add_task(label, total=total, completed=completed, info="")
         self.last_log = time.monotonic()
-        self.log = not err.is_terminal
+        self.log = not stderr_console().is_terminal
         self.prog.start()
 
     def update(self, *, advance: int = 0, completed: int | None = None, info: str = "") -> None:

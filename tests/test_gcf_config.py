@@ -107,3 +107,15 @@ def test_exports_are_unit_vectors_and_older_runs_keep_theirs(tiny_dir, tmp_path)
     del info["export"]  # as written before every variant's exports were normalised
     (tmp_path / "run" / "config.json").write_text(json.dumps(info))
     assert torch.equal(GCFRun(tmp_path / "run").exported_user_emb, run.user_emb)
+
+
+def test_graph_train_refuses_to_write_into_its_dataset_and_plot_needs_a_run(tiny_copy, tmp_path, capsys):
+    from coplctl.cli import main
+
+    before = sorted(p.name for p in tiny_copy.iterdir())
+    assert main(["graph", "train", "--data", str(tiny_copy), "--out", str(tiny_copy)]) == 1
+    assert "would write into the dataset" in capsys.readouterr().err
+    assert sorted(p.name for p in tiny_copy.iterdir()) == before
+    assert main(["plot", "experts", str(tmp_path / "missing")]) == 1
+    err = capsys.readouterr().err
+    assert "is not a saved reward-model run" in err and "Traceback" not in err

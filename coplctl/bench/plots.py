@@ -105,7 +105,13 @@ def expert_allocation(run_dir: str | Path) -> dict:
     from coplctl.errors import CoplError
 
     run_dir = Path(run_dir)
-    weights = load_file(str(run_dir / "model.safetensors"))
+    for name in ("model.safetensors", "users.json"):
+        if not (run_dir / name).is_file():
+            raise CoplError(f"{run_dir} is not a saved reward-model run: no {name} (train one with `coplctl train copl`)")
+    try:
+        weights = load_file(str(run_dir / "model.safetensors"))
+    except Exception as e:
+        raise CoplError(f"{run_dir / 'model.safetensors'}: not a readable safetensors file ({e})") from None
     gates = sorted((k[: -len(".gate.0.weight")] for k in weights if k.endswith(".gate.0.weight")), key=_natural)
     if not gates or "user_table" not in weights:
         raise CoplError(f"{run_dir} has no MoLE gates (is it a CoPL run with mole enabled?)")

@@ -8,9 +8,11 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from coplctl.progress import stderr_console
+
 #: Tables and results go to stdout; logs, progress and errors to stderr.
 out = Console()
-err = Console(stderr=True)
+err = stderr_console()
 
 
 def examples(*lines: str) -> str:

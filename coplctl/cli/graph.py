@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from coplctl.errors import CoplError
 from coplctl.cli.common import Force, Seed, err, examples, out, parse_sets
 
 app = typer.Typer(help="Learn user embeddings on the user–response preference graph (CoPL §4.1).",
@@ -58,6 +59,9 @@ def train(
 
     options = dict(dim=dim, layers=layers, epochs=epochs, lr=lr, batch_size=batch_size, sampler=sampler)
     cfg = preset_config(preset.value, **{**parse_sets(sets or []), **{k: v for k, v in options.items() if v is not None}})
+    if out_dir.resolve() == data.resolve() or data.resolve() in out_dir.resolve().parents \
+            or out_dir.resolve() in data.resolve().parents:
+        raise CoplError(f"--out {out_dir} would write into the dataset {data} (or contain it); choose another --out")
     ds = load(data)
     if (out_dir / "checkpoint.pt").exists() and not force:
         err.print(f"resuming the interrupted run in {out_dir}")
