@@ -1,0 +1,124 @@
+"""Reading the project's own files (run directories, specs, results, user files) safely.
+
+Every reader here turns a missing, unreadable, non-UTF-8, malformed or absurdly nested file into one
+:class:`DataError` naming the file (and the line or key), never a traceback. Only data formats are
+read: JSON, YAML through ``safe_load``, Parquet and safetensors; nothing executable.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from coplctl.errors import DataError
+
+_TYPE_NAMES = {dict: "a JSON object", list: "a list", str: "text", int: "a whole number", float: "a number",
+               bool: "true or false"}
+
+
+def read_text(path: str | Path, what: str = "file") -> str:
+    """The UTF-8 text of ``path``; a missing file, a directory or other bytes is one DataError."""
+    path = Path(path)
+    if path.is_dir():
+        raise DataError(path, f"is a directory, not a {what}")
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise DataError(path, f"no such {what}") from None
+    except OSError as e:
+        raise DataError(path, f"cannot be read ({e.strerror or e})") from None
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(path, f"is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
+
+
+def parse_json(text: str, path: str | Path, *, line: int | None = None) -> Any:
+    """``json.loads`` whose errors name the file (and line): invalid JSON, or nesting too deep to read."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        where = f" at line {e.lineno} column {e.colno}" if line is None else f" at column {e.colno}"
+        raise DataError(path, f"invalid JSON ({e.msg}{where})", line=line) from None
+    except RecursionError:
+        raise DataError(path, "JSON nested too deeply to read", line=line) from None
+
+
+def read_json(path: str | Path, *, what: str = "JSON file", expect: type | None = dict) -> Any:
+    """A JSON file's value, checked to be of type ``expect`` (None: any)."""
+    value = parse_json(read_text(path, what), path)
+    if expect is not None and not isinstance(value, expect):
+        raise DataError(path, f"must hold {_TYPE_NAMES.get(expect, expect.__name__)}, not {_describe(value)}")
+    return value
+
+
+def read_yaml(path: str | Path, *, what: str = "YAML file") -> Any:
+    """A YAML file through ``yaml.safe_load`` (no Python tags), errors located by line."""
+    import yaml
+
+    text = read_text(path, what)
+    try:
+        return yaml.safe_load(text)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        line = mark.line + 1 if mark is not None else None
+        raise DataError(path, f"invalid YAML ({e.problem or e.context})", line=line) from None
+    except yaml.YAMLError as e:
+        raise DataError(path, f"invalid YAML ({e})") from None
+    except RecursionError:
+        raise DataError(path, "YAML nested too deeply to read") from None
+
+
+def field(mapping: dict, key: str, expect: type | tuple[type, ...], path: str | Path) -> Any:
+    """``mapping[key]`` checked to exist and have type ``expect`` (bools are not numbers)."""
+    if key not in mapping:
+        raise DataError(path, f"missing key {key!r}")
+    value = mapping[key]
+    types = expect if isinstance(expect, tuple) else (expect,)
+    if isinstance(value, bool) and bool not in types or not isinstance(value, types):
+        want = " or ".join(_TYPE_NAMES.get(t, t.__name__) for t in types)
+        raise DataError(path, f"key {key!r} must be {want}, not {_describe(value)}")
+    return value
+
+
+def read_safetensors(path: str | Path, what: str = "weights file") -> dict:
+    """Tensors of a safetensors file; a missing, empty or truncated file is one DataError."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(path, f"no such {what}" if not path.exists() else f"is not a {what}")
+    try:
+        return load_file(str(path))
+    except Exception as e:  # safetensors raises its own SafetensorError for every kind of damage
+        raise DataError(path, f"is not a readable safetensors file ({_first_line(e)})") from None
+
+
+def read_parquet(path: str | Path, columns: tuple[str, ...] = (), what: str = "table"):
+    """A Parquet table that must have ``columns``; damage or a missing column is one DataError."""
+    import pandas as pd
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(path, f"no such {what}" if not path.exists() else f"is not a {what}")
+    try:
+        df = pd.read_parquet(path)
+    except Exception as e:  # pyarrow raises ArrowInvalid, OSError ... for damaged files
+        raise DataError(path, f"is not a readable Parquet file ({_first_line(e)})") from None
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        raise DataError(path, f"missing column {', '.join(missing)}")
+    return df
+
+
+def _describe(value: Any) -> str:
+    if value is None:
+        return "null"
+    return _TYPE_NAMES.get(type(value), type(value).__name__)
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
