@@ -247,7 +247,7 @@ class CoPL(NeuralMethod):
 
     def save_extra(self, directory: Path) -> None:
         if self.gcf_dir is not None and Path(self.gcf_dir).resolve() != (directory / "gcf").resolve():
-            shutil.copytree(self.gcf_dir, directory / "gcf", ignore=shutil.ignore_patterns("checkpoint.pt"))
+            shutil.copytree(self.gcf_dir, directory / "gcf", ignore=shutil.ignore_patterns("checkpoint.*"))
 
     def load_extra(self, directory: Path) -> None:
         from safetensors import safe_open

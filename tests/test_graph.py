@@ -128,7 +128,7 @@ def test_training_writes_a_run_and_refuses_to_overwrite(tiny_dir, tmp_path):
     m = train_gcf(ds, tmp_path / "run", _cfg(), progress=False)
     assert m["epochs_run"] == 6 and len(m["history"]) == 6 and m["valid_pairs_scored"] > 0
     emb = load_file(str(tmp_path / "run" / "embeddings.safetensors"))
-    assert emb["users"].shape == (120, 8) and not (tmp_path / "run" / "checkpoint.pt").exists()
+    assert emb["users"].shape == (120, 8) and not (tmp_path / "run" / "checkpoint.safetensors").exists()
     with pytest.raises(CoplError, match="already holds a trained model"):
         train_gcf(ds, tmp_path / "run", _cfg(), progress=False)
 
@@ -150,7 +150,7 @@ def test_resume_after_interruption_gives_the_same_model(tiny_dir, tmp_path):
 
     with pytest.raises(CoplError, match="resume after epoch 3"):
         train_gcf(ds, tmp_path / "b", cfg, seed=3, progress=False, on_epoch_end=interrupt)
-    assert (tmp_path / "b" / "checkpoint.pt").exists() and not (tmp_path / "b" / "metrics.json").exists()
+    assert (tmp_path / "b" / "checkpoint.safetensors").exists() and not (tmp_path / "b" / "metrics.json").exists()
     with pytest.raises(CoplError, match="different configuration"):
         train_gcf(ds, tmp_path / "b", _cfg(batch_size=301), seed=3, progress=False)
     resumed = train_gcf(ds, tmp_path / "b", cfg, seed=3, progress=False)
@@ -268,3 +268,42 @@ def test_holdout_training_runs_and_is_reproducible(tiny_dir, tmp_path):
     b = train_gcf(ds, tmp_path / "b", cfg, progress=False)
     assert len(a["history"]) == 4
     assert [h["loss"] for h in a["history"]] == [h["loss"] for h in b["history"]]  # the held pairs: seeded
+
+
+class _Boom:
+    def __reduce__(self):  # unpickling this would create the marker file
+        import os
+        return (os.system, (f"touch {os.environ['COPLCTL_PWNED']}",))
+
+
+@pytest.mark.parametrize("name", ["checkpoint.pt", "checkpoint.safetensors"])
+def test_a_crafted_pickle_checkpoint_is_never_executed(tiny_dir, tmp_path, monkeypatch, name):
+    marker = tmp_path / "pwned"
+    monkeypatch.setenv("COPLCTL_PWNED", str(marker))
+    run = tmp_path / "run"
+    run.mkdir()
+    torch.save({"config": {}, "evil": _Boom()}, run / name)  # a pickle, as torch.save writes
+    cfg = _cfg()
+    if name == "checkpoint.pt":  # an old-style checkpoint is ignored (with a warning) and training starts over
+        with pytest.warns(UserWarning, match="never loaded"):
+            m = train_gcf(load(tiny_dir), run, cfg, progress=False)
+        assert m["epochs_run"] == 6
+    else:  # a pickle under the new name is not a safetensors file: one clear error
+        with pytest.raises(CoplError, match="not a readable checkpoint"):
+            train_gcf(load(tiny_dir), run, cfg, progress=False)
+    assert not marker.exists()
+
+
+def test_checkpoint_round_trip_keeps_containers_and_tensors(tmp_path):
+    from coplctl.checkpoint import load_checkpoint, save_checkpoint
+
+    obj = {"state": {0: {"step": torch.tensor(3.0), "m": torch.arange(4)}}, "groups": [{"betas": (0.9, 0.99)}],
+           "gen": torch.Generator().manual_seed(1).get_state(), "$tensor": "not a tag", "x": None, "f": 1.5}
+    save_checkpoint(tmp_path / "c.safetensors", obj)
+    back = load_checkpoint(tmp_path / "c.safetensors")
+    assert back["groups"] == [{"betas": (0.9, 0.99)}] and back["$tensor"] == "not a tag" and back["f"] == 1.5
+    assert torch.equal(back["state"][0]["m"], torch.arange(4)) and back["state"][0]["step"].item() == 3.0
+    assert torch.equal(back["gen"], obj["gen"])
+    (tmp_path / "c.safetensors").write_bytes(b"\x10\x00")  # truncated
+    with pytest.raises(CoplError, match="not a readable checkpoint"):
+        load_checkpoint(tmp_path / "c.safetensors")

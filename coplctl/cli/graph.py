@@ -63,7 +63,7 @@ def train(
             or out_dir.resolve() in data.resolve().parents:
         raise CoplError(f"--out {out_dir} would write into the dataset {data} (or contain it); choose another --out")
     ds = load(data)
-    if (out_dir / "checkpoint.pt").exists() and not force:
+    if (out_dir / "checkpoint.safetensors").exists() and not force:
         err.print(f"resuming the interrupted run in {out_dir}")
     m = train_gcf(ds, out_dir, cfg, seed=seed, device=device, force=force)
     t = Table(title=f"GCF on {data} (d={cfg.dim}, L={cfg.layers}, {cfg.variant})")

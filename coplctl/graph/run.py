@@ -26,7 +26,7 @@ class GCFRun:
             d = d / "gcf"
         missing = [f for f in REQUIRED if not (d / f).exists()]
         if missing:
-            hint = " (training was interrupted: rerun `coplctl graph train` to resume)" if (d / "checkpoint.pt").exists() else ""
+            hint = " (training was interrupted: rerun `coplctl graph train` to resume)" if (d / "checkpoint.safetensors").exists() else ""
             raise CoplError(f"{directory} is not a trained GCF run: missing {', '.join(missing)}{hint}")
         self.path = d
         self.config = json.loads((d / "config.json").read_text())

@@ -9,13 +9,16 @@ import json
 import math
 import shutil
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from coplctl.atomic import atomic_file, atomic_path, atomic_write_text
+from coplctl.atomic import atomic_path, atomic_write_text
+from coplctl.checkpoint import load_checkpoint
+from coplctl.checkpoint import save_checkpoint as save_checkpoint_file
 from coplctl.config import check_fields
 from coplctl.errors import CoplError
 from coplctl.graph.graph import PreferenceGraph
@@ -156,7 +159,8 @@ class TrainState:
     history: list[dict] = field(default_factory=list)
 
 
-CHECKPOINT = "checkpoint.pt"
+CHECKPOINT = "checkpoint.safetensors"  # tensors + JSON metadata: never unpickled
+OLD_CHECKPOINT = "checkpoint.pt"  # written by coplctl before 0.2 (pickle): never loaded
 CHECKPOINT_SECONDS = 60  # an interruption loses at most this much training
 
 
@@ -207,22 +211,29 @@ def train_gcf(ds, out: str | Path, cfg: GCFConfig, *, seed: int = 0, device: str
     config_dict = dataclasses.asdict(cfg)
 
     ckpt = out / CHECKPOINT
+    if (out / OLD_CHECKPOINT).exists():
+        warnings.warn(f"{out / OLD_CHECKPOINT} was written by an older coplctl as a pickle, which is never loaded; "
+                      f"training starts over")
+        (out / OLD_CHECKPOINT).unlink()
     if ckpt.exists():
-        saved = torch.load(ckpt, weights_only=False)
-        if saved["config"] != config_dict or saved["seed"] != seed:
-            raise CoplError(f"{out} holds a checkpoint of a different configuration or seed; "
-                            f"pass --force to start over")
-        model.load_state_dict(saved["model"])
-        opt.load_state_dict(saved["optimizer"])
-        sched.load_state_dict(saved["scheduler"])
-        gen.set_state(saved["generator"])
-        state = saved["state"]
+        saved = load_checkpoint(ckpt)
+        try:
+            if saved["config"] != config_dict or saved["seed"] != seed:
+                raise CoplError(f"{out} holds a checkpoint of a different configuration or seed; "
+                                f"pass --force to start over")
+            model.load_state_dict(saved["model"])
+            opt.load_state_dict(saved["optimizer"])
+            sched.load_state_dict(saved["scheduler"])
+            gen.set_state(saved["generator"])
+            state = TrainState(**saved["state"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise CoplError(f"{ckpt} does not fit this run ({type(e).__name__}: {str(e).strip()[:200]}); "
+                            f"delete it or pass --force to start over") from None
 
     def save_checkpoint() -> None:
-        with atomic_file(ckpt, "wb") as f:
-            torch.save({"config": config_dict, "seed": seed, "model": model.state_dict(),
-                        "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                        "generator": gen.get_state(), "state": state}, f)
+        save_checkpoint_file(ckpt, {"config": config_dict, "seed": seed, "model": model.state_dict(),
+                                    "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                                    "generator": gen.get_state(), "state": dataclasses.asdict(state)})
 
     bar = Bar(progress, cfg.epochs, "GCF", completed=state.epoch)
     last_ckpt = time.monotonic()
