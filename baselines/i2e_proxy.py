@@ -4,11 +4,13 @@ learnable proxy embeddings, softmax(a_u)·C. Unseen users: only their mixing log
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Annotated
 
 import pandas as pd
 import torch
 from torch import nn
 
+from coplctl.config import AT_LEAST_1
 from coplctl.neural import BaselineConfig, NeuralMethod, UserVectorNet
 from coplctl.registry import register_method
 
@@ -17,7 +19,7 @@ from coplctl.registry import register_method
 class I2EProxyConfig(BaselineConfig):
     """I2E-proxy: the baselines' settings plus the number of proxies."""
 
-    proxies: int = 10
+    proxies: Annotated[int, AT_LEAST_1] = 10
     """N, proxy embeddings shared by all users (paper: 10)."""
 
 

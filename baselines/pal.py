@@ -7,11 +7,13 @@ their mixing weights w_u are fitted (50 steps)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Annotated
 
 import pandas as pd
 import torch
 from torch import nn
 
+from coplctl.config import AT_LEAST_1
 from coplctl.encoders import add_lora
 from coplctl.neural import BaselineConfig, NeuralMethod, PairScorer, lora_alpha
 from coplctl.registry import register_method
@@ -21,9 +23,9 @@ from coplctl.registry import register_method
 class PALConfig(BaselineConfig):
     """PAL-A (logistic): the baselines' settings plus the ideal-point model's sizes."""
 
-    prototypes: int = 10
+    prototypes: Annotated[int, AT_LEAST_1] = 10
     """N, prototypes shared by all users (paper: 10)."""
-    ideal_dim: int = 64
+    ideal_dim: Annotated[int, AT_LEAST_1] = 64
     """Width of the space f maps into (not given in the paper)."""
 
 

@@ -11,11 +11,13 @@ predicted is left out of its own context), and z = μ whenever a reward is score
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Annotated
 
 import pandas as pd
 import torch
 from torch import nn
 
+from coplctl.config import AT_LEAST_1, NON_NEGATIVE, PROBABILITY
 from coplctl.encoders import add_lora, adapters_disabled, concat_batches
 from coplctl.features import features
 from coplctl.neural import BaselineConfig, NeuralMethod, lora_alpha
@@ -27,17 +29,17 @@ from coplctl.registry import register_method
 class VPLConfig(BaselineConfig):
     """VPL: the baselines' settings plus the variational encoder's."""
 
-    latent_dim: int = 32
+    latent_dim: Annotated[int, AT_LEAST_1] = 32
     """Width of z (not given in the paper; small, as the groups are few)."""
-    hidden: int = 128
+    hidden: Annotated[int, AT_LEAST_1] = 128
     """Width of the pair MLP, the attention and the reward MLP (not given in the paper)."""
-    heads: int = 4
+    heads: Annotated[int, AT_LEAST_1] = 4
     """Attention heads across a user's pairs (not given in the paper)."""
-    context_pairs: int = 16
+    context_pairs: Annotated[int, AT_LEAST_1] = 16
     """Most pairs a user's context holds (the user's first ones; the encoder's cost grows with it)."""
-    beta: float | None = None
+    beta: Annotated[float, NON_NEGATIVE] | None = None
     """KL weight; None = 0 for UF-P-2 and 3e-6 for UF-P-4 (VPL's code)."""
-    kl_anneal: float = 0.5
+    kl_anneal: Annotated[float, PROBABILITY] = 0.5
     """Share of the training steps over which β ramps up linearly from 0 (VPL anneals; the share is ours)."""
 
 

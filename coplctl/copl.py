@@ -12,11 +12,13 @@ import dataclasses
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated
 
 import pandas as pd
 import torch
 from torch import nn
 
+from coplctl.config import AT_LEAST_1, NON_NEGATIVE, POSITIVE, OneOf, Range
 from coplctl.encoders import add_lora, concat_batches, default_targets
 from coplctl.errors import CoplError
 from coplctl.mole import Routing, gate_routing, inject_mole, load_balance_loss, mole_routing
@@ -29,60 +31,66 @@ from coplctl.trainer import TrainConfig
 class CoPLConfig(TrainConfig):
     """CoPL hyperparameters; defaults are the paper's (Appendix C.2) unless noted."""
 
-    gcf_preset: str = "auto"
+    gcf_preset: Annotated[str, OneOf("auto", "cpu", "paper", "official")] = "auto"
     """GCF preset (cpu, paper, official; auto = paper on a GPU, else cpu), see ``coplctl graph train``."""
     gcf_overrides: dict = field(default_factory=dict)
     """GCF fields to override, e.g. {"dim": 64, "epochs": 200}."""
     gcf_run: str | None = None
     """Use this trained GCF run (coplctl graph train) instead of training one."""
-    user_embeddings: str = "gcf"
+    user_embeddings: Annotated[str, OneOf("gcf", "learned")] = "gcf"
     """``gcf`` (CoPL) or ``learned`` (Table 3, w/o GNN embedding)."""
-    learned_dim: int = 32
+    learned_dim: Annotated[int, AT_LEAST_1] = 32
     """Width of learnable user embeddings when ``user_embeddings="learned"``."""
     mole: bool = True
     """Mixture of LoRA experts; False = Table 3's w/o MoLE (user embedding as one extra token)."""
-    experts: int = 8
+    experts: Annotated[int, AT_LEAST_1] = 8
     """M, LoRA experts per adapted layer (paper: 8)."""
-    rank: int = 8
+    rank: Annotated[int, AT_LEAST_1] = 8
     """Rank n of every expert and of the shared expert (paper: 8)."""
-    alpha: float | None = None
+    alpha: Annotated[float, POSITIVE] | None = None
     """LoRA alpha; None = 2 · rank (the paper does not give it)."""
     shared_expert: bool = True
     """Keep the shared expert A_s B_s (paper: yes)."""
-    gate_hidden: int = 256
+    gate_hidden: Annotated[int, AT_LEAST_1] = 256
     """Hidden width of each gate MLP (paper: 256)."""
-    gate_temperature: float = 1.0
+    gate_temperature: Annotated[float, POSITIVE] = 1.0
     """τ of the gate softmax (paper: 1)."""
-    top_k: int = 1
+    top_k: Annotated[int, AT_LEAST_1] = 1
     """Experts used per user and layer (paper: 1)."""
-    gate_noise: float = 0.0
+    gate_noise: Annotated[float, NON_NEGATIVE] = 0.0
     """Std of Gaussian noise on gate logits while training (drawn once per user row)."""
-    load_balance: float = 0.01
+    load_balance: Annotated[float, NON_NEGATIVE] = 0.01
     """Weight of a Switch-style load-balancing loss (Fedus et al. 2022: 0.01). The paper has none and its
     limitations note unused experts; without it a trunk layer of the frozen-mode reward model routes
     every user to one expert (quick spec: 100% on trunk.2; with it both layers split the groups, normalised
     MI 0.98, and seen accuracy +1.1 points). 0 = the paper."""
     target_modules: list[str] | None = None
     """Layers that get experts: peft's defaults in lora mode (q_proj, v_proj for Gemma), the trunk's in frozen mode."""
-    lora_rank: int = 64
+    lora_rank: Annotated[int, AT_LEAST_1] = 64
     """LoRA rank of the w/o-MoLE ablation (Table 3: 64 and 16); its alpha is 2 · rank."""
-    token_dim: int = 64
+    token_dim: Annotated[int, AT_LEAST_1] = 64
     """w/o MoLE in frozen mode: width of the projected user vector concatenated to the features."""
-    adaptation: str = "weighted"
+    adaptation: Annotated[str, OneOf("weighted", "average", "optimize")] = "weighted"
     """Unseen users: ``weighted`` (CoPL), ``average`` or ``optimize`` (Table 4)."""
-    hops: int = 2
+    hops: Annotated[int, Range(min=2)] = 2
     """k of the k-hop adaptation (paper: 2)."""
-    temperature: float = 0.07
+    temperature: Annotated[float, POSITIVE] = 0.07
     """κ of the adaptation weights (paper: 0.07)."""
-    adapt_steps: int = 50
+    adapt_steps: Annotated[int, NON_NEGATIVE] = 50
     """Gradient steps for unseen users when ``user_embeddings="learned"`` (as the baselines, Appendix C.2)."""
-    adapt_lr: float = 1e-2
+    adapt_lr: Annotated[float, POSITIVE] = 1e-2
     """Adam learning rate of those steps."""
 
     def __post_init__(self):
-        super().__post_init__()
-        if self.user_embeddings not in ("gcf", "learned"):
-            raise CoplError("user_embeddings must be gcf or learned")
+        super().__post_init__()  # types, ranges and choices of every field
+        if self.hops % 2:
+            raise CoplError(f"CoPL option hops: {self.hops} must be even (user -> response -> user ...)")
+        if self.top_k > self.experts:
+            raise CoplError(f"CoPL option top_k: {self.top_k} is more than the {self.experts} experts")
+        if self.gcf_run is None and self.user_embeddings == "gcf":  # check the GCF's options now, not after hours
+            from coplctl.graph.train import preset_config
+
+            preset_config(self.gcf_preset, **self.gcf_overrides)
 
 
 class CoPLNet(nn.Module):

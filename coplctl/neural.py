@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from abc import abstractmethod
 from dataclasses import dataclass
+from typing import Annotated
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -19,6 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from coplctl.config import AT_LEAST_1, NON_NEGATIVE, POSITIVE
 from coplctl.backbone import Backbone
 from coplctl.encoders import ResponseEncoder, add_lora, build_inputs, concat_batches
 from coplctl.errors import CoplError
@@ -182,18 +184,18 @@ class BaselineConfig(TrainConfig):
     """Settings shared by the baselines (paper Appendix C.2). The paper searches the learning rate over
     1e-4, 5e-5, 1e-5 and 5e-6 for each baseline (set it with ``--lr``; default: the mode's)."""
 
-    lora_rank: int = 64
+    lora_rank: Annotated[int, AT_LEAST_1] = 64
     """LoRA rank in ``lora`` mode (paper: 64 for every baseline)."""
-    lora_alpha: float | None = None
+    lora_alpha: Annotated[float, POSITIVE] | None = None
     """LoRA alpha; None = 2 · rank (the paper does not give it)."""
     lora_targets: list[str] | None = None
     """LoRA target modules; None = peft's defaults for the backbone (q_proj, v_proj for Gemma)."""
-    token_dim: int = 64
+    token_dim: Annotated[int, AT_LEAST_1] = 64
     """Width of a per-user vector concatenated to the features in ``frozen`` mode (in ``lora`` mode a
     user token has the backbone's hidden size)."""
-    adapt_steps: int = 50
+    adapt_steps: Annotated[int, NON_NEGATIVE] = 50
     """Gradient steps fitting an unseen user's own parameters (paper: 50)."""
-    adapt_lr: float = 1e-2
+    adapt_lr: Annotated[float, POSITIVE] = 1e-2
     """Adam learning rate of those steps."""
 
 

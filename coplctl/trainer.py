@@ -8,11 +8,12 @@ import copy
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Annotated
 
 import torch
 from torch import nn
 
-from coplctl.config import check_fields
+from coplctl.config import AT_LEAST_1, FRACTION, NON_NEGATIVE, OneOf, check_fields
 from coplctl.encoders import MODES, ResponseInputs
 from coplctl.errors import CoplError
 from coplctl.progress import Bar
@@ -29,50 +30,40 @@ MODE_DEFAULTS = {
 class TrainConfig:
     """Settings shared by every neural method. ``None`` means the mode's default (``MODE_DEFAULTS``)."""
 
-    mode: str = "frozen"
+    mode: Annotated[str, OneOf(*MODES)] = "frozen"
     """``frozen`` (cached backbone features + trained trunk; CPU-friendly) or ``lora`` (adapters in the LM)."""
     backbone: str = "minilm"
     """Embedded name (minilm, gemma-3-270m), gemma-2b-it / gemma-7b-it, or any hub id / local path."""
-    max_length: int = 512
+    max_length: Annotated[int, AT_LEAST_1] = 512
     """Tokens per formatted text (prompt + response)."""
-    lr: float | None = None
+    lr: Annotated[float, NON_NEGATIVE] | None = None
     """AdamW learning rate (paper: 5e-5 for CoPL; baselines searched in 1e-4, 5e-5, 1e-5, 5e-6)."""
-    epochs: int | None = None
+    epochs: Annotated[int, AT_LEAST_1] | None = None
     """Passes over the training pairs (not reported in the paper)."""
-    batch_size: int | None = None
+    batch_size: Annotated[int, AT_LEAST_1] | None = None
     """Pairs per step and process (paper: 32 per GPU for gemma-2b-it, 16 for gemma-7b-it)."""
-    warmup_ratio: float = 0.03
+    warmup_ratio: Annotated[float, FRACTION] = 0.03
     """Linear warmup share of the steps before the cosine decay (paper: 0.03)."""
-    weight_decay: float = 0.0
+    weight_decay: Annotated[float, NON_NEGATIVE] = 0.0
     """AdamW weight decay."""
-    grad_clip: float = 1.0
+    grad_clip: Annotated[float, NON_NEGATIVE] = 1.0
     """Gradient-norm clipping (0 = off)."""
-    trunk_width: int = 256
+    trunk_width: Annotated[int, AT_LEAST_1] = 256
     """Width of the ``frozen``-mode trunk MLP."""
-    trunk_layers: int = 2
+    trunk_layers: Annotated[int, AT_LEAST_1] = 2
     """Layers of the ``frozen``-mode trunk MLP."""
-    eval_pairs: int = 2000
+    eval_pairs: Annotated[int, AT_LEAST_1] = 2000
     """Validation pairs scored after each epoch to keep the best epoch (a fixed random subset)."""
-    dtype: str = "auto"
+    dtype: Annotated[str, OneOf("auto", "float32", "bfloat16", "float16")] = "auto"
     """Backbone weights: ``auto`` (bf16 on GPU, fp32 on CPU, as the paper trains in bf16), ``float32``,
     ``bfloat16``; trained parameters (adapters, gates, heads) stay fp32."""
-    mixed_precision: str = "auto"
+    mixed_precision: Annotated[str, OneOf("auto", "no", "bf16")] = "auto"
     """``auto`` (autocast to the backbone's dtype when it is not fp32), ``no`` or ``bf16``."""
-    device: str = "auto"
+    device: Annotated[str, OneOf("auto", "cpu", "cuda")] = "auto"
     """``auto``, ``cpu`` or ``cuda``; under ``accelerate launch`` the launcher decides."""
 
     def __post_init__(self):
-        check_fields(self, type(self).__name__.removesuffix("Config") or "method")
-        for name in ("epochs", "batch_size", "max_length", "trunk_width", "trunk_layers", "eval_pairs"):
-            value = getattr(self, name)
-            if value is not None and value <= 0:
-                raise CoplError(f"option {name}: {value} must be positive")
-        if self.lr is not None and self.lr < 0:
-            raise CoplError(f"option lr: {self.lr} is negative")
-        if self.mode not in MODES:
-            raise CoplError(f"unknown mode {self.mode!r}; choose {' or '.join(MODES)}")
-        if self.mixed_precision not in ("auto", "no", "bf16"):
-            raise CoplError(f"mixed_precision must be auto, no or bf16, not {self.mixed_precision!r}")
+        check_fields(self, type(self).__name__.removesuffix("Config") or "method")  # types, ranges, choices
 
     def get(self, key: str):
         value = getattr(self, key)

@@ -50,8 +50,8 @@ def test_graph_train_options_and_sets_with_every_preset(preset, tiny_dir, tmp_pa
 
 
 @pytest.mark.parametrize("setting, words", [
-    ("epochs=abc", "epochs: expected a whole number"), ("epochs=0", "epochs: 0 is below 1"),
-    ("lr=nan", "lr: expected a number"), ("lr=.nan", "lr: expected a finite number"), ("lr=-1", "lr: -1.0 is negative"), ("l2=abc", "l2: expected a number"),
+    ("epochs=abc", "epochs: expected a whole number"), ("epochs=0", "epochs: 0 is out of range; it must be at least 1"),
+    ("lr=nan", "lr: expected a number"), ("lr=.nan", "lr: expected a finite number"), ("lr=-1", "lr: -1.0 is out of range; it must be above 0"), ("l2=abc", "l2: expected a number"),
     ("fanouts=5", "fanouts: expected a list"), ("variant=gat", "variant: unknown 'gat'"),
     ("holdout=1", "below 1"), ("signed_init=maybe", "signed_init: expected true or false"),
     ("dimm=3", "no option 'dimm'"),

@@ -29,10 +29,12 @@ Protocol (the authors' and VPL's UF-P code; paper §5.1, Appendix C.1):
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Annotated
 
 import numpy as np
 import pandas as pd
 
+from coplctl.config import AT_LEAST_1, NON_NEGATIVE, OneOf, Range, check_fields
 from coplctl.errors import CoplError
 
 #: Preference groups = UltraFeedback attributes, in the order UF-P uses them.
@@ -47,44 +49,37 @@ PAPER_SURVEY_PAIRS = 25_993
 class ProtocolConfig:
     """User protocol of UF-P; every default is the paper's (§5.1, Appendix C.1)."""
 
-    variant: str = "uf-p-4"
+    variant: Annotated[str, OneOf(*VARIANT_GROUPS)] = "uf-p-4"
     """``uf-p-2`` (helpfulness vs honesty) or ``uf-p-4`` (all four attributes)."""
-    annotations: str = "avg"
+    annotations: Annotated[str, OneOf("all", "avg")] = "avg"
     """``all``: exactly 8 / 16 annotations per seen user; ``avg``: uniform 1-15 / 1-31."""
-    users: int = 10_000
+    users: Annotated[int, AT_LEAST_1] = 10_000
     """Seen users, split evenly across groups (paper: 10,000)."""
-    unseen_users: int = 100
+    unseen_users: Annotated[int, NON_NEGATIVE] = 100
     """Unseen users, split evenly across groups (paper: 100)."""
-    survey_pairs: int = PAPER_SURVEY_PAIRS
+    survey_pairs: Annotated[int, NON_NEGATIVE] = PAPER_SURVEY_PAIRS
     """Size of the survey set (pairs the four attributes disagree on; paper: 25,993); 0 keeps every candidate."""
-    test_prompt_fraction: float = 0.1
+    test_prompt_fraction: Annotated[float, Range(min=0, max=1, min_open=True, max_open=True)] = 0.1
     """Share of prompts held out as the test pool (paper: 10%)."""
-    test_pairs: int = 10
+    test_pairs: Annotated[int, NON_NEGATIVE] = 10
     """Test pairs per seen user (paper: 10)."""
-    valid_pairs: int = 1
+    valid_pairs: Annotated[int, NON_NEGATIVE] = 1
     """Of a seen user's annotations, this many are held out for validation (authors: 1). ALL: always
     (n-1 train + valid); AVG: only when the drawn count is at least n (their code); 0: none."""
-    fewshot_pairs: int | None = None
+    fewshot_pairs: Annotated[int, AT_LEAST_1] | None = None
     """Few-shot pairs per unseen user; None = 8 (UF-P-2) / 16 (UF-P-4) as in the paper."""
-    unseen_test_pairs: int = 50
+    unseen_test_pairs: Annotated[int, NON_NEGATIVE] = 50
     """Test pairs per unseen user (paper: 50)."""
-    unseen_valid_pairs: int = 10
+    unseen_valid_pairs: Annotated[int, NON_NEGATIVE] = 10
     """Held-out survey pairs per unseen user (not in the paper: graph-level check of adaptation)."""
 
     def __post_init__(self):
-        if self.variant not in VARIANT_GROUPS:
-            raise CoplError(f"unknown variant {self.variant!r}; choose uf-p-2 or uf-p-4")
-        if self.annotations not in ("all", "avg"):
-            raise CoplError(f"unknown annotations setting {self.annotations!r}; choose all or avg")
-        if self.users < 1 or self.unseen_users < 0:
-            raise CoplError("--users must be at least 1 and --unseen-users at least 0")
+        check_fields(self, "protocol")  # types, ranges, choices
         if self.fewshot_pairs is None:
             self.fewshot_pairs = self.per_user
-        if not 0 <= self.valid_pairs < self.per_user:
+        if not self.valid_pairs < self.per_user:
             raise CoplError(f"valid_pairs must lie in 0..{self.per_user - 1}: they are held out of a "
                             f"user's {self.per_user} annotations")
-        if not 0 < self.test_prompt_fraction < 1:
-            raise CoplError("test_prompt_fraction must lie strictly between 0 and 1")
 
     @property
     def groups(self) -> tuple[str, ...]:

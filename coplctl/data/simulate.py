@@ -22,12 +22,13 @@ Deterministic: the same configuration and seed give byte-identical files.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from typing import Annotated
 
 import numpy as np
 import pandas as pd
 
+from coplctl.config import PROBABILITY, Range, check_fields
 from coplctl.data.dataset import PreferenceDataset
-from coplctl.errors import CoplError
 from coplctl.data.protocol import ATTRIBUTES, ProtocolConfig, assign_users, break_ties, controversial
 
 RESPONSES_PER_PROMPT = 4  # UltraFeedback: four completions per prompt
@@ -165,19 +166,15 @@ class SimConfig:
     """The UF-P user protocol (paper defaults)."""
     seed: int = 0
     """Seed of everything random: ratings, texts, ties, users."""
-    attribute_correlation: float = 0.5
+    attribute_correlation: Annotated[float, PROBABILITY] = 0.5
     """Share of each attribute's latent variance coming from a response's overall quality."""
-    cues_per_attribute: int = 2
+    cues_per_attribute: Annotated[int, Range(min=1, max=3)] = 2
     """Cue sentences per attribute in each response text."""
-    cue_fidelity: float = 0.75
+    cue_fidelity: Annotated[float, PROBABILITY] = 0.75
     """Probability that a cue shows the true level (else a neighbouring level 2/3, a random one 1/3)."""
 
     def __post_init__(self):
-        if not 1 <= self.cues_per_attribute <= 3:
-            raise CoplError("cues_per_attribute must be 1, 2 or 3")
-        if not 0 <= self.cue_fidelity <= 1 or not 0 <= self.attribute_correlation <= 1:
-            raise CoplError("cue_fidelity and attribute_correlation must lie in [0, 1]")
-
+        check_fields(self, "simulator")  # types, ranges
 
 def _ratings(n: int, rng: np.random.Generator, rho: float) -> np.ndarray:
     """Correlated 1-5 ratings, shape (n, 4): latent Gaussians cut at each attribute's marginal quantiles."""

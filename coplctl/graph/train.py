@@ -13,13 +13,14 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated
 
 import torch
 
 from coplctl.atomic import atomic_path, atomic_write_text
 from coplctl.checkpoint import load_checkpoint
 from coplctl.checkpoint import save_checkpoint as save_checkpoint_file
-from coplctl.config import check_fields
+from coplctl.config import AT_LEAST_1, FRACTION, NON_NEGATIVE, POSITIVE, OneOf, check_fields
 from coplctl.errors import CoplError
 from coplctl.graph.graph import PreferenceGraph
 from coplctl.graph.model import VARIANTS, GCF
@@ -42,28 +43,28 @@ class GCFConfig:
     (``benchmarks/perf/gcf_quality.py``).
     """
 
-    dim: int = 32
+    dim: Annotated[int, AT_LEAST_1] = 32
     """Embedding width d (paper: 512; the CPU preset's 32 lands within a point of 512, see benchmarks/perf/gcf.py)."""
-    layers: int = 4
+    layers: Annotated[int, AT_LEAST_1] = 4
     """Message-passing layers L (paper: 4)."""
-    variant: str = "paper"
+    variant: Annotated[str, OneOf(*VARIANTS)] = "paper"
     """``paper`` (Eq. 2-4), ``official`` (the authors' code, see METHODS.md) or ``lightgcn`` (another GNN)."""
-    epochs: int = 300
+    epochs: Annotated[int, AT_LEAST_1] = 300
     """Maximum epochs (paper: 300; official code: 100)."""
-    lr: float = 2e-2
+    lr: Annotated[float, POSITIVE] = 2e-2
     """AdamW learning rate (paper: 1e-4 with batches of 1024 pairs)."""
-    batch_size: int = 0
+    batch_size: Annotated[int, NON_NEGATIVE] = 0
     """Pairs per optimisation step; 0 = all training pairs (one full-graph step per epoch). Paper: 1024."""
-    l2: float = 1e-2
+    l2: Annotated[float, NON_NEGATIVE] = 1e-2
     """λ of the L2 penalty on the layer-L embeddings that enter each batch's scores (as BPR penalises its
     factors); the paper writes λ‖θ‖² without a value. It is what keeps full-batch GCF from memorising."""
-    weight_decay: float = 0.0
+    weight_decay: Annotated[float, NON_NEGATIVE] = 0.0
     """AdamW weight decay of the layer weights."""
-    grad_clip: float = 1.0
+    grad_clip: Annotated[float, NON_NEGATIVE] = 1.0
     """Clip the gradient norm (0 = off): the Hadamard terms make deep GCF steep early on."""
-    warmup_ratio: float = 0.1
+    warmup_ratio: Annotated[float, FRACTION] = 0.1
     """Linear warmup share of all steps before the cosine decay (paper: 0.1)."""
-    negative_slope: float = 0.2
+    negative_slope: Annotated[float, NON_NEGATIVE] = 0.2
     """LeakyReLU slope ψ (paper: not reported; 0.2 as in NGCF)."""
     signed_init: bool = True
     """``paper`` variant: initialise W1 = I and W3 = -I (the other blocks as usual), so that training starts
@@ -72,58 +73,35 @@ class GCFConfig:
     (real UF-P) the user embeddings then barely carry the preference groups: a logistic probe of the group
     reads 53% of simulated UF-P-2-ALL's users right, against 99% with this init (95% for a spectral split
     of the co-annotation matrix), and validation accuracy rises from 73% to 88% (benchmarks/perf/gcf_quality.py)."""
-    init_std: float | None = None
+    init_std: Annotated[float, POSITIVE] | None = None
     """Standard deviation of the initial embeddings; None = 0.1·sqrt(32/d), so that embedding norms
     (and initial scores) do not grow with d."""
-    edge_dropout: float = 0.0
+    edge_dropout: Annotated[float, FRACTION] = 0.0
     """Share of edges dropped at each training step (official code: 0.1)."""
-    holdout: float = 0.0
+    holdout: Annotated[float, FRACTION] = 0.0
     """Share of the training pairs held out of message passing at each step: their edges are removed
     from the graph the step propagates on, and only they enter the loss. 0 = the paper (every training
     edge carries messages and is scored)."""
-    sampler: str = "full"
+    sampler: Annotated[str, OneOf("full", "neighbor")] = "full"
     """``full``: propagate on the whole graph at each step; ``neighbor``: sampled subgraphs per batch."""
-    fanouts: tuple[int, ...] = (15, 10, 10, 10)
+    fanouts: tuple[Annotated[int, AT_LEAST_1], ...] = (15, 10, 10, 10)
     """Edges sampled per node and hop when ``sampler="neighbor"``."""
-    patience: int = 40
+    patience: Annotated[int, NON_NEGATIVE] = 40
     """Stop after this many epochs without a better validation accuracy (0 = never) ..."""
-    min_epochs: int = 150
+    min_epochs: Annotated[int, NON_NEGATIVE] = 150
     """... but not before this epoch: accuracy plateaus at the non-personalized level for tens of
     epochs before users' groups separate (longer for larger d)."""
-    dtype: str = "float32"
+    dtype: Annotated[str, OneOf("float32", "bfloat16", "float16")] = "float32"
     """Parameter dtype (float32, bfloat16 or float16)."""
 
     def __post_init__(self):
-        check_fields(self, "GCF")
-        if isinstance(self.fanouts, list):
-            self.fanouts = tuple(self.fanouts)
-        if self.variant not in VARIANTS:
-            raise CoplError(f"GCF option variant: unknown {self.variant!r}; choose {' or '.join(VARIANTS)}")
-        if self.sampler not in ("full", "neighbor"):
-            raise CoplError(f"GCF option sampler: {self.sampler!r}; choose full or neighbor")
-        if self.dtype not in ("float32", "bfloat16", "float16"):
-            raise CoplError(f"GCF option dtype: {self.dtype!r}; choose float32, bfloat16 or float16")
+        check_fields(self, "GCF")  # types and ranges, from the annotations above
         if self.sampler == "neighbor" and self.batch_size <= 0:
             raise CoplError("the neighbour sampler needs a batch size (--batch-size)")
         if self.sampler == "neighbor" and len(self.fanouts) < self.layers:
             raise CoplError(f"GCF option fanouts: {len(self.fanouts)} values for {self.layers} layers")
-        for name, lo in (("dim", 1), ("layers", 1), ("epochs", 1), ("batch_size", 0), ("patience", 0),
-                         ("min_epochs", 0)):
-            if getattr(self, name) < lo:
-                raise CoplError(f"GCF option {name}: {getattr(self, name)} is below {lo}")
-        for name in ("lr", "l2", "weight_decay", "grad_clip", "warmup_ratio", "negative_slope", "edge_dropout",
-                     "holdout"):
-            if getattr(self, name) < 0:
-                raise CoplError(f"GCF option {name}: {getattr(self, name)} is negative")
-        if self.lr == 0 or self.warmup_ratio >= 1 or self.edge_dropout >= 1 or self.holdout >= 1:
-            raise CoplError("GCF options: lr must be positive, warmup_ratio, edge_dropout and holdout below 1")
         if self.holdout and self.sampler == "neighbor":
             raise CoplError("GCF option holdout works with the full-graph sampler only")
-        if self.init_std is not None and self.init_std <= 0:
-            raise CoplError(f"GCF option init_std: {self.init_std} must be positive")
-        if any(f < 1 for f in self.fanouts):
-            raise CoplError(f"GCF option fanouts: {list(self.fanouts)} must all be at least 1")
-
 
 PRESETS = {
     "cpu": {},
