@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from coplctl.encoders import default_targets
-from coplctl.errors import CoplError
+from coplctl.errors import CoplError, DataError
+from coplctl.files import field, read_json
 from coplctl.neural import BaselineConfig, NeuralMethod, PairScorer, lora_alpha
 from coplctl.registry import register_method
 
@@ -115,5 +116,8 @@ class Oracle(NeuralMethod):
         (directory / "groups.json").write_text(json.dumps({"groups": self.groups, "group_of": self.group_of}))
 
     def load_extra(self, directory: Path) -> None:
-        info = json.loads((directory / "groups.json").read_text())
-        self.groups, self.group_of = info["groups"], info["group_of"]
+        path = directory / "groups.json"
+        info = read_json(path, what="group file")
+        self.groups, self.group_of = field(info, "groups", list, path), field(info, "group_of", dict, path)
+        if not all(isinstance(g, str) for g in self.groups) or not all(isinstance(v, str) and v in self.groups for v in self.group_of.values()):
+            raise DataError(path, "groups must be a list of names and group_of must map users to them")

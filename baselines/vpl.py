@@ -192,8 +192,5 @@ class VPL(NeuralMethod):
         return {"users": len(new), "pairs": int(len(shots)), "method": "encoded few-shot pairs (z = μ)"}
 
     def load_extra(self, directory) -> None:
-        from safetensors import safe_open
-
         self._train = self._feats = None
-        with safe_open(str(directory / "model.safetensors"), "pt") as f:
-            self._feat_dim = f.get_slice("pair_mlp.0.weight").get_shape()[1] // 2
+        self._feat_dim = self.saved_shape("pair_mlp.0.weight")[1] // 2

@@ -258,9 +258,6 @@ class CoPL(NeuralMethod):
             shutil.copytree(self.gcf_dir, directory / "gcf", ignore=shutil.ignore_patterns("checkpoint.*"))
 
     def load_extra(self, directory: Path) -> None:
-        from safetensors import safe_open
-
         self.gcf_dir = directory / "gcf" if (directory / "gcf").exists() else None
         self._table = None
-        with safe_open(str(directory / "model.safetensors"), "pt") as f:
-            self._saved_dim = f.get_slice("user_table").get_shape()[1]
+        self._saved_dim = self.saved_shape("user_table")[1]

@@ -84,6 +84,19 @@ def field(mapping: dict, key: str, expect: type | tuple[type, ...], path: str | 
     return value
 
 
+def read_user_ids(path: str | Path) -> list[str]:
+    """A JSON list of distinct, non-empty user ids (a run's ``users.json``)."""
+    ids = read_json(path, what="user id list", expect=list)
+    seen: set[str] = set()
+    for i, uid in enumerate(ids):
+        if not isinstance(uid, str) or not uid:
+            raise DataError(path, f"item {i} must be a non-empty user id (text), not {uid!r:.60}")
+        if uid in seen:
+            raise DataError(path, f"item {i}: user id {uid!r:.60} appears twice")
+        seen.add(uid)
+    return ids
+
+
 def read_safetensors(path: str | Path, what: str = "weights file") -> dict:
     """Tensors of a safetensors file; a missing, empty or truncated file is one DataError."""
     from safetensors.torch import load_file

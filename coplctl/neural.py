@@ -17,13 +17,14 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from coplctl.config import AT_LEAST_1, NON_NEGATIVE, POSITIVE
 from coplctl.backbone import Backbone
 from coplctl.encoders import ResponseEncoder, add_lora, build_inputs, concat_batches
-from coplctl.errors import CoplError
+from coplctl.errors import CoplError, DataError
+from coplctl.files import read_parquet, read_safetensors, read_user_ids
 from coplctl.reward import RewardMethod, bt_loss
 from coplctl.trainer import (TrainConfig, autocast, distributed_state, fp32_trainable, load_trainable_state,
                              optimize_rows, rewards, train_pairs, trainable_state)
@@ -169,13 +170,28 @@ class NeuralMethod(RewardMethod):
         self.save_extra(directory)
 
     def load_state(self, directory: Path) -> None:
-        self.user_ids = json.loads((directory / "users.json").read_text())
-        self.responses = pd.read_parquet(directory / "responses.parquet")
+        weights_file = directory / "model.safetensors"
+        self._saved, self._saved_file = read_safetensors(weights_file), weights_file
+        self.user_ids = read_user_ids(directory / "users.json")
+        self.responses = read_parquet(directory / "responses.parquet", ("response_id", "prompt", "text"),
+                                      "responses table")
         self.load_extra(directory)
         self.backbone = self.load_backbone()
         torch.manual_seed(0)
         self.net = fp32_trainable(self.build_net())
-        load_trainable_state(self.net, load_file(str(directory / "model.safetensors")))
+        try:
+            load_trainable_state(self.net, self._saved)
+        except CoplError as e:
+            raise DataError(weights_file, f"{e} (written by another method or other settings?)") from None
+
+    def saved_shape(self, name: str, ndim: int = 2) -> tuple[int, ...]:
+        """Shape of a tensor of the loaded model.safetensors (for load_extra), or a DataError naming it."""
+        if name not in self._saved:
+            raise DataError(self._saved_file, f"has no tensor {name!r}: not written by method {self.registry_name}")
+        shape = tuple(self._saved[name].shape)
+        if len(shape) != ndim:
+            raise DataError(self._saved_file, f"tensor {name!r} has shape {shape}, expected {ndim} dimensions")
+        return shape
         self.net.to(self.backbone.device)
 
 

@@ -113,18 +113,25 @@ def load_method(directory: str | Path) -> RewardMethod:
     """Rebuild a saved method in a new process (its class comes from the registry)."""
     from coplctl.registry import METHODS
 
+    from coplctl.files import field, read_json
+
     directory = Path(directory)
     info_path = directory / METHOD_FILE
+    if not directory.is_dir():
+        raise CoplError(f"{directory} is not a run directory" + ("" if directory.exists() else " (it does not exist)"))
     if not info_path.is_file():
         raise CoplError(f"{directory} is not a saved method (no {METHOD_FILE})")
-    info = json.loads(info_path.read_text())
-    cls = METHODS.get(info["method"])
-    known = {f.name for f in dataclasses.fields(cls.Config)}
-    unknown = set(info["config"]) - known
-    if unknown:
-        raise CoplError(f"{info_path}: config keys {sorted(unknown)} are unknown to method {info['method']}")
-    method = cls(cls.Config(**info["config"]))
-    method.load_state(directory)
+    info = read_json(info_path, what="method file")
+    name = field(info, "method", str, info_path)
+    cls = METHODS.get(name)
+    config = make_config(cls.Config, field(info, "config", dict, info_path), owner=f"{info_path}: method {name}")
+    method = cls(config)
+    try:
+        method.load_state(directory)
+    except CoplError:
+        raise
+    except Exception as e:  # damage the method's own checks did not name: still one line, naming the run
+        raise CoplError(f"{directory} is a damaged {name} run ({type(e).__name__}: {str(e).strip()[:200]})") from e
     return method
 
 

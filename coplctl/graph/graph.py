@@ -19,11 +19,11 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch_geometric.utils import coalesce, degree, spmm, to_torch_csr_tensor
 
 from coplctl.atomic import atomic_path, atomic_write_text
-from coplctl.errors import CoplError
+from coplctl.errors import CoplError, DataError
 
 
 @dataclass
@@ -182,9 +182,22 @@ class PreferenceGraph:
 
     @classmethod
     def load(cls, directory: Path) -> "PreferenceGraph":
-        t = load_file(str(directory / "graph.safetensors"))
-        ids = json.loads((directory / "graph.json").read_text())
-        return cls(ids["users"], ids["responses"], t["pos"], t["neg"])
+        """Read what :meth:`save` wrote; any damage is one DataError naming the file and the problem."""
+        from coplctl import files
+
+        tfile, jfile = directory / "graph.safetensors", directory / "graph.json"
+        t, ids = files.read_safetensors(tfile, "graph file"), files.read_json(jfile, what="graph file")
+        users, responses = files.field(ids, "users", list, jfile), files.field(ids, "responses", list, jfile)
+        if not all(isinstance(x, str) for x in users + responses):
+            raise DataError(jfile, "users and responses must be lists of ids (text)")
+        for key in ("pos", "neg"):
+            e = t.get(key)
+            if e is None or e.dim() != 2 or e.shape[0] != 2 or e.dtype != torch.long:
+                raise DataError(tfile, f"tensor {key!r} must be a 2 x edges int64 tensor")
+            if e.numel() and (e.min() < 0 or e[0].max() >= len(users) or e[1].max() >= len(responses)):
+                raise DataError(tfile, f"tensor {key!r} names nodes beyond the {len(users)} users and "
+                                       f"{len(responses)} responses of {jfile.name}")
+        return cls(users, responses, t["pos"], t["neg"])
 
     def stats(self) -> dict:
         return {"users": self.num_users, "responses": self.num_responses,

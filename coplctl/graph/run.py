@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import json
 from functools import cached_property
 from pathlib import Path
 
 import pandas as pd
 import torch
-from safetensors.torch import load_file
 
-from coplctl.errors import CoplError
+from coplctl.errors import CoplError, DataError
+from coplctl.files import field, read_json, read_parquet, read_safetensors
 from coplctl.graph.graph import PreferenceGraph
+from coplctl.graph.model import VARIANTS
 
 REQUIRED = ("config.json", "metrics.json", "graph.json", "graph.safetensors", "embeddings.safetensors",
             "responses.parquet")
@@ -29,10 +29,20 @@ class GCFRun:
             hint = " (training was interrupted: rerun `coplctl graph train` to resume)" if (d / "checkpoint.safetensors").exists() else ""
             raise CoplError(f"{directory} is not a trained GCF run: missing {', '.join(missing)}{hint}")
         self.path = d
-        self.config = json.loads((d / "config.json").read_text())
-        self.metrics = json.loads((d / "metrics.json").read_text())
+        self.config = read_json(d / "config.json", what="GCF run config")
+        self.metrics = read_json(d / "metrics.json", what="GCF run metrics")
+        gcf = field(self.config, "gcf", dict, d / "config.json")
+        if gcf.get("variant") not in VARIANTS:
+            raise DataError(d / "config.json", f"gcf.variant must be one of {', '.join(VARIANTS)}")
         self.graph = PreferenceGraph.load(d)
-        emb = load_file(str(d / "embeddings.safetensors"))
+        emb = read_safetensors(d / "embeddings.safetensors", "embeddings file")
+        for key, n in (("users", self.graph.num_users), ("responses", self.graph.num_responses)):
+            t = emb.get(key)
+            if t is None or t.dim() != 2 or t.shape[0] != n or not t.is_floating_point():
+                raise DataError(d / "embeddings.safetensors", f"tensor {key!r} must be a float matrix with one row "
+                                                              f"per graph node ({n})")
+        if emb["users"].shape[1] != emb["responses"].shape[1]:
+            raise DataError(d / "embeddings.safetensors", "user and response embeddings differ in width")
         self.user_emb: torch.Tensor = emb["users"]  # raw layer-L embeddings: the GCF's scores use these
         self.response_emb: torch.Tensor = emb["responses"]
 
@@ -55,10 +65,13 @@ class GCFRun:
     @cached_property
     def responses(self) -> pd.DataFrame:
         """The graph's responses (response_id, prompt, text), in node order."""
-        return pd.read_parquet(self.path / "responses.parquet")
+        df = read_parquet(self.path / "responses.parquet", ("response_id", "prompt", "text"), "responses table")
+        if list(df["response_id"]) != self.graph.response_ids:
+            raise DataError(self.path / "responses.parquet", "does not list the graph's responses in node order")
+        return df
 
     @cached_property
     def users(self) -> pd.DataFrame:
         """Users of the training dataset (user_id, group, role)."""
-        return pd.read_parquet(self.path / "users.parquet")
+        return read_parquet(self.path / "users.parquet", ("user_id",), "users table")
 
