@@ -146,7 +146,7 @@ def test_missing_file_and_bad_meta(tiny_copy):
     with pytest.raises(DataError, match="format_version is 99"):
         load(tiny_copy)
     meta.write_text("{not json")
-    with pytest.raises(DataError, match="meta.json: not valid JSON"):
+    with pytest.raises(DataError, match="meta.json: invalid JSON"):
         load(tiny_copy)
     meta.unlink()
     with pytest.raises(DataError, match="meta.json: missing"):
@@ -195,3 +195,15 @@ def test_accessors(tiny_dir):
     ds: PreferenceDataset = load(tiny_dir)
     assert set(ds.split("fewshot")["user_id"]) == set(ds.user_ids("unseen"))
     assert ds.groups == ["helpfulness", "honesty"]
+
+
+def test_an_empty_dataset_is_refused_before_training(tiny_copy, capsys):
+    for name in ("responses.parquet", "users.parquet", "pairs.parquet"):
+        df = pd.read_parquet(tiny_copy / name)
+        df.iloc[0:0].to_parquet(tiny_copy / name, index=False)
+    with pytest.raises(DataError, match="users.parquet: holds no seen user"):
+        load(tiny_copy)
+    from coplctl.cli import main
+
+    assert main(["graph", "train", "--data", str(tiny_copy), "--out", str(tiny_copy.parent / "g")]) == 1
+    assert "holds no seen user" in capsys.readouterr().err

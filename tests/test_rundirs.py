@@ -128,3 +128,39 @@ def test_a_damaged_graph_run_is_one_clear_error(runs, tmp_path, capsys, name, ho
     err = " ".join(capsys.readouterr().err.split())
     assert code == 1 and words in err and "Traceback" not in err, err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("content, words", [
+    ('[1, 2]\n', "requests.jsonl line 1: each line must be a JSON object"),
+    ('"text"\n', "requests.jsonl line 1: each line must be a JSON object"),
+    ('{"user": "u0000", "prompt": "p"}\n', "requests.jsonl line 1: missing or non-text field response"),
+    ('\n{"user": "u0000", "prompt": "p", "response": "r"}\n{"user": "ghost", "prompt": "p", "response": "r"}\n',
+     "requests.jsonl line 3: unknown user 'ghost'"),
+    ('{"user": "u0000", "prompt": "p", "response": "r"', "requests.jsonl line 1: invalid JSON"),
+    ("[" * 100_000 + "]" * 100_000 + "\n", "requests.jsonl line 1: JSON nested too deeply"),
+    ("", "requests.jsonl: holds no request"),
+])
+def test_score_input_errors_name_the_line(runs, tmp_path, capsys, content, words):
+    f = tmp_path / "requests.jsonl"
+    f.write_text(content.replace("u0000", runs[1].user_ids("seen")[0]))
+    code = main(["score", str(runs[0] / "copl"), "--input", str(f)])
+    err = " ".join(capsys.readouterr().err.split())
+    assert code == 1 and words in err and "Traceback" not in err, err
+
+
+def test_score_input_and_output_paths(runs, tmp_path, capsys):
+    run = str(runs[0] / "copl")
+    f = tmp_path / "requests.jsonl"
+    f.write_text(json.dumps({"user": runs[1].user_ids("seen")[0], "prompt": "p", "response": "r"}) + "\n")
+    cases = [(["--input", str(tmp_path / "missing.jsonl")], "missing.jsonl: no such request file"),
+             (["--input", str(tmp_path)], "is a directory, not a request file"),
+             (["--input", str(f), "--output", str(tmp_path)], "is a directory; give a file path"),
+             (["--input", str(f), "--output", str(f)], "is the --input file")]
+    (tmp_path / "u16.jsonl").write_text(f.read_text(), encoding="utf-16")
+    cases.append((["--input", str(tmp_path / "u16.jsonl")], "u16.jsonl: is not UTF-8 text"))
+    for args, words in cases:
+        code = main(["score", run, *args])
+        err = " ".join(capsys.readouterr().err.split())
+        assert code == 1 and words in err and "Traceback" not in err, (args, err)
+    assert main(["score", run, "--input", str(f), "--output", str(tmp_path / "out.jsonl")]) == 0
+    assert "reward" in json.loads((tmp_path / "out.jsonl").read_text())

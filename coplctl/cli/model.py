@@ -123,21 +123,24 @@ def register(app: typer.Typer) -> None:
         if input_file is None:
             if None in (user, prompt, response):
                 raise CoplError("give --user, --prompt and --response, or --input FILE")
-            rows = [{"user": user, "prompt": prompt, "response": response}]
+            rows, line_of = [{"user": user, "prompt": prompt, "response": response}], None
         else:
-            rows = []
-            for n, line in enumerate(input_file.read_text(encoding="utf-8").splitlines(), 1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(input_file, f"invalid JSON ({e.msg})", line=n) from None
-                missing = [k for k in ("user", "prompt", "response") if not isinstance(rec.get(k), str)]
-                if missing:
-                    raise DataError(input_file, f"missing or non-text field {', '.join(missing)}", line=n)
-                rows.append(rec)
+            rows, line_of = _score_requests(input_file)
+        if output is not None:
+            if output.is_dir():
+                raise CoplError(f"--output {output} is a directory; give a file path")
+            if input_file is not None and output.resolve() == input_file.resolve():
+                raise CoplError(f"--output {output} is the --input file; write the rewards elsewhere")
         method = load_method(run)
+        index = getattr(method, "user_index", None) if getattr(method, "personalized", False) else None
+        if index is not None:
+            for i, r in enumerate(rows):
+                if r["user"] not in index:
+                    why = (f"unknown user {r['user']!r}: neither seen in training nor adapted into {run} "
+                           f"(coplctl adapt --model {run} --user-file FILE --out NEW_RUN adds new users)")
+                    if line_of is None:
+                        raise CoplError(why)
+                    raise DataError(input_file, why, line=line_of[i])
         rewards = method.score([r["user"] for r in rows], score_frame(rows)).tolist()
         lines = [json.dumps({**r, "reward": v}) for r, v in zip(rows, rewards)]
         if output is not None:
@@ -146,3 +149,25 @@ def register(app: typer.Typer) -> None:
             out.print(f"{rewards[0]:.6f}")
         else:
             typer.echo("\n".join(lines))
+
+
+def _score_requests(path: Path) -> tuple[list[dict], list[int]]:
+    """Requests of a `score --input` JSONL file and their line numbers; any bad line is one DataError."""
+    from coplctl.errors import DataError
+    from coplctl.files import parse_json, read_text
+
+    rows, lines = [], []
+    for n, line in enumerate(read_text(path, "request file").splitlines(), 1):
+        if not line.strip():
+            continue
+        rec = parse_json(line, path, line=n)
+        if not isinstance(rec, dict):
+            raise DataError(path, 'each line must be a JSON object {"user", "prompt", "response"}', line=n)
+        missing = [k for k in ("user", "prompt", "response") if not isinstance(rec.get(k), str)]
+        if missing:
+            raise DataError(path, f"missing or non-text field {', '.join(missing)}", line=n)
+        rows.append(rec)
+        lines.append(n)
+    if not rows:
+        raise DataError(path, "holds no request")
+    return rows, lines

@@ -21,6 +21,7 @@ import pandas as pd
 
 from coplctl.atomic import atomic_dir
 from coplctl.errors import DataError
+from coplctl.files import read_json, read_parquet
 
 FORMAT_VERSION = 1
 #: How a backbone reads a response (paper §5; the same for every method and backbone).
@@ -90,15 +91,6 @@ def _write_parquet(df: pd.DataFrame, path: Path) -> None:
     pq.write_table(table, path, compression="zstd")
 
 
-def _read_parquet(path: Path) -> pd.DataFrame:
-    import pyarrow.parquet as pq
-
-    try:
-        return pq.read_table(path).to_pandas()
-    except Exception as e:  # pyarrow raises several types for truncated or foreign files
-        raise DataError(path, f"not a readable Parquet file ({str(e).splitlines()[0]})") from None
-
-
 def load(path: str | Path) -> PreferenceDataset:
     """Read and validate a dataset directory."""
     path = Path(path)
@@ -110,17 +102,12 @@ def load(path: str | Path) -> PreferenceDataset:
     for name in FILES:
         if not (path / name).is_file():
             raise DataError(path / name, "missing; a dataset directory holds " + ", ".join(FILES))
-    try:
-        meta = json.loads((path / "meta.json").read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(path / "meta.json", f"not valid JSON ({e})") from None
-    if not isinstance(meta, dict):
-        raise DataError(path / "meta.json", "must hold a JSON object")
+    meta = read_json(path / "meta.json", what="dataset metadata file")
     version = meta.get("format_version")
     if version != FORMAT_VERSION:
         raise DataError(path / "meta.json", f"format_version is {version!r}; this coplctl reads version "
                                             f"{FORMAT_VERSION} (upgrade coplctl or rebuild the dataset)")
-    tables = {name: _read_parquet(path / name) for name in COLUMNS}
+    tables = {name: read_parquet(path / name) for name in COLUMNS}
     ds = PreferenceDataset(tables["responses.parquet"], tables["users.parquet"],
                            tables["pairs.parquet"], meta, path)
     validate(ds, path)
@@ -167,6 +154,8 @@ def validate(ds: PreferenceDataset, root: Path) -> None:
     _fail(uf, "role must be 'seen' or 'unseen'", ~users["role"].isin(ROLES))
 
     _check_columns(pairs, pf)
+    if not users["role"].eq("seen").any():
+        raise DataError(uf, "holds no seen user: a dataset needs seen users with train pairs")
     contr = pairs["controversial"]
     if contr.isna().any() or not contr.isin([True, False]).all():
         _fail(pf, "controversial must be true or false", contr.isna() | ~contr.isin([True, False]))
