@@ -46,11 +46,37 @@ def _write(tmp_path, text, name="bad.yaml"):
     ("name: x\n", r"bad.yaml: missing key version"),
     ("version: 1\nname: x\ninclude: nope.yaml\n", r"nope.yaml: no such spec file"),
     ("version: 1\nname: x\nablations: [{name: a, method: copl, extra: 1}]\n", r"unknown key ablations\[0\].extra"),
-    ("version: 1\nname: [x\n", r"bad.yaml: not valid YAML"),
+    ("version: 1\nname: [x\n", r"bad.yaml line 3: invalid YAML"),
+    ("version: 1\nname: ../x\n", r"bad.yaml: name '../x' is not a safe name"),
+    ("version: 1\nname: /tmp/x\n", r"bad.yaml: name '/tmp/x' is not a safe name"),
+    ("version: 1\nname: a/b\n", r"bad.yaml: name 'a/b' is not a safe name"),
+    ("version: 1\nname: 'a\\b'\n", r"bad.yaml: name 'a\\\\b' is not a safe name"),
+    ("version: 1\nname: ''\n", r"bad.yaml: name '' is not a safe name"),
+    ("version: 1\nname: ..\n", r"bad.yaml: name '..' is not a safe name"),
+    ("version: 1\nname: .hidden\n", r"bad.yaml: name '.hidden' is not a safe name"),
+    ("version: 1\nname: x\nablations: [{name: ../../etc, method: copl}]\n",
+     r"bad.yaml: ablations\[0\].name '../../etc' is not a safe name"),
+    ("version: 1\nname: x\nmethods: [copl]\nablations: [{name: copl, method: copl}]\n",
+     r"bad.yaml: ablations\[0\].name 'copl' repeats methods\[0\]"),
+    ("version: 1\nname: x\nseeds: [0, 0]\n", r"bad.yaml: seeds repeats a seed"),
+    ("version: 1\nname: x\noverrides: {copl: 5}\n", r"bad.yaml: overrides.copl must be a mapping"),
+    ("version: 1\nname: x\ncommon: ", r"bad.yaml: YAML nested too deeply to read"),
 ])
 def test_invalid_specs_name_the_file_and_key(tmp_path, body, message):
+    if body.endswith("common: "):
+        body += "[" * 100_000
     with pytest.raises(SpecError, match=message):
         load_spec(str(_write(tmp_path, body)))
+
+
+def test_spec_files_that_are_not_utf8_are_one_error(tmp_path):
+    f = tmp_path / "bad.yaml"
+    f.write_bytes("version: 1\nname: x\n".encode("utf-16"))
+    with pytest.raises(SpecError, match=r"bad.yaml: is not UTF-8 text"):
+        load_spec(str(f))
+    f.write_bytes(b"version: 1\nname: caf\xe9\n")
+    with pytest.raises(SpecError, match=r"bad.yaml: is not UTF-8 text"):
+        load_spec(str(f))
 
 
 TINY = """\
@@ -175,3 +201,127 @@ def test_benchmark_under_two_processes_writes_each_result_once(tmp_path):
     results = load_results(tmp_path / "out")
     assert len(results) == 1 and results[0]["training"]["processes"] == 2
     assert (tmp_path / "out" / "tiny" / "runs" / "uniform" / "seed0" / "method.json").exists()
+
+
+def _no_work(*a, **k):
+    raise AssertionError("work started before the check")
+
+
+@pytest.mark.parametrize("change, message", [
+    (("epochs: 2", "epochs: abc"), r"tiny.yaml: common.epochs: .*whole number, got 'abc'"),
+    (("{gcf_overrides", "{lr: fast, gcf_overrides"), r"tiny.yaml: overrides.copl.lr: .*number, got 'fast'"),
+    (("figures: false", "figures: false\nablations: [{name: no-mole, method: copl, overrides: {mole: maybe}}]"),
+     r"tiny.yaml: ablations\[0\].overrides.mole: .*true or false, got 'maybe'"),
+    (("figures: false", "figures: false\nmode: lorra"), r"tiny.yaml: mode: .*lorra"),
+])
+def test_wrong_config_values_stop_the_benchmark_before_any_work(tmp_path, monkeypatch, change, message):
+    spec = load_spec(str(_write(tmp_path, TINY.format(extra="").replace(*change), "tiny.yaml")))
+    monkeypatch.setattr(runner, "prepare_data", _no_work)
+    with pytest.raises(SpecError, match=message):
+        runner.run_benchmark(spec, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--set", "epochs=abc"], r"^error: --set epochs: .*whole number, got 'abc'$"),
+    (["--mode", "lorra"], r"^error: --mode: .*lorra"),
+    (["--seeds", "abc"], r"^error: --seeds expects comma-separated whole numbers \(e.g. 0,1,2\), got 'abc'$"),
+    (["--seeds", ","], r"^error: --seeds expects comma-separated whole numbers"),
+    (["--methods", " , "], r"^error: --methods expects comma-separated names"),
+    (["--out", "FILE"], r"^error: --out .*FILE: .*FILE is a file; the results directory must be a directory$"),
+    (["--out", "FILE/sub"], r"^error: cannot create .*FILE/sub/tiny \(Not a directory\); choose another --out$"),
+])
+def test_bad_benchmark_options_are_one_line(tmp_path, monkeypatch, capsys, args, message):
+    f = _write(tmp_path, TINY.format(extra=""), "tiny.yaml")
+    (tmp_path / "FILE").write_text("not a directory")
+    monkeypatch.setattr(runner, "prepare_data", _no_work)
+    args = [a.replace("FILE", str(tmp_path / "FILE")) for a in args]
+    assert main(["benchmark", str(f), "--out", str(tmp_path / "out"), *args]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and __import__("re").search(message, err), err
+
+
+def test_a_second_benchmark_into_the_same_out_stops_at_once(tmp_path, monkeypatch):
+    spec = load_spec(str(_write(tmp_path, TINY.format(extra=""), "tiny.yaml")))
+    seen = []
+
+    def second_run_while_the_first_prepares_data(spec, base, force=False):
+        with pytest.raises(CoplError) as e:  # another coplctl benchmark of the same spec and --out
+            runner.run_benchmark(spec, tmp_path / "out", progress=False)
+        seen.append(str(e.value))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner, "prepare_data", second_run_while_the_first_prepares_data)
+    with pytest.raises(KeyboardInterrupt):
+        runner.run_benchmark(spec, tmp_path / "out", progress=False)
+    import os
+
+    assert seen == [f"{tmp_path / 'out'} is in use by another coplctl benchmark tiny (pid {os.getpid()}); "
+                    f"wait for it or use another --out"]
+    monkeypatch.setattr(runner, "prepare_data", lambda *a: seen.append("free again") or (_ for _ in ()).throw(
+        KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):  # the lock went with the first run
+        runner.run_benchmark(spec, tmp_path / "out", progress=False)
+    assert seen[-1] == "free again"
+
+
+def _result(root, name="uniform", seed=0, accuracy=0.7):
+    r = {"spec": "t", "name": name, "seed": seed, "metrics": {"seen": {"accuracy": accuracy, "common": 0.8},
+                                                              "unseen": None},
+         "extra": None}
+    f = root / "t" / "results" / name / f"seed{seed}.json"
+    f.parent.mkdir(parents=True, exist_ok=True)
+    f.write_text(json.dumps(r))
+    return f
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda r: {**r, "metrics": None}, r"key 'metrics' must be a JSON object, not null"),
+    (lambda r: [r], r"must hold a JSON object, not a list"),
+    (lambda r: {k: v for k, v in r.items() if k != "spec"}, r"missing key 'spec'"),
+    (lambda r: {**r, "seed": "0"}, r"key 'seed' must be a whole number, not text"),
+    (lambda r: {**r, "metrics": {"seen": {"accuracy": "high"}}}, r"key 'metrics.seen.accuracy' must be a number"),
+    (lambda r: {**r, "metrics": {"seen": 3}}, r"key 'metrics.seen' must be a JSON object or null"),
+    (lambda r: {**r, "extra": {"gcf": None, "fewshot_curve": {"2": {"x": 0.5}}}}, r"extra.fewshot_curve.2.x"),
+    (lambda r: {**r, "extra": {"pseudo_labels": {"user_specific": {"accuracy": []}}}},
+     r"key 'extra.pseudo_labels.user_specific.accuracy' must be a number or null, not a list"),
+    ("utf-16", r"is not UTF-8 text"),
+    ("deep", r"JSON nested too deeply to read"),
+    ("cut", r"invalid JSON"),
+])
+def test_damaged_results_are_one_error_naming_the_file(tmp_path, capsys, damage, message):
+    from coplctl.errors import DataError
+
+    for side in ("base", "cur"):
+        _result(tmp_path / side, "uniform")
+        _result(tmp_path / side, "copl", accuracy=0.8)
+    bad = tmp_path / "cur" / "t" / "results" / "copl" / "seed0.json"
+    if damage == "utf-16":
+        bad.write_bytes(bad.read_text().encode("utf-16"))
+    elif damage == "deep":
+        bad.write_text("[" * 100_000 + "]" * 100_000)
+    elif damage == "cut":
+        bad.write_text(bad.read_text()[:30])
+    else:
+        bad.write_text(json.dumps(damage(json.loads(bad.read_text()))))
+    with pytest.raises(DataError, match=message) as e:
+        load_results(tmp_path / "cur")
+    assert e.value.file == str(bad)
+    for argv in (["compare", "base", "cur"], ["compare", "cur", "base"], ["report", "cur"], ["report", str(bad)]):
+        assert main([str(tmp_path / a) if a in ("base", "cur") else a for a in argv]) == 1
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"error: {bad}") and "\n" not in err, (argv, err)
+
+
+def test_report_outputs_never_replace_the_results(tmp_path, capsys):
+    good = _result(tmp_path / "res")
+    before = good.read_text()
+    assert main(["report", str(tmp_path / "res"), "--out", str(tmp_path / "res")]) == 0  # beside them is fine
+    assert good.read_text() == before and len(load_results(tmp_path / "res")) == 1
+    assert (tmp_path / "res" / "tables.md").stat().st_size > 0
+    capsys.readouterr()
+    for out in (good, good / "sub"):
+        assert main(["report", str(good), "--out", str(out)]) == 1
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and ("is a file" in err or "cannot create" in err), err
+    assert good.read_text() == before

@@ -20,7 +20,7 @@ def flatten(result: dict) -> dict[str, float]:
             if v is not None:
                 out[f"{role}.{key}"] = 100 * v
     extra = result.get("extra") or {}
-    if extra.get("gcf"):
+    if (extra.get("gcf") or {}).get("valid_accuracy") is not None:
         out["gcf.valid_accuracy"] = 100 * extra["gcf"]["valid_accuracy"]
     for variant, m in (extra.get("adaptation") or {}).items():
         if m and m.get("accuracy") is not None:

@@ -14,6 +14,8 @@ from importlib import metadata
 from pathlib import Path
 
 from coplctl.atomic import atomic_write_text
+from coplctl.errors import DataError
+from coplctl.files import read_json
 
 PACKAGES = ("coplctl", "torch", "transformers", "peft", "accelerate", "torch_geometric", "pandas", "numpy")
 
@@ -27,21 +29,70 @@ def write_result(path: Path, result: dict) -> None:
 
 
 def load_results(root: str | Path) -> list[dict]:
-    """Every result file under ``root`` (a results directory, a benchmark's directory, or one file)."""
+    """Every result file under ``root`` (a results directory, a benchmark's directory, or one file).
+
+    Each is checked to have the shape tables and comparisons read; a damaged one is one DataError
+    naming the file and the key.
+    """
     root = Path(root)
-    files = [root] if root.is_file() else sorted(root.rglob("seed*.json"))
+    if not root.exists():
+        return []
+    files = [root] if root.is_file() else sorted(f for f in root.rglob("seed*.json") if f.is_file())
     out = []
     for f in files:
-        try:
-            data = json.loads(f.read_text())
-        except json.JSONDecodeError as e:
-            from coplctl.errors import DataError
-
-            raise DataError(f, f"not valid JSON ({e.msg})", line=e.lineno) from None
-        if isinstance(data, dict) and {"spec", "name", "seed", "metrics"} <= set(data):
-            data["_file"] = str(f)
-            out.append(data)
+        data = check_result(read_json(f, what="results file"), f)
+        data["_file"] = str(f)
+        out.append(data)
     return out
+
+
+_NUMBER = (int, float)
+
+
+def _need(value, types: tuple, f: Path, key: str, optional: bool = True):
+    if value is None and optional:
+        return value
+    if isinstance(value, bool) and bool not in types or not isinstance(value, types):
+        want = {(dict,): "a JSON object", (str,): "text", (int,): "a whole number"}.get(types, "a number")
+        got = "null" if value is None else {str: "text", list: "a list", dict: "a JSON object", bool: "true or false",
+                                            int: "a whole number", float: "a number"}.get(type(value), "another type")
+        raise DataError(f, f"key {key!r} must be {want}{' or null' if optional else ''}, not {got}")
+    return value
+
+
+def _scores(block, f: Path, key: str, keys=("accuracy", "common", "controversial", "controversial_pairs")) -> None:
+    """A metrics block: a mapping (or null) whose named entries are numbers (or null)."""
+    if _need(block, (dict,), f, key) is not None:
+        for k in keys:
+            _need(block.get(k), _NUMBER, f, f"{key}.{k}")
+
+
+def check_result(data: dict, f: Path) -> dict:
+    """``data`` if it has the shape of a results file (what tables and comparisons read), else DataError."""
+    for key, types in (("spec", (str,)), ("name", (str,)), ("seed", (int,)), ("metrics", (dict,))):
+        if key not in data:
+            raise DataError(f, f"missing key {key!r}; not a coplctl results file")
+        _need(data[key], types, f, key, optional=False)
+    for role, block in data["metrics"].items():
+        _scores(block, f, f"metrics.{role}")
+    extra = _need(data.get("extra"), (dict,), f, "extra")
+    if not extra:
+        return data
+    gcf = _need(extra.get("gcf"), (dict,), f, "extra.gcf")
+    _scores(gcf, f, "extra.gcf", ("valid_accuracy", "train_accuracy", "group_probe"))
+    for variant, block in (_need(extra.get("adaptation"), (dict,), f, "extra.adaptation") or {}).items():
+        _scores(block, f, f"extra.adaptation.{variant}")
+    for hops, points in (_need(extra.get("fewshot_curve"), (dict,), f, "extra.fewshot_curve") or {}).items():
+        for shots, v in (_need(points, (dict,), f, f"extra.fewshot_curve.{hops}") or {}).items():
+            if not (hops.isdigit() and shots.isdigit()):
+                raise DataError(f, f"key 'extra.fewshot_curve.{hops}.{shots}': hops and shots must be whole numbers")
+            _need(v, _NUMBER, f, f"extra.fewshot_curve.{hops}.{shots}")
+    pseudo = _need(extra.get("pseudo_labels"), (dict,), f, "extra.pseudo_labels")
+    for k in ("pseudo_label", "user_specific"):
+        _scores((pseudo or {}).get(k), f, f"extra.pseudo_labels.{k}", ("accuracy",))
+    for kind, path in (_need(extra.get("figures"), (dict,), f, "extra.figures") or {}).items():
+        _need(path, (str,), f, f"extra.figures.{kind}")
+    return data
 
 
 def data_hash(path: Path) -> str:

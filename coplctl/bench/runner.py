@@ -3,16 +3,23 @@ JSON; finished runs are skipped, so an interrupted benchmark resumes where it st
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
 
+from coplctl.atomic import atomic_write_text, locked
 from coplctl.bench.results import provenance, result_path, write_result
-from coplctl.bench.spec import BenchmarkSpec
-from coplctl.errors import CoplError
+from coplctl.bench.spec import BenchmarkSpec, SpecError
+from coplctl.errors import CoplError, DataError
+from coplctl.files import read_json
 from coplctl.progress import Bar
+
+LOCK_FILE = ".lock"
+"""Held (flock) in OUT/NAME/ while a benchmark runs there."""
 
 HOW_TO_BUILD = (
     "{path} does not exist. Build it from UltraFeedback first: download openbmb/UltraFeedback and "
@@ -56,35 +63,49 @@ def prepare_data(spec: BenchmarkSpec, base: Path, force: bool = False):
 
 def run_benchmark(spec: BenchmarkSpec, out: str | Path, *, names: list[str] | None = None,
                   seeds: list[int] | None = None, backbone: str | None = None, mode: str | None = None,
-                  force: bool = False, progress: bool = True, log=None) -> dict:
-    """Run the spec's jobs not finished yet; returns {"done": [...], "skipped": [...]} result paths."""
+                  force: bool = False, progress: bool = True, log=None, sets: dict | None = None) -> dict:
+    """Run the spec's jobs not finished yet; returns {"done": [...], "skipped": [...]} result paths.
+
+    ``sets`` (``--set``) joins the spec's ``common``. Every job's config is checked before any work
+    starts, and ``OUT/NAME`` is locked for the run: a second benchmark of the same spec into the same
+    directory stops at once instead of removing the first one's work.
+    """
     import torch
     from accelerate import PartialState
 
-    state = PartialState(cpu=not torch.cuda.is_available())
-    base = Path(out) / spec.name
+    out = Path(out)
+    base = out / spec.name
+    spec.common.update(sets or {})
     _check_common(spec)
     known = [j[0] for j in spec.jobs()]
     unknown = [n for n in names or [] if n not in known]
     if unknown:
         raise CoplError(f"{unknown[0]!r} is not a method or ablation of {spec.name} (it has: {', '.join(known)})")
-    with state.main_process_first():
-        ds = prepare_data(spec, base, force)
+    settings = check_jobs(spec, backbone, mode, sets or {})
+    seeds = list(dict.fromkeys(seeds if seeds is not None else spec.seeds))
+    if not seeds:
+        raise CoplError(f"no seeds to run for {spec.name}")
+    state = PartialState(cpu=not torch.cuda.is_available())
+    with contextlib.ExitStack() as lock:
+        _lock(state, lock, out, base, spec.name)
+        with state.main_process_first():
+            ds = prepare_data(spec, base, force)
+        return _run(spec, state, ds, out, base, names, seeds, settings, backbone, mode, force, progress, log)
+
+
+def _run(spec, state, ds, out, base, names, seeds, settings, backbone, mode, force, progress, log) -> dict:
     jobs = [j for j in spec.jobs() if not names or j[0] in names]
-    seeds = seeds if seeds is not None else spec.seeds
     todo, skipped = [], []
     for name, method, overrides in jobs:
-        settings = _settings(spec, method, overrides, backbone, mode)
         for seed in seeds:
             path = result_path(out, spec.name, name, seed)
             if path.exists() and not force:
-                _check_same(path, settings)
+                _check_same(path, settings[name])
                 skipped.append(path)
             else:
                 todo.append((name, method, overrides, seed, path))
     if state.is_main_process:
-        base.mkdir(parents=True, exist_ok=True)
-        (base / "spec.json").write_text(json.dumps(asdict(spec), indent=2) + "\n")
+        atomic_write_text(base / "spec.json", json.dumps(asdict(spec), indent=2) + "\n")
     bar = Bar(progress and state.is_main_process, len(todo), spec.name)
     done = []
     try:
@@ -107,27 +128,92 @@ def run_benchmark(spec: BenchmarkSpec, out: str | Path, *, names: list[str] | No
     return {"done": done, "skipped": [str(p) for p in skipped]}
 
 
+def _lock(state, stack: contextlib.ExitStack, out: Path, base: Path, name: str) -> None:
+    """The main process creates ``base`` and locks it; every process learns whether that worked."""
+    problem = None
+    if state.is_main_process:
+        try:
+            for p in (out, base):
+                if p.exists() and not p.is_dir():
+                    raise CoplError(f"--out {out}: {p} is a file; the results directory must be a directory")
+            try:
+                base.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise CoplError(f"cannot create {base} ({e.strerror or e}); choose another --out") from None
+            stack.enter_context(locked(base / LOCK_FILE, str(out), by=f"coplctl benchmark {name}",
+                                       advice="wait for it or use another --out"))
+        except CoplError as e:
+            problem = str(e)
+    if state.num_processes > 1:  # the others must not wait forever for a main process that stopped
+        from accelerate.utils import broadcast_object_list
+
+        problem = broadcast_object_list([problem])[0]
+    if problem:
+        raise CoplError(problem)
+
+
 def _settings(spec: BenchmarkSpec, method: str, overrides: dict, backbone, mode) -> dict:
     """The config a job resolves to: spec backbone/mode (or the overrides of the command line), then
     the spec's overrides — keeping only the fields this method has (``common`` and ``--set`` apply to
     every method that knows the key)."""
-    import dataclasses
-
     from coplctl.registry import METHODS
     from coplctl.reward import make_config
 
     cls = METHODS.get(method)
-    fields = {f.name for f in dataclasses.fields(cls.Config)}
-    own = {k: v for k, v in overrides.items()
-           if k in fields or k not in spec.common or k in spec.overrides.get(method, {})}
-    settings = {"backbone": backbone or spec.backbone, "mode": mode or spec.mode, **own}
+    settings = {"backbone": backbone or spec.backbone, "mode": mode or spec.mode, **_own(spec, method, overrides)}
     return asdict(make_config(cls.Config, settings, owner=f"{spec.name}: method {method}"))
+
+
+def _own(spec: BenchmarkSpec, method: str, overrides: dict) -> dict:
+    """The overrides that apply to ``method``: a ``common`` key it does not have is for other methods."""
+    from coplctl.registry import METHODS
+
+    fields = {f.name for f in dataclasses.fields(METHODS.get(method).Config)}
+    return {k: v for k, v in overrides.items()
+            if k in fields or k not in spec.common or k in spec.overrides.get(method, {})}
+
+
+def check_jobs(spec: BenchmarkSpec, backbone=None, mode=None, sets: dict | None = None) -> dict[str, dict]:
+    """{job name: resolved config} of every method and ablation of the spec, built before any work so a
+    wrong value stops the run at once; the error names the spec file and the key that holds the value."""
+    out = {}
+    for i, (name, method, overrides) in enumerate(spec.jobs()):
+        try:
+            out[name] = _settings(spec, method, overrides, backbone, mode)
+        except CoplError as e:
+            key = _culprit(spec, i, method, overrides, backbone, mode, sets or {})
+            where = key if key and key.startswith("--") else f"{spec.path or spec.name}: {key or f'method {name}'}"
+            raise SpecError(f"{where}: {e}") from None
+    return out
+
+
+def _culprit(spec: BenchmarkSpec, i: int, method: str, overrides: dict, backbone, mode, sets: dict) -> str | None:
+    """Where the value that a job's config rejects comes from (None when no single value is wrong)."""
+    from coplctl.registry import METHODS
+    from coplctl.reward import make_config
+
+    cls = METHODS.get(method)
+    values = {"backbone": backbone or spec.backbone, "mode": mode or spec.mode, **_own(spec, method, overrides)}
+    for key, value in values.items():
+        try:
+            make_config(cls.Config, {key: value})
+        except CoplError:
+            pass
+        else:
+            continue
+        ablation = spec.ablations[i - len(spec.methods)] if i >= len(spec.methods) else None
+        if key in ("backbone", "mode") and key not in overrides:
+            return f"--{key}" if (backbone if key == "backbone" else mode) else key
+        if ablation is not None and key in ablation.overrides:
+            return f"ablations[{i - len(spec.methods)}].overrides.{key}"
+        if key in spec.overrides.get(method, {}):
+            return f"overrides.{method}.{key}"
+        return f"--set {key}" if key in sets else f"common.{key}"
+    return None
 
 
 def _check_common(spec: BenchmarkSpec) -> None:
     """A key of ``common`` (or ``--set``) must be an option of at least one of the spec's methods."""
-    import dataclasses
-
     from coplctl.registry import METHODS
 
     fields = {f.name for _, m, _ in spec.jobs() for f in dataclasses.fields(METHODS.get(m).Config)}
@@ -142,7 +228,9 @@ def _check_common(spec: BenchmarkSpec) -> None:
 
 def _check_same(path: Path, settings: dict) -> None:
     """A finished result is reused only if it was produced with the same settings."""
-    old = json.loads(path.read_text()).get("config", {})
+    old = read_json(path, what="results file").get("config", {})
+    if not isinstance(old, dict):
+        raise DataError(path, "key 'config' must be a JSON object; delete the file or use --force to redo it")
     diff = sorted(k for k in settings.keys() | old.keys() if old.get(k) != settings.get(k))
     if diff:
         shown = ", ".join(f"{k}: {old.get(k)!r} -> {settings.get(k)!r}" for k in diff[:3])

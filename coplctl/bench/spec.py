@@ -9,16 +9,18 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
-from coplctl.errors import CoplError
+from coplctl.errors import CoplError, DataError
+from coplctl.files import read_yaml
 
 SPEC_VERSION = 1
+SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
+"""A name that becomes one path component under ``--out``: no separators, no ``..``, no leading dot."""
 PAPER_METHODS = ["oracle", "uniform", "i2e", "i2e-proxy", "vpl", "pal", "copl"]
 
 
@@ -184,12 +186,11 @@ def _merge(base: dict, over: dict) -> dict:
 def _read(file: Path, seen: tuple[Path, ...] = ()) -> dict:
     if file in seen:
         raise SpecError(f"{file}: include cycle ({' -> '.join(str(p) for p in (*seen, file))})")
-    if not file.is_file():
-        raise SpecError(f"{file}: no such spec file")
     try:
-        data = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        raise SpecError(f"{file}: not valid YAML ({str(e).splitlines()[0]})") from None
+        data = read_yaml(file, what="spec file")
+    except DataError as e:  # not UTF-8, invalid YAML, nested too deeply ...
+        raise SpecError(str(e)) from None
+    data = {} if data is None else data
     if not isinstance(data, dict):
         raise SpecError(f"{file}: a spec must be a mapping of keys")
     include = data.pop("include", None)
@@ -225,9 +226,10 @@ def load_spec(name_or_path: str) -> BenchmarkSpec:
     spec = _check(BenchmarkSpec, _read(file), file, "")
     if spec.version != SPEC_VERSION:
         raise SpecError(f"{file}: version is {spec.version}; this coplctl reads spec version {SPEC_VERSION}")
+    _check_names(spec, file)
     for m in spec.methods + [a.method for a in spec.ablations] + list(spec.overrides):
         if m not in METHODS:
-            close = difflib.get_close_matches(m, METHODS.names(), n=1)
+            close = difflib.get_close_matches(str(m), METHODS.names(), n=1)
             raise SpecError(f"{file}: unknown method {m!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
     for a in spec.adaptation:
         if a not in ("weighted", "average", "optimize"):
@@ -238,6 +240,30 @@ def load_spec(name_or_path: str) -> BenchmarkSpec:
         raise SpecError(f"{file}: data.path is required when data.source is ultrafeedback")
     spec.path = str(file)
     return spec
+
+
+def _check_names(spec: BenchmarkSpec, file: Path) -> None:
+    """Names that become directories under ``--out`` are safe path components, and jobs do not collide."""
+    named = [("name", spec.name)] + [(f"ablations[{i}].name", a.name) for i, a in enumerate(spec.ablations)]
+    for key, value in named:
+        if not SAFE_NAME.fullmatch(value):
+            raise SpecError(f"{file}: {key} {value!r} is not a safe name: use letters, digits, '.', '_' and '-' "
+                            f"(not starting with '.' or '-'); it becomes a directory name under --out")
+    if len(set(spec.seeds)) < len(spec.seeds):
+        raise SpecError(f"{file}: seeds repeats a seed ({spec.seeds})")
+    seen: dict[str, str] = {}
+    for key, value in [(f"methods[{i}]", m) for i, m in enumerate(spec.methods)] + named[1:]:
+        if value in seen:
+            raise SpecError(f"{file}: {key} {value!r} repeats {seen[value]}: each method and ablation needs its "
+                            f"own name (results are stored under it)")
+        seen[value] = key
+    for where, mapping in [("common", spec.common)] + [(f"overrides.{m}", v) for m, v in spec.overrides.items()] \
+            + [(f"ablations[{i}].overrides", a.overrides) for i, a in enumerate(spec.ablations)]:
+        if not isinstance(mapping, dict):
+            raise SpecError(f"{file}: {where} must be a mapping of option: value, got {mapping!r}")
+        for k in mapping:
+            if not isinstance(k, str):
+                raise SpecError(f"{file}: {where} has the key {k!r}; option names are text")
 
 
 def list_specs() -> list[Path]:

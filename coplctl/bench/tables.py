@@ -110,7 +110,7 @@ def build_tables(results: list[dict]) -> list[Table]:
     data = {}
     for label, key in (("GCF valid", "valid_accuracy"), ("GCF train", "train_accuracy"),
                        ("Group probe", "group_probe")):
-        for (s, _), vals in _collect(copl, lambda r, k=key: r["extra"]["gcf"].get(k)).items():
+        for (s, _), vals in _collect(copl, lambda r, k=key: (r["extra"].get("gcf") or {}).get(k)).items():
             data[(s, label)] = vals
     tables.append(_grid("table5", "Table 5: GCF accuracy on held-out pairs of seen users; group probe: "
                         "5-fold logistic-regression accuracy of the group from the user embeddings", data,
@@ -120,9 +120,9 @@ def build_tables(results: list[dict]) -> list[Table]:
     if pseudo:
         specs = {r["spec"] for r in pseudo}
         data = {}
-        rows = {"CoPL": lambda r: r["metrics"]["seen"]["accuracy"],
-                "Pseudo label": lambda r: r["extra"]["pseudo_labels"]["pseudo_label"]["accuracy"],
-                "User-specific": lambda r: r["extra"]["pseudo_labels"]["user_specific"]["accuracy"]}
+        rows = {"CoPL": _metric("seen"),
+                "Pseudo label": lambda r: (r["extra"]["pseudo_labels"].get("pseudo_label") or {}).get("accuracy"),
+                "User-specific": lambda r: (r["extra"]["pseudo_labels"].get("user_specific") or {}).get("accuracy")}
         for label, fn in rows.items():
             for (s, _), vals in _collect(pseudo, fn).items():
                 data[(s, label)] = vals

@@ -10,8 +10,19 @@ import typer
 from coplctl.cli.common import err, examples, out, parse_sets
 
 
-def _csv(value: Optional[str], cast=str) -> Optional[list]:
-    return None if value is None else [cast(v.strip()) for v in value.split(",") if v.strip()]
+def _csv(value: Optional[str], option: str, cast=str, what: str = "names") -> Optional[list]:
+    """A comma-separated option's items; an empty list or an item ``cast`` rejects is one CoplError."""
+    from coplctl.errors import CoplError
+
+    if value is None:
+        return None
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    if not items:
+        raise CoplError(f"{option} expects comma-separated {what}, got {value!r}")
+    try:
+        return [cast(v) for v in items]
+    except ValueError:
+        raise CoplError(f"{option} expects comma-separated {what}, got {value!r}") from None
 
 
 def register(app: typer.Typer) -> None:
@@ -53,9 +64,10 @@ def register(app: typer.Typer) -> None:
         from coplctl.bench.runner import run_benchmark
 
         s = load_spec(spec)
-        s.common.update(parse_sets(sets or []))
-        summary = run_benchmark(s, out_dir, names=_csv(methods), seeds=_csv(seeds, int), backbone=backbone,
-                                mode=mode, force=force, log=lambda m: err.print(m, highlight=False))
+        summary = run_benchmark(s, out_dir, names=_csv(methods, "--methods"),
+                                seeds=_csv(seeds, "--seeds", int, "whole numbers (e.g. 0,1,2)"),
+                                backbone=backbone, mode=mode, force=force, sets=parse_sets(sets or []),
+                                log=lambda m: err.print(m, highlight=False))
         if summary["skipped"]:
             err.print(f"skipped {len(summary['skipped'])} finished run(s); --force redoes them")
         _report(out_dir / s.name, "md", None)
@@ -114,6 +126,8 @@ def _report(results: Path, fmt: str, out_dir: Optional[Path]) -> None:
     found = load_results(results)
     if not found:
         raise CoplError(f"no results under {results} (run coplctl benchmark first)")
+    if out_dir is not None:
+        _check_report_out(out_dir, found)
     tables = build_tables(found)
     typer.echo("\n".join(render[fmt](t) for t in tables))
     if out_dir is None:
@@ -130,3 +144,19 @@ def _report(results: Path, fmt: str, out_dir: Optional[Path]) -> None:
     if lines:
         atomic_write_text(out_dir / "figures.md", "\n".join(lines) + "\n")
     err.print(f"wrote {out_dir}/tables.md, tables.csv, tables.tex" + (" and figure2.png" if curves else ""))
+
+
+def _check_report_out(out_dir: Path, found: list[dict]) -> None:
+    """``report --out`` is a directory that can be made, and none of the report's files is a results file."""
+    from coplctl.errors import CoplError
+
+    if out_dir.exists() and not out_dir.is_dir():
+        raise CoplError(f"--out {out_dir} is a file; name a directory for the report")
+    inputs = {Path(r["_file"]).resolve() for r in found}
+    for name in ("tables.md", "tables.csv", "tables.tex", "figure2.png", "figures.md"):
+        if (out_dir / name).resolve() in inputs:
+            raise CoplError(f"--out {out_dir} would replace the results file {out_dir / name}; choose another --out")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CoplError(f"cannot create --out {out_dir} ({e.strerror or e}); choose another directory") from None
