@@ -220,3 +220,15 @@ def locked(path: str | Path, what: str, *, by: str = "coplctl command",
         yield
     finally:
         os.close(fd)
+
+
+def refuse_overlap(out: str | Path, inputs: dict[str, str | Path | None], option: str = "--out") -> None:
+    """Raise CoplError when output ``out`` is, contains or lies inside one of ``inputs`` (what -> path):
+    an output never replaces or writes into its own input, even with --force."""
+    o = Path(out).resolve()
+    for what, path in inputs.items():
+        if path is None or not Path(path).exists():
+            continue
+        p = Path(path).resolve()
+        if o == p or p.is_relative_to(o) or o.is_relative_to(p):
+            raise CoplError(f"{option} {out} would replace or write into {what} {path}; choose another {option}")

@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from coplctl.config import AT_LEAST_1, NON_NEGATIVE, POSITIVE
+from coplctl.atomic import atomic_path
 from coplctl.backbone import Backbone
 from coplctl.encoders import ResponseEncoder, add_lora, build_inputs, concat_batches
 from coplctl.errors import CoplError, DataError
@@ -163,7 +164,8 @@ class NeuralMethod(RewardMethod):
         return {"users": len(new), "pairs": int(len(pairs)), "method": f"{steps} Adam steps on each new user's row"}
 
     def save_state(self, directory: Path) -> None:
-        save_file({k: v.contiguous() for k, v in trainable_state(self.net).items()}, str(directory / "model.safetensors"))
+        with atomic_path(directory / "model.safetensors") as tmp:  # also gives the file the usual permissions
+            save_file({k: v.contiguous() for k, v in trainable_state(self.net).items()}, str(tmp))
         (directory / "users.json").write_text(json.dumps(self.user_ids))
         # the responses it was trained on: user files given to `coplctl adapt` name them by id or text
         self.responses.to_parquet(directory / "responses.parquet", index=False)

@@ -207,3 +207,15 @@ def test_an_empty_dataset_is_refused_before_training(tiny_copy, capsys):
 
     assert main(["graph", "train", "--data", str(tiny_copy), "--out", str(tiny_copy.parent / "g")]) == 1
     assert "holds no seen user" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["train uniform", "graph train"])
+def test_an_output_never_replaces_its_dataset(tiny_copy, capsys, command):
+    from coplctl.cli import main
+
+    before = sorted(p.name for p in tiny_copy.iterdir())
+    for out in (tiny_copy, tiny_copy / "inside", tiny_copy.parent):
+        code = main([*command.split(), "--data", str(tiny_copy), "--out", str(out), "--force"])
+        assert code == 1 and "would replace or write into the dataset" in capsys.readouterr().err
+    assert sorted(p.name for p in tiny_copy.iterdir()) == before
+    load(tiny_copy)

@@ -164,3 +164,13 @@ def test_score_input_and_output_paths(runs, tmp_path, capsys):
         assert code == 1 and words in err and "Traceback" not in err, (args, err)
     assert main(["score", run, "--input", str(f), "--output", str(tmp_path / "out.jsonl")]) == 0
     assert "reward" in json.loads((tmp_path / "out.jsonl").read_text())
+
+
+def test_every_saved_file_has_the_usual_permissions(runs):
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    files = [p for p in (runs[0] / "copl").rglob("*") if p.is_file()]
+    assert any(p.name == "model.safetensors" for p in files)
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in files} == {p.name: oct(0o666 & ~mask) for p in files}

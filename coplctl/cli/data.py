@@ -117,11 +117,13 @@ def build_ufp(
 ) -> None:
     """Build real UF-P from UltraFeedback ratings (one cleaned chosen/rejected pair per prompt, per-attribute
     labels, fair-coin ties, four-attributes-disagree filter)."""
+    from coplctl.atomic import refuse_overlap
     from coplctl.data.ultrafeedback import BuildConfig, build_ufp as run
     from coplctl.errors import CoplError
 
     proto = _protocol(variant, annotations, users, unseen_users, survey_pairs, fewshot_pairs, valid_pairs)
     path = out_dir or Path("data") / f"ufp-{variant.value}-{annotations.value}"
+    refuse_overlap(path, {"the UltraFeedback copy": ultrafeedback, "the cleaned set": cleaned})
     if path.exists() and not force:
         raise CoplError(f"{path} already exists; choose another --out or pass --force to replace it")
     cfg = BuildConfig(protocol=proto, seed=seed, ultrafeedback=ultrafeedback,

@@ -8,7 +8,6 @@ from typing import Annotated, Optional
 
 import typer
 
-from coplctl.errors import CoplError
 from coplctl.cli.common import Force, Seed, err, examples, out, parse_sets
 
 app = typer.Typer(help="Learn user embeddings on the user–response preference graph (CoPL §4.1).",
@@ -54,14 +53,13 @@ def train(
     the group probe: 5-fold logistic-regression accuracy of the group from the user embeddings."""
     from rich.table import Table
 
+    from coplctl.atomic import refuse_overlap
     from coplctl.data import load
     from coplctl.graph.train import preset_config, train_gcf
 
     options = dict(dim=dim, layers=layers, epochs=epochs, lr=lr, batch_size=batch_size, sampler=sampler)
     cfg = preset_config(preset.value, **{**parse_sets(sets or []), **{k: v for k, v in options.items() if v is not None}})
-    if out_dir.resolve() == data.resolve() or data.resolve() in out_dir.resolve().parents \
-            or out_dir.resolve() in data.resolve().parents:
-        raise CoplError(f"--out {out_dir} would write into the dataset {data} (or contain it); choose another --out")
+    refuse_overlap(out_dir, {"the dataset": data})
     ds = load(data)
     if (out_dir / "checkpoint.safetensors").exists() and not force:
         err.print(f"resuming the interrupted run in {out_dir}")

@@ -44,7 +44,7 @@ def register(app: typer.Typer) -> None:
         force: Force = False,
     ) -> None:
         """Train a reward method on a dataset's seen users and save the run."""
-        from coplctl.atomic import atomic_write_text
+        from coplctl.atomic import atomic_write_text, refuse_overlap
         from coplctl.data import load
         from coplctl.errors import CoplError
         from coplctl.registry import METHODS
@@ -56,6 +56,7 @@ def register(app: typer.Typer) -> None:
                                        "lr": lr, "batch_size": batch_size}.items() if v is not None}
         overrides.update(parse_sets(sets or []))
         cfg = make_config(cls.Config, overrides, owner=f"method {method}")
+        refuse_overlap(out_dir, {"the dataset": data})
         if out_dir.exists() and not force:
             raise CoplError(f"{out_dir} already exists; choose another --out or pass --force to replace it")
         ds = load(data)
