@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from coplctl.errors import DataError
+
+if TYPE_CHECKING:
+    import torch
 
 _TYPE_NAMES = {dict: "a JSON object", list: "a list", str: "text", int: "a whole number", float: "a number",
                bool: "true or false"}
@@ -108,6 +111,27 @@ def read_safetensors(path: str | Path, what: str = "weights file") -> dict:
         return load_file(str(path))
     except Exception as e:  # safetensors raises its own SafetensorError for every kind of damage
         raise DataError(path, f"is not a readable safetensors file ({_first_line(e)})") from None
+
+
+def read_adapted(path: str | Path) -> tuple[list[str], "torch.Tensor"]:
+    """User ids and embeddings of an ``embeddings.safetensors`` written by ``coplctl adapt``."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(path, "no such embeddings file (written by coplctl adapt)")
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta, keys = f.metadata() or {}, set(f.keys())
+            emb = f.get_tensor("embeddings") if "embeddings" in keys else None
+    except Exception as e:  # safetensors raises its own error type for every kind of damage
+        raise DataError(path, f"is not a readable safetensors file ({_first_line(e)})") from None
+    if emb is None or emb.dim() != 2 or "user_ids" not in meta:
+        raise DataError(path, "is not an adapt output (needs an 'embeddings' matrix and user_ids metadata)")
+    ids = parse_json(meta["user_ids"], path)
+    if not isinstance(ids, list) or len(ids) != len(emb) or not all(isinstance(u, str) for u in ids):
+        raise DataError(path, f"user_ids metadata must list one id per embedding row ({len(emb)})")
+    return ids, emb
 
 
 def read_parquet(path: str | Path, columns: tuple[str, ...] = (), what: str = "table"):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -35,8 +34,9 @@ def plot_embeddings(run_dir: str | Path, out: str | Path, *, adapted: str | Path
     Adapted users come from an ``adapt`` output directory or as (ids, embeddings); they are drawn with
     black edges, as in the paper's Figure 4. Returns what was drawn.
     """
-    from safetensors import safe_open
     from sklearn.manifold import TSNE
+
+    from coplctl.files import read_adapted
 
     from coplctl.graph.run import GCFRun
 
@@ -50,9 +50,8 @@ def plot_embeddings(run_dir: str | Path, out: str | Path, *, adapted: str | Path
     groups = [seen_groups[pick]]
     is_new = [np.zeros(len(pick), dtype=bool)]
     if adapted is not None:
-        with safe_open(str(Path(adapted) / "embeddings.safetensors"), "pt") as f:
-            ids = json.loads(f.metadata()["user_ids"])
-            X.append(f.get_tensor("embeddings").numpy())
+        ids, emb = read_adapted(Path(adapted) / "embeddings.safetensors")
+        X.append(emb.numpy())
         groups.append(np.asarray([group_of.get(u, "(no group)") for u in ids]))
         is_new.append(np.ones(len(ids), dtype=bool))
     if adapted_embeddings is not None and len(adapted_embeddings[0]):
@@ -98,29 +97,27 @@ def expert_allocation(run_dir: str | Path) -> dict:
     Needs no backbone: each gate is a two-layer MLP on the user table, and top-1 routing is the argmax
     of its logits. Returns {"users": [...], "groups": [...], "layers": {name: [expert per user]}}.
     """
-    import pandas as pd
     import torch
-    from safetensors.torch import load_file
 
-    from coplctl.errors import CoplError
+    from coplctl.errors import CoplError, DataError
+    from coplctl.files import read_parquet, read_safetensors, read_user_ids
 
     run_dir = Path(run_dir)
     for name in ("model.safetensors", "users.json"):
         if not (run_dir / name).is_file():
             raise CoplError(f"{run_dir} is not a saved reward-model run: no {name} (train one with `coplctl train copl`)")
-    try:
-        weights = load_file(str(run_dir / "model.safetensors"))
-    except Exception as e:
-        raise CoplError(f"{run_dir / 'model.safetensors'}: not a readable safetensors file ({e})") from None
+    weights = read_safetensors(run_dir / "model.safetensors")
     gates = sorted((k[: -len(".gate.0.weight")] for k in weights if k.endswith(".gate.0.weight")), key=_natural)
     if not gates or "user_table" not in weights:
         raise CoplError(f"{run_dir} has no MoLE gates (is it a CoPL run with mole enabled?)")
-    users = json.loads((run_dir / "users.json").read_text())
+    users = read_user_ids(run_dir / "users.json")
     table = weights["user_table"]
+    if table.dim() != 2 or len(table) != len(users):
+        raise DataError(run_dir / "model.safetensors", "user_table does not have one row per user of users.json")
     groups_file = run_dir / "gcf" / "users.parquet"
     group_of = {}
     if groups_file.exists():
-        g = pd.read_parquet(groups_file)
+        g = read_parquet(groups_file, ("user_id", "group"), "users table")
         group_of = dict(zip(g["user_id"], g["group"].fillna("(no group)")))
     layers = {}
     for name in gates:
