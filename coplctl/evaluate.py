@@ -4,6 +4,8 @@ few-shot pairs."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 
@@ -57,3 +59,27 @@ def score_frame(rows: list[dict]) -> pd.DataFrame:
     """A responses frame (response_id, prompt, text) for ad-hoc texts to score."""
     return pd.DataFrame({"response_id": [f"adhoc-{i}" for i in range(len(rows))],
                          "prompt": [r["prompt"] for r in rows], "text": [r["response"] for r in rows]})
+
+
+def read_score_requests(path: str | Path) -> tuple[list[dict], list[int]]:
+    """Requests of a `score --input` JSONL file and their line numbers; any bad line is one DataError."""
+    from coplctl.errors import DataError
+    from coplctl.files import parse_json, read_text
+
+    path = Path(path)
+    rows, lines = [], []
+    # JSONL lines end at "\n" only: str.splitlines() would also split inside strings at U+2028 and the like
+    for n, line in enumerate(read_text(path, "request file").split("\n"), 1):
+        if not line.strip():
+            continue
+        rec = parse_json(line, path, line=n)
+        if not isinstance(rec, dict):
+            raise DataError(path, 'each line must be a JSON object {"user", "prompt", "response"}', line=n)
+        missing = [k for k in ("user", "prompt", "response") if not isinstance(rec.get(k), str)]
+        if missing:
+            raise DataError(path, f"missing or non-text field {', '.join(missing)}", line=n)
+        rows.append(rec)
+        lines.append(n)
+    if not rows:
+        raise DataError(path, "holds no request")
+    return rows, lines

@@ -118,7 +118,7 @@ def register(app: typer.Typer) -> None:
         """Reward of a response for a user, or of every line of a JSONL file."""
         from coplctl.atomic import atomic_write_text
         from coplctl.errors import CoplError, DataError
-        from coplctl.evaluate import score_frame
+        from coplctl.evaluate import read_score_requests, score_frame
         from coplctl.reward import load_method
 
         if input_file is None:
@@ -126,7 +126,7 @@ def register(app: typer.Typer) -> None:
                 raise CoplError("give --user, --prompt and --response, or --input FILE")
             rows, line_of = [{"user": user, "prompt": prompt, "response": response}], None
         else:
-            rows, line_of = _score_requests(input_file)
+            rows, line_of = read_score_requests(input_file)
         if output is not None:
             if output.is_dir():
                 raise CoplError(f"--output {output} is a directory; give a file path")
@@ -151,24 +151,3 @@ def register(app: typer.Typer) -> None:
         else:
             typer.echo("\n".join(lines))
 
-
-def _score_requests(path: Path) -> tuple[list[dict], list[int]]:
-    """Requests of a `score --input` JSONL file and their line numbers; any bad line is one DataError."""
-    from coplctl.errors import DataError
-    from coplctl.files import parse_json, read_text
-
-    rows, lines = [], []
-    for n, line in enumerate(read_text(path, "request file").splitlines(), 1):
-        if not line.strip():
-            continue
-        rec = parse_json(line, path, line=n)
-        if not isinstance(rec, dict):
-            raise DataError(path, 'each line must be a JSON object {"user", "prompt", "response"}', line=n)
-        missing = [k for k in ("user", "prompt", "response") if not isinstance(rec.get(k), str)]
-        if missing:
-            raise DataError(path, f"missing or non-text field {', '.join(missing)}", line=n)
-        rows.append(rec)
-        lines.append(n)
-    if not rows:
-        raise DataError(path, "holds no request")
-    return rows, lines
