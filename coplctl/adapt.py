@@ -12,46 +12,57 @@ Given a trained GCF and a new user u* with a few pairs D_u* over graph responses
 Only the scores actually needed are computed (neighbours × the user's pairs), never a dense
 users × responses matrix. A user with no k-hop neighbour falls back, explicitly, to the weighted
 (or plain) mean over *all* seen users; the fallback is counted and reported per user.
+
+Work is linear in the number of new users: pairs are sorted by user (CSR pointers), neighbours are
+found with integer arrays (no sparse tensors), a block of users at a time, and the per-user softmax
+runs on padded batches of users with similar neighbour counts, of bounded memory.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+from typing import Annotated
 
+import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from coplctl.config import AT_LEAST_1, NON_NEGATIVE, POSITIVE, OneOf, Range, check_fields
 from coplctl.errors import CoplError
 from coplctl.graph.run import GCFRun
 
 METHODS = ("weighted", "average", "optimize")
+USER_BLOCK = 512  # new users whose k-hop neighbourhoods are found together
+CHUNK_ELEMENTS = 1 << 23  # floats of the padded (users × neighbours × (d + pairs)) batches
+BITMAP_LIMIT = 1 << 26  # bytes of a (users × nodes) reachability bitmap; beyond, sort unique keys instead
+BITMAP_SPARSITY = 16  # ... and only when at least one cell in this many is marked
 
 
 @dataclass
 class AdaptConfig:
-    """Adaptation settings; defaults are the paper's (Appendix C.2)."""
+    """Adaptation settings; defaults are the paper's (Appendix C.2). Checked when built: a wrong type, NaN
+    or out-of-range value is one error naming the option, never all-NaN embeddings later."""
 
-    method: str = "weighted"
+    method: Annotated[str, OneOf(*METHODS)] = "weighted"
     """``weighted`` (CoPL), ``average`` (Naive Avg.) or ``optimize`` (User Opt.)."""
-    hops: int = 2
+    hops: Annotated[int, Range(min=2)] = 2
     """k, an even number of hops over positive edges (paper: 2; Figure 2 also 4)."""
-    temperature: float = 0.07
+    temperature: Annotated[float, POSITIVE] = 0.07
     """κ of the softmax over γ (paper: 0.07)."""
-    steps: int = 100
+    steps: Annotated[int, AT_LEAST_1] = 100
     """Adam steps of ``optimize``."""
-    lr: float = 0.05
+    lr: Annotated[float, POSITIVE] = 0.05
     """Learning rate of ``optimize``."""
-    l2: float = 1e-3
+    l2: Annotated[float, NON_NEGATIVE] = 1e-3
     """L2 penalty on the free embedding of ``optimize``."""
 
     def __post_init__(self):
-        if self.method not in METHODS:
-            raise CoplError(f"unknown adaptation method {self.method!r}; choose {', '.join(METHODS)}")
-        if self.hops < 2 or self.hops % 2:
-            raise CoplError("--hops must be an even number >= 2 (user -> response -> user ...)")
-        if self.temperature <= 0:
-            raise CoplError("--temperature must be positive")
+        check_fields(self, "adapt")  # types (no NaN or infinity), choices and ranges, naming the option
+        if self.hops % 2:
+            raise CoplError(f"adapt option hops: {self.hops} is odd; --hops must be an even number >= 2 "
+                            "(user -> response -> user ...)")
 
 
 @dataclass
@@ -64,18 +75,66 @@ class Adapted:
     report: dict = field(default_factory=dict)
 
 
-def _neighbours(run: GCFRun, users: torch.Tensor, chosen: torch.Tensor, n: int, hops: int) -> torch.Tensor:
-    """Sparse (n × seen users) reachability by ``hops`` hops over positive edges, binary, coalesced."""
-    g = run.graph
-    ones = torch.ones(g.pos.shape[1])
-    b = torch.sparse_coo_tensor(g.pos, ones, (g.num_users, g.num_responses)).coalesce()  # users × responses
-    start = torch.sparse_coo_tensor(torch.stack([users, chosen]), torch.ones(len(users)), (n, g.num_responses)).coalesce()
-    reach = torch.sparse.mm(start, b.t()).coalesce()  # 2 hops: n × users
-    for _ in range(hops // 2 - 1):
-        resp = torch.sparse.mm(reach, b).coalesce()
-        resp = torch.sparse_coo_tensor(resp.indices(), torch.ones(resp._nnz()), resp.shape)
-        reach = torch.sparse.mm(resp, b.t()).coalesce()
-    return torch.sparse_coo_tensor(reach.indices(), torch.ones(reach._nnz()), reach.shape).coalesce()
+def _csr(rows: np.ndarray, cols: np.ndarray, n_rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """(ptr, cols) of (row, col) pairs (unique, as graph edges are), columns ascending within each row."""
+    order = np.lexsort((cols, rows))
+    ptr = np.zeros(n_rows + 1, dtype=np.int64)
+    np.cumsum(np.bincount(rows, minlength=n_rows), out=ptr[1:])
+    return ptr, cols[order]
+
+
+def _ranges(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Concatenated ``arange(s, s + c)`` for every (s, c)."""
+    total = int(counts.sum())
+    offsets = np.arange(total, dtype=np.int64) - np.repeat(np.cumsum(counts) - counts, counts)
+    return np.repeat(starts, counts) + offsets
+
+
+def _hop(rows: np.ndarray, cols: np.ndarray, ptr: np.ndarray, idx: np.ndarray, width: int):
+    """One hop: every (row, idx of col) for (row, col) given, deduplicated, sorted by row then column."""
+    counts = ptr[cols + 1] - ptr[cols]
+    new_rows, new = np.repeat(rows, counts), idx[_ranges(ptr[cols], counts)]
+    if len(new) == 0:
+        return new_rows, new
+    base = int(new_rows.min())
+    span = int(new_rows.max()) - base + 1
+    if span * width <= min(BITMAP_LIMIT, BITMAP_SPARSITY * len(new)):  # dense: mark a bitmap, read it in order
+        mark = np.zeros((span, width), dtype=bool)
+        mark[new_rows - base, new] = True
+        r, c = np.nonzero(mark)
+        return r + base, c
+    key = _unique(new_rows * width + new)
+    return key // width, key % width
+
+
+def _unique(keys: np.ndarray) -> np.ndarray:
+    """Sorted distinct values (np.unique's hashing is many times slower on large int64 arrays)."""
+    keys = np.sort(keys)
+    keep = np.ones(len(keys), dtype=bool)
+    np.not_equal(keys[1:], keys[:-1], out=keep[1:])
+    return keys[keep]
+
+
+class _Hops:
+    """k-hop reachability over the positive edges, for blocks of new users (binary, sorted)."""
+
+    def __init__(self, run: GCFRun, hops: int):
+        g = run.graph
+        u, r = (g.pos[0].numpy().astype(np.int64), g.pos[1].numpy().astype(np.int64))
+        self.nu, self.nr, self.hops = g.num_users, g.num_responses, hops
+        self.r_ptr, self.r_users = _csr(r, u, self.nr)  # response -> users who chose it
+        self.u_ptr, self.u_resp = _csr(u, r, self.nu)  # user -> responses the user chose
+
+    def __call__(self, users: np.ndarray, chosen: np.ndarray):
+        """(new user, seen user) edges reached from (new user, chosen response) pairs."""
+        if len(users) == 0:
+            return users, users
+        key = _unique(users * self.nr + chosen)
+        rows, cols = _hop(key // self.nr, key % self.nr, self.r_ptr, self.r_users, self.nu)
+        for _ in range(self.hops // 2 - 1):
+            rows, resp = _hop(rows, cols, self.u_ptr, self.u_resp, self.nr)
+            rows, cols = _hop(rows, resp, self.r_ptr, self.r_users, self.nu)
+        return rows, cols
 
 
 def adapt_users(run: GCFRun, pairs: pd.DataFrame, cfg: AdaptConfig | None = None) -> Adapted:
@@ -86,46 +145,29 @@ def adapt_users(run: GCFRun, pairs: pd.DataFrame, cfg: AdaptConfig | None = None
     """
     cfg = cfg or AdaptConfig()
     g = run.graph
-    user_ids = list(dict.fromkeys(pairs["user_id"]))
-    uindex = {u: i for i, u in enumerate(user_ids)}
-    c = pairs["chosen_id"].map(g.response_index)
-    r = pairs["rejected_id"].map(g.response_index)
-    inside = (c.notna() & r.notna()).to_numpy()  # pairs over responses the graph knows
-    pu = torch.tensor(pairs["user_id"].map(uindex).to_numpy()[inside])
-    pc = torch.tensor(c[inside].astype("int64").to_numpy())
-    pr = torch.tensor(r[inside].astype("int64").to_numpy())
-    outside = pairs.loc[~inside, "user_id"].value_counts()
+    codes, uniques = pd.factorize(pairs["user_id"], sort=False)  # users in order of first appearance
+    user_ids = uniques.tolist()
     n = len(user_ids)
+    known = pd.Index(g.response_ids)
+    c = known.get_indexer(pairs["chosen_id"])  # -1: a response the graph does not know
+    r = known.get_indexer(pairs["rejected_id"])
+    inside = (c >= 0) & (r >= 0)
+    pu, pc, pr = codes[inside].astype(np.int64), c[inside].astype(np.int64), r[inside].astype(np.int64)
+    used = np.bincount(pu, minlength=n)
+    outside = np.bincount(codes[~inside], minlength=n)
+    per_user = {u: {"pairs_used": int(k), "pairs_outside_graph": int(o)}
+                for u, k, o in zip(user_ids, used.tolist(), outside.tolist())}
     E_u, E_r = run.user_emb, run.response_emb
-    X = run.exported_user_emb
-    per_user = {u: {"pairs_used": int((pu == i).sum()), "pairs_outside_graph": int(outside.get(u, 0))}
-                for i, u in enumerate(user_ids)}
 
     if cfg.method == "optimize":
-        raw = _optimize(E_u, E_r, pu, pc, pr, n, cfg)
+        raw = _optimize(E_u, E_r, torch.from_numpy(pu), torch.from_numpy(pc), torch.from_numpy(pr), n, cfg)
         emb = run.export(raw)
         fallback = 0
     else:
-        reach = _neighbours(run, pu, pc, n, cfg.hops)
-        rows, cols = reach.indices()
-        ptr = torch.searchsorted(rows, torch.arange(n + 1))
-        raw, emb = torch.empty(n, E_u.shape[1]), torch.empty(n, X.shape[1])
-        fallback = 0
-        for i, uid in enumerate(user_ids):
-            nb = cols[ptr[i]:ptr[i + 1]]
-            used_fallback = len(nb) == 0
-            if used_fallback:  # no k-hop neighbour: explicit fallback over all seen users
-                nb = torch.arange(g.num_users)
-                fallback += 1
-            mine = pu == i
-            if cfg.method == "weighted":
-                delta = E_r[pc[mine]] - E_r[pr[mine]]  # (p, d)
-                gamma = F.logsigmoid(E_u[nb] @ delta.T).sum(1)  # (neighbours,)
-                w = torch.softmax(gamma / cfg.temperature, dim=0)
-            else:
-                w = torch.full((len(nb),), 1.0 / len(nb))
-            raw[i], emb[i] = w @ E_u[nb], w @ X[nb]
-            per_user[uid].update(neighbours=0 if used_fallback else int(len(nb)), fallback=used_fallback)
+        raw, emb, neighbours = _neighbour_means(run, pu, pc, pr, n, cfg)
+        fallback = int((neighbours == 0).sum())
+        for u, k in zip(user_ids, neighbours.tolist()):
+            per_user[u].update(neighbours=k, fallback=k == 0)
     report = {
         "method": cfg.method, "hops": cfg.hops, "temperature": cfg.temperature,
         "users": len(user_ids), "pairs": int(inside.sum()), "pairs_outside_graph": int((~inside).sum()),
@@ -135,6 +177,72 @@ def adapt_users(run: GCFRun, pairs: pd.DataFrame, cfg: AdaptConfig | None = None
         "per_user": per_user,
     }
     return Adapted(user_ids, emb, raw, report)
+
+
+def _neighbour_means(run: GCFRun, pu, pc, pr, n: int, cfg: AdaptConfig):
+    """Weighted (or plain) means of each new user's k-hop neighbours: (raw, exported, neighbour counts)."""
+    E_u, E_r, X = run.user_emb, run.response_emb, run.exported_user_emb
+    order = np.argsort(pu, kind="stable")  # pairs by user, each user's pairs in file order
+    pu, pc, pr = pu[order], pc[order], pr[order]
+    p_ptr = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(np.bincount(pu, minlength=n), out=p_ptr[1:])
+    delta = E_r[torch.from_numpy(pc)] - E_r[torch.from_numpy(pr)]  # (pairs, d), by user
+    raw, emb = E_u.new_zeros(n, E_u.shape[1]), X.new_zeros(n, X.shape[1])
+    counts = np.zeros(n, dtype=np.int64)
+    hops, seen = _Hops(run, cfg.hops), run.graph.num_users
+    width = E_u.shape[1] + X.shape[1] + int(np.diff(p_ptr).max(initial=0)) + 1  # floats per (user, neighbour)
+    for lo in range(0, n, USER_BLOCK):
+        hi = min(n, lo + USER_BLOCK)
+        rows, cols = hops(pu[p_ptr[lo]:p_ptr[hi]], pc[p_ptr[lo]:p_ptr[hi]])
+        per = np.bincount(rows - lo, minlength=hi - lo)
+        counts[lo:hi] = per
+        e_ptr = np.zeros(hi - lo + 1, dtype=np.int64)
+        np.cumsum(per, out=e_ptr[1:])
+        size = np.where(per == 0, seen, per)  # no neighbour: explicit fallback to every seen user
+        by_size = np.argsort(size, kind="stable")  # chunks of users with similar counts pad little
+        start = 0
+        while start < len(by_size):
+            tail = size[by_size[start:]]
+            cost = np.arange(1, len(tail) + 1) * tail * width  # (users) × (largest count) × width
+            stop = start + max(1, int(np.searchsorted(cost, CHUNK_ELEMENTS, side="right")))
+            users = by_size[start:stop]
+            nb, nb_count = _padded_neighbours(users, per, e_ptr, cols, seen)
+            got_raw, got_emb = _weighted_means(nb, nb_count, lo + users, p_ptr, delta, E_u, X, cfg)
+            raw[lo + users], emb[lo + users] = got_raw, got_emb
+            start = stop
+    return raw, emb, counts
+
+
+def _padded_neighbours(users, per, e_ptr, cols, seen: int):
+    """(m, max count) neighbour indices of ``users`` (fallback users: every seen user), and the counts."""
+    size = np.where(per[users] == 0, seen, per[users])
+    nb = np.zeros((len(users), int(size.max())), dtype=np.int64)
+    for j in np.flatnonzero(per[users] == 0):
+        nb[j] = np.arange(seen)
+    has = per[users] > 0
+    k = per[users][has]
+    slot = _ranges(np.zeros(len(k), dtype=np.int64), k)
+    nb[np.repeat(np.flatnonzero(has), k), slot] = cols[_ranges(e_ptr[users][has], k)]
+    return torch.from_numpy(nb), torch.from_numpy(size)
+
+
+def _weighted_means(nb, nb_count, users, p_ptr, delta, E_u, X, cfg: AdaptConfig):
+    """softmax(γ/κ)-weighted (or plain) means over each user's neighbours, padded to a dense batch."""
+    m, width = nb.shape
+    valid = torch.arange(width)[None, :] < nb_count[:, None]  # (m, width)
+    A = E_u[nb]  # (m, width, d); padding rows are user 0's and get weight 0
+    if cfg.method == "weighted":
+        n_pairs = np.diff(p_ptr)[users]
+        D = delta.new_zeros(m, int(n_pairs.max(initial=0)), delta.shape[1])
+        slot = _ranges(np.zeros(m, dtype=np.int64), n_pairs)
+        D[torch.from_numpy(np.repeat(np.arange(m), n_pairs)), torch.from_numpy(slot)] = \
+            delta[torch.from_numpy(_ranges(p_ptr[users], n_pairs))]
+        pair_ok = torch.arange(D.shape[1])[None, :] < torch.from_numpy(n_pairs)[:, None]  # (m, pairs)
+        gamma = (F.logsigmoid(torch.bmm(A, D.transpose(1, 2))) * pair_ok[:, None, :]).sum(-1)  # (m, width)
+        w = torch.softmax((gamma / cfg.temperature).masked_fill(~valid, -math.inf), dim=1)
+    else:
+        w = valid.to(E_u.dtype) / nb_count[:, None].to(E_u.dtype)
+    return torch.bmm(w[:, None, :], A).squeeze(1), torch.bmm(w[:, None, :], X[nb]).squeeze(1)
 
 
 def _optimize(E_u, E_r, pu, pc, pr, n, cfg: AdaptConfig) -> torch.Tensor:

@@ -32,7 +32,8 @@ def register(app: typer.Typer) -> None:
         out_dir: Annotated[Path, typer.Option("--out", "-o", help="Output directory.", show_default=False)],
         user_file: Annotated[Optional[Path], typer.Option(
             "--user-file", "-u", show_default=False,
-            help='JSONL, one annotation per line: {"user": ..., "chosen": id or text, "rejected": id or text}.')]
+            help='JSONL, one annotation per line: {"user": ..., "chosen": id or text, "rejected": id or text}; '
+                 'both responses answer one prompt, and users are new to the run.')]
         = None,
         data: Annotated[Optional[Path], typer.Option(
             "--data", "-d", show_default=False,
@@ -53,10 +54,15 @@ def register(app: typer.Typer) -> None:
         A graph run gives embeddings.safetensors and summary.json; a reward-model run gives a new run
         that scores the new users too (coplctl score OUT --user ...).
         """
+        from coplctl.atomic import refuse_overlap
         from coplctl.errors import CoplError
 
         if (user_file is None) == (data is None):
             raise CoplError("give exactly one of --user-file and --data")
+        refuse_overlap(out_dir, {"the model run": model, "the user file": user_file, "the dataset": data})
+        if not model.is_dir():  # worded as load_method words it for the other commands
+            raise CoplError(f"--model {model} is not a run directory" + ("" if model.exists() else
+                                                                         " (it does not exist)"))
         if out_dir.exists() and not force:
             raise CoplError(f"{out_dir} already exists; choose another --out or pass --force to replace it")
         if (model / "method.json").exists():
@@ -77,30 +83,45 @@ def register(app: typer.Typer) -> None:
             err.print(f"skipped {user_file} line {s['line']}: {s['reason']}", highlight=False)
         if len(summary["skipped_lines"]) > 10:
             err.print(f"... and {len(summary['skipped_lines']) - 10} more skipped lines (see summary.json)")
+        for s in summary["skipped_users"][:10]:
+            err.print(f"skipped user {s['user']!r}: {s['reason']}", highlight=False)
+        if len(summary["skipped_users"]) > 10:
+            err.print(f"... and {len(summary['skipped_users']) - 10} more skipped users (see summary.json)")
         err.print(f"wrote {out_dir}", highlight=False, soft_wrap=True)
 
 
-def _pairs(responses, user_file, data, skip_invalid):
-    from coplctl.data.userfile import UserFile, read_user_file
+def _pairs(responses, user_file, data, skip_invalid, seen_users):
+    """The pairs to adapt (a UserFile) and the dataset (--data) or None; never a user the run has already."""
+    from coplctl.data.userfile import UserFile, read_user_file, seen_user_problem
 
     if data is not None:
         from coplctl.data import load
+        from coplctl.errors import DataError
 
         ds = load(data)
-        return UserFile(ds.split("fewshot")), ds
-    return read_user_file(user_file, responses, skip_invalid=skip_invalid), None
+        pairs = ds.split("fewshot")
+        clash = list(dict.fromkeys(u for u in pairs["user_id"] if u in seen_users))
+        if clash and not skip_invalid:
+            raise DataError(data, f"{seen_user_problem(clash[0])}"
+                                  + (f" (and {len(clash) - 1} more)" if len(clash) > 1 else ""))
+        skipped = [{"user": u, "lines": [], "reason": seen_user_problem(u)} for u in clash]
+        pairs = pairs[~pairs["user_id"].isin(clash)]
+        if pairs.empty:
+            raise DataError(data, "has no fewshot pair of a user new to the run")
+        return UserFile(pairs, skipped_users=skipped), ds
+    return read_user_file(user_file, responses, skip_invalid=skip_invalid, seen_users=seen_users), None
 
 
 def _adapt_graph_run(model, out_dir, user_file, data, skip_invalid, force, method, hops, temperature):
     from safetensors.torch import save_file
 
     from coplctl.adapt import AdaptConfig, adapt_users, graph_accuracy
-    from coplctl.atomic import atomic_dir
+    from coplctl.atomic import atomic_dir, atomic_path
     from coplctl.graph.run import GCFRun
 
     cfg = AdaptConfig(method=method.value, hops=hops, temperature=temperature)
     run = GCFRun(model)
-    uf, ds = _pairs(run.responses, user_file, data, skip_invalid)
+    uf, ds = _pairs(run.responses, user_file, data, skip_invalid, set(run.graph.user_ids))
     adapted = adapt_users(run, uf.pairs, cfg)
     extra = {"user_file": str(user_file)} if ds is None else {"data": str(data)}
     if ds is not None:
@@ -111,8 +132,9 @@ def _adapt_graph_run(model, out_dir, user_file, data, skip_invalid, force, metho
                "pairs_unusable": len(uf.skipped_lines), "skipped_lines": uf.skipped_lines,
                "skipped_users": uf.skipped_users, "per_user": adapted.report["per_user"]}
     with atomic_dir(out_dir, overwrite=force) as tmp:
-        save_file({"embeddings": adapted.embeddings.contiguous()}, str(tmp / "embeddings.safetensors"),
-                  metadata={"user_ids": json.dumps(adapted.user_ids), "method": cfg.method})
+        with atomic_path(tmp / "embeddings.safetensors") as f:  # usual permissions (save_file alone: 0600)
+            save_file({"embeddings": adapted.embeddings.contiguous()}, str(f),
+                      metadata={"user_ids": json.dumps(adapted.user_ids), "method": cfg.method})
         (tmp / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     lines = {"users": len(adapted.user_ids), "pairs": adapted.report["pairs"],
              "unusable": len(uf.skipped_lines) + adapted.report["pairs_outside_graph"],
@@ -128,7 +150,7 @@ def _adapt_model_run(model, out_dir, user_file, data, skip_invalid, force):
 
     method = load_method(model)
     responses = method.responses
-    uf, ds = _pairs(responses, user_file, data, skip_invalid)
+    uf, ds = _pairs(responses, user_file, data, skip_invalid, set(getattr(method, "user_ids", ())))
     if ds is not None:
         responses = ds.responses
     report = method.adapt(uf.pairs, responses)

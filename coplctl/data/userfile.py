@@ -3,19 +3,22 @@
     {"user": "alice", "chosen": "<response id or exact text>", "rejected": "<...>", "prompt": "<optional>"}
 
 A response given as text is matched to a known response by exact text (the optional prompt
-disambiguates texts shared by several prompts). Every problem names the file and the line; with
-``skip_invalid`` problems are collected and reported instead of raised.
+disambiguates texts shared by several prompts); the two responses of a pair must answer the same
+prompt. Every problem names the file and the line; with ``skip_invalid`` problems are collected and
+reported instead of raised (a file that is not UTF-8 text is always an error).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
 from coplctl.errors import DataError
+from coplctl.files import parse_json, read_text
 
 
 @dataclass
@@ -27,14 +30,22 @@ class UserFile:
 
 class _Resolver:
     def __init__(self, responses: pd.DataFrame):
-        self.ids = set(responses["response_id"])
-        self.by_text: dict[str, list[tuple[str, str]]] = {}
-        for rid, prompt, text in zip(responses["response_id"], responses["prompt"], responses["text"]):
-            self.by_text.setdefault(text, []).append((rid, prompt))
+        self.prompt_of = dict(zip(responses["response_id"].tolist(), responses["prompt"].tolist()))
+        self.responses = responses
+        self._by_text: dict[str, list[tuple[str, str]]] | None = None
+
+    @property
+    def by_text(self) -> dict[str, list[tuple[str, str]]]:
+        if self._by_text is None:  # built on the first response given as text
+            self._by_text = {}
+            r = self.responses
+            for rid, prompt, text in zip(r["response_id"].tolist(), r["prompt"].tolist(), r["text"].tolist()):
+                self._by_text.setdefault(text, []).append((rid, prompt))
+        return self._by_text
 
     def __call__(self, value: str, prompt: str | None) -> tuple[str | None, str | None]:
         """(response id, None) or (None, reason)."""
-        if value in self.ids:
+        if value in self.prompt_of:
             return value, None
         found = self.by_text.get(value, [])
         if prompt is not None:
@@ -46,12 +57,46 @@ class _Resolver:
         return None, f"matches {len(found)} responses by text; add the \"prompt\" field to choose one"
 
 
-def read_user_file(path: str | Path, responses: pd.DataFrame, *, skip_invalid: bool = False) -> UserFile:
-    """Parse and resolve a user file against ``responses`` (response_id, prompt, text)."""
+def seen_user_problem(user: str) -> str:
+    return f"user {user!r} is a seen user of the run; adapt gives new users only, pick another id"
+
+
+def _json_problem(raw: str, path: Path, line: int) -> str:
+    """Why a line is not JSON, worded as :func:`coplctl.files.parse_json` words it."""
+    try:
+        parse_json(raw, path, line=line)
+    except DataError as e:
+        return e.problem
+    except ValueError as e:  # valid JSON syntax that Python cannot hold, e.g. a 5,000-digit integer
+        return f"invalid JSON ({str(e).split(';')[0][:120]})"
+    return "invalid JSON"
+
+
+def _resolve_pair(rec: dict, prompt: str | None, resolve: _Resolver) -> tuple[str, str | None]:
+    """(chosen id, rejected id), or (reason, None)."""
+    ids = []
+    for key in ("chosen", "rejected"):
+        value = rec[key]
+        if type(value) is not str or not value:
+            return f"{key} must be a non-empty string (a response id or text)", None
+        rid, why = resolve(value, prompt)
+        if rid is None:
+            return f"{key} {why}", None
+        ids.append(rid)
+    return ids[0], ids[1]
+
+
+def read_user_file(path: str | Path, responses: pd.DataFrame, *, skip_invalid: bool = False,
+                   seen_users: Collection[str] = ()) -> UserFile:
+    """Parse and resolve a user file against ``responses`` (response_id, prompt, text).
+
+    A line naming one of ``seen_users`` (the run's own users) is a problem like any other: adapting
+    gives new users, it never replaces a trained one.
+    """
     path = Path(path)
-    if not path.is_file():
-        raise DataError(path, "no such user file")
+    text = read_text(path, "user file")  # missing, a directory, not UTF-8: one error naming the file
     resolve = _Resolver(responses)
+    seen_users = seen_users if isinstance(seen_users, (set, frozenset, dict)) else set(seen_users)
     rows, skipped, seen_pairs, lines_of = [], [], {}, {}
 
     def problem(line: int, user, reason: str) -> None:
@@ -59,58 +104,61 @@ def read_user_file(path: str | Path, responses: pd.DataFrame, *, skip_invalid: b
             raise DataError(path, reason, line=line)
         skipped.append({"line": line, "user": user, "reason": reason})
 
-    with open(path, encoding="utf-8") as fh:
-        for n, raw in enumerate(fh, 1):
-            if not raw.strip():
-                continue
-            try:
-                rec = json.loads(raw)
-            except json.JSONDecodeError as e:
-                problem(n, None, f"invalid JSON ({e.msg})")
-                continue
-            if not isinstance(rec, dict):
-                problem(n, None, "each line must be a JSON object with user, chosen and rejected")
-                continue
+    prompt_of = resolve.prompt_of
+    for n, raw in enumerate(text.split("\n"), 1):
+        if not raw or raw.isspace():
+            continue
+        try:
+            rec = json.loads(raw)
+        except (ValueError, RecursionError):  # invalid JSON, nesting too deep, an integer too long ...
+            problem(n, None, _json_problem(raw, path, n))
+            continue
+        if type(rec) is not dict:
+            problem(n, None, "each line must be a JSON object with user, chosen and rejected")
+            continue
+        user = rec.get("user")
+        if type(user) is not str:
+            user = str(user) if isinstance(user, int) and not isinstance(user, bool) else ""
+        if "chosen" not in rec or "rejected" not in rec or "user" not in rec:
             missing = [k for k in ("user", "chosen", "rejected") if k not in rec]
-            if missing:
-                problem(n, rec.get("user"), f"missing field {', '.join(missing)}")
+            problem(n, user or None, f"missing field {', '.join(missing)}")
+            continue
+        if not user:
+            problem(n, None, "user must be a non-empty string")
+            continue
+        if user in seen_users:
+            problem(n, user, seen_user_problem(user))
+            continue
+        lines_of.setdefault(user, []).append(n)
+        prompt = rec.get("prompt")
+        if prompt is not None and type(prompt) is not str:
+            problem(n, user, "prompt must be a string")
+            continue
+        chosen, rejected = rec["chosen"], rec["rejected"]
+        if type(chosen) is not str or chosen not in prompt_of or type(rejected) is not str \
+                or rejected not in prompt_of:  # not two response ids: texts, or a problem
+            chosen, rejected = _resolve_pair(rec, prompt, resolve)
+            if rejected is None:
+                problem(n, user, chosen)
                 continue
-            user = rec["user"]
-            if not isinstance(user, (str, int)) or isinstance(user, bool) or str(user) == "":
-                problem(n, None, "user must be a non-empty string")
-                continue
-            user = str(user)
-            lines_of.setdefault(user, []).append(n)
-            prompt = rec.get("prompt")
-            if prompt is not None and not isinstance(prompt, str):
-                problem(n, user, "prompt must be a string")
-                continue
-            ids = []
-            for key in ("chosen", "rejected"):
-                if not isinstance(rec[key], str) or not rec[key]:
-                    problem(n, user, f"{key} must be a non-empty string (a response id or text)")
-                    break
-                rid, why = resolve(rec[key], prompt)
-                if rid is None:
-                    problem(n, user, f"{key} {why}")
-                    break
-                ids.append(rid)
-            if len(ids) < 2:
-                continue
-            if ids[0] == ids[1]:
-                problem(n, user, "chosen and rejected are the same response")
-                continue
-            key = (user, min(ids), max(ids))
-            if key in seen_pairs:
-                problem(n, user, f"repeats the pair of line {seen_pairs[key]}")
-                continue
-            seen_pairs[key] = n
-            rows.append((user, ids[0], ids[1], n))
+        if chosen == rejected:
+            problem(n, user, "chosen and rejected are the same response")
+            continue
+        if prompt_of[chosen] != prompt_of[rejected]:
+            problem(n, user, "chosen and rejected answer different prompts")
+            continue
+        key = (user, chosen, rejected) if chosen < rejected else (user, rejected, chosen)
+        first = seen_pairs.setdefault(key, n)
+        if first != n:
+            problem(n, user, f"repeats the pair of line {first}")
+            continue
+        rows.append((user, chosen, rejected, n))
 
     pairs = pd.DataFrame(rows, columns=["user_id", "chosen_id", "rejected_id", "line"])
+    with_pairs = set(pairs["user_id"])
     skipped_users = []
     for user, lines in lines_of.items():
-        if user not in set(pairs["user_id"]):
+        if user not in with_pairs:
             if not skip_invalid:
                 raise DataError(path, f"user {user!r} has no usable pair (lines {', '.join(map(str, lines))})",
                                 line=lines[0])
