@@ -230,5 +230,9 @@ def refuse_overlap(out: str | Path, inputs: dict[str, str | Path | None], option
         if path is None or not Path(path).exists():
             continue
         p = Path(path).resolve()
-        if o == p or p.is_relative_to(o) or o.is_relative_to(p):
-            raise CoplError(f"{option} {out} would replace or write into {what} {path}; choose another {option}")
+        if o == p:
+            raise CoplError(f"{option} {out} is {what}; choose another {option}")
+        if o.is_relative_to(p):
+            raise CoplError(f"{option} {out} is inside {what} {path}; choose another {option}")
+        if p.is_relative_to(o):
+            raise CoplError(f"{option} {out} contains {what} {path}; choose another {option}")

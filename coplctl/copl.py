@@ -218,6 +218,10 @@ class CoPL(NeuralMethod):
             from coplctl.adapt import AdaptConfig, adapt_users
             from coplctl.graph.run import GCFRun
 
+            if self.gcf_dir is None:
+                raise CoplError("this CoPL run places new users with its GCF, but it has no gcf/ directory "
+                                "(copy the GCF run it was trained with into RUN/gcf, or retrain)")
+
             adapted = adapt_users(GCFRun(self.gcf_dir), pairs, AdaptConfig(method=c.adaptation, hops=c.hops,
                                                                            temperature=c.temperature))
             self._add_rows(new, adapted.embeddings.to(self.net.user_table))

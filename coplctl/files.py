@@ -158,4 +158,5 @@ def _describe(value: Any) -> str:
 
 
 def _first_line(e: Exception) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+    line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return line if len(line) <= 160 else line[:159] + "…"

@@ -174,3 +174,32 @@ def test_every_saved_file_has_the_usual_permissions(runs):
     files = [p for p in (runs[0] / "copl").rglob("*") if p.is_file()]
     assert any(p.name == "model.safetensors" for p in files)
     assert {p.name: oct(p.stat().st_mode & 0o777) for p in files} == {p.name: oct(0o666 & ~mask) for p in files}
+
+
+def test_adapting_a_model_run_takes_new_users_only(runs, tmp_path, capsys):
+    root, ds = runs
+    seen = ds.user_ids("seen")[0]
+    pairs = ds.split("fewshot")
+    lines = [{"user": f"new-{u}", "chosen": c, "rejected": r} for u, c, r in
+             zip(pairs["user_id"], pairs["chosen_id"], pairs["rejected_id"])]
+    lines.append({**lines[0], "user": seen})
+    f = tmp_path / "users.jsonl"
+    f.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    argv = ["adapt", "--model", str(root / "copl"), "--user-file", str(f), "--out", str(tmp_path / "o")]
+    assert main(argv) == 1
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"line {len(lines)}: user {seen!r} is a seen user of the run" in err and not (tmp_path / "o").exists()
+    assert main([*argv, "--skip-invalid"]) == 0
+    assert f"skipped {f} line {len(lines)}" in " ".join(capsys.readouterr().err.split())
+    adapted = json.loads((tmp_path / "o" / "users.json").read_text())
+    assert adapted[-len(set(pairs["user_id"])):] == [f"new-{u}" for u in dict.fromkeys(pairs["user_id"])]
+    before = (root / "copl" / "users.json").read_text()
+    assert main(["adapt", "--model", str(root / "copl"), "--user-file", str(f), "--out", str(root / "copl"),
+                 "--force"]) == 1
+    assert "is the model run" in capsys.readouterr().err and (root / "copl" / "users.json").read_text() == before
+    no_gcf = tmp_path / "no-gcf"
+    shutil.copytree(root / "copl", no_gcf)
+    shutil.rmtree(no_gcf / "gcf")
+    assert main(["adapt", "--model", str(no_gcf), "--user-file", str(f), "--out", str(tmp_path / "o2"),
+                 "--skip-invalid"]) == 1
+    assert "has no gcf/ directory" in capsys.readouterr().err and not (tmp_path / "o2").exists()
