@@ -35,6 +35,13 @@ def _umask() -> int:
     return mask
 
 
+def _make_parent(dest: Path) -> None:
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a file where a folder should be, no permission ...
+        raise CoplError(f"cannot write {dest}: {e.strerror or e} ({e.filename or dest.parent})") from None
+
+
 def _tmp_prefix(dest: Path, kind: str = "tmp") -> str:
     return f".{dest.name}.{kind}-{os.getpid()}-"
 
@@ -130,7 +137,7 @@ def atomic_dir(dest: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
     dest = Path(dest)
     if dest.exists() and not overwrite:
         raise CoplError(f"{dest} already exists; choose another path or pass --force to replace it")
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    _make_parent(dest)
     remove_stale(dest)
     tmp = Path(tempfile.mkdtemp(prefix=_tmp_prefix(dest), dir=dest.parent))
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; outputs get the usual permissions
@@ -143,7 +150,7 @@ def atomic_dir(dest: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
 
 
 def _tmp_file(dest: Path) -> str:
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    _make_parent(dest)
     remove_stale(dest)
     fd, tmp = tempfile.mkstemp(prefix=_tmp_prefix(dest), dir=dest.parent)
     os.close(fd)

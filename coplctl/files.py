@@ -48,6 +48,8 @@ def parse_json(text: str, path: str | Path, *, line: int | None = None) -> Any:
         raise DataError(path, f"invalid JSON ({e.msg}{where})", line=line) from None
     except RecursionError:
         raise DataError(path, "JSON nested too deeply to read", line=line) from None
+    except ValueError as e:  # valid syntax Python cannot hold, e.g. an integer of 5,000 digits
+        raise DataError(path, f"invalid JSON ({str(e).split(';')[0][:120]})", line=line) from None
 
 
 def read_json(path: str | Path, *, what: str = "JSON file", expect: type | None = dict) -> Any:

@@ -207,3 +207,12 @@ def test_a_killed_holder_never_leaves_a_stale_lock(tmp_path):
         proc.stdout.close()
     with locked(lock, "x"):
         assert lock.read_text().split() == [str(os.getpid()), "coplctl", "command"]
+
+
+def test_an_output_under_a_file_is_one_clear_error(tmp_path):
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(CoplError, match="cannot write .*f/out"):
+        with atomic_dir(tmp_path / "f" / "out"):
+            pass
+    with pytest.raises(CoplError, match="cannot write"):
+        atomic_write_text(tmp_path / "f" / "a" / "b.txt", "x")

@@ -110,3 +110,15 @@ def test_many_users_are_read_in_linear_time(tmp_path):
     t = time.perf_counter()
     uf = read_user_file(f, RESPONSES)
     assert len(uf.pairs) == 20_000 and time.perf_counter() - t < 10
+
+
+def test_a_prompt_field_must_match_a_response_given_by_id(tmp_path):
+    responses = pd.DataFrame({"response_id": ["a", "b", "c"], "prompt": ["p", "p", "q"], "text": ["A", "B", "C"]})
+    f = tmp_path / "u.jsonl"
+    f.write_text('{"user": "n", "chosen": "a", "rejected": "b", "prompt": "q"}\n'
+                 '{"user": "n", "chosen": "a", "rejected": "b", "prompt": "p"}\n' + '{"user": "m", "chosen": ' + "1" * 5000 + '}\n')
+    with pytest.raises(DataError, match="line 1: chosen is the id of a response to another prompt"):
+        read_user_file(f, responses)
+    uf = read_user_file(f, responses, skip_invalid=True)
+    assert uf.pairs[["chosen_id", "rejected_id", "line"]].values.tolist() == [["a", "b", 2]]
+    assert [s["line"] for s in uf.skipped_lines] == [1, 3] and "digits" in uf.skipped_lines[1]["reason"]

@@ -10,7 +10,6 @@ reported instead of raised (a file that is not UTF-8 text is always an error).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +45,8 @@ class _Resolver:
     def __call__(self, value: str, prompt: str | None) -> tuple[str | None, str | None]:
         """(response id, None) or (None, reason)."""
         if value in self.prompt_of:
+            if prompt is not None and self.prompt_of[value] != prompt:
+                return None, "is the id of a response to another prompt than the line's \"prompt\""
             return value, None
         found = self.by_text.get(value, [])
         if prompt is not None:
@@ -59,17 +60,6 @@ class _Resolver:
 
 def seen_user_problem(user: str) -> str:
     return f"user {user!r} is a seen user of the run; adapt gives new users only, pick another id"
-
-
-def _json_problem(raw: str, path: Path, line: int) -> str:
-    """Why a line is not JSON, worded as :func:`coplctl.files.parse_json` words it."""
-    try:
-        parse_json(raw, path, line=line)
-    except DataError as e:
-        return e.problem
-    except ValueError as e:  # valid JSON syntax that Python cannot hold, e.g. a 5,000-digit integer
-        return f"invalid JSON ({str(e).split(';')[0][:120]})"
-    return "invalid JSON"
 
 
 def _resolve_pair(rec: dict, prompt: str | None, resolve: _Resolver) -> tuple[str, str | None]:
@@ -109,9 +99,9 @@ def read_user_file(path: str | Path, responses: pd.DataFrame, *, skip_invalid: b
         if not raw or raw.isspace():
             continue
         try:
-            rec = json.loads(raw)
-        except (ValueError, RecursionError):  # invalid JSON, nesting too deep, an integer too long ...
-            problem(n, None, _json_problem(raw, path, n))
+            rec = parse_json(raw, path, line=n)
+        except DataError as e:  # invalid JSON, nesting too deep, an integer too long ...
+            problem(n, None, e.problem)
             continue
         if type(rec) is not dict:
             problem(n, None, "each line must be a JSON object with user, chosen and rejected")
@@ -136,7 +126,7 @@ def read_user_file(path: str | Path, responses: pd.DataFrame, *, skip_invalid: b
             continue
         chosen, rejected = rec["chosen"], rec["rejected"]
         if type(chosen) is not str or chosen not in prompt_of or type(rejected) is not str \
-                or rejected not in prompt_of:  # not two response ids: texts, or a problem
+                or rejected not in prompt_of or prompt is not None:  # not two plain response ids
             chosen, rejected = _resolve_pair(rec, prompt, resolve)
             if rejected is None:
                 problem(n, user, chosen)
