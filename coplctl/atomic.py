@@ -127,16 +127,34 @@ def _replace(tmp: Path, dest: Path) -> None:
     _remove(old)
 
 
+def check_replaceable(dest: str | Path, marker: str, kind: str) -> None:
+    """Raise CoplError unless ``dest`` is absent, an empty directory or a ``kind`` (it holds ``marker``):
+    --force replaces an output of the same kind, never whatever else happens to be at that path."""
+    dest = Path(dest)
+    if not os.path.lexists(dest):
+        return
+    if not dest.is_dir():
+        raise CoplError(f"{dest} is a file, not a {kind}; refusing to replace it (choose another path)")
+    if (dest / marker).exists() or not any(dest.iterdir()):
+        return
+    raise CoplError(f"{dest} holds something other than a {kind} (no {marker}); refusing to replace it with "
+                    f"--force (remove it yourself or choose another path)")
+
+
 @contextlib.contextmanager
-def atomic_dir(dest: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
+def atomic_dir(dest: str | Path, *, overwrite: bool = False, marker: str | None = None,
+               kind: str = "output") -> Iterator[Path]:
     """Yield an empty temporary directory that replaces ``dest`` when the block succeeds.
 
-    Raises CoplError if ``dest`` exists and ``overwrite`` is false. On any exception the
-    temporary directory is removed and ``dest`` is left untouched.
+    Raises CoplError if ``dest`` exists and ``overwrite`` is false, or, with ``marker``, if ``dest`` is
+    not a ``kind`` (see :func:`check_replaceable`). On any exception the temporary directory is
+    removed and ``dest`` is left untouched.
     """
     dest = Path(dest)
     if dest.exists() and not overwrite:
         raise CoplError(f"{dest} already exists; choose another path or pass --force to replace it")
+    if marker is not None:
+        check_replaceable(dest, marker, kind)
     _make_parent(dest)
     remove_stale(dest)
     tmp = Path(tempfile.mkdtemp(prefix=_tmp_prefix(dest), dir=dest.parent))

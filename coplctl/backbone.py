@@ -46,9 +46,18 @@ def cache_root() -> Path:
 
 
 def resolve_device(device: str | None = "auto") -> torch.device:
+    """``auto`` (a GPU when there is one) or a torch device name; an unknown or absent device is a CoplError."""
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise CoplError(f"device {device!r}: not a device name (auto, cpu, cuda, cuda:1 ...)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise CoplError(f"device {device!r}: no CUDA device is available here (use auto or cpu)")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise CoplError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) here")
+    return dev
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:

@@ -86,7 +86,7 @@ class RewardMethod(ABC):
 
     def save(self, directory: str | Path, *, overwrite: bool = True) -> Path:
         """Save atomically: ``method.json`` (name + config) and the method's state."""
-        with atomic_dir(directory, overwrite=overwrite) as tmp:
+        with atomic_dir(directory, overwrite=overwrite, marker=METHOD_FILE, kind="reward-model run") as tmp:
             self.save_state(tmp)
             info = {"method": self.registry_name, "config": dataclasses.asdict(self.config)}
             (tmp / METHOD_FILE).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
@@ -123,8 +123,11 @@ def load_method(directory: str | Path) -> RewardMethod:
         raise CoplError(f"{directory} is not a saved method (no {METHOD_FILE})")
     info = read_json(info_path, what="method file")
     name = field(info, "method", str, info_path)
-    cls = METHODS.get(name)
-    config = make_config(cls.Config, field(info, "config", dict, info_path), owner=f"{info_path}: method {name}")
+    try:
+        cls = METHODS.get(name)
+        config = make_config(cls.Config, field(info, "config", dict, info_path), owner=f"method {name}")
+    except CoplError as e:
+        raise CoplError(f"{info_path}: {e}") from None
     method = cls(config)
     try:
         method.load_state(directory)

@@ -121,7 +121,7 @@ def test_user_file_resolves_ids_and_texts(run, tmp_path):
 
 @pytest.mark.parametrize("bad, message", [
     ("{not json", "line 2: invalid JSON"),
-    ({"user": "bob", "chosen": "r-nope", "rejected": "R1"}, "line 2: chosen is neither a known response id"),
+    ({"user": "bob", "chosen": "r-nope", "rejected": "R1"}, "line 2: chosen is neither the id nor the exact text of a response of this run"),
     ({"user": "bob", "chosen": "R1", "rejected": "R1"}, "line 2: chosen and rejected are the same response"),
     ({"user": "bob", "chosen": "R1"}, "line 2: missing field rejected"),
     ({"user": "alice", "chosen": "R1", "rejected": "R0"}, "line 2: repeats the pair of line 1"),

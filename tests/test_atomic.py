@@ -216,3 +216,21 @@ def test_an_output_under_a_file_is_one_clear_error(tmp_path):
             pass
     with pytest.raises(CoplError, match="cannot write"):
         atomic_write_text(tmp_path / "f" / "a" / "b.txt", "x")
+
+
+def test_force_replaces_only_an_output_of_the_same_kind(tmp_path):
+    other = tmp_path / "thesis"
+    other.mkdir()
+    (other / "chapter1.tex").write_text("years of work")
+    with pytest.raises(CoplError, match="holds something other than a dataset \\(no meta.json\\)"):
+        with atomic_dir(other, overwrite=True, marker="meta.json", kind="dataset"):
+            pass
+    assert (other / "chapter1.tex").read_text() == "years of work"
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(CoplError, match="is a file, not a dataset"):
+        with atomic_dir(tmp_path / "file", overwrite=True, marker="meta.json", kind="dataset"):
+            pass
+    (other / "meta.json").write_text("{}")  # an output of the same kind is replaced
+    with atomic_dir(other, overwrite=True, marker="meta.json", kind="dataset") as tmp:
+        (tmp / "meta.json").write_text("{}")
+    assert sorted(p.name for p in other.iterdir()) == ["meta.json"]

@@ -213,6 +213,8 @@ def _no_work(*a, **k):
     (("figures: false", "figures: false\nablations: [{name: no-mole, method: copl, overrides: {mole: maybe}}]"),
      r"tiny.yaml: ablations\[0\].overrides.mole: .*true or false, got 'maybe'"),
     (("figures: false", "figures: false\nmode: lorra"), r"tiny.yaml: mode: .*lorra"),
+    (("figures: false", "figures: false\nseeds: [-1]"), r"tiny.yaml: seeds: -1 is out of range"),
+    (("figures: false", "figures: false\ndata: {users: 0}"), r"tiny.yaml: data: protocol option users: 0"),
 ])
 def test_wrong_config_values_stop_the_benchmark_before_any_work(tmp_path, monkeypatch, change, message):
     spec = load_spec(str(_write(tmp_path, TINY.format(extra="").replace(*change), "tiny.yaml")))
@@ -227,6 +229,9 @@ def test_wrong_config_values_stop_the_benchmark_before_any_work(tmp_path, monkey
     (["--mode", "lorra"], r"^error: --mode: .*lorra"),
     (["--seeds", "abc"], r"^error: --seeds expects comma-separated whole numbers \(e.g. 0,1,2\), got 'abc'$"),
     (["--seeds", ","], r"^error: --seeds expects comma-separated whole numbers"),
+    (["--seeds=-1"], r"^error: .*seeds: -1 is out of range"),
+    (["--set", "epochs="], r"^error: --set epochs: empty value"),
+    (["--set", "common={a: 1"], r"^error: --set common: invalid value"),
     (["--methods", " , "], r"^error: --methods expects comma-separated names"),
     (["--out", "FILE"], r"^error: --out .*FILE: .*FILE is a file; the results directory must be a directory$"),
     (["--out", "FILE/sub"], r"^error: cannot create .*FILE/sub/tiny \(Not a directory\); choose another --out$"),

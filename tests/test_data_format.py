@@ -219,3 +219,18 @@ def test_an_output_never_replaces_its_dataset(tiny_copy, capsys, command):
         assert code == 1 and "the dataset" in capsys.readouterr().err
     assert sorted(p.name for p in tiny_copy.iterdir()) == before
     load(tiny_copy)
+
+
+def test_force_never_replaces_a_directory_of_another_kind(tiny_dir, tmp_path, capsys):
+    from coplctl.cli import main
+
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "keep.txt").write_text("mine")
+    cases = [["data", "simulate", "--users", "20", "--out", str(other), "--force"],
+             ["train", "uniform", "--data", str(tiny_dir), "--out", str(other), "--force"],
+             ["graph", "train", "--data", str(tiny_dir), "--out", str(other), "--force"]]
+    for argv in cases:
+        assert main(argv) == 1, argv
+        assert "refusing to replace it" in capsys.readouterr().err
+    assert [p.name for p in other.iterdir()] == ["keep.txt"]

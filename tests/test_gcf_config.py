@@ -54,7 +54,8 @@ def test_graph_train_options_and_sets_with_every_preset(preset, tiny_dir, tmp_pa
     ("lr=nan", "lr: expected a number"), ("lr=.nan", "lr: expected a finite number"), ("lr=-1", "lr: -1.0 is out of range; it must be above 0"), ("l2=abc", "l2: expected a number"),
     ("fanouts=5", "fanouts: expected a list"), ("variant=gat", "variant: unknown 'gat'"),
     ("holdout=1", "below 1"), ("signed_init=maybe", "signed_init: expected true or false"),
-    ("dimm=3", "no option 'dimm'"),
+    ("dimm=3", "no option 'dimm'"), ("epochs=", "--set epochs: empty value"),
+    ("dim={a: 1", "--set dim: invalid value"),
 ])
 def test_a_bad_value_is_one_clear_error(setting, words, tiny_dir, tmp_path, capsys):
     from coplctl.cli import main
@@ -119,3 +120,18 @@ def test_graph_train_refuses_to_write_into_its_dataset_and_plot_needs_a_run(tiny
     assert main(["plot", "experts", str(tmp_path / "missing")]) == 1
     err = capsys.readouterr().err
     assert "is not a saved reward-model run" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("args, code, words", [
+    (["--device", "banana"], 1, "device 'banana': not a device name"),
+    (["--device", "cuda"], 1, "device 'cuda': no CUDA device is available here"),
+    (["--seed", "-1"], 2, "Invalid value for '--seed'"),
+])
+def test_bad_device_or_seed_is_one_line(tiny_dir, tmp_path, capsys, args, code, words):
+    from coplctl.cli import main
+
+    if args[-1] == "cuda" and __import__("torch").cuda.is_available():
+        pytest.skip("a GPU is present")
+    assert main(["graph", "train", "--data", str(tiny_dir), "--out", str(tmp_path / "r"), *args]) == code
+    err = " ".join(capsys.readouterr().err.split())
+    assert words in err and "Traceback" not in err, err

@@ -285,9 +285,9 @@ def test_a_crafted_pickle_checkpoint_is_never_executed(tiny_dir, tmp_path, monke
     torch.save({"config": {}, "evil": _Boom()}, run / name)  # a pickle, as torch.save writes
     cfg = _cfg()
     if name == "checkpoint.pt":  # an old-style checkpoint is ignored (with a warning) and training starts over
-        with pytest.warns(UserWarning, match="never loaded"):
+        with pytest.warns(UserWarning, match="is ignored: a pickle .* is never loaded; training starts"):
             m = train_gcf(load(tiny_dir), run, cfg, progress=False)
-        assert m["epochs_run"] == 6
+        assert m["epochs_run"] == 6 and (run / name).exists()  # left where it was, never read
     else:  # a pickle under the new name is not a safetensors file: one clear error
         with pytest.raises(CoplError, match="not a readable checkpoint"):
             train_gcf(load(tiny_dir), run, cfg, progress=False)

@@ -44,12 +44,10 @@ def prepare_data(spec: BenchmarkSpec, base: Path, force: bool = False):
             raise CoplError(f"{path} holds {ds.meta.get('variant')}-{ds.meta.get('annotations')}, but the spec "
                             f"{spec.name} expects {d.variant}-{d.annotations}")
         return ds
-    from coplctl.data.protocol import ProtocolConfig
     from coplctl.data.simulate import SimConfig, simulate
 
     path = base / "data"
-    proto = ProtocolConfig(variant=d.variant, annotations=d.annotations, users=d.users,
-                           unseen_users=d.unseen_users, survey_pairs=d.survey_pairs, fewshot_pairs=d.fewshot_pairs)
+    proto = _protocol(d)
     if (path / "meta.json").exists():
         ds = load(path)
         if ds.meta.get("protocol") == asdict(proto) and ds.meta.get("seed") == d.seed:
@@ -59,6 +57,13 @@ def prepare_data(spec: BenchmarkSpec, base: Path, force: bool = False):
                             f"there are stale: use another --out, or --force to regenerate and rerun everything")
     simulate(SimConfig(protocol=proto, seed=d.seed)).save(path, overwrite=True)
     return load(path)
+
+
+def _protocol(d):
+    from coplctl.data.protocol import ProtocolConfig
+
+    return ProtocolConfig(variant=d.variant, annotations=d.annotations, users=d.users,
+                          unseen_users=d.unseen_users, survey_pairs=d.survey_pairs, fewshot_pairs=d.fewshot_pairs)
 
 
 def run_benchmark(spec: BenchmarkSpec, out: str | Path, *, names: list[str] | None = None,
@@ -82,9 +87,18 @@ def run_benchmark(spec: BenchmarkSpec, out: str | Path, *, names: list[str] | No
     if unknown:
         raise CoplError(f"{unknown[0]!r} is not a method or ablation of {spec.name} (it has: {', '.join(known)})")
     settings = check_jobs(spec, backbone, mode, sets or {})
+    where = spec.path or spec.name
     seeds = list(dict.fromkeys(seeds if seeds is not None else spec.seeds))
     if not seeds:
         raise CoplError(f"no seeds to run for {spec.name}")
+    for seed, key in [*((s, "seeds") for s in seeds), (spec.data.seed, "data.seed")]:
+        if not 0 <= seed < 2**32:
+            raise SpecError(f"{where}: {key}: {seed} is out of range (0 .. 2**32 - 1)")
+    if spec.data.source != "ultrafeedback":  # the simulated data's protocol, checked before any work
+        try:
+            _protocol(spec.data)
+        except CoplError as e:
+            raise SpecError(f"{where}: data: {e}") from None
     state = PartialState(cpu=not torch.cuda.is_available())
     with contextlib.ExitStack() as lock:
         _lock(state, lock, out, base, spec.name)

@@ -43,8 +43,10 @@ def register(app: typer.Typer) -> None:
             "--method", show_default="weighted",
             help="Graph runs: weighted (CoPL), average (naive k-hop mean) or optimize (fit a free embedding).")]
         = None,
-        hops: Annotated[int, typer.Option("--hops", help="Graph runs: k, an even number of hops (paper: 2).")] = 2,
-        temperature: Annotated[float, typer.Option("--temperature", help="Graph runs: κ (paper: 0.07).")] = 0.07,
+        hops: Annotated[Optional[int], typer.Option(
+            "--hops", show_default="2", help="Graph runs: k, an even number of hops (paper: 2).")] = None,
+        temperature: Annotated[Optional[float], typer.Option(
+            "--temperature", show_default="0.07", help="Graph runs: κ (paper: 0.07).")] = None,
         skip_invalid: Annotated[bool, typer.Option(
             "--skip-invalid", help="Skip bad lines and users without a usable pair, and report them.")] = False,
         force: Force = False,
@@ -54,7 +56,7 @@ def register(app: typer.Typer) -> None:
         A graph run gives embeddings.safetensors and summary.json; a reward-model run gives a new run
         that scores the new users too (coplctl score OUT --user ...).
         """
-        from coplctl.atomic import refuse_overlap
+        from coplctl.atomic import check_replaceable, refuse_overlap
         from coplctl.errors import CoplError
 
         if (user_file is None) == (data is None):
@@ -65,9 +67,11 @@ def register(app: typer.Typer) -> None:
                                                                          " (it does not exist)"))
         if out_dir.exists() and not force:
             raise CoplError(f"{out_dir} already exists; choose another --out or pass --force to replace it")
+        check_replaceable(out_dir, "summary.json", "coplctl adapt output")
         if (model / "method.json").exists():
-            if method is not None:
-                raise CoplError("--method applies to graph runs; a model run adapts as its method does")
+            if (method, hops, temperature) != (None, None, None):
+                raise CoplError("--method, --hops and --temperature apply to graph runs; a model run adapts as its "
+                                "method's config says (e.g. CoPL's adaptation, hops, temperature)")
             summary, lines = _adapt_model_run(model, out_dir, user_file, data, skip_invalid, force)
         else:
             summary, lines = _adapt_graph_run(model, out_dir, user_file, data, skip_invalid, force,
@@ -119,7 +123,8 @@ def _adapt_graph_run(model, out_dir, user_file, data, skip_invalid, force, metho
     from coplctl.atomic import atomic_dir, atomic_path
     from coplctl.graph.run import GCFRun
 
-    cfg = AdaptConfig(method=method.value, hops=hops, temperature=temperature)
+    options = {"hops": hops, "temperature": temperature}
+    cfg = AdaptConfig(method=method.value, **{k: v for k, v in options.items() if v is not None})
     run = GCFRun(model)
     uf, ds = _pairs(run.responses, user_file, data, skip_invalid, set(run.graph.user_ids))
     adapted = adapt_users(run, uf.pairs, cfg)
@@ -131,7 +136,7 @@ def _adapt_graph_run(model, out_dir, user_file, data, skip_invalid, force, metho
     summary = {**{k: v for k, v in adapted.report.items() if k != "per_user"}, "model": str(model), **extra,
                "pairs_unusable": len(uf.skipped_lines), "skipped_lines": uf.skipped_lines,
                "skipped_users": uf.skipped_users, "per_user": adapted.report["per_user"]}
-    with atomic_dir(out_dir, overwrite=force) as tmp:
+    with atomic_dir(out_dir, overwrite=force, marker="summary.json", kind="coplctl adapt output") as tmp:
         with atomic_path(tmp / "embeddings.safetensors") as f:  # usual permissions (save_file alone: 0600)
             save_file({"embeddings": adapted.embeddings.contiguous()}, str(f),
                       metadata={"user_ids": json.dumps(adapted.user_ids), "method": cfg.method})

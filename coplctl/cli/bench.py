@@ -52,7 +52,6 @@ def register(app: typer.Typer) -> None:
         """
         from coplctl.bench.spec import list_specs as all_specs
         from coplctl.bench.spec import load_spec
-        from coplctl.errors import CoplError
 
         if list_specs:
             for f in all_specs():
@@ -60,7 +59,7 @@ def register(app: typer.Typer) -> None:
                 out.print(f"{s.name:<16} {s.description}", highlight=False, soft_wrap=True)
             return
         if spec is None:
-            raise CoplError("name a benchmark spec (see coplctl benchmark --list)")
+            raise typer.BadParameter("name a benchmark spec (see coplctl benchmark --list)", param_hint="SPEC")
         from coplctl.bench.runner import run_benchmark
 
         s = load_spec(spec)

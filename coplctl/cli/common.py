@@ -21,7 +21,8 @@ def examples(*lines: str) -> str:
     return f"[bold]Examples[/bold]\n\n{body}"
 
 
-Seed = Annotated[int, typer.Option("--seed", help="Random seed; the same seed gives the same numbers.")]
+Seed = Annotated[int, typer.Option("--seed", min=0, max=2**32 - 1,
+                                    help="Random seed; the same seed gives the same numbers.")]
 Force = Annotated[bool, typer.Option("--force", help="Replace the output if it already exists.")]
 Json = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of tables.")]
 DataDir = Annotated[Path, typer.Argument(metavar="DIR", help="Dataset directory (responses/users/pairs .parquet + meta.json).",
@@ -39,5 +40,10 @@ def parse_sets(sets: list[str]) -> dict:
         key, eq, value = item.partition("=")
         if not eq or not key.strip():
             raise CoplError(f"--set expects key=value, got {item!r}")
-        result[key.strip().replace("-", "_")] = yaml.safe_load(value)
+        if not value.strip():
+            raise CoplError(f"--set {key.strip()}: empty value (write {key.strip()}=null for none)")
+        try:
+            result[key.strip().replace("-", "_")] = yaml.safe_load(value)
+        except (yaml.YAMLError, RecursionError) as e:
+            raise CoplError(f"--set {key.strip()}: invalid value ({' '.join(str(e).split())[:160]})") from None
     return result

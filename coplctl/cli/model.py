@@ -44,7 +44,7 @@ def register(app: typer.Typer) -> None:
         force: Force = False,
     ) -> None:
         """Train a reward method on a dataset's seen users and save the run."""
-        from coplctl.atomic import atomic_write_text, refuse_overlap
+        from coplctl.atomic import atomic_write_text, check_replaceable, refuse_overlap
         from coplctl.data import load
         from coplctl.errors import CoplError
         from coplctl.registry import METHODS
@@ -59,6 +59,7 @@ def register(app: typer.Typer) -> None:
         refuse_overlap(out_dir, {"the dataset": data})
         if out_dir.exists() and not force:
             raise CoplError(f"{out_dir} already exists; choose another --out or pass --force to replace it")
+        check_replaceable(out_dir, "method.json", "reward-model run")
         ds = load(data)
         work = out_dir.parent / f".{out_dir.name}.work"  # resumable intermediate work (e.g. CoPL's GCF)
         if force:
@@ -121,6 +122,9 @@ def register(app: typer.Typer) -> None:
         from coplctl.evaluate import read_score_requests, score_frame
         from coplctl.reward import load_method
 
+        if input_file is not None and (user, prompt, response) != (None, None, None):
+            raise typer.BadParameter("give --input FILE, or --user, --prompt and --response; not both",
+                                     param_hint="--input")
         if input_file is None:
             if None in (user, prompt, response):
                 raise CoplError("give --user, --prompt and --response, or --input FILE")

@@ -70,7 +70,7 @@ class PreferenceDataset:
         """Validate, then write atomically; returns the final path."""
         validate(self, Path(path))
         meta = {"format_version": FORMAT_VERSION, **self.meta, "counts": self.counts()}
-        with atomic_dir(path, overwrite=overwrite) as tmp:
+        with atomic_dir(path, overwrite=overwrite, marker="meta.json", kind="dataset") as tmp:
             for name, df in (("responses", self.responses), ("users", self.users), ("pairs", self.pairs)):
                 _write_parquet(df, tmp / f"{name}.parquet")
             (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")

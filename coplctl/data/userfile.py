@@ -54,7 +54,7 @@ class _Resolver:
         if len(found) == 1:
             return found[0][0], None
         if not found:
-            return None, "is neither a known response id nor the exact text of a known response"
+            return None, "is neither the id nor the exact text of a response of this run"
         return None, f"matches {len(found)} responses by text; add the \"prompt\" field to choose one"
 
 

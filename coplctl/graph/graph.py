@@ -190,6 +190,9 @@ class PreferenceGraph:
         users, responses = files.field(ids, "users", list, jfile), files.field(ids, "responses", list, jfile)
         if not all(isinstance(x, str) for x in users + responses):
             raise DataError(jfile, "users and responses must be lists of ids (text)")
+        for key, ids in (("users", users), ("responses", responses)):
+            if len(set(ids)) < len(ids):
+                raise DataError(jfile, f"{key} lists an id twice")
         for key in ("pos", "neg"):
             e = t.get(key)
             if e is None or e.dim() != 2 or e.shape[0] != 2 or e.dtype != torch.long:

@@ -17,7 +17,7 @@ from typing import Annotated
 
 import torch
 
-from coplctl.atomic import atomic_path, atomic_write_text
+from coplctl.atomic import atomic_path, atomic_write_text, check_replaceable, remove_stale
 from coplctl.checkpoint import load_checkpoint
 from coplctl.checkpoint import save_checkpoint as save_checkpoint_file
 from coplctl.config import AT_LEAST_1, FRACTION, NON_NEGATIVE, POSITIVE, OneOf, check_fields
@@ -158,6 +158,8 @@ def train_gcf(ds, out: str | Path, cfg: GCFConfig, *, seed: int = 0, device: str
     """
     out = Path(out)
     if force and out.exists():
+        if not (out / CHECKPOINT).exists():  # only a graph run (finished or not) is replaced
+            check_replaceable(out, "config.json", "GCF run")
         shutil.rmtree(out)
     if (out / "metrics.json").exists():
         raise CoplError(f"{out} already holds a trained model; pass --force to train again")
@@ -190,9 +192,8 @@ def train_gcf(ds, out: str | Path, cfg: GCFConfig, *, seed: int = 0, device: str
 
     ckpt = out / CHECKPOINT
     if (out / OLD_CHECKPOINT).exists():
-        warnings.warn(f"{out / OLD_CHECKPOINT} was written by an older coplctl as a pickle, which is never loaded; "
-                      f"training starts over")
-        (out / OLD_CHECKPOINT).unlink()
+        warnings.warn(f"{out / OLD_CHECKPOINT} is ignored: a pickle (written by coplctl before 0.2) is never loaded"
+                      + ("" if ckpt.exists() else "; training starts from the beginning"))
     if ckpt.exists():
         saved = load_checkpoint(ckpt)
         try:
@@ -323,4 +324,5 @@ def _export(out, ds, graph, model, adj, cfg, seed, state, train, valid, ckpt) ->
     atomic_write_text(out / "config.json", json.dumps(info, indent=2) + "\n")
     atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")  # written last: marks completion
     ckpt.unlink(missing_ok=True)
+    remove_stale(ckpt)  # a checkpoint write cut short by a kill leaves a temporary that nothing rewrites
     return metrics
