@@ -107,7 +107,7 @@ def test_experts_figure(frozen_copl, tmp_path):
 
 def test_bf16_backbone_trains_and_scores_with_fp32_adapters(micro_dir, tmp_path):
     ds = load(micro_dir)
-    method = CoPL(mode="lora", dtype="bfloat16", max_length=64, batch_size=16, gcf_overrides=SMALL_GCF)
+    method = CoPL(mode="lora", dtype="bfloat16", max_length=32, batch_size=16, gcf_overrides=SMALL_GCF)
     method.fit(ds, work_dir=tmp_path / "work", progress=False)
     assert method.backbone.model.dtype == torch.bfloat16
     trained = [p for p in method.net.parameters() if p.requires_grad]

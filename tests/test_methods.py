@@ -17,7 +17,7 @@ from coplctl.trainer import trainable_state
 BUILTIN = [e.name for e in METHODS.entries() if e.module.startswith(("coplctl.", "baselines."))]
 SMALL = {
     "frozen": {"epochs": 2, "batch_size": 32},
-    "lora": {"epochs": 1, "batch_size": 16, "max_length": 64, "lora_rank": 4, "adapt_steps": 5},
+    "lora": {"epochs": 1, "batch_size": 16, "max_length": 32, "lora_rank": 4, "adapt_steps": 5},
 }
 
 
