@@ -229,7 +229,7 @@ def test_wrong_config_values_stop_the_benchmark_before_any_work(tmp_path, monkey
     (["--mode", "lorra"], r"^error: --mode: .*lorra"),
     (["--seeds", "abc"], r"^error: --seeds expects comma-separated whole numbers \(e.g. 0,1,2\), got 'abc'$"),
     (["--seeds", ","], r"^error: --seeds expects comma-separated whole numbers"),
-    (["--seeds=-1"], r"^error: .*seeds: -1 is out of range"),
+    (["--seeds=-1"], r"^error: --seeds: -1 is out of range"),
     (["--set", "epochs="], r"^error: --set epochs: empty value"),
     (["--set", "common={a: 1"], r"^error: --set common: invalid value"),
     (["--methods", " , "], r"^error: --methods expects comma-separated names"),

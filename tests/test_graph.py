@@ -307,3 +307,12 @@ def test_checkpoint_round_trip_keeps_containers_and_tensors(tmp_path):
     (tmp_path / "c.safetensors").write_bytes(b"\x10\x00")  # truncated
     with pytest.raises(CoplError, match="not a readable checkpoint"):
         load_checkpoint(tmp_path / "c.safetensors")
+
+
+def test_a_checkpoint_temporary_left_by_a_killed_run_is_swept_at_the_end(tiny_dir, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    dead = run / ".checkpoint.safetensors.tmp-99999999-abc123"  # no process has this pid
+    dead.write_bytes(b"half a checkpoint")
+    train_gcf(load(tiny_dir), run, _cfg(), progress=False)
+    assert not dead.exists() and not [p for p in run.iterdir() if ".tmp-" in p.name]

@@ -88,12 +88,13 @@ def run_benchmark(spec: BenchmarkSpec, out: str | Path, *, names: list[str] | No
         raise CoplError(f"{unknown[0]!r} is not a method or ablation of {spec.name} (it has: {', '.join(known)})")
     settings = check_jobs(spec, backbone, mode, sets or {})
     where = spec.path or spec.name
+    seeds_key = "--seeds" if seeds is not None else f"{where}: seeds"
     seeds = list(dict.fromkeys(seeds if seeds is not None else spec.seeds))
     if not seeds:
         raise CoplError(f"no seeds to run for {spec.name}")
-    for seed, key in [*((s, "seeds") for s in seeds), (spec.data.seed, "data.seed")]:
+    for seed, key in [*((s, seeds_key) for s in seeds), (spec.data.seed, f"{where}: data.seed")]:
         if not 0 <= seed < 2**32:
-            raise SpecError(f"{where}: {key}: {seed} is out of range (0 .. 2**32 - 1)")
+            raise SpecError(f"{key}: {seed} is out of range (0 .. 2**32 - 1)")
     if spec.data.source != "ultrafeedback":  # the simulated data's protocol, checked before any work
         try:
             _protocol(spec.data)
