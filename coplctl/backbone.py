@@ -23,6 +23,7 @@ import torch
 
 from coplctl.data.dataset import TEXT_FORMAT
 from coplctl.errors import CoplError
+from coplctl.optim import resolve_device
 
 #: Short names users type for the paper's backbones.
 ALIASES = {"gemma-2b-it": "google/gemma-2b-it", "gemma-7b-it": "google/gemma-7b-it"}
@@ -43,21 +44,6 @@ EMBEDDED = {
 
 def cache_root() -> Path:
     return Path(os.environ.get("COPLCTL_CACHE", Path.home() / ".cache" / "coplctl"))
-
-
-def resolve_device(device: str | None = "auto") -> torch.device:
-    """``auto`` (a GPU when there is one) or a torch device name; an unknown or absent device is a CoplError."""
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise CoplError(f"device {device!r}: not a device name (auto, cpu, cuda, cuda:1 ...)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise CoplError(f"device {device!r}: no CUDA device is available here (use auto or cpu)")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise CoplError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) here")
-    return dev
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:

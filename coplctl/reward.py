@@ -18,20 +18,16 @@ import pandas as pd
 
 from coplctl.atomic import atomic_dir
 from coplctl.errors import CoplError
+from coplctl.optim import bt_loss
 
 if TYPE_CHECKING:
     import torch
 
     from coplctl.data.dataset import PreferenceDataset
 
+__all__ = ["METHOD_FILE", "RewardMethod", "bt_loss", "load_method", "make_config", "pair_accuracy", "pair_scores"]
+
 METHOD_FILE = "method.json"
-
-
-def bt_loss(chosen: "torch.Tensor", rejected: "torch.Tensor") -> "torch.Tensor":
-    """Bradley-Terry negative log-likelihood, −log σ(r⁺ − r⁻), averaged (numerically stable)."""
-    import torch.nn.functional as F
-
-    return -F.logsigmoid(chosen - rejected).mean()
 
 
 class RewardMethod(ABC):

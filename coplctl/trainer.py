@@ -17,7 +17,7 @@ from coplctl.config import AT_LEAST_1, FRACTION, NON_NEGATIVE, OneOf, check_fiel
 from coplctl.encoders import MODES, ResponseInputs
 from coplctl.errors import CoplError
 from coplctl.progress import Bar
-from coplctl.reward import bt_loss
+from coplctl.optim import bt_loss, cosine_with_warmup
 
 #: Defaults that depend on the mode: the paper's LLM settings for ``lora``, a small trunk's for ``frozen``.
 MODE_DEFAULTS = {
@@ -68,19 +68,6 @@ class TrainConfig:
     def get(self, key: str):
         value = getattr(self, key)
         return MODE_DEFAULTS[self.mode][key] if value is None else value
-
-
-def cosine_with_warmup(optimizer, total_steps: int, warmup_ratio: float):
-    """Linear warmup then cosine decay to zero, as a LambdaLR."""
-    warmup = int(total_steps * warmup_ratio)
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total_steps - warmup)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def use_cpu(cfg: TrainConfig) -> bool:

@@ -27,9 +27,7 @@ from coplctl.graph.model import VARIANTS, GCF
 from coplctl.graph.probe import group_probe
 from coplctl.graph.sampling import NeighborSampler
 from coplctl.progress import Bar
-from coplctl.backbone import resolve_device
-from coplctl.reward import bt_loss
-from coplctl.trainer import cosine_with_warmup
+from coplctl.optim import bt_loss, cosine_with_warmup, resolve_device
 
 
 @dataclass
