@@ -127,6 +127,13 @@ def _replace(tmp: Path, dest: Path) -> None:
     _remove(old)
 
 
+def check_output(dest: str | Path, *, force: bool, marker: str, kind: str, option: str = "--out") -> None:
+    """Before any work: an existing ``dest`` needs ``force``, and is then replaced only if it is a ``kind``."""
+    if os.path.lexists(dest) and not force:
+        raise CoplError(f"{dest} already exists; choose another {option} or pass --force to replace it")
+    check_replaceable(dest, marker, kind)
+
+
 def check_replaceable(dest: str | Path, marker: str, kind: str) -> None:
     """Raise CoplError unless ``dest`` is absent, an empty directory or a ``kind`` (it holds ``marker``):
     --force replaces an output of the same kind, never whatever else happens to be at that path."""

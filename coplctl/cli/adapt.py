@@ -56,7 +56,7 @@ def register(app: typer.Typer) -> None:
         A graph run gives embeddings.safetensors and summary.json; a reward-model run gives a new run
         that scores the new users too (coplctl score OUT --user ...).
         """
-        from coplctl.atomic import check_replaceable, refuse_overlap
+        from coplctl.atomic import check_output, refuse_overlap
         from coplctl.errors import CoplError
 
         if (user_file is None) == (data is None):
@@ -65,9 +65,7 @@ def register(app: typer.Typer) -> None:
         if not model.is_dir():  # worded as load_method words it for the other commands
             raise CoplError(f"--model {model} is not a run directory" + ("" if model.exists() else
                                                                          " (it does not exist)"))
-        if out_dir.exists() and not force:
-            raise CoplError(f"{out_dir} already exists; choose another --out or pass --force to replace it")
-        check_replaceable(out_dir, "summary.json", "coplctl adapt output")
+        check_output(out_dir, force=force, marker="summary.json", kind="coplctl adapt output")
         if (model / "method.json").exists():
             if (method, hops, temperature) != (None, None, None):
                 raise CoplError("--method, --hops and --temperature apply to graph runs; a model run adapts as its "

@@ -76,16 +76,12 @@ def simulate(
     force: Force = False,
 ) -> None:
     """Generate a simulated UF-P dataset (same protocol and statistics as the real one, offline)."""
-    from coplctl.atomic import check_replaceable
+    from coplctl.atomic import check_output
     from coplctl.data.simulate import SimConfig, simulate as run
 
     proto = _protocol(variant, annotations, users, unseen_users, survey_pairs, fewshot_pairs, valid_pairs)
     path = out_dir or Path("data") / f"sim-{variant.value}-{annotations.value}"
-    if path.exists() and not force:  # fail before the work, not after
-        from coplctl.errors import CoplError
-
-        raise CoplError(f"{path} already exists; choose another --out or pass --force to replace it")
-    check_replaceable(path, "meta.json", "dataset")
+    check_output(path, force=force, marker="meta.json", kind="dataset")  # before the work, not after
     with err.status("simulating UF-P ..."):
         ds = run(SimConfig(protocol=proto, seed=seed, cue_fidelity=cue_fidelity))
         ds.save(path, overwrite=force)
@@ -119,16 +115,13 @@ def build_ufp(
 ) -> None:
     """Build real UF-P from UltraFeedback ratings (one cleaned chosen/rejected pair per prompt, per-attribute
     labels, fair-coin ties, four-attributes-disagree filter)."""
-    from coplctl.atomic import check_replaceable, refuse_overlap
+    from coplctl.atomic import check_output, refuse_overlap
     from coplctl.data.ultrafeedback import BuildConfig, build_ufp as run
-    from coplctl.errors import CoplError
 
     proto = _protocol(variant, annotations, users, unseen_users, survey_pairs, fewshot_pairs, valid_pairs)
     path = out_dir or Path("data") / f"ufp-{variant.value}-{annotations.value}"
     refuse_overlap(path, {"the UltraFeedback copy": ultrafeedback, "the cleaned set": cleaned})
-    if path.exists() and not force:
-        raise CoplError(f"{path} already exists; choose another --out or pass --force to replace it")
-    check_replaceable(path, "meta.json", "dataset")
+    check_output(path, force=force, marker="meta.json", kind="dataset")
     cfg = BuildConfig(protocol=proto, seed=seed, ultrafeedback=ultrafeedback,
                       cleaned=None if cleaned.lower() == "none" else cleaned,
                       tokenizer=tokenizer, max_tokens=max_tokens)

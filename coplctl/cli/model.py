@@ -44,9 +44,8 @@ def register(app: typer.Typer) -> None:
         force: Force = False,
     ) -> None:
         """Train a reward method on a dataset's seen users and save the run."""
-        from coplctl.atomic import atomic_write_text, check_replaceable, refuse_overlap
+        from coplctl.atomic import atomic_write_text, check_output, refuse_overlap
         from coplctl.data import load
-        from coplctl.errors import CoplError
         from coplctl.registry import METHODS
         from coplctl.reward import make_config
         from coplctl.trainer import distributed_state
@@ -57,9 +56,7 @@ def register(app: typer.Typer) -> None:
         overrides.update(parse_sets(sets or []))
         cfg = make_config(cls.Config, overrides, owner=f"method {method}")
         refuse_overlap(out_dir, {"the dataset": data})
-        if out_dir.exists() and not force:
-            raise CoplError(f"{out_dir} already exists; choose another --out or pass --force to replace it")
-        check_replaceable(out_dir, "method.json", "reward-model run")
+        check_output(out_dir, force=force, marker="method.json", kind="reward-model run")
         ds = load(data)
         work = out_dir.parent / f".{out_dir.name}.work"  # resumable intermediate work (e.g. CoPL's GCF)
         if force:
