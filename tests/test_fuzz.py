@@ -158,6 +158,14 @@ def _mutate(data: bytes, how: str, at: float, payload: bytes) -> bytes:
     return payload  # replace
 
 
+def _damaged_copy(src: Path, dest: Path, name: str, mutation) -> Path:
+    """A fresh copy of run ``src`` at ``dest`` with file ``name`` mutated."""
+    shutil.rmtree(dest, ignore_errors=True)
+    shutil.copytree(src, dest)
+    (dest / name).write_bytes(_mutate((dest / name).read_bytes(), *mutation))
+    return dest
+
+
 MUTATION = st.tuples(st.sampled_from(["truncate", "flip", "insert", "replace"]), st.floats(0, 1),
                      st.one_of(st.binary(max_size=16), VALUE.map(lambda v: json.dumps(v).encode())))
 
@@ -168,10 +176,7 @@ MUTATION = st.tuples(st.sampled_from(["truncate", "flip", "insert", "replace"]),
 def test_graph_run_loader(graph_run, scratch, name, mutation):
     from coplctl.graph.run import GCFRun
 
-    run = scratch / "gcf"
-    shutil.rmtree(run, ignore_errors=True)
-    shutil.copytree(graph_run, run)
-    (run / name).write_bytes(_mutate((run / name).read_bytes(), *mutation))
+    run = _damaged_copy(graph_run, scratch / "gcf", name, mutation)
     try:
         loaded = GCFRun(run)
         loaded.responses, loaded.exported_user_emb  # noqa: B018 (read lazily: must not crash either)
@@ -198,10 +203,7 @@ def model_run(micro_dir, tmp_path_factory) -> Path:
 def test_model_run_loader(model_run, scratch, name, mutation):
     from coplctl.reward import load_method
 
-    run = scratch / "model"
-    shutil.rmtree(run, ignore_errors=True)
-    shutil.copytree(model_run, run)
-    (run / name).write_bytes(_mutate((run / name).read_bytes(), *mutation))
+    run = _damaged_copy(model_run, scratch / "model", name, mutation)
     try:
         load_method(run)
     except CoplError:
