@@ -29,11 +29,10 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from coplctl.config import AT_LEAST_1, NON_NEGATIVE, POSITIVE, OneOf, Range, check_fields
+from coplctl.config import ADAPTATIONS, AT_LEAST_1, NON_NEGATIVE, POSITIVE, OneOf, Range, check_fields
 from coplctl.errors import CoplError
 from coplctl.graph.run import GCFRun
 
-METHODS = ("weighted", "average", "optimize")
 USER_BLOCK = 512  # new users whose k-hop neighbourhoods are found together
 CHUNK_ELEMENTS = 1 << 23  # floats of the padded (users × neighbours × (d + pairs)) batches
 BITMAP_LIMIT = 1 << 26  # bytes of a (users × nodes) reachability bitmap; beyond, sort unique keys instead
@@ -45,7 +44,7 @@ class AdaptConfig:
     """Adaptation settings; defaults are the paper's (Appendix C.2). Checked when built: a wrong type, NaN
     or out-of-range value is one error naming the option, never all-NaN embeddings later."""
 
-    method: Annotated[str, OneOf(*METHODS)] = "weighted"
+    method: Annotated[str, OneOf(*ADAPTATIONS)] = "weighted"
     """``weighted`` (CoPL), ``average`` (Naive Avg.) or ``optimize`` (User Opt.)."""
     hops: Annotated[int, Range(min=2)] = 2
     """k, an even number of hops over positive edges (paper: 2; Figure 2 also 4)."""

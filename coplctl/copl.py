@@ -18,6 +18,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from coplctl.config import ADAPTATIONS
 from coplctl.config import AT_LEAST_1, NON_NEGATIVE, POSITIVE, OneOf, Range
 from coplctl.encoders import add_lora, concat_batches, default_targets
 from coplctl.errors import CoplError
@@ -70,7 +71,7 @@ class CoPLConfig(TrainConfig):
     """LoRA rank of the w/o-MoLE ablation (Table 3: 64 and 16); its alpha is 2 · rank."""
     token_dim: Annotated[int, AT_LEAST_1] = 64
     """w/o MoLE in frozen mode: width of the projected user vector concatenated to the features."""
-    adaptation: Annotated[str, OneOf("weighted", "average", "optimize")] = "weighted"
+    adaptation: Annotated[str, OneOf(*ADAPTATIONS)] = "weighted"
     """Unseen users: ``weighted`` (CoPL), ``average`` or ``optimize`` (Table 4)."""
     hops: Annotated[int, Range(min=2)] = 2
     """k of the k-hop adaptation (paper: 2)."""

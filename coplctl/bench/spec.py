@@ -220,6 +220,7 @@ def find_spec(name_or_path: str) -> Path:
 
 def load_spec(name_or_path: str) -> BenchmarkSpec:
     """Read, merge includes, validate. Method names are checked against the registry."""
+    from coplctl.config import ADAPTATIONS
     from coplctl.registry import METHODS
 
     file = find_spec(name_or_path).resolve()
@@ -232,8 +233,8 @@ def load_spec(name_or_path: str) -> BenchmarkSpec:
             close = difflib.get_close_matches(str(m), METHODS.names(), n=1)
             raise SpecError(f"{file}: unknown method {m!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
     for a in spec.adaptation:
-        if a not in ("weighted", "average", "optimize"):
-            raise SpecError(f"{file}: adaptation entries are weighted, average or optimize, not {a!r}")
+        if a not in ADAPTATIONS:
+            raise SpecError(f"{file}: adaptation entries are {', '.join(ADAPTATIONS)}, not {a!r}")
     if spec.data.source not in ("simulated", "ultrafeedback"):
         raise SpecError(f"{file}: data.source must be simulated or ultrafeedback")
     if spec.data.source == "ultrafeedback" and not spec.data.path:

@@ -9,13 +9,11 @@ from typing import Annotated, Optional
 
 import typer
 
+from coplctl.config import ADAPTATIONS
 from coplctl.cli.common import Force, err, examples, out
 
 
-class Method(str, Enum):
-    weighted = "weighted"
-    average = "average"
-    optimize = "optimize"
+Method = Enum("Method", {m: m for m in ADAPTATIONS}, type=str)
 
 
 def register(app: typer.Typer) -> None:
