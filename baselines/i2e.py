@@ -11,7 +11,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from coplctl.neural import BaselineConfig, NeuralMethod, UserVectorNet
+from coplctl.neural import BaselineConfig, NeuralMethod, UserVectorNet, baseline_encoder, token_dim
 from coplctl.registry import register_method
 
 
@@ -35,15 +35,20 @@ class UserTokens(nn.Module):
         return self.table.index_select(0, users) + self.generic
 
 
-@register_method("i2e")
+@register_method("i2e", label="I2E", order=2)
 class I2E(NeuralMethod):
     """I2E: a learnable embedding per user inserted as one extra input token (P-RLHF)."""
 
     Config = I2EConfig
 
-    def build_net(self) -> UserVectorNet:
-        dim = self.config.token_dim if self.config.mode == "frozen" else self.backbone.hidden_size
-        return UserVectorNet(self, UserTokens(len(self.user_ids), dim, self.config.init_std))
+    def prepare(self, data, *, seed, work_dir) -> dict[str, int]:
+        super().prepare(data, seed=seed, work_dir=work_dir)
+        return {"token_dim": token_dim(self)}
+
+    def build_net(self, users: int, sizes: dict[str, int]) -> UserVectorNet:
+        tokens = UserTokens(users, sizes["token_dim"], self.config.init_std)
+        frozen = self.config.mode == "frozen"
+        return UserVectorNet(baseline_encoder(self, extra_dim=sizes["token_dim"] if frozen else 0), tokens)
 
     def adapt(self, pairs: pd.DataFrame, responses: pd.DataFrame) -> dict:
         tokens = self.net.user_vector

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from coplctl.config import AT_LEAST_1
-from coplctl.neural import BaselineConfig, NeuralMethod, UserVectorNet
+from coplctl.neural import BaselineConfig, NeuralMethod, UserVectorNet, baseline_encoder, token_dim
 from coplctl.registry import register_method
 
 
@@ -35,15 +35,20 @@ class ProxyTokens(nn.Module):
         return torch.softmax(self.logits.index_select(0, users), dim=-1) @ self.proxies
 
 
-@register_method("i2e-proxy")
+@register_method("i2e-proxy", label="I2E-proxy", order=3)
 class I2EProxy(NeuralMethod):
     """I2E-proxy: the user token is a softmax-weighted mix of N = 10 learnable proxies."""
 
     Config = I2EProxyConfig
 
-    def build_net(self) -> UserVectorNet:
-        dim = self.config.token_dim if self.config.mode == "frozen" else self.backbone.hidden_size
-        return UserVectorNet(self, ProxyTokens(len(self.user_ids), self.config.proxies, dim))
+    def prepare(self, data, *, seed, work_dir) -> dict[str, int]:
+        super().prepare(data, seed=seed, work_dir=work_dir)
+        return {"token_dim": token_dim(self)}
+
+    def build_net(self, users: int, sizes: dict[str, int]) -> UserVectorNet:
+        tokens = ProxyTokens(users, self.config.proxies, sizes["token_dim"])
+        frozen = self.config.mode == "frozen"
+        return UserVectorNet(baseline_encoder(self, extra_dim=sizes["token_dim"] if frozen else 0), tokens)
 
     def adapt(self, pairs: pd.DataFrame, responses: pd.DataFrame) -> dict:
         tokens = self.net.user_vector

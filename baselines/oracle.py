@@ -16,10 +16,10 @@ import pandas as pd
 import torch
 from torch import nn
 
-from coplctl.encoders import default_targets
+from coplctl.encoders import ResponseEncoder, default_targets, lora_alpha
 from coplctl.errors import CoplError, DataError
 from coplctl.files import field, read_json
-from coplctl.neural import BaselineConfig, NeuralMethod, PairScorer, lora_alpha
+from coplctl.neural import BaselineConfig, NeuralMethod, PairScorer
 from coplctl.registry import register_method
 
 
@@ -29,30 +29,24 @@ class OracleConfig(BaselineConfig):
 
 
 class OracleNet(PairScorer):
-    """One encoder adapter (or trunk) and head per group; rows are routed by their user's group."""
+    """One encoder adapter (or trunk) and head per group; rows are routed by their user's group.
 
-    def __init__(self, method: "Oracle"):
+    Args:
+        groups: number of groups.
+        group_of_row: (users,) group index of each user row.
+        encoders: ``frozen`` mode: one encoder per group. ``lora`` mode: one encoder whose backbone holds
+            one LoRA adapter per group, named ``group0``, ``group1`` ... (:func:`group_adapters`).
+    """
+
+    def __init__(self, groups: int, group_of_row: torch.Tensor, encoders: list[ResponseEncoder]):
         super().__init__()
-        c = method.config
-        n_groups = len(method.groups)
-        self.register_buffer("group_of_row", torch.tensor([method.group_index[method.group_of[u]]
-                                                           for u in method.user_ids]))
-        if c.mode == "frozen":
-            self.encoders = nn.ModuleList(method.encoder() for _ in range(n_groups))
+        self.register_buffer("group_of_row", group_of_row)
+        self.mode = encoders[0].mode
+        if self.mode == "frozen":
+            self.encoders = nn.ModuleList(encoders)
         else:
-            from peft import LoraConfig, inject_adapter_in_model
-
-            self.encoder = method.encoder()
-            targets = c.lora_targets or default_targets(self.encoder.lm)
-            with warnings.catch_warnings():  # several adapters in one model is the point here
-                warnings.filterwarnings("ignore", message="Already found a `peft_config`")
-                for k in range(n_groups):
-                    inject_adapter_in_model(LoraConfig(r=c.lora_rank, lora_alpha=lora_alpha(c),
-                                                       target_modules=targets),
-                                            self.encoder.lm, adapter_name=f"group{k}")
-        width = self.encoders[0].out_dim if c.mode == "frozen" else self.encoder.out_dim
-        self.heads = nn.ModuleList(nn.Linear(width, 1) for _ in range(n_groups))
-        self.mode = c.mode
+            (self.encoder,) = encoders
+        self.heads = nn.ModuleList(nn.Linear(encoders[0].out_dim, 1) for _ in range(groups))
 
     def _activate(self, k: int) -> None:
         from peft.tuners.tuners_utils import BaseTunerLayer
@@ -79,13 +73,25 @@ class OracleNet(PairScorer):
         return out
 
 
-@register_method("oracle")
+def group_adapters(encoder: ResponseEncoder, groups: int, rank: int, alpha: float, targets: list[str] | None) -> None:
+    """One LoRA adapter per group (``group0`` ...) inside a ``lora``-mode encoder's backbone (peft)."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    targets = targets or default_targets(encoder.lm)
+    with warnings.catch_warnings():  # several adapters in one model is the point here
+        warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+        for k in range(groups):
+            inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets),
+                                    encoder.lm, adapter_name=f"group{k}")
+
+
+@register_method("oracle", label="Oracle", order=0)
 class Oracle(NeuralMethod):
     """Oracle: one Uniform model per true preference group; each user is scored by its group's model."""
 
     Config = OracleConfig
 
-    def prepare(self, data, *, seed: int, work_dir: Path | None) -> None:
+    def prepare(self, data, *, seed: int, work_dir: Path | None) -> dict[str, int]:
         users = data.users
         if users["group"].isna().any():
             missing = users.loc[users["group"].isna(), "user_id"].iloc[0]
@@ -94,13 +100,20 @@ class Oracle(NeuralMethod):
         self.group_of = dict(zip(users["user_id"], users["group"]))  # seen and unseen: the oracle knows all
         self.groups = sorted(set(self.group_of.values()))
         self.user_ids = data.user_ids("seen")
+        return {"groups": len(self.groups)}
 
     @property
     def group_index(self) -> dict[str, int]:
         return {g: i for i, g in enumerate(self.groups)}
 
-    def build_net(self) -> OracleNet:
-        return OracleNet(self)
+    def build_net(self, users: int, sizes: dict[str, int]) -> OracleNet:
+        c, n = self.config, sizes["groups"]
+        group_of_row = torch.tensor([self.group_index[self.group_of[u]] for u in self.user_ids])
+        if c.mode == "frozen":
+            return OracleNet(n, group_of_row, [self.encoder() for _ in range(n)])
+        encoder = self.encoder()
+        group_adapters(encoder, n, c.lora_rank, lora_alpha(c.lora_alpha, c.lora_rank), c.lora_targets)
+        return OracleNet(n, group_of_row, [encoder])
 
     def adapt(self, pairs: pd.DataFrame, responses: pd.DataFrame) -> dict:
         new = [u for u in dict.fromkeys(pairs["user_id"]) if u not in self.user_index]

@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from coplctl.config import AT_LEAST_1
-from coplctl.encoders import add_lora
-from coplctl.neural import BaselineConfig, NeuralMethod, PairScorer, lora_alpha
+from coplctl.encoders import ResponseEncoder
+from coplctl.neural import BaselineConfig, NeuralMethod, PairScorer, baseline_encoder
 from coplctl.registry import register_method
 
 
@@ -43,16 +43,16 @@ class ResidualMap(nn.Module):
 
 
 class PALNet(PairScorer):
-    def __init__(self, method: "PAL"):
+    """Ideal points of ``users`` users mixed from ``prototypes`` prototypes, mapped with the responses into
+    an ``ideal_dim``-wide space by f; ``encoder`` gives the response representations."""
+
+    def __init__(self, encoder: ResponseEncoder, users: int, prototypes: int, ideal_dim: int):
         super().__init__()
-        c = method.config
-        self.encoder = method.encoder()
-        if c.mode == "lora":
-            add_lora(self.encoder, c.lora_rank, lora_alpha(c), c.lora_targets)
-        d = self.encoder.out_dim
-        self.f = ResidualMap(d, c.ideal_dim)
-        self.prototypes = nn.Parameter(0.1 * torch.randn(c.prototypes, d))
-        self.weights = nn.Parameter(0.01 * torch.randn(len(method.user_ids), c.prototypes))
+        self.encoder = encoder
+        d = encoder.out_dim
+        self.f = ResidualMap(d, ideal_dim)
+        self.prototypes = nn.Parameter(0.1 * torch.randn(prototypes, d))
+        self.weights = nn.Parameter(0.01 * torch.randn(users, prototypes))
         self.log_scale = nn.Parameter(torch.zeros(()))
 
     def score(self, users: torch.Tensor, batch: dict) -> torch.Tensor:
@@ -62,14 +62,14 @@ class PALNet(PairScorer):
         return -self.log_scale.exp() * dist
 
 
-@register_method("pal")
+@register_method("pal", label="PAL", order=5)
 class PAL(NeuralMethod):
     """PAL-A: ideal-point reward, −s·‖f(h) − f(softmax(w_u)·P)‖ over N = 10 prototypes (logistic loss)."""
 
     Config = PALConfig
 
-    def build_net(self) -> PALNet:
-        return PALNet(self)
+    def build_net(self, users: int, sizes: dict[str, int]) -> PALNet:
+        return PALNet(baseline_encoder(self), users, self.config.prototypes, self.config.ideal_dim)
 
     def adapt(self, pairs: pd.DataFrame, responses: pd.DataFrame) -> dict:
         return self.adapt_rows(pairs, responses, self.net, "weights", torch.zeros(self.config.prototypes),

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from coplctl.neural import BaselineConfig, NeuralMethod, UserVectorNet
+from coplctl.neural import BaselineConfig, NeuralMethod, UserVectorNet, baseline_encoder
 from coplctl.registry import register_method
 
 
@@ -16,15 +16,15 @@ class UniformConfig(BaselineConfig):
     """Uniform: the baselines' settings (LoRA rank 64 in lora mode); no user state."""
 
 
-@register_method("uniform")
+@register_method("uniform", label="Uniform", order=1)
 class Uniform(NeuralMethod):
     """Uniform: one Bradley-Terry reward model trained on all users' pairs (common preference)."""
 
     Config = UniformConfig
     personalized = False
 
-    def build_net(self) -> UserVectorNet:
-        return UserVectorNet(self)
+    def build_net(self, users: int, sizes: dict[str, int]) -> UserVectorNet:
+        return UserVectorNet(baseline_encoder(self))
 
     def adapt(self, pairs: pd.DataFrame, responses: pd.DataFrame) -> dict:
         new = [u for u in dict.fromkeys(pairs["user_id"]) if u not in self.user_index]

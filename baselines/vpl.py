@@ -18,9 +18,9 @@ import torch
 from torch import nn
 
 from coplctl.config import AT_LEAST_1, NON_NEGATIVE, PROBABILITY
-from coplctl.encoders import add_lora, adapters_disabled, concat_batches
+from coplctl.encoders import ResponseEncoder, adapters_disabled, concat_batches
 from coplctl.features import features
-from coplctl.neural import BaselineConfig, NeuralMethod, lora_alpha
+from coplctl.neural import BaselineConfig, NeuralMethod, baseline_encoder
 from coplctl.trainer import distributed_state
 from coplctl.registry import register_method
 
@@ -47,25 +47,24 @@ class VPLNet(nn.Module):
     """Variational user encoder + reward MLP.
 
     Args:
-        method: the VPL method (config, backbone, users).
+        encoder: the response encoder.
+        users: user rows of the latent table.
         feat_dim: width of the frozen-backbone features of context responses.
+        hidden, latent_dim, heads: widths of the pair MLP / attention / reward MLP, of z, attention heads.
         context: training context (features, pair endpoints, pair ids per user row), or None.
         beta: KL weight reached after ``anneal_steps`` training steps.
     """
 
-    def __init__(self, method: "VPL", feat_dim: int, context: tuple | None = None, beta: float = 0.0,
-                 anneal_steps: int = 1):
+    def __init__(self, encoder: ResponseEncoder, users: int, feat_dim: int, *, hidden: int, latent_dim: int,
+                 heads: int, context: tuple | None = None, beta: float = 0.0, anneal_steps: int = 1):
         super().__init__()
-        c = method.config
-        self.encoder = method.encoder()
-        if c.mode == "lora":
-            add_lora(self.encoder, c.lora_rank, lora_alpha(c), c.lora_targets)
-        h, z = c.hidden, c.latent_dim
+        self.encoder = encoder
+        h, z = hidden, latent_dim
         self.pair_mlp = nn.Sequential(nn.Linear(2 * feat_dim, h), nn.GELU(), nn.Linear(h, h))
-        self.attn = nn.MultiheadAttention(h, c.heads, batch_first=True)
+        self.attn = nn.MultiheadAttention(h, heads, batch_first=True)
         self.to_mu, self.to_logvar = nn.Linear(h, z), nn.Linear(h, z)
         self.reward = nn.Sequential(nn.Linear(self.encoder.out_dim + z, h), nn.GELU(), nn.Linear(h, 1))
-        self.register_buffer("latent", torch.zeros(len(method.user_ids), z))  # μ of every known user
+        self.register_buffer("latent", torch.zeros(users, z))  # μ of every known user
         self.context = context  # training only: (features, pair endpoints, pairs per user)
         self.beta, self.anneal_steps, self.step = beta, max(1, anneal_steps), 0
 
@@ -139,7 +138,7 @@ def _user_contexts(pairs: pd.DataFrame, user_index: dict, n_users: int, k: int) 
     return out
 
 
-@register_method("vpl")
+@register_method("vpl", label="VPL", order=4)
 class VPL(NeuralMethod):
     """VPL: variational user latent encoded from the user's annotated pairs; reward MLP on [h(x), z]."""
 
@@ -151,7 +150,7 @@ class VPL(NeuralMethod):
         with adapters_disabled(self.backbone.model):
             return features(self.backbone, texts)
 
-    def prepare(self, data, *, seed, work_dir) -> None:
+    def prepare(self, data, *, seed, work_dir) -> dict[str, int]:
         super().prepare(data, seed=seed, work_dir=work_dir)
         self._train = data.split("train").reset_index(drop=True)
         self._feats = self._features(data.responses)
@@ -159,19 +158,21 @@ class VPL(NeuralMethod):
         self._ends = torch.tensor(self._train[["chosen_id", "rejected_id"]].apply(lambda s: s.map(pos)).to_numpy())
         beta = self.config.beta
         self._beta = beta if beta is not None else (3e-6 if data.meta.get("variant") == "uf-p-4" else 0.0)
+        return {"feat_dim": self._feats.shape[1]}
 
     def extra_columns(self, data) -> tuple[torch.Tensor, ...]:
         return (torch.arange(len(self._train)),)  # the pair ids, to leave each pair out of its own context
 
-    def build_net(self) -> VPLNet:
-        if getattr(self, "_train", None) is None:  # loading a trained model: no training context
-            return VPLNet(self, self._feat_dim)
+    def build_net(self, users: int, sizes: dict[str, int]) -> VPLNet:
         c = self.config
-        per_user = _user_contexts(self._train, self.user_index, len(self.user_ids), c.context_pairs)
+        widths = {"hidden": c.hidden, "latent_dim": c.latent_dim, "heads": c.heads}
+        if self._train is None:  # loading a trained model: no training context
+            return VPLNet(baseline_encoder(self), users, sizes["feat_dim"], **widths)
+        per_user = _user_contexts(self._train, self.user_index, users, c.context_pairs)
         processes = distributed_state(c).num_processes  # each process takes its share of the steps
         steps = c.get("epochs") * -(-len(self._train) // (c.get("batch_size") * processes))
-        return VPLNet(self, self._feats.shape[1], (self._feats, self._ends, per_user), self._beta,
-                      int(steps * c.kl_anneal))
+        return VPLNet(baseline_encoder(self), users, sizes["feat_dim"], **widths,
+                      context=(self._feats, self._ends, per_user), beta=self._beta, anneal_steps=int(steps * c.kl_anneal))
 
     def fit(self, data, backbone=None, **kw) -> dict:
         metrics = super().fit(data, backbone, **kw)
@@ -193,4 +194,3 @@ class VPL(NeuralMethod):
 
     def load_extra(self, directory) -> None:
         self._train = self._feats = None
-        self._feat_dim = self.saved_shape("pair_mlp.0.weight")[1] // 2

@@ -117,6 +117,11 @@ class ResponseEncoder(nn.Module):
         return self._pool(hidden, mask)
 
 
+def lora_alpha(alpha: float | None, rank: int) -> float:
+    """LoRA alpha: the configured one, else 2 · rank (the paper does not give it)."""
+    return alpha if alpha is not None else 2 * rank
+
+
 def add_lora(encoder: ResponseEncoder, rank: int, alpha: float, targets: list[str] | None = None,
              dropout: float = 0.0) -> None:
     """Plain LoRA adapters (peft) inside the backbone of a ``lora``-mode encoder."""

@@ -187,7 +187,7 @@ def routing_stats(allocation: Mapping[str, Sequence[int]], groups: Sequence | No
 
     Args:
         allocation: layer name → expert of each user (as from :func:`top1_allocation` or
-            ``coplctl.bench.plots.expert_allocation(...)["layers"]``).
+            ``coplctl.plots.expert_allocation(...)["layers"]``).
         groups: each user's preference group, same order; None / NaN where unknown (or no groups at all).
         num_experts: M (default: largest expert index + 1).
 

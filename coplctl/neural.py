@@ -23,10 +23,10 @@ from torch import nn
 from coplctl.config import AT_LEAST_1, NON_NEGATIVE, POSITIVE
 from coplctl.atomic import atomic_path
 from coplctl.backbone import Backbone
-from coplctl.encoders import ResponseEncoder, add_lora, build_inputs, concat_batches
+from coplctl.encoders import ResponseEncoder, add_lora, build_inputs, concat_batches, lora_alpha
 from coplctl.errors import CoplError, DataError
-from coplctl.files import read_parquet, read_safetensors, read_user_ids
-from coplctl.reward import RewardMethod, bt_loss
+from coplctl.files import field, read_json, read_parquet, read_safetensors, read_user_ids
+from coplctl.reward import METHOD_FILE, RewardMethod, bt_loss
 from coplctl.trainer import (TrainConfig, autocast, distributed_state, fp32_trainable, load_trainable_state,
                              optimize_rows, rewards, train_pairs, trainable_state)
 
@@ -39,13 +39,20 @@ class NeuralMethod(RewardMethod):
     personalized: bool = True
 
     # -- hooks -------------------------------------------------------------------------------
-    def prepare(self, data, *, seed: int, work_dir: Path | None) -> None:
-        """Work needed before ``build_net`` (default: seen users are the rows)."""
+    def prepare(self, data, *, seed: int, work_dir: Path | None) -> dict[str, int]:
+        """Work needed before the net exists (default: seen users are the rows). Returns the sizes the
+        net is built from besides the config and the number of users, e.g. ``{"user_dim": 32}``."""
         self.user_ids = data.user_ids("seen")
+        return {}
 
     @abstractmethod
-    def build_net(self) -> torch.nn.Module:
-        """The method's network, on ``self.backbone`` (called after ``prepare`` / ``load_extra``)."""
+    def build_net(self, users: int, sizes: dict[str, int]) -> torch.nn.Module:
+        """The method's network for ``users`` user rows and :meth:`prepare`'s ``sizes``, on
+        ``self.backbone``; the same after :meth:`load_extra` (sizes then come from ``method.json``)."""
+
+    def sizes(self) -> dict[str, int]:
+        """``{"users": rows, **sizes}``: written to ``method.json``, read back to rebuild the net."""
+        return {"users": len(self.user_ids), **self.net_sizes}
 
     def extra_columns(self, data) -> tuple[torch.Tensor, ...]:
         """Per-training-pair tensors passed to the net's forward after the three batches (default none)."""
@@ -115,10 +122,10 @@ class NeuralMethod(RewardMethod):
         self.progress = progress
         self.responses = data.responses[["response_id", "prompt", "text"]]
         with state.main_process_first():  # the main process trains shared work (GCF) and fills caches first
-            self.prepare(data, seed=seed, work_dir=work_dir)
+            self.net_sizes = dict(self.prepare(data, seed=seed, work_dir=work_dir))
             inputs = self.inputs(data.responses, progress=progress and state.is_main_process)
         torch.manual_seed(seed)
-        self.net = fp32_trainable(self.build_net())
+        self.net = fp32_trainable(self.build_net(len(self.user_ids), self.net_sizes))
         train = self.pair_tensors(data.split("train"), data.responses) + self.extra_columns(data)
         valid = data.split("valid")
         valid = valid[valid["user_id"].isin(self.user_index)]
@@ -173,28 +180,28 @@ class NeuralMethod(RewardMethod):
 
     def load_state(self, directory: Path) -> None:
         weights_file = directory / "model.safetensors"
-        self._saved, self._saved_file = read_safetensors(weights_file), weights_file
+        saved = read_safetensors(weights_file)
         self.user_ids = read_user_ids(directory / "users.json")
         self.responses = read_parquet(directory / "responses.parquet", ("response_id", "prompt", "text"),
                                       "responses table")
+        self.net_sizes = self._read_sizes(directory / METHOD_FILE)
         self.load_extra(directory)
         self.backbone = self.load_backbone()
         torch.manual_seed(0)
-        self.net = fp32_trainable(self.build_net())
+        self.net = fp32_trainable(self.build_net(len(self.user_ids), self.net_sizes))
         try:
-            load_trainable_state(self.net, self._saved)
+            load_trainable_state(self.net, saved)
         except CoplError as e:
             raise DataError(weights_file, f"{e} (written by another method or other settings?)") from None
 
-    def saved_shape(self, name: str, ndim: int = 2) -> tuple[int, ...]:
-        """Shape of a tensor of the loaded model.safetensors (for load_extra), or a DataError naming it."""
-        if name not in self._saved:
-            raise DataError(self._saved_file, f"has no tensor {name!r}: not written by method {self.registry_name}")
-        shape = tuple(self._saved[name].shape)
-        if len(shape) != ndim:
-            raise DataError(self._saved_file, f"tensor {name!r} has shape {shape}, expected {ndim} dimensions")
-        return shape
-        self.net.to(self.backbone.device)
+    def _read_sizes(self, path: Path) -> dict[str, int]:
+        """The net's sizes from ``method.json``; their ``users`` must be the run's users.json."""
+        sizes = field(read_json(path, what="method file"), "sizes", dict, path)
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in sizes.values()):
+            raise DataError(path, "key 'sizes' must map names to whole numbers")
+        if sizes.get("users") != len(self.user_ids):
+            raise DataError(path, f"sizes.users is {sizes.get('users')}, but users.json lists {len(self.user_ids)} users")
+        return {k: v for k, v in sizes.items() if k != "users"}
 
 
 @dataclass
@@ -226,23 +233,33 @@ class PairScorer(nn.Module):
         return r[:n], r[n:], r.new_zeros(())
 
 
-def lora_alpha(cfg: BaselineConfig) -> float:
-    return cfg.lora_alpha if cfg.lora_alpha is not None else 2 * cfg.lora_rank
+def baseline_encoder(method: NeuralMethod, extra_dim: int = 0) -> ResponseEncoder:
+    """The mode's response encoder of a baseline: in ``lora`` mode with plain LoRA of the config's rank."""
+    c = method.config
+    encoder = method.encoder(extra_dim=extra_dim)
+    if c.mode == "lora":
+        add_lora(encoder, c.lora_rank, lora_alpha(c.lora_alpha, c.lora_rank), c.lora_targets)
+    return encoder
+
+
+def token_dim(method: NeuralMethod) -> int:
+    """Width of a per-user vector the encoder reads: ``token_dim`` (frozen) or the backbone's hidden size."""
+    return method.config.token_dim if method.config.mode == "frozen" else method.backbone.hidden_size
 
 
 class UserVectorNet(PairScorer):
-    """A response encoder (with plain LoRA in ``lora`` mode) that reads an optional per-user vector,
-    and a linear head on the pooled output: Uniform (no vector), I2E and I2E-proxy (a user token)."""
+    """A response encoder that reads an optional per-user vector, and a linear head on its output:
+    Uniform (no vector), I2E and I2E-proxy (a user token).
 
-    def __init__(self, method: NeuralMethod, user_vector: nn.Module | None = None):
+    Args:
+        encoder: the response encoder (its ``extra_dim`` is the vector's width in frozen mode).
+        user_vector: a module mapping user rows to vectors, or None.
+    """
+
+    def __init__(self, encoder: ResponseEncoder, user_vector: nn.Module | None = None):
         super().__init__()
-        c = method.config
-        self.token_dim = c.token_dim if c.mode == "frozen" else method.backbone.hidden_size
-        self.encoder = method.encoder(extra_dim=self.token_dim if c.mode == "frozen" and user_vector else 0)
-        if c.mode == "lora":
-            add_lora(self.encoder, c.lora_rank, lora_alpha(c), c.lora_targets)
-        self.user_vector = user_vector
-        self.head = nn.Linear(self.encoder.out_dim, 1)
+        self.encoder, self.user_vector = encoder, user_vector
+        self.head = nn.Linear(encoder.out_dim, 1)
 
     def score(self, users: torch.Tensor, batch: dict) -> torch.Tensor:
         extra = self.user_vector(users) if self.user_vector is not None else None

@@ -17,7 +17,7 @@ import ast
 import difflib
 import importlib
 import importlib.util
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Generic, TypeVar
 
@@ -36,6 +36,8 @@ class Entry:
     description: str
     module: str
     obj: Any = None
+    info: dict = field(default_factory=dict)
+    """Constant keyword arguments of the registration (e.g. a method's ``label`` and paper ``order``)."""
 
 
 class Registry(Generic[T]):
@@ -51,18 +53,19 @@ class Registry(Generic[T]):
         if not self._discovered and self._discover is not None:
             self._discovered = True
             for e in self._discover():
-                self.add_lazy(e.name, e.module, e.description)
+                self.add_lazy(e.name, e.module, e.description, e.info)
 
-    def add_lazy(self, name: str, module: str, description: str = "") -> None:
+    def add_lazy(self, name: str, module: str, description: str = "", info: dict | None = None) -> None:
         """Declare ``name`` as provided by ``module`` (imported on first use)."""
         old = self._entries.get(name)
         if old is not None and old.module != module:
             raise RegistryError(f"{self.kind} {name!r} is defined twice: in {old.module} and in {module}")
         if old is None:
-            self._entries[name] = Entry(name, description, module)
+            self._entries[name] = Entry(name, description, module, info=dict(info or {}))
 
-    def register(self, name: str, description: str | None = None) -> Callable[[T], T]:
-        """Decorator: register ``obj`` under ``name``; the description defaults to its docstring's first line."""
+    def register(self, name: str, description: str | None = None, **info: Any) -> Callable[[T], T]:
+        """Decorator: register ``obj`` under ``name``; the description defaults to its docstring's first
+        line; ``info`` (constants only, read without importing) is kept on the entry."""
 
         def deco(obj: T) -> T:
             module = getattr(obj, "__module__", "")
@@ -71,7 +74,7 @@ class Registry(Generic[T]):
                 where = old.module if old.obj is None else f"{old.module}.{getattr(old.obj, '__qualname__', old.obj)}"
                 raise RegistryError(f"{self.kind} {name!r} is already registered (by {where})")
             desc = description if description is not None else _first_line(getattr(obj, "__doc__", None))
-            self._entries[name] = Entry(name, desc, module, obj)
+            self._entries[name] = Entry(name, desc, module, obj, dict(info))
             try:
                 obj.registry_name = name  # type: ignore[attr-defined]
             except (AttributeError, TypeError):
@@ -93,6 +96,12 @@ class Registry(Generic[T]):
         """Every entry (name, description, providing module), without importing lazy ones."""
         self._ensure()
         return [self._entries[n] for n in sorted(self._entries)]
+
+    def info(self, name: str) -> dict:
+        """The registration's keyword constants of ``name`` ({} for an unknown name), without importing it."""
+        self._ensure()
+        entry = self._entries.get(name)
+        return entry.info if entry is not None else {}
 
     def __contains__(self, name: str) -> bool:
         self._ensure()
@@ -129,9 +138,11 @@ def scan_module_source(path: Path, module: str, decorator: str) -> list[Entry]:
         for dec in node.decorator_list:
             if (isinstance(dec, ast.Call) and dec.args and isinstance(dec.args[0], ast.Constant)
                     and (getattr(dec.func, "id", None) == decorator or getattr(dec.func, "attr", None) == decorator)):
-                desc = next((kw.value.value for kw in dec.keywords
-                             if kw.arg == "description" and isinstance(kw.value, ast.Constant)), None)
-                found.append(Entry(dec.args[0].value, desc or _first_line(ast.get_docstring(node)), module))
+                consts = {kw.arg: kw.value.value for kw in dec.keywords
+                          if kw.arg and isinstance(kw.value, ast.Constant)}
+                desc = consts.pop("description", None)
+                found.append(Entry(dec.args[0].value, desc or _first_line(ast.get_docstring(node)), module,
+                                   info=consts))
     return found
 
 
@@ -169,6 +180,30 @@ def _discover_methods() -> list[Entry]:
 METHODS: Registry = Registry("method", discover=_discover_methods)
 
 
-def register_method(name: str, description: str | None = None):
-    """Class decorator registering a :class:`coplctl.reward.RewardMethod` under ``name``."""
-    return METHODS.register(name, description)
+def register_method(name: str, description: str | None = None, *, label: str | None = None,
+                    order: int | None = None):
+    """Class decorator registering a :class:`coplctl.reward.RewardMethod` under ``name``.
+
+    ``label``: its name in tables (default: ``name``). ``order``: its place among the paper's methods
+    (Table 1's rows, a spec's default ``methods``); methods without one come after, by name. Both must be
+    literal constants: they are read from the source without importing the method.
+    """
+    info = {k: v for k, v in (("label", label), ("order", order)) if v is not None}
+    return METHODS.register(name, description, **info)
+
+
+def method_label(name: str) -> str:
+    """A method's name in tables (its registered ``label``, else its name)."""
+    return METHODS.info(name).get("label", name)
+
+
+def method_sort_key(name: str) -> tuple:
+    """Paper order first (registered ``order``), then other methods and ablations by name."""
+    order = METHODS.info(name).get("order")
+    return (0, order, name) if isinstance(order, int) else (1, 0, name)
+
+
+def paper_methods() -> list[str]:
+    """The registered methods that have a paper ``order``, in that order (Table 1's rows)."""
+    return sorted((n for n in METHODS.names() if isinstance(METHODS.info(n).get("order"), int)),
+                  key=method_sort_key)

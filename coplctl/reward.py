@@ -9,7 +9,8 @@ from __future__ import annotations
 import dataclasses
 import json
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -25,9 +26,30 @@ if TYPE_CHECKING:
 
     from coplctl.data.dataset import PreferenceDataset
 
-__all__ = ["METHOD_FILE", "RewardMethod", "bt_loss", "load_method", "make_config", "pair_accuracy", "pair_scores"]
+__all__ = ["METHOD_FILE", "ExperimentContext", "RewardMethod", "bt_loss", "load_method", "make_config", "pair_accuracy", "pair_scores"]
 
 METHOD_FILE = "method.json"
+
+
+@dataclass(frozen=True)
+class ExperimentContext:
+    """What a method's extra experiments (:meth:`RewardMethod.experiments`) get from a benchmark."""
+
+    data: "PreferenceDataset"
+    """The benchmark's dataset."""
+    spec: Any
+    """The :class:`coplctl.bench.spec.BenchmarkSpec`: its sections say which experiments to run."""
+    settings: dict
+    """The job's resolved config, as a mapping (what the method was built from)."""
+    seed: int
+    run_dir: Path
+    """Where the trained method was saved."""
+    out_dir: Path
+    """The benchmark's directory (``OUT/SPEC``): figures go under ``figures/``."""
+    main_process: bool = True
+    """False on the other processes of a distributed run: compute, but write no file."""
+    stage: Callable[[str], None] = lambda name: None
+    """Report progress: the experiment now running."""
 
 
 class RewardMethod(ABC):
@@ -80,11 +102,24 @@ class RewardMethod(ABC):
     def load_state(self, directory: Path) -> None:
         """Restore what :meth:`save_state` wrote."""
 
+    def experiments(self, ctx: ExperimentContext) -> dict[str, Any]:
+        """Named extra evaluations a benchmark stores under its results' ``extra`` (default: none).
+
+        Called after training and the standard evaluation of each of a spec's methods (not its
+        ablations). Each value must be JSON-able. The method must come back in the state it was in.
+        """
+        return {}
+
+    def sizes(self) -> dict[str, int]:
+        """Sizes of the learned state beyond the config (user rows, embedding widths ...), saved in
+        ``method.json`` so that :meth:`load_state` builds the model from them (default: none)."""
+        return {}
+
     def save(self, directory: str | Path, *, overwrite: bool = True) -> Path:
-        """Save atomically: ``method.json`` (name + config) and the method's state."""
+        """Save atomically: ``method.json`` (name, config, sizes) and the method's state."""
         with atomic_dir(directory, overwrite=overwrite, marker=METHOD_FILE, kind="reward-model run") as tmp:
             self.save_state(tmp)
-            info = {"method": self.registry_name, "config": dataclasses.asdict(self.config)}
+            info = {"method": self.registry_name, "config": dataclasses.asdict(self.config), "sizes": self.sizes()}
             (tmp / METHOD_FILE).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
         return Path(directory)
 

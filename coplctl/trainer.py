@@ -113,7 +113,9 @@ def load_trainable_state(net: nn.Module, state: dict[str, torch.Tensor]) -> None
             if own[name].shape != value.shape:
                 raise CoplError(f"saved tensor {name} has shape {tuple(value.shape)}, the model {tuple(own[name].shape)}")
             own[name].copy_(value)
+    persistent = net.state_dict(keep_vars=True)  # a missing table buffer would silently stay zeros
     missing = [n for n, p in net.named_parameters() if p.requires_grad and n not in state]
+    missing += [n for n, _ in net.named_buffers() if n in persistent and ".lm." not in f".{n}" and n not in state]
     if missing or unexpected:
         raise CoplError(f"saved weights do not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
 

@@ -91,7 +91,7 @@ def test_gcf_work_is_not_reused_for_other_data(tiny_dir, micro_dir, tmp_path):
 def test_experts_figure(frozen_copl, tmp_path):
     from PIL import Image
 
-    from coplctl.bench.plots import expert_allocation
+    from coplctl.plots import expert_allocation
     from coplctl.cli import main
 
     method, _, _ = frozen_copl

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import statistics
 
-from coplctl.bench.results import load_results
+from coplctl.bench.results import Result, load_results
 
 ROLES = ("seen", "unseen")
 KEYS = ("accuracy", "common", "controversial")
 
 
-def flatten(result: dict) -> dict[str, float]:
+def flatten(result: Result) -> dict[str, float]:
     """Comparable metrics of one result, in points (0-100)."""
     out = {}
     for role in ROLES:
@@ -28,7 +28,7 @@ def flatten(result: dict) -> dict[str, float]:
     return out
 
 
-def _group(results: list[dict]) -> dict[tuple[str, str, str], list[float]]:
+def _group(results: list[Result]) -> dict[tuple[str, str, str], list[float]]:
     out: dict = {}
     for r in results:
         for metric, v in flatten(r).items():

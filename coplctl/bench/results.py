@@ -12,6 +12,7 @@ import sys
 import time
 from importlib import metadata
 from pathlib import Path
+from typing import Any, TypedDict
 
 from coplctl.atomic import atomic_write_text
 from coplctl.errors import DataError
@@ -20,15 +21,56 @@ from coplctl.files import read_json
 PACKAGES = ("coplctl", "torch", "transformers", "peft", "accelerate", "torch_geometric", "pandas", "numpy")
 
 
+class Scores(TypedDict, total=False):
+    """Accuracy on one set of test pairs (:func:`coplctl.evaluate.accuracy_table`); None where no pair."""
+
+    accuracy: float | None
+    common: float | None
+    controversial: float | None
+    pairs: int
+    controversial_pairs: int
+
+
+class Timing(TypedDict):
+    fit_seconds: float
+    evaluate_seconds: float
+
+
+class Result(TypedDict, total=False):
+    """One results file: a (benchmark, job, seed) trained, evaluated and described. ``spec``, ``name``,
+    ``seed`` and ``metrics`` are always there (:func:`check_result`); the rest as the runner wrote it."""
+
+    spec: str
+    spec_version: int
+    spec_file: str | None
+    name: str
+    """The job: a method of the spec, or an ablation's name."""
+    method: str
+    seed: int
+    backbone: str
+    mode: str
+    data: dict[str, Any]
+    config: dict[str, Any]
+    metrics: dict[str, Scores]
+    """By role of the users: ``seen``, ``unseen``."""
+    adaptation: dict[str, Any] | None
+    training: dict[str, Any]
+    timing: Timing
+    run_dir: str
+    provenance: dict[str, Any]
+    extra: dict[str, Any]
+    """The method's extra experiments by name (:meth:`coplctl.reward.RewardMethod.experiments`)."""
+
+
 def result_path(root: Path, spec: str, name: str, seed: int) -> Path:
     return Path(root) / spec / "results" / name / f"seed{seed}.json"
 
 
-def write_result(path: Path, result: dict) -> None:
+def write_result(path: Path, result: Result) -> None:
     atomic_write_text(path, json.dumps(result, indent=2, sort_keys=True, default=str) + "\n")
 
 
-def load_results(root: str | Path) -> list[dict]:
+def load_results(root: str | Path) -> list[Result]:
     """Every result file under ``root`` (a results directory, a benchmark's directory, or one file).
 
     Each is checked to have the shape tables and comparisons read; a damaged one is one DataError
@@ -67,7 +109,7 @@ def _scores(block, f: Path, key: str, keys=("accuracy", "common", "controversial
             _need(block.get(k), _NUMBER, f, f"{key}.{k}")
 
 
-def check_result(data: dict, f: Path) -> dict:
+def check_result(data: dict, f: Path) -> Result:
     """``data`` if it has the shape of a results file (what tables and comparisons read), else DataError."""
     for key, types in (("spec", (str,)), ("name", (str,)), ("seed", (int,)), ("metrics", (dict,))):
         if key not in data:

@@ -12,7 +12,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from coplctl.atomic import atomic_write_text, locked
-from coplctl.bench.results import provenance, result_path, write_result
+from coplctl.bench.results import Result, provenance, result_path, write_result
 from coplctl.bench.spec import BenchmarkSpec, SpecError
 from coplctl.errors import CoplError, DataError
 from coplctl.files import read_json
@@ -260,7 +260,8 @@ def _pct(result: dict, role: str) -> str:
 
 def run_job(spec, ds, base: Path, name: str, method_name: str, overrides: dict, seed: int, *,
             backbone=None, mode=None, stage=lambda s: None) -> dict:
-    """Train one (method, seed), save its run, evaluate it, and the paper's extras for CoPL.
+    """Train one (method, seed), save its run, evaluate it, and run the method's extra experiments
+    (:meth:`coplctl.reward.RewardMethod.experiments`) when the job is one of the spec's methods.
 
     Under several processes every process trains (training is collective); only the main process
     writes files.
@@ -269,6 +270,7 @@ def run_job(spec, ds, base: Path, name: str, method_name: str, overrides: dict, 
 
     from coplctl.evaluate import evaluate
     from coplctl.registry import METHODS
+    from coplctl.reward import ExperimentContext
 
     main = PartialState().is_main_process
     cls = METHODS.get(method_name)
@@ -282,66 +284,21 @@ def run_job(spec, ds, base: Path, name: str, method_name: str, overrides: dict, 
     if main:
         method.save(run_dir)
     PartialState().wait_for_everyone()
-    n_seen = len(method.user_ids)
     stage("evaluate")
     t0 = time.perf_counter()
     ev = evaluate(method, ds)
-    result = {
+    result: Result = {
         "spec": spec.name, "spec_version": spec.version, "spec_file": spec.path, "name": name,
         "method": method_name, "seed": seed, "backbone": settings["backbone"], "mode": settings["mode"],
         "data": asdict(spec.data),
         "config": asdict(method.config), "metrics": ev["metrics"], "adaptation": ev.get("adaptation"),
-        "training": {k: v for k, v in training.items()},
+        "training": dict(training),
         "timing": {"fit_seconds": round(fit_seconds, 2), "evaluate_seconds": round(time.perf_counter() - t0, 2)},
         "run_dir": str(run_dir), "provenance": provenance(ds.path),
     }
-    if method_name == "copl" and name == "copl":
-        result["extra"] = copl_extras(spec, ds, method, n_seen, base, seed, settings, stage, main)
+    if name in spec.methods:  # ablations are compared on the standard evaluation only
+        extra = method.experiments(ExperimentContext(data=ds, spec=spec, settings=settings, seed=seed,
+                                                     run_dir=run_dir, out_dir=base, main_process=main, stage=stage))
+        if extra:
+            result["extra"] = extra
     return result
-
-
-def copl_extras(spec, ds, method, n_seen: int, base: Path, seed: int, settings: dict, stage, main: bool) -> dict:
-    """Table 4 (adaptation variants), Table 5 (GCF accuracy), Figure 2 (few-shot curve), figures, Table 6."""
-    from coplctl.evaluate import evaluate
-
-    extra: dict = {"gcf": json.loads((Path(method.gcf_dir) / "metrics.json").read_text())}
-    extra["gcf"].pop("history", None)
-    original = (method.config.adaptation, method.config.hops)
-    adapted = method.net.user_table[n_seen:].detach().clone(), method.user_ids[n_seen:]
-    if spec.adaptation:
-        stage("adaptation variants")
-        extra["adaptation"] = {}
-        for variant in spec.adaptation:
-            method.forget_users(n_seen)
-            method.config.adaptation = variant
-            extra["adaptation"][variant] = evaluate(method, ds, roles=("unseen",))["metrics"].get("unseen")
-    if spec.fewshot_curve:
-        stage("few-shot curve")
-        curve: dict = {}
-        method.config.adaptation = "weighted"
-        for hops in spec.fewshot_curve.hops:
-            method.config.hops = hops
-            for shots in spec.fewshot_curve.shots:
-                method.forget_users(n_seen)
-                m = evaluate(method, ds, fewshot=shots, roles=("unseen",))["metrics"].get("unseen")
-                curve.setdefault(str(hops), {})[str(shots)] = m["accuracy"] if m else None
-        extra["fewshot_curve"] = curve
-    method.config.adaptation, method.config.hops = original
-    if spec.figures and main:
-        stage("figures")
-        from coplctl.bench.plots import plot_embeddings, plot_experts
-
-        fig = base / "figures"
-        extra["figures"] = {"tsne": plot_embeddings(method.gcf_dir, fig / f"tsne-seed{seed}.png",
-                                                    adapted_embeddings=(adapted[1], adapted[0]))["path"]}
-        if method.config.mole:
-            extra["figures"]["experts"] = plot_experts(base / "runs" / "copl" / f"seed{seed}",
-                                                       fig / f"experts-seed{seed}.png")["path"]
-    if spec.pseudo_labels:
-        stage("pseudo labels")
-        from coplctl.bench.pseudo import pseudo_label_experiments
-
-        extra["pseudo_labels"] = pseudo_label_experiments(spec, ds, method, base, seed, settings)
-    return extra
-
-

@@ -17,11 +17,11 @@ from pathlib import Path
 
 from coplctl.errors import CoplError, DataError
 from coplctl.files import read_yaml
+from coplctl.registry import paper_methods
 
 SPEC_VERSION = 1
 SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
 """A name that becomes one path component under ``--out``: no separators, no ``..``, no leading dot."""
-PAPER_METHODS = ["oracle", "uniform", "i2e", "i2e-proxy", "vpl", "pal", "copl"]
 
 
 class SpecError(CoplError):
@@ -98,7 +98,7 @@ class BenchmarkSpec:
     """One line shown by `coplctl benchmark --list`."""
     data: DataSpec = field(default_factory=DataSpec)
     """Where the data comes from."""
-    methods: list[str] = field(default_factory=lambda: list(PAPER_METHODS))
+    methods: list[str] = field(default_factory=paper_methods)
     """Registered methods to run (paper: the seven of Table 1)."""
     backbone: str = "minilm"
     """Backbone of every method (paper: gemma-2b-it and gemma-7b-it)."""

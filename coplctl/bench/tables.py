@@ -6,9 +6,9 @@ from __future__ import annotations
 import statistics
 from dataclasses import dataclass, field
 
-METHOD_ORDER = ["oracle", "uniform", "i2e", "i2e-proxy", "vpl", "pal", "copl"]
-LABELS = {"oracle": "Oracle", "uniform": "Uniform", "i2e": "I2E", "i2e-proxy": "I2E-proxy", "vpl": "VPL",
-          "pal": "PAL", "copl": "CoPL"}
+from coplctl.bench.results import Result
+from coplctl.registry import METHODS, method_label, method_sort_key
+
 SPEC_ORDER = ["uf-p-2-all", "uf-p-2-avg", "uf-p-4-all", "uf-p-4-avg"]
 
 
@@ -43,8 +43,9 @@ def _spec_key(name: str) -> tuple:
     return (name.startswith("sim-"), SPEC_ORDER.index(base) if base in SPEC_ORDER else 99, name)
 
 
-def _row_key(name: str) -> tuple:
-    return (METHOD_ORDER.index(name) if name in METHOD_ORDER else 99, name)
+def _is_method(r: Result) -> bool:
+    """A method's own result (Table 1), not an ablation's (which carries its own name)."""
+    return r["name"] in METHODS
 
 
 def _collect(results, value) -> dict[tuple[str, str], list[float]]:
@@ -59,12 +60,12 @@ def _collect(results, value) -> dict[tuple[str, str], list[float]]:
 
 def _grid(key, title, data, names=None, specs=None, bold_excluding=("oracle",)) -> Table | None:
     specs = specs or sorted({s for s, _ in data}, key=_spec_key)
-    names = names or sorted({n for _, n in data}, key=_row_key)
+    names = names or sorted({n for _, n in data}, key=method_sort_key)
     if not data:
         return None
     t = Table(key, title, specs)
     for n in names:
-        t.rows.append((LABELS.get(n, n), [Cell(data[(s, n)]) if (s, n) in data else None for s in specs]))
+        t.rows.append((method_label(n), [Cell(data[(s, n)]) if (s, n) in data else None for s in specs]))
     for j in range(len(specs)):
         cand = [row[1][j] for row, n in zip(t.rows, names) if row[1][j] is not None and n not in bold_excluding]
         if cand:
@@ -76,8 +77,8 @@ def _metric(role: str, key: str = "accuracy"):
     return lambda r: (r["metrics"].get(role) or {}).get(key)
 
 
-def build_tables(results: list[dict]) -> list[Table]:
-    main = [r for r in results if r["name"] in METHOD_ORDER]
+def build_tables(results: list[Result]) -> list[Table]:
+    main = [r for r in results if _is_method(r)]
     tables = []
     for role in ("seen", "unseen"):
         tables.append(_grid(f"table1-{role}", f"Table 1 ({role} users): accuracy on held-out pairs",
@@ -93,12 +94,14 @@ def build_tables(results: list[dict]) -> list[Table]:
                 data[(label, n)] = v
         tables.append(_grid(f"table2-{spec}", f"Table 2 ({spec}, seen users): common vs controversial pairs",
                             data, specs=["common", "controversial", "total"]))
-    ablation_specs = {r["spec"] for r in results if r["name"] not in METHOD_ORDER}
-    abl = [r for r in results if r["spec"] in ablation_specs and (r["name"] == "copl" or r["name"] not in METHOD_ORDER)]
-    if ablation_specs:
-        tables.append(_grid("table3", "Table 3: CoPL ablations (seen users)", _collect(abl, _metric("seen")),
+    ablations = [r for r in results if not _is_method(r)]
+    varied = {(r["spec"], r.get("method")) for r in ablations}  # each ablation's row next to its method's own
+    abl = ablations + [r for r in main if (r["spec"], r["name"]) in varied]
+    if ablations:
+        title = " / ".join(method_label(m) for m in sorted({m for _, m in varied if m}, key=method_sort_key))
+        tables.append(_grid("table3", f"Table 3: {title} ablations (seen users)", _collect(abl, _metric("seen")),
                             bold_excluding=()))
-    copl = [r for r in results if r["name"] == "copl" and r.get("extra")]
+    copl = [r for r in main if r.get("extra")]  # results with the paper's extra experiments (CoPL's)
     variants = {"weighted": "CoPL", "average": "Naive Avg.", "optimize": "User Opt."}
     data = {}
     for v, label in variants.items():
@@ -171,11 +174,11 @@ def to_latex(t: Table) -> str:
     return "\n".join(lines + ["\\bottomrule", "\\end{tabular}"]) + "\n"
 
 
-def fewshot_curves(results: list[dict]) -> dict:
+def fewshot_curves(results: list[Result]) -> dict:
     """{spec: {hops: {shots: (mean, std)}}} of CoPL's unseen accuracy (Figure 2)."""
     acc: dict = {}
     for r in results:
-        curve = (r.get("extra") or {}).get("fewshot_curve") if r["name"] == "copl" else None
+        curve = (r.get("extra") or {}).get("fewshot_curve") if _is_method(r) else None
         for hops, points in (curve or {}).items():
             for shots, v in points.items():
                 if v is not None:
@@ -187,7 +190,7 @@ def fewshot_curves(results: list[dict]) -> dict:
 def plot_fewshot(curves: dict, out) -> str:
     """Figure 2 as a PNG: one panel per benchmark, one line per hop count."""
     from coplctl.atomic import atomic_path
-    from coplctl.bench.plots import _pyplot
+    from coplctl.plots import _pyplot
 
     plt = _pyplot()
     specs = sorted(curves, key=_spec_key)

@@ -7,9 +7,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from coplctl.cli.common import Seed, err, examples, out as stdout
+from coplctl.cli.common import MaybeOut, Seed, err, examples, out as stdout
 
-app = typer.Typer(help="Draw the paper's figures (PNG).", no_args_is_help=True,
+app = typer.Typer(name="plot", help="Draw the paper's figures (PNG).", no_args_is_help=True,
                   epilog=examples("coplctl plot embeddings runs/gcf --adapted runs/new_users",
                                   "coplctl plot experts runs/copl"))
 
@@ -21,13 +21,15 @@ def embeddings(
     run: Annotated[Path, typer.Argument(metavar="RUN", help="A trained run (coplctl graph train).", show_default=False)],
     adapted: Annotated[Optional[Path], typer.Option(
         "--adapted", help="Output of coplctl adapt: drawn with black edges (paper Figure 4).")] = None,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", show_default="RUN/embeddings.png",
-                                                help="PNG to write.")] = None,
+    out: MaybeOut = None,
     max_users: Annotated[int, typer.Option("--max-users", min=10, help="Seen users drawn (random sample).")] = 3000,
     seed: Seed = 0,
 ) -> None:
-    """t-SNE of user embeddings coloured by preference group (paper Figures 1 and 4)."""
-    from coplctl.bench.plots import plot_embeddings
+    """t-SNE of user embeddings coloured by preference group (paper Figures 1 and 4).
+
+    The figure is written to the PNG file --out (default: RUN/embeddings.png).
+    """
+    from coplctl.plots import plot_embeddings
 
     with err.status("running t-SNE ..."):
         info = plot_embeddings(run, out or run / "embeddings.png", adapted=adapted, max_users=max_users, seed=seed)
@@ -40,14 +42,16 @@ def experts(
     run: Annotated[Path, typer.Argument(metavar="RUN", help="A CoPL run (coplctl train copl).", show_default=False)],
     layer: Annotated[Optional[list[int]], typer.Option(
         "--layer", help="Index of a MoLE layer to draw (repeatable; default: all).")] = None,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", show_default="RUN/experts.png",
-                                                help="PNG to write.")] = None,
+    out: MaybeOut = None,
 ) -> None:
     """Which expert each group's users route to, per MoLE layer (paper Figure 3), with each layer's
-    group-expert mutual information; prints per-layer top share and MI, and flags collapsed layers."""
+    group-expert mutual information; prints per-layer top share and MI, and flags collapsed layers.
+
+    The figure is written to the PNG file --out (default: RUN/experts.png).
+    """
     from rich.table import Table
 
-    from coplctl.bench.plots import plot_experts
+    from coplctl.plots import plot_experts
     from coplctl.mole import COLLAPSE_SHARE
 
     info = plot_experts(run, out or run / "experts.png", layers=layer)

@@ -49,13 +49,15 @@ def _sample(survey: pd.DataFrame, ds, users: list[str], k: int, rng) -> pd.DataF
                          "controversial": survey.controversial.to_numpy()[idx]})
 
 
-def pseudo_label_experiments(spec, ds, copl, base, seed: int, settings: dict) -> dict:
+def pseudo_label_experiments(copl, ctx) -> dict:
+    """Table 6 for a trained CoPL model (``ctx``: a :class:`coplctl.reward.ExperimentContext` whose spec
+    has a ``pseudo_labels`` section)."""
     from coplctl.evaluate import accuracy_table, evaluate
     from coplctl.graph.run import GCFRun
     from coplctl.registry import METHODS
     from coplctl.reward import make_config, pair_scores
 
-    pl = spec.pseudo_labels
+    ds, seed, settings, pl = ctx.data, ctx.seed, ctx.settings, ctx.spec.pseudo_labels
     run = GCFRun(copl.gcf_dir)
     rng = np.random.default_rng(seed)
     survey = _survey(ds)
@@ -69,7 +71,7 @@ def pseudo_label_experiments(spec, ds, copl, base, seed: int, settings: dict) ->
     augmented = PreferenceDataset(ds.responses, ds.users, pd.concat([ds.pairs, extra], ignore_index=True), ds.meta,
                                   ds.path)
     shared = copl.backbone if settings["mode"] == "frozen" else None  # lora mode: copl's LM holds its adapters
-    cls = METHODS.get("copl")
+    cls = type(copl)
     model = cls(make_config(cls.Config, {**settings, "gcf_run": str(copl.gcf_dir)}))  # the labels' own GCF
     model.fit(augmented, shared, seed=seed, progress=False)
     out = {"pseudo_label": evaluate(model, ds, roles=("seen",))["metrics"]["seen"], "pairs_added": int(len(extra))}

@@ -8,8 +8,10 @@ one extra token, with plain LoRA of rank ``lora_rank`` in ``lora`` mode).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated
@@ -20,7 +22,7 @@ from torch import nn
 
 from coplctl.config import ADAPTATIONS
 from coplctl.config import AT_LEAST_1, NON_NEGATIVE, POSITIVE, OneOf, Range
-from coplctl.encoders import add_lora, concat_batches, default_targets
+from coplctl.encoders import add_lora, concat_batches, default_targets, lora_alpha
 from coplctl.errors import CoplError
 from coplctl.mole import Routing, gate_routing, inject_mole, load_balance_loss, mole_routing
 from coplctl.neural import NeuralMethod
@@ -95,32 +97,31 @@ class CoPLConfig(TrainConfig):
 
 
 class CoPLNet(nn.Module):
-    """User table → gates of MoLE layers inside the response encoder → linear head (paper Eq. 6-8)."""
+    """User table → gates of MoLE layers inside the response encoder → linear head (paper Eq. 6-8).
 
-    def __init__(self, method: "CoPL", n_users: int, user_dim: int, user_table: torch.Tensor | None):
+    Args:
+        user_table: (users, d) user embeddings: GCF embeddings (kept as a buffer) or learnable rows
+            (an ``nn.Parameter``, Table 3's w/o GNN embedding).
+        encoder: the response encoder.
+        layers: its MoLE layers (:func:`coplctl.mole.inject_mole`) whose gates read the user embedding;
+            None = w/o MoLE, where ``user_proj`` maps the embedding to the one extra token the encoder reads.
+        gate_noise: std of noise on gate logits while training.  load_balance: weight of the balancing loss.
+    """
+
+    def __init__(self, user_table: torch.Tensor, encoder: nn.Module, *, layers: list | None = None,
+                 user_proj: nn.Module | None = None, gate_noise: float = 0.0, load_balance: float = 0.0):
         super().__init__()
-        c = method.config
-        if c.user_embeddings == "gcf":
-            self.register_buffer("user_table", user_table if user_table is not None else torch.zeros(n_users, user_dim))
+        if isinstance(user_table, nn.Parameter):
+            self.user_table = user_table
         else:
-            self.user_table = nn.Parameter(0.1 * torch.randn(n_users, user_dim))
-        self.mole, self.noise, self.balance = c.mole, c.gate_noise, c.load_balance
-        if c.mole:
-            self.encoder = method.encoder()
-            frozen = c.mode == "frozen"
-            targets = c.target_modules or ([f"trunk.{2 * i}" for i in range(c.trunk_layers)] if frozen
-                                           else default_targets(self.encoder.lm))
-            self.layers = inject_mole(self.encoder, targets, user_dim, num_experts=c.experts, rank=c.rank,
-                                      alpha=c.alpha if c.alpha is not None else 2 * c.rank,
-                                      gate_hidden=c.gate_hidden, temperature=c.gate_temperature,
-                                      top_k=c.top_k, shared=c.shared_expert, train_base=frozen)
+            self.register_buffer("user_table", user_table)
+        self.mole, self.noise, self.balance = layers is not None, gate_noise, load_balance
+        self.encoder = encoder
+        if layers is not None:
+            self.layers = layers
         else:
-            token = c.token_dim if c.mode == "frozen" else method.backbone.hidden_size
-            self.encoder = method.encoder(extra_dim=token if c.mode == "frozen" else 0)
-            self.user_proj = nn.Linear(user_dim, token)
-            if c.mode == "lora":
-                add_lora(self.encoder, c.lora_rank, 2 * c.lora_rank, c.target_modules)
-        self.head = nn.Linear(self.encoder.out_dim, 1)
+            self.user_proj = user_proj
+        self.head = nn.Linear(encoder.out_dim, 1)
 
     def hidden(self, e: torch.Tensor, batch: dict, rows: torch.Tensor) -> tuple[torch.Tensor, list]:
         """Encoder output for a batch whose sequence i belongs to the user embedding ``e[rows[i]]``."""
@@ -143,23 +144,24 @@ class CoPLNet(nn.Module):
         return r[:n], r[n:], aux
 
 
-@register_method("copl")
+@register_method("copl", label="CoPL", order=6)
 class CoPL(NeuralMethod):
     """CoPL: graph collaborative filtering user embeddings gating a mixture of LoRA experts (EMNLP 2025)."""
 
     Config = CoPLConfig
 
-    def prepare(self, data, *, seed: int, work_dir: Path | None) -> None:
+    def prepare(self, data, *, seed: int, work_dir: Path | None) -> dict[str, int]:
         c = self.config
         if c.user_embeddings == "learned":
-            self.user_ids, self.gcf_dir, self._table = data.user_ids("seen"), None, None
-            return
+            self.user_ids, self.gcf_dir, self._gcf_table = data.user_ids("seen"), None, None
+            return {"user_dim": c.learned_dim, "seen_users": len(self.user_ids)}
         from coplctl.graph.run import GCFRun
 
         self.gcf_dir = GCFRun(c.gcf_run).path if c.gcf_run else self._train_gcf(data, seed, work_dir)
         run = GCFRun(self.gcf_dir)
         self.user_ids = list(run.graph.user_ids)
-        self._table = run.exported_user_emb.clone()
+        self._gcf_table = run.exported_user_emb.clone()
+        return {"user_dim": self._gcf_table.shape[1], "seen_users": len(self.user_ids)}
 
     def _train_gcf(self, data, seed: int, work_dir: Path | None) -> Path:
         """Train the GCF in ``work_dir/gcf`` — or reuse / resume the one there if it was made from the
@@ -185,12 +187,36 @@ class CoPL(NeuralMethod):
             train_gcf(data, gcf_dir, cfg, seed=seed, progress=getattr(self, "progress", True))
         return gcf_dir
 
-    def build_net(self) -> CoPLNet:
-        c = self.config
-        table = getattr(self, "_table", None)
-        dim = c.learned_dim if c.user_embeddings == "learned" else (
-            table.shape[1] if table is not None else self._saved_dim)
-        return CoPLNet(self, len(self.user_ids), dim, table)
+    def build_net(self, users: int, sizes: dict[str, int]) -> CoPLNet:
+        """The net for ``users`` rows of width ``sizes["user_dim"]``: the GCF table just prepared, or
+        zeros a saved run's weights then fill."""
+        c, dim = self.config, sizes["user_dim"]
+        if c.user_embeddings == "learned":
+            table = nn.Parameter(0.1 * torch.randn(users, dim))
+        else:
+            table, self._gcf_table = getattr(self, "_gcf_table", None), None
+            table = table if table is not None else torch.zeros(users, dim)
+        frozen = c.mode == "frozen"
+        if c.mole:
+            encoder = self.encoder()
+            targets = c.target_modules or ([f"trunk.{2 * i}" for i in range(c.trunk_layers)] if frozen
+                                           else default_targets(encoder.lm))
+            layers = inject_mole(encoder, targets, dim, num_experts=c.experts, rank=c.rank,
+                                 alpha=lora_alpha(c.alpha, c.rank), gate_hidden=c.gate_hidden,
+                                 temperature=c.gate_temperature, top_k=c.top_k, shared=c.shared_expert,
+                                 train_base=frozen)
+            return CoPLNet(table, encoder, layers=layers, gate_noise=c.gate_noise, load_balance=c.load_balance)
+        token = c.token_dim if frozen else self.backbone.hidden_size
+        encoder = self.encoder(extra_dim=token if frozen else 0)
+        user_proj = nn.Linear(dim, token)
+        if not frozen:
+            add_lora(encoder, c.lora_rank, lora_alpha(None, c.lora_rank), c.target_modules)
+        return CoPLNet(table, encoder, user_proj=user_proj, gate_noise=c.gate_noise, load_balance=c.load_balance)
+
+    @property
+    def seen_users(self) -> int:
+        """Users the model was trained on: the first rows; adapted users come after them."""
+        return self.net_sizes["seen_users"]
 
     def fit(self, data, backbone=None, **kwargs) -> dict:
         """Train (see :meth:`NeuralMethod.fit`); with MoLE the metrics also get ``routing``: per layer, the
@@ -232,6 +258,25 @@ class CoPL(NeuralMethod):
         return self.adapt_rows(pairs, responses, self.net, "user_table", table.detach().mean(0),
                                steps=c.adapt_steps, lr=c.adapt_lr)
 
+    def experiments(self, ctx) -> dict:
+        """Tables 4-6 and Figure 2, as the spec asks (:mod:`coplctl.copl.experiments`)."""
+        from coplctl.copl.experiments import run_experiments
+
+        return run_experiments(self, ctx) if self.config.user_embeddings == "gcf" else {}
+
+    @contextlib.contextmanager
+    def variant(self, **changes) -> Iterator["CoPL"]:
+        """This trained model with other settings (``adaptation``, ``hops``, ``temperature``): a config
+        made with ``dataclasses.replace``, and only the seen users, whom new users can then be adapted
+        against. On exit the model has its own config and users back."""
+        config, users, table = self.config, self.user_ids, self.net.user_table
+        self.config = dataclasses.replace(config, **changes)
+        self.forget_users(self.seen_users)
+        try:
+            yield self
+        finally:
+            self.config, self.user_ids, self.net.user_table = config, users, table
+
     def forget_users(self, keep: int) -> None:
         """Drop every user row after the first ``keep`` (undo adaptations, e.g. to try another variant)."""
         net = self.net
@@ -264,5 +309,3 @@ class CoPL(NeuralMethod):
 
     def load_extra(self, directory: Path) -> None:
         self.gcf_dir = directory / "gcf" if (directory / "gcf").exists() else None
-        self._table = None
-        self._saved_dim = self.saved_shape("user_table")[1]
