@@ -369,12 +369,12 @@ def test_seen_users_are_not_replaced(run, tmp_path, capsys):
 
 
 def test_dataset_users_that_are_seen_users_are_refused(run, tiny_dir):
-    from coplctl.cli.adapt import _pairs
+    from coplctl.adapt_run import new_user_pairs
 
     unseen = load(tiny_dir).user_ids("unseen")
     with pytest.raises(DataError, match=f"user {unseen[1]!r} is a seen user of the run.*\\(and 1 more\\)"):
-        _pairs(None, None, tiny_dir, False, {unseen[1], unseen[4]})
-    uf, _ = _pairs(None, None, tiny_dir, True, {unseen[1]})
+        new_user_pairs(None, data=tiny_dir, seen_users={unseen[1], unseen[4]})
+    uf, _ = new_user_pairs(None, data=tiny_dir, skip_invalid=True, seen_users={unseen[1]})
     assert unseen[1] not in set(uf.pairs["user_id"]) and len(set(uf.pairs["user_id"])) == len(unseen) - 1
     assert [s["user"] for s in uf.skipped_users] == [unseen[1]]
 

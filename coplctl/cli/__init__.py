@@ -1,5 +1,8 @@
-"""The `coplctl` command line. Each command group lives in its own module and imports heavy
-libraries only inside its commands, so `coplctl --help` and `coplctl methods` start fast."""
+"""The `coplctl` command line. Each module defines its commands on its own ``app = typer.Typer(...)``:
+``typer.Typer(name="data", help=...)`` for a command group (``coplctl data simulate``), a plain
+``typer.Typer()`` for top-level commands (``coplctl train``); add a new module to the list below. Options
+that several commands take are defined once in ``common.py``. Commands import heavy libraries only inside
+their bodies, so `coplctl --help` and `coplctl methods` start fast."""
 
 from __future__ import annotations
 
@@ -27,13 +30,8 @@ app = typer.Typer(
     add_completion=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-app.add_typer(data.app, name="data")
-app.add_typer(graph.app, name="graph")
-model.register(app)
-adapt.register(app)
-bench.register(app)
-app.add_typer(plot.app, name="plot")
-methods.register(app)
+for module in (model, adapt, bench, methods, data, graph, plot):  # in the order `coplctl --help` lists them
+    app.add_typer(module.app)
 
 
 def _usage_line(e: Exception) -> str:

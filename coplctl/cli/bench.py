@@ -7,7 +7,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from coplctl.cli.common import err, examples, out, parse_sets
+from coplctl.cli.common import Backbone, Force, MaybeOut, Mode, Out, Sets, err, examples, out, parse_sets
+
+app = typer.Typer()  # top-level commands: coplctl benchmark, report, compare
 
 
 def _csv(value: Optional[str], option: str, cast=str, what: str = "names") -> Optional[list]:
@@ -25,92 +27,97 @@ def _csv(value: Optional[str], option: str, cast=str, what: str = "names") -> Op
         raise CoplError(f"{option} expects comma-separated {what}, got {value!r}") from None
 
 
-def register(app: typer.Typer) -> None:
-    @app.command("benchmark", epilog=examples(
-        "coplctl benchmark quick",
-        "coplctl benchmark sim-uf-p-4-avg --seeds 0",
-        "coplctl benchmark uf-p-4-avg --backbone gemma-7b-it --set batch_size=16",
-        "accelerate launch --multi_gpu --num_processes 4 -m coplctl benchmark uf-p-4-avg --backbone gemma-7b-it",
-        "coplctl benchmark --list"))
-    def benchmark(
-        spec: Annotated[Optional[str], typer.Argument(
-            help="A spec name (benchmarks/NAME.yaml) or a path to a spec file.", show_default=False)] = None,
-        backbone: Annotated[Optional[str], typer.Option("--backbone", "-b", help="Override the spec's backbone.")] = None,
-        mode: Annotated[Optional[str], typer.Option("--mode", help="Override the spec's mode (frozen or lora).")] = None,
-        methods: Annotated[Optional[str], typer.Option(
-            "--methods", help="Comma-separated methods or ablation names to run (default: all of the spec's).")] = None,
-        seeds: Annotated[Optional[str], typer.Option("--seeds", help="Comma-separated seeds (default: the spec's).")] = None,
-        sets: Annotated[Optional[list[str]], typer.Option(
-            "--set", help="Config field for every method, key=value (repeatable), e.g. --set batch_size=16.")] = None,
-        out_dir: Annotated[Path, typer.Option("--out", "-o", help="Results directory.")] = Path("results"),
-        list_specs: Annotated[bool, typer.Option("--list", help="List the available specs and exit.")] = False,
-        force: Annotated[bool, typer.Option("--force", help="Redo (method, seed) runs that already have results.")] = False,
-    ) -> None:
-        """Run every method of a benchmark spec over its seeds, store results, print the tables.
+@app.command("benchmark", epilog=examples(
+    "coplctl benchmark quick",
+    "coplctl benchmark sim-uf-p-4-avg --seeds 0",
+    "coplctl benchmark uf-p-4-avg --backbone gemma-7b-it --set batch_size=16",
+    "accelerate launch --multi_gpu --num_processes 4 -m coplctl benchmark uf-p-4-avg --backbone gemma-7b-it",
+    "coplctl benchmark --list"))
+def benchmark(
+    spec: Annotated[Optional[str], typer.Argument(
+        help="A spec name (benchmarks/NAME.yaml) or a path to a spec file.", show_default=False)] = None,
+    backbone: Backbone = None,
+    mode: Mode = None,
+    methods: Annotated[Optional[str], typer.Option(
+        "--methods", help="Comma-separated methods or ablation names to run (default: all of the spec's).")] = None,
+    seeds: Annotated[Optional[str], typer.Option("--seeds", help="Comma-separated seeds (default: the spec's).")] = None,
+    sets: Sets = None,
+    out_dir: Out = Path("results"),
+    list_specs: Annotated[bool, typer.Option("--list", help="List the available specs and exit.")] = False,
+    force: Force = False,
+) -> None:
+    """Run every method of a benchmark spec over its seeds, store results, print the tables.
 
-        Finished (method, seed) results are skipped: an interrupted benchmark resumes where it stopped.
-        """
-        from coplctl.bench.spec import list_specs as all_specs
-        from coplctl.bench.spec import load_spec
+    Results go under --out; --backbone, --mode and --set override the spec for every method (that has the field).
+    Finished (method, seed) results are skipped, so an interrupted benchmark resumes where it stopped;
+    --force redoes them.
+    """
+    from coplctl.bench.spec import list_specs as all_specs
+    from coplctl.bench.spec import load_spec
 
-        if list_specs:
-            for f in all_specs():
-                s = load_spec(str(f))
-                out.print(f"{s.name:<16} {s.description}", highlight=False, soft_wrap=True)
-            return
-        if spec is None:
-            raise typer.BadParameter("name a benchmark spec (see coplctl benchmark --list)", param_hint="SPEC")
-        from coplctl.bench.runner import run_benchmark
+    if list_specs:
+        for f in all_specs():
+            s = load_spec(str(f))
+            out.print(f"{s.name:<16} {s.description}", highlight=False, soft_wrap=True)
+        return
+    if spec is None:
+        raise typer.BadParameter("name a benchmark spec (see coplctl benchmark --list)", param_hint="SPEC")
+    from coplctl.bench.runner import run_benchmark
 
-        s = load_spec(spec)
-        summary = run_benchmark(s, out_dir, names=_csv(methods, "--methods"),
-                                seeds=_csv(seeds, "--seeds", int, "whole numbers (e.g. 0,1,2)"),
-                                backbone=backbone, mode=mode, force=force, sets=parse_sets(sets or []),
-                                log=lambda m: err.print(m, highlight=False))
-        if summary["skipped"]:
-            err.print(f"skipped {len(summary['skipped'])} finished run(s); --force redoes them")
-        _report(out_dir / s.name, "md", None)
-        err.print(f"results in {out_dir / s.name}. Next: coplctl report {out_dir} --out report/", highlight=False)
+    s = load_spec(spec)
+    summary = run_benchmark(s, out_dir, names=_csv(methods, "--methods"),
+                            seeds=_csv(seeds, "--seeds", int, "whole numbers (e.g. 0,1,2)"),
+                            backbone=backbone, mode=mode, force=force, sets=parse_sets(sets or []),
+                            log=lambda m: err.print(m, highlight=False))
+    if summary["skipped"]:
+        err.print(f"skipped {len(summary['skipped'])} finished run(s); --force redoes them")
+    _report(out_dir / s.name, "md", None)
+    err.print(f"results in {out_dir / s.name}. Next: coplctl report {out_dir} --out report/", highlight=False)
 
-    @app.command("report", epilog=examples("coplctl report results", "coplctl report results --format latex",
-                                           "coplctl report results --out report/"))
-    def report(
-        results: Annotated[Path, typer.Argument(metavar="RESULTS", help="A results directory (or one result file).",
-                                                show_default=False)],
-        fmt: Annotated[str, typer.Option("--format", help="md, csv or latex (printed to stdout).")] = "md",
-        out_path: Annotated[Optional[Path], typer.Option(
-            "--out", "-o", help="Write every format, Figure 2 and figure links into this directory.")] = None,
-    ) -> None:
-        """Render the paper's tables (and Figure 2) from stored results only."""
-        _report(results, fmt, out_path)
 
-    @app.command("compare", epilog=examples("coplctl compare benchmarks/baselines/quick results/quick",
-                                            "coplctl compare old/ new/ --tolerance 0.5"))
-    def compare(
-        baseline: Annotated[Path, typer.Argument(help="Baseline results.", show_default=False)],
-        current: Annotated[Path, typer.Argument(help="Current results.", show_default=False)],
-        tolerance: Annotated[float, typer.Option(
-            "--tolerance", help="Allowed drop in accuracy points (or the baseline seeds' spread if larger).")] = 1.0,
-    ) -> None:
-        """Exit non-zero when any metric dropped by more than the tolerance: the CI regression check."""
-        from rich.table import Table
+@app.command("report", epilog=examples("coplctl report results", "coplctl report results --format latex",
+                                       "coplctl report results --out report/"))
+def report(
+    results: Annotated[Path, typer.Argument(metavar="RESULTS", help="A results directory (or one result file).",
+                                            show_default=False)],
+    fmt: Annotated[str, typer.Option("--format", help="md, csv or latex (printed to stdout).")] = "md",
+    out_path: MaybeOut = None,
+) -> None:
+    """Render the paper's tables (and Figure 2) from stored results only.
 
-        from coplctl.bench.compare import compare as run_compare
+    The tables are printed in --format; --out also writes every format, Figure 2 and figure links into
+    that directory.
+    """
+    _report(results, fmt, out_path)
 
-        rows, failed = run_compare(str(baseline), str(current), tolerance)
-        t = Table(title=f"{current} vs {baseline} (tolerance {tolerance} points)")
-        for col in ("benchmark", "method", "metric", "baseline", "current", "delta", "status"):
-            t.add_column(col, justify="left" if col in ("benchmark", "method", "metric", "status") else "right")
-        num = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
-        for r in rows:
-            style = {"regressed": "red", "missing": "red", "new": "cyan"}.get(r["status"])
-            t.add_row(r["spec"], r["name"], r["metric"], num(r["baseline"]), num(r["current"]),
-                      "-" if r["delta"] is None else f"{r['delta']:+.2f}", r["status"], style=style)
-        out.print(t)
-        if failed:
-            bad = sum(r["status"] in ("regressed", "missing") for r in rows)
-            err.print(f"{bad} metric(s) regressed or went missing", style="red")
-            raise typer.Exit(1)
+
+@app.command("compare", epilog=examples("coplctl compare benchmarks/baselines/quick results/quick",
+                                        "coplctl compare old/ new/ --tolerance 0.5"))
+def compare(
+    baseline: Annotated[Path, typer.Argument(help="Baseline results.", show_default=False)],
+    current: Annotated[Path, typer.Argument(help="Current results.", show_default=False)],
+    tolerance: Annotated[float, typer.Option(
+        "--tolerance", help="Allowed drop in accuracy points (or the baseline seeds' spread if larger).")] = 1.0,
+) -> None:
+    """Exit non-zero when any metric dropped by more than the tolerance: the CI regression check."""
+    from rich.table import Table
+
+    from coplctl.bench.compare import compare as run_compare
+
+    rows, failed = run_compare(str(baseline), str(current), tolerance)
+    t = Table(title=f"{current} vs {baseline} (tolerance {tolerance} points)")
+    for col in ("benchmark", "method", "metric", "baseline", "current", "delta", "status"):
+        t.add_column(col, justify="left" if col in ("benchmark", "method", "metric", "status") else "right")
+    num = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
+    for r in rows:
+        style = {"regressed": "red", "missing": "red", "new": "cyan"}.get(r["status"])
+        t.add_row(r["spec"], r["name"], r["metric"], num(r["baseline"]), num(r["current"]),
+                  "-" if r["delta"] is None else f"{r['delta']:+.2f}", r["status"], style=style)
+    out.print(t)
+    if failed:
+        bad = sum(r["status"] in ("regressed", "missing") for r in rows)
+        err.print(f"{bad} metric(s) regressed or went missing", style="red")
+        raise typer.Exit(1)
 
 
 def _report(results: Path, fmt: str, out_dir: Optional[Path]) -> None:

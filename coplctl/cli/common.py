@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
@@ -21,12 +21,33 @@ def examples(*lines: str) -> str:
     return f"[bold]Examples[/bold]\n\n{body}"
 
 
+# Options and arguments that several commands take, spelled and explained once. A command gives its own
+# default in its signature (``seed: Seed = 0``), and a computed one in its docstring.
+_DATA = typer.Option("--data", "-d", show_default=False, help="Dataset directory (coplctl data simulate / build-ufp).")
+Data = Annotated[Path, _DATA]
+MaybeData = Annotated[Optional[Path], _DATA]
+DataDir = Annotated[Path, typer.Argument(metavar="DIR", help="Dataset directory (responses/users/pairs .parquet + meta.json).",
+                                         show_default=False)]
+_OUT = typer.Option("--out", "-o", help="Where to write the output (see the description above).")
+Out = Annotated[Path, _OUT]
+MaybeOut = Annotated[Optional[Path], _OUT]
+Backbone = Annotated[Optional[str], typer.Option(
+    "--backbone", "-b", show_default=False,
+    help="minilm, gemma-3-270m, gemma-2b-it, gemma-7b-it, or a hub id / local path. Default: minilm; "
+         "benchmark: the spec's.")]
+Mode = Annotated[Optional[str], typer.Option(  # checked with the config, as a spec's mode is
+    "--mode", metavar="<frozen|lora>", show_default=False,
+    help="frozen: cached features + small trunk (CPU); lora: adapters in the LM (the paper's). Default: frozen; "
+         "benchmark: the spec's.")]
+Epochs = Annotated[Optional[int], typer.Option("--epochs", min=1, help="Maximum training epochs.")]
+Lr = Annotated[Optional[float], typer.Option("--lr", help="Learning rate.")]
+Sets = Annotated[Optional[list[str]], typer.Option(
+    "--set", help="Any config field, key=value (repeatable), e.g. --set epochs=4 --set l2=0.")]
 Seed = Annotated[int, typer.Option("--seed", min=0, max=2**32 - 1,
                                     help="Random seed; the same seed gives the same numbers.")]
 Force = Annotated[bool, typer.Option("--force", help="Replace the output if it already exists.")]
 Json = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of tables.")]
-DataDir = Annotated[Path, typer.Argument(metavar="DIR", help="Dataset directory (responses/users/pairs .parquet + meta.json).",
-                                         show_default=False)]
+RewardRun = Annotated[Path, typer.Argument(metavar="RUN", help="A run from coplctl train.", show_default=False)]
 
 
 def parse_sets(sets: list[str]) -> dict:

@@ -9,9 +9,10 @@ from typing import Annotated, Optional
 
 import typer
 
-from coplctl.cli.common import DataDir, Force, Json, Seed, err, examples, out
+from coplctl.cli.common import DataDir, Force, Json, MaybeOut, Seed, err, examples, out
 
-app = typer.Typer(help="Create and inspect preference datasets (UF-P, simulated or real).", no_args_is_help=True,
+app = typer.Typer(name="data", help="Create and inspect preference datasets (UF-P, simulated or real).",
+                  no_args_is_help=True,
                   epilog=examples("coplctl data simulate --variant uf-p-2 --annotations all --users 1000",
                                   "coplctl data build-ufp --ultrafeedback uf.parquet --cleaned cleaned.parquet",
                                   "coplctl data inspect data/sim-uf-p-2-all"))
@@ -39,8 +40,6 @@ FewshotOpt = Annotated[Optional[int], typer.Option("--fewshot-pairs", min=1, sho
 ValidOpt = Annotated[int, typer.Option("--valid-pairs", min=0, help=(
     "Annotations of each seen user held out for validation (authors: 1; ALL: always, AVG: when the user "
     "has at least 8 / 16)."))]
-OutOpt = Annotated[Optional[Path], typer.Option("--out", "-o", show_default="data/<source>-<variant>-<annotations>",
-                                                help="Output dataset directory.")]
 
 
 def _protocol(variant, annotations, users, unseen_users, survey_pairs, fewshot_pairs, valid_pairs):
@@ -72,10 +71,13 @@ def simulate(
     cue_fidelity: Annotated[float, typer.Option(
         "--cue-fidelity", min=0.0, max=1.0, help="Chance that a text cue shows the true attribute level.")] = 0.75,
     seed: Seed = 0,
-    out_dir: OutOpt = None,
+    out_dir: MaybeOut = None,
     force: Force = False,
 ) -> None:
-    """Generate a simulated UF-P dataset (same protocol and statistics as the real one, offline)."""
+    """Generate a simulated UF-P dataset (same protocol and statistics as the real one, offline).
+
+    The dataset directory is --out (default: data/sim-VARIANT-ANNOTATIONS).
+    """
     from coplctl.atomic import check_output
     from coplctl.data.simulate import SimConfig, simulate as run
 
@@ -110,11 +112,14 @@ def build_ufp(
     fewshot_pairs: FewshotOpt = None,
     valid_pairs: ValidOpt = 1,
     seed: Seed = 0,
-    out_dir: OutOpt = None,
+    out_dir: MaybeOut = None,
     force: Force = False,
 ) -> None:
     """Build real UF-P from UltraFeedback ratings (one cleaned chosen/rejected pair per prompt, per-attribute
-    labels, fair-coin ties, four-attributes-disagree filter)."""
+    labels, fair-coin ties, four-attributes-disagree filter).
+
+    The dataset directory is --out (default: data/ufp-VARIANT-ANNOTATIONS).
+    """
     from coplctl.atomic import check_output, refuse_overlap
     from coplctl.data.ultrafeedback import BuildConfig, build_ufp as run
 

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 from enum import Enum
-from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from coplctl.cli.common import Force, Seed, err, examples, out, parse_sets
+from coplctl.cli.common import Data, Epochs, Force, Lr, Out, Seed, Sets, err, examples, out, parse_sets
 
-app = typer.Typer(help="Learn user embeddings on the user–response preference graph (CoPL §4.1).",
+app = typer.Typer(name="graph", help="Learn user embeddings on the user–response preference graph (CoPL §4.1).",
                   no_args_is_help=True,
                   epilog=examples("coplctl graph train --data data/sim-uf-p-4-avg --out runs/gcf",
                                   "coplctl graph train --data data/uf-p-4-avg --out runs/gcf-paper --preset paper"))
@@ -29,28 +28,29 @@ class Preset(str, Enum):
     "coplctl graph train --data data/sim-uf-p-4-avg --out runs/lightgcn --set variant=lightgcn",
     "coplctl graph train --data data/uf-p-4-avg --out runs/gcf-paper --preset paper --device cuda"))
 def train(
-    data: Annotated[Path, typer.Option("--data", "-d", help="Dataset directory.", show_default=False)],
-    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Run directory (resumed if interrupted).",
-                                          show_default=False)],
+    data: Data,
+    out_dir: Out,
     preset: Annotated[Preset, typer.Option(
         "--preset", help="cpu: small d, full-graph steps (default without a GPU); paper: d=512, lr 1e-4, "
                          "batches of 1024 (default with a GPU); official: the authors' code.")] = Preset.auto,
     dim: Annotated[Optional[int], typer.Option("--dim", min=1, help="Embedding width d (paper: 512).")] = None,
     layers: Annotated[Optional[int], typer.Option("--layers", min=1, help="Layers L (paper: 4).")] = None,
-    epochs: Annotated[Optional[int], typer.Option("--epochs", min=1, help="Maximum epochs.")] = None,
-    lr: Annotated[Optional[float], typer.Option("--lr", help="AdamW learning rate.")] = None,
+    epochs: Epochs = None,
+    lr: Lr = None,
     batch_size: Annotated[Optional[int], typer.Option(
         "--batch-size", min=0, help="Pairs per step; 0 = all pairs (one full-graph step per epoch).")] = None,
     sampler: Annotated[Optional[str], typer.Option(
         "--sampler", help="full, or neighbor (sampled subgraphs per batch, for very large graphs).")] = None,
-    sets: Annotated[Optional[list[str]], typer.Option(
-        "--set", help="Any other GCF field, key=value (repeatable), e.g. --set variant=official --set l2=0.")] = None,
+    sets: Sets = None,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:1 ...")] = "auto",
     seed: Seed = 0,
     force: Force = False,
 ) -> None:
     """Train CoPL's GCF; print train / valid accuracy (the paper's Table 5) and, when users have groups,
-    the group probe: 5-fold logistic-regression accuracy of the group from the user embeddings."""
+    the group probe: 5-fold logistic-regression accuracy of the group from the user embeddings.
+
+    The run directory is --out; an interrupted run resumes when the same command is run again.
+    """
     from rich.table import Table
 
     from coplctl.atomic import refuse_overlap

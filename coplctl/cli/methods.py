@@ -8,24 +8,25 @@ import typer
 
 from coplctl.cli.common import Json, examples, out
 
+app = typer.Typer()  # top-level command: coplctl methods
 
-def register(app: typer.Typer) -> None:
-    @app.command("methods", epilog=examples("coplctl methods", "coplctl methods --json"))
-    def methods(as_json: Json = False) -> None:
-        """List the registered reward methods with a one-line description each."""
-        from rich.table import Table
-        from rich.text import Text
 
-        from coplctl.registry import METHODS
+@app.command("methods", epilog=examples("coplctl methods", "coplctl methods --json"))
+def methods(as_json: Json = False) -> None:
+    """List the registered reward methods with a one-line description each."""
+    from rich.table import Table
+    from rich.text import Text
 
-        rows = METHODS.describe()
-        if as_json:
-            typer.echo(json.dumps(dict(rows), indent=2))
-            return
-        if not rows:
-            out.print("no methods are registered")
-            return
-        table = Table("method", "description", title="Registered reward methods")
-        for name, desc in rows:
-            table.add_row(name, Text(desc))  # descriptions are plain text, not rich markup
-        out.print(table)
+    from coplctl.registry import METHODS
+
+    rows = METHODS.describe()
+    if as_json:
+        typer.echo(json.dumps(dict(rows), indent=2))
+        return
+    if not rows:
+        out.print("no methods are registered")
+        return
+    table = Table("method", "description", title="Registered reward methods")
+    for name, desc in rows:
+        table.add_row(name, Text(desc))  # descriptions are plain text, not rich markup
+    out.print(table)

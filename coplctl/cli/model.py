@@ -4,151 +4,146 @@ from __future__ import annotations
 
 import json
 import shutil
-from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from coplctl.cli.common import Force, Json, Seed, err, examples, out, parse_sets
+from coplctl.cli.common import (Backbone, Data, Epochs, Force, Json, Lr, Mode, Out, RewardRun, Seed, Sets, err,
+                                examples, out, parse_sets)
+
+app = typer.Typer()  # top-level commands: coplctl train, evaluate, score
 
 
-class Mode(str, Enum):
-    frozen = "frozen"
-    lora = "lora"
+@app.command("train", epilog=examples(
+    "coplctl train copl --data data/sim-uf-p-2-all --backbone minilm --mode frozen --out runs/copl",
+    "coplctl train copl --data data/uf-p-4-avg --backbone gemma-2b-it --mode lora --out runs/copl-2b",
+    "coplctl train copl --data data/sim --out runs/no-mole --set mole=false",
+    "accelerate launch --multi_gpu --num_processes 4 -m coplctl train copl --data data/uf-p-4-avg "
+    "--backbone gemma-7b-it --mode lora --out runs/copl-7b"))
+def train(
+    method: Annotated[str, typer.Argument(help="A registered method (see coplctl methods).", show_default=False)],
+    data: Data,
+    out_dir: Out,
+    backbone: Backbone = None,
+    mode: Mode = None,
+    epochs: Epochs = None,
+    lr: Lr = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", min=1, help="Pairs per step.")] = None,
+    sets: Sets = None,
+    seed: Seed = 0,
+    force: Force = False,
+) -> None:
+    """Train a reward method on a dataset's seen users and save the run.
+
+    The run directory is --out.
+    """
+    from coplctl.atomic import atomic_write_text, check_output, refuse_overlap
+    from coplctl.data import load
+    from coplctl.registry import METHODS
+    from coplctl.reward import make_config
+    from coplctl.trainer import distributed_state
+
+    cls = METHODS.get(method)
+    overrides = {k: v for k, v in {"backbone": backbone, "mode": mode, "epochs": epochs, "lr": lr,
+                                   "batch_size": batch_size}.items() if v is not None}
+    overrides.update(parse_sets(sets or []))
+    cfg = make_config(cls.Config, overrides, owner=f"method {method}")
+    refuse_overlap(out_dir, {"the dataset": data})
+    check_output(out_dir, force=force, marker="method.json", kind="reward-model run")
+    ds = load(data)
+    work = out_dir.parent / f".{out_dir.name}.work"  # resumable intermediate work (e.g. CoPL's GCF)
+    if force:
+        shutil.rmtree(work, ignore_errors=True)
+    model = cls(cfg)
+    state = distributed_state(cfg)
+    metrics = model.fit(ds, seed=seed, work_dir=work)
+    if state.is_main_process:
+        model.save(out_dir, overwrite=True)
+        info = {"method": method, "data": str(data), "seed": seed, "metrics": metrics,
+                "data_meta": {k: ds.meta.get(k) for k in ("source", "variant", "annotations", "seed", "counts")}}
+        atomic_write_text(out_dir / "training.json", json.dumps(info, indent=2) + "\n")
+        shutil.rmtree(work, ignore_errors=True)
+        out.print(f"{method}: best validation accuracy {100 * metrics['valid_accuracy']:.2f} "
+                  f"(epoch {metrics['best_epoch']} of {len(metrics['history'])})")
+        err.print(f"wrote {out_dir}. Next: coplctl evaluate {out_dir} --data {data}", highlight=False,
+                  soft_wrap=True)
+    state.wait_for_everyone()
 
 
-def register(app: typer.Typer) -> None:
-    @app.command("train", epilog=examples(
-        "coplctl train copl --data data/sim-uf-p-2-all --backbone minilm --mode frozen --out runs/copl",
-        "coplctl train copl --data data/uf-p-4-avg --backbone gemma-2b-it --mode lora --out runs/copl-2b",
-        "coplctl train copl --data data/sim --out runs/no-mole --set mole=false",
-        "accelerate launch --multi_gpu --num_processes 4 -m coplctl train copl --data data/uf-p-4-avg "
-        "--backbone gemma-7b-it --mode lora --out runs/copl-7b"))
-    def train(
-        method: Annotated[str, typer.Argument(help="A registered method (see coplctl methods).", show_default=False)],
-        data: Annotated[Path, typer.Option("--data", "-d", help="Dataset directory.", show_default=False)],
-        out_dir: Annotated[Path, typer.Option("--out", "-o", help="Run directory to write.", show_default=False)],
-        backbone: Annotated[Optional[str], typer.Option(
-            "--backbone", "-b", help="minilm, gemma-3-270m, gemma-2b-it, gemma-7b-it, or a hub id / local path.",
-            show_default="minilm")] = None,
-        mode: Annotated[Optional[Mode], typer.Option(
-            "--mode", help="frozen: cached features + small trunk (CPU); lora: adapters in the LM (paper).",
-            show_default="frozen")] = None,
-        epochs: Annotated[Optional[int], typer.Option("--epochs", min=1, help="Training epochs.")] = None,
-        lr: Annotated[Optional[float], typer.Option("--lr", help="Learning rate.")] = None,
-        batch_size: Annotated[Optional[int], typer.Option("--batch-size", min=1, help="Pairs per step.")] = None,
-        sets: Annotated[Optional[list[str]], typer.Option(
-            "--set", help="Any config field, key=value (repeatable), e.g. --set experts=4 --set mole=false.")] = None,
-        seed: Seed = 0,
-        force: Force = False,
-    ) -> None:
-        """Train a reward method on a dataset's seen users and save the run."""
-        from coplctl.atomic import atomic_write_text, check_output, refuse_overlap
-        from coplctl.data import load
-        from coplctl.registry import METHODS
-        from coplctl.reward import make_config
-        from coplctl.trainer import distributed_state
+@app.command("evaluate", epilog=examples("coplctl evaluate runs/copl --data data/sim-uf-p-2-all",
+                                         "coplctl evaluate runs/copl --data data/sim-uf-p-2-all --json"))
+def evaluate(
+    run: RewardRun,
+    data: Data,
+    fewshot: Annotated[Optional[int], typer.Option(
+        "--fewshot", min=1, help="Adapt unseen users from only their first N few-shot pairs.")] = None,
+    as_json: Json = False,
+) -> None:
+    """Seen and unseen users' test accuracy, common vs controversial pairs (writes RUN/evaluation.json)."""
+    from coplctl.atomic import atomic_write_text
+    from coplctl.data import load
+    from coplctl.evaluate import evaluate as run_eval
+    from coplctl.evaluate import render
+    from coplctl.reward import load_method
 
-        cls = METHODS.get(method)
-        overrides = {k: v for k, v in {"backbone": backbone, "mode": mode.value if mode else None, "epochs": epochs,
-                                       "lr": lr, "batch_size": batch_size}.items() if v is not None}
-        overrides.update(parse_sets(sets or []))
-        cfg = make_config(cls.Config, overrides, owner=f"method {method}")
-        refuse_overlap(out_dir, {"the dataset": data})
-        check_output(out_dir, force=force, marker="method.json", kind="reward-model run")
-        ds = load(data)
-        work = out_dir.parent / f".{out_dir.name}.work"  # resumable intermediate work (e.g. CoPL's GCF)
-        if force:
-            shutil.rmtree(work, ignore_errors=True)
-        model = cls(cfg)
-        state = distributed_state(cfg)
-        metrics = model.fit(ds, seed=seed, work_dir=work)
-        if state.is_main_process:
-            model.save(out_dir, overwrite=True)
-            info = {"method": method, "data": str(data), "seed": seed, "metrics": metrics,
-                    "data_meta": {k: ds.meta.get(k) for k in ("source", "variant", "annotations", "seed", "counts")}}
-            atomic_write_text(out_dir / "training.json", json.dumps(info, indent=2) + "\n")
-            shutil.rmtree(work, ignore_errors=True)
-            out.print(f"{method}: best validation accuracy {100 * metrics['valid_accuracy']:.2f} "
-                      f"(epoch {metrics['best_epoch']} of {len(metrics['history'])})")
-            err.print(f"wrote {out_dir}. Next: coplctl evaluate {out_dir} --data {data}", highlight=False,
-                      soft_wrap=True)
-        state.wait_for_everyone()
+    method = load_method(run)
+    result = run_eval(method, load(data), fewshot=fewshot)
+    result.update(data=str(data), fewshot=fewshot)
+    atomic_write_text(run / "evaluation.json", json.dumps(result, indent=2) + "\n")
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+    else:
+        render(result, out, f"{method.registry_name} on {data}")
 
-    @app.command("evaluate", epilog=examples("coplctl evaluate runs/copl --data data/sim-uf-p-2-all",
-                                             "coplctl evaluate runs/copl --data data/sim-uf-p-2-all --json"))
-    def evaluate(
-        run: Annotated[Path, typer.Argument(metavar="RUN", help="A run from coplctl train.", show_default=False)],
-        data: Annotated[Path, typer.Option("--data", "-d", help="Dataset directory.", show_default=False)],
-        fewshot: Annotated[Optional[int], typer.Option(
-            "--fewshot", min=1, help="Adapt unseen users from only their first N few-shot pairs.")] = None,
-        as_json: Json = False,
-    ) -> None:
-        """Seen and unseen users' test accuracy, common vs controversial pairs (writes RUN/evaluation.json)."""
-        from coplctl.atomic import atomic_write_text
-        from coplctl.data import load
-        from coplctl.evaluate import evaluate as run_eval
-        from coplctl.evaluate import render
-        from coplctl.reward import load_method
 
-        method = load_method(run)
-        result = run_eval(method, load(data), fewshot=fewshot)
-        result.update(data=str(data), fewshot=fewshot)
-        atomic_write_text(run / "evaluation.json", json.dumps(result, indent=2) + "\n")
-        if as_json:
-            typer.echo(json.dumps(result, indent=2))
-        else:
-            render(result, out, f"{method.registry_name} on {data}")
+@app.command("score", epilog=examples(
+    "coplctl score runs/copl --user u00042 --prompt 'How do I fix a leaking faucet?' --response 'Turn off ...'",
+    "coplctl score runs/copl --input requests.jsonl --output rewards.jsonl"))
+def score(
+    run: RewardRun,
+    user: Annotated[Optional[str], typer.Option("--user", help="User id (seen, or adapted into RUN).")] = None,
+    prompt: Annotated[Optional[str], typer.Option("--prompt", help="The prompt.")] = None,
+    response: Annotated[Optional[str], typer.Option("--response", help="The response to score.")] = None,
+    input_file: Annotated[Optional[Path], typer.Option(
+        "--input", help='JSONL of {"user", "prompt", "response"} to score in one go.')] = None,
+    output: Annotated[Optional[Path], typer.Option("--output", help="Write JSONL here instead of stdout.")] = None,
+) -> None:
+    """Reward of a response for a user, or of every line of a JSONL file."""
+    from coplctl.atomic import atomic_write_text
+    from coplctl.errors import CoplError, DataError
+    from coplctl.evaluate import read_score_requests, score_frame
+    from coplctl.reward import load_method
 
-    @app.command("score", epilog=examples(
-        "coplctl score runs/copl --user u00042 --prompt 'How do I fix a leaking faucet?' --response 'Turn off ...'",
-        "coplctl score runs/copl --input requests.jsonl --output rewards.jsonl"))
-    def score(
-        run: Annotated[Path, typer.Argument(metavar="RUN", help="A run from coplctl train.", show_default=False)],
-        user: Annotated[Optional[str], typer.Option("--user", help="User id (seen, or adapted into RUN).")] = None,
-        prompt: Annotated[Optional[str], typer.Option("--prompt", help="The prompt.")] = None,
-        response: Annotated[Optional[str], typer.Option("--response", help="The response to score.")] = None,
-        input_file: Annotated[Optional[Path], typer.Option(
-            "--input", help='JSONL of {"user", "prompt", "response"} to score in one go.')] = None,
-        output: Annotated[Optional[Path], typer.Option("--output", help="Write JSONL here instead of stdout.")] = None,
-    ) -> None:
-        """Reward of a response for a user, or of every line of a JSONL file."""
-        from coplctl.atomic import atomic_write_text
-        from coplctl.errors import CoplError, DataError
-        from coplctl.evaluate import read_score_requests, score_frame
-        from coplctl.reward import load_method
-
-        if input_file is not None and (user, prompt, response) != (None, None, None):
-            raise typer.BadParameter("give --input FILE, or --user, --prompt and --response; not both",
-                                     param_hint="--input")
-        if input_file is None:
-            if None in (user, prompt, response):
-                raise CoplError("give --user, --prompt and --response, or --input FILE")
-            rows, line_of = [{"user": user, "prompt": prompt, "response": response}], None
-        else:
-            rows, line_of = read_score_requests(input_file)
-        if output is not None:
-            if output.is_dir():
-                raise CoplError(f"--output {output} is a directory; give a file path")
-            if input_file is not None and output.resolve() == input_file.resolve():
-                raise CoplError(f"--output {output} is the --input file; write the rewards elsewhere")
-        method = load_method(run)
-        index = getattr(method, "user_index", None) if getattr(method, "personalized", False) else None
-        if index is not None:
-            for i, r in enumerate(rows):
-                if r["user"] not in index:
-                    why = (f"unknown user {r['user']!r}: neither seen in training nor adapted into {run} "
-                           f"(coplctl adapt --model {run} --user-file FILE --out NEW_RUN adds new users)")
-                    if line_of is None:
-                        raise CoplError(why)
-                    raise DataError(input_file, why, line=line_of[i])
-        rewards = method.score([r["user"] for r in rows], score_frame(rows)).tolist()
-        lines = [json.dumps({**r, "reward": v}) for r, v in zip(rows, rewards)]
-        if output is not None:
-            atomic_write_text(output, "\n".join(lines) + "\n")
-        elif input_file is None:
-            out.print(f"{rewards[0]:.6f}")
-        else:
-            typer.echo("\n".join(lines))
-
+    if input_file is not None and (user, prompt, response) != (None, None, None):
+        raise typer.BadParameter("give --input FILE, or --user, --prompt and --response; not both",
+                                 param_hint="--input")
+    if input_file is None:
+        if None in (user, prompt, response):
+            raise CoplError("give --user, --prompt and --response, or --input FILE")
+        rows, line_of = [{"user": user, "prompt": prompt, "response": response}], None
+    else:
+        rows, line_of = read_score_requests(input_file)
+    if output is not None:
+        if output.is_dir():
+            raise CoplError(f"--output {output} is a directory; give a file path")
+        if input_file is not None and output.resolve() == input_file.resolve():
+            raise CoplError(f"--output {output} is the --input file; write the rewards elsewhere")
+    method = load_method(run)
+    index = getattr(method, "user_index", None) if getattr(method, "personalized", False) else None
+    if index is not None:
+        for i, r in enumerate(rows):
+            if r["user"] not in index:
+                why = (f"unknown user {r['user']!r}: neither seen in training nor adapted into {run} "
+                       f"(coplctl adapt --model {run} --user-file FILE --out NEW_RUN adds new users)")
+                if line_of is None:
+                    raise CoplError(why)
+                raise DataError(input_file, why, line=line_of[i])
+    rewards = method.score([r["user"] for r in rows], score_frame(rows)).tolist()
+    lines = [json.dumps({**r, "reward": v}) for r, v in zip(rows, rewards)]
+    if output is not None:
+        atomic_write_text(output, "\n".join(lines) + "\n")
+    elif input_file is None:
+        out.print(f"{rewards[0]:.6f}")
+    else:
+        typer.echo("\n".join(lines))
