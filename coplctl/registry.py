@@ -6,7 +6,7 @@
   with a one-line description without importing torch-geometric, peft or even torch.
 - Unknown names fail with close matches suggested.
 
-A new method is one module under ``baselines/`` whose class is decorated with
+A new method is one module under ``baselines/`` (installed as ``coplctl.baselines``) whose class is decorated with
 ``@register_method("name")``; its docstring's first line is the description. Other packages can
 add methods through the ``coplctl.methods`` entry-point group (``name = "module:Class"``).
 """
@@ -162,8 +162,9 @@ def scan_package(package: str, decorator: str) -> list[Entry]:
     return scan_module_source(Path(spec.origin), package, decorator)
 
 
-#: Where built-in methods live: CoPL in ``coplctl.copl``, the baselines in ``baselines``.
-METHOD_SOURCES = ("coplctl.copl", "baselines")
+#: Where built-in methods live: CoPL in ``coplctl.copl``, the baselines in ``coplctl.baselines`` (the
+#: top-level ``baselines/`` folder of a checkout, installed under that name).
+METHOD_SOURCES = ("coplctl.copl", "coplctl.baselines")
 
 
 def _discover_methods() -> list[Entry]:

@@ -187,7 +187,7 @@ def test_graph_run_loader(graph_run, scratch, name, mutation):
 
 @pytest.fixture(scope="module")
 def model_run(micro_dir, tmp_path_factory) -> Path:
-    from baselines.oracle import Oracle
+    from coplctl.baselines.oracle import Oracle
     from coplctl.data import load
 
     out = tmp_path_factory.mktemp("fuzz-model") / "oracle"

@@ -6,6 +6,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 #: Layer of every module, by longest matching prefix; a module may import its own layer and those below.
@@ -17,7 +19,7 @@ LAYERS = {
     "coplctl.backbone": 3, "coplctl.features": 3, "coplctl.encoders": 3, "coplctl.mole": 3, "coplctl.reward": 3,
     "coplctl.trainer": 3, "coplctl.neural": 3, "coplctl.adapt": 3, "coplctl.evaluate": 3, "coplctl.plots": 3,
     "coplctl.adapt_run": 3,
-    "coplctl.copl": 4, "baselines": 4,
+    "coplctl.copl": 4, "coplctl.baselines": 4,
     "coplctl.bench": 5,
     "coplctl.cli": 6, "coplctl.__main__": 6,
 }
@@ -29,12 +31,16 @@ def _layer(module: str) -> int | None:
     return LAYERS[max(match, key=len)] if match else None
 
 
+#: Installed package name of each source folder (pyproject's package-dir: baselines/ is coplctl.baselines).
+SOURCES = {"coplctl": "coplctl", "baselines": "coplctl.baselines"}
+
+
 def _modules() -> dict[str, Path]:
     found = {}
-    for top in ("coplctl", "baselines"):
-        for path in (ROOT / top).rglob("*.py"):
-            parts = path.relative_to(ROOT).with_suffix("").parts
-            found[".".join(p for p in parts if p != "__init__")] = path
+    for folder, package in SOURCES.items():
+        for path in (ROOT / folder).rglob("*.py"):
+            parts = path.relative_to(ROOT / folder).with_suffix("").parts
+            found[".".join([package, *(p for p in parts if p != "__init__")])] = path
     return found
 
 
@@ -46,11 +52,28 @@ def _imports(path: Path) -> set[str]:
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             out.add(node.module)
             out.update(f"{node.module}.{a.name}" for a in node.names)  # `from coplctl import files`
-    return {m for m in out if m.split(".")[0] in ("coplctl", "baselines")}
+    return {m for m in out if m.split(".")[0] == "coplctl"}
 
 
 def test_every_module_has_a_layer():
-    assert not [m for m in _modules() if m not in ("coplctl", "baselines") and _layer(m) is None]
+    assert not [m for m in _modules() if m != "coplctl" and _layer(m) is None]
+
+
+def test_pyproject_installs_every_package_and_no_top_level_baselines():
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+    setup = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    packages = {m for m, p in _modules().items() if p.name == "__init__.py"}
+    assert set(setup["packages"]) == packages
+    assert setup["package-dir"] == {"coplctl.baselines": "baselines"}
+    assert not any(p.split(".")[0] == "baselines" for p in setup["packages"])
+
+
+def test_baselines_import_as_coplctl_baselines():
+    import importlib.util
+
+    spec = importlib.util.find_spec("coplctl.baselines")
+    assert spec is not None and Path(spec.submodule_search_locations[0]).resolve() == ROOT / "baselines"
 
 
 def test_no_import_runs_back_up_the_layers():

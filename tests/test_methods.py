@@ -14,7 +14,7 @@ from coplctl.registry import METHODS
 from coplctl.reward import load_method, make_config, pair_scores
 from coplctl.trainer import trainable_state
 
-BUILTIN = [e.name for e in METHODS.entries() if e.module.startswith(("coplctl.", "baselines."))]
+BUILTIN = [e.name for e in METHODS.entries() if e.module.startswith("coplctl.")]
 SMALL = {
     "frozen": {"epochs": 2, "batch_size": 32},
     "lora": {"epochs": 1, "batch_size": 16, "max_length": 32, "lora_rank": 4, "adapt_steps": 5},
@@ -59,3 +59,27 @@ def test_fit_adapt_score_save_load(name, mode, micro_dir, tmp_path, monkeypatch)
     again = load_method(tmp_path / "run")
     r_c, r_r = pair_scores(again, test, ds.responses)
     assert (r_c == s_c).all() and (r_r == s_r).all()
+
+
+def test_the_readme_example_method_trains_saves_and_loads(micro_dir, tmp_path, monkeypatch):
+    """README's "Adding a method" example, run as written (it must stay accurate)."""
+    import re
+    import sys
+    import types
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    source = re.search(r"```python\n# baselines/user_vector.py\n(.*?)```", readme, re.S).group(1)
+    monkeypatch.setattr(METHODS, "_entries", dict(METHODS._entries))  # the registration ends with the test
+    module = types.ModuleType("readme_user_vector")
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    exec(compile(source, "README.md", "exec"), module.__dict__)
+    cls = METHODS.get("user-vector")
+    ds = load(micro_dir)
+    method = cls(make_config(cls.Config, SMALL["frozen"]))
+    method.fit(ds, progress=False)
+    assert method.adapt(ds.split("fewshot"), ds.responses)["users"] == 2
+    method.save(tmp_path / "run")
+    assert '"width": ' in (tmp_path / "run" / "method.json").read_text()
+    test = ds.split("test")
+    assert (pair_scores(load_method(tmp_path / "run"), test, ds.responses)[0] == pair_scores(method, test, ds.responses)[0]).all()

@@ -15,7 +15,7 @@ from coplctl.data import load
 @pytest.fixture(scope="module")
 def runs(tiny_dir, tmp_path_factory):
     """A saved frozen-mode CoPL run (with its gcf/) and a saved Uniform run."""
-    from baselines.uniform import Uniform
+    from coplctl.baselines.uniform import Uniform
 
     root = tmp_path_factory.mktemp("runs")
     ds = load(tiny_dir)
