@@ -217,9 +217,9 @@ def _no_work(*a, **k):
     (("figures: false", "figures: false\ndata: {users: 0}"), r"tiny.yaml: data: protocol option users: 0"),
 ])
 def test_wrong_config_values_stop_the_benchmark_before_any_work(tmp_path, monkeypatch, change, message):
-    spec = load_spec(str(_write(tmp_path, TINY.format(extra="").replace(*change), "tiny.yaml")))
     monkeypatch.setattr(runner, "prepare_data", _no_work)
-    with pytest.raises(SpecError, match=message):
+    with pytest.raises(SpecError, match=message):  # when the spec loads (data protocol) or the run starts
+        spec = load_spec(str(_write(tmp_path, TINY.format(extra="").replace(*change), "tiny.yaml")))
         runner.run_benchmark(spec, tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
 

@@ -47,7 +47,7 @@ def prepare_data(spec: BenchmarkSpec, base: Path, force: bool = False):
     from coplctl.data.simulate import SimConfig, simulate
 
     path = base / "data"
-    proto = _protocol(d)
+    proto = d.protocol()
     if (path / "meta.json").exists():
         ds = load(path)
         if ds.meta.get("protocol") == asdict(proto) and ds.meta.get("seed") == d.seed:
@@ -57,13 +57,6 @@ def prepare_data(spec: BenchmarkSpec, base: Path, force: bool = False):
                             f"there are stale: use another --out, or --force to regenerate and rerun everything")
     simulate(SimConfig(protocol=proto, seed=d.seed)).save(path, overwrite=True)
     return load(path)
-
-
-def _protocol(d):
-    from coplctl.data.protocol import ProtocolConfig
-
-    return ProtocolConfig(variant=d.variant, annotations=d.annotations, users=d.users,
-                          unseen_users=d.unseen_users, survey_pairs=d.survey_pairs, fewshot_pairs=d.fewshot_pairs)
 
 
 def run_benchmark(spec: BenchmarkSpec, out: str | Path, *, names: list[str] | None = None,
@@ -95,11 +88,6 @@ def run_benchmark(spec: BenchmarkSpec, out: str | Path, *, names: list[str] | No
     for seed, key in [*((s, seeds_key) for s in seeds), (spec.data.seed, f"{where}: data.seed")]:
         if not 0 <= seed < 2**32:
             raise SpecError(f"{key}: {seed} is out of range (0 .. 2**32 - 1)")
-    if spec.data.source != "ultrafeedback":  # the simulated data's protocol, checked before any work
-        try:
-            _protocol(spec.data)
-        except CoplError as e:
-            raise SpecError(f"{where}: data: {e}") from None
     state = PartialState(cpu=not torch.cuda.is_available())
     with contextlib.ExitStack() as lock:
         _lock(state, lock, out, base, spec.name)

@@ -15,6 +15,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from coplctl.data.protocol import ProtocolConfig
 from coplctl.errors import CoplError, DataError
 from coplctl.files import read_yaml
 from coplctl.registry import paper_methods
@@ -29,27 +30,22 @@ class SpecError(CoplError):
 
 
 @dataclass
-class DataSpec:
-    """Where the data comes from; simulated data is generated (deterministically) on first use."""
+class DataSpec(ProtocolConfig):
+    """Where the data comes from; simulated data is generated (deterministically) on first use, with the
+    user protocol of the fields it shares with :class:`coplctl.data.protocol.ProtocolConfig` (``variant``,
+    ``annotations``, ``users``, ``unseen_users``, ``survey_pairs``, ``fewshot_pairs`` ..., same defaults:
+    the paper's). Real data has the protocol it was built with; ``variant`` and ``annotations`` say which."""
 
     source: str = "simulated"
     """``simulated`` (coplctl data simulate) or ``ultrafeedback`` (built beforehand with coplctl data build-ufp)."""
-    variant: str = "uf-p-4"
-    """``uf-p-2`` (helpfulness, honesty) or ``uf-p-4`` (all four attributes)."""
-    annotations: str = "avg"
-    """``all`` (8 / 16 annotations per user) or ``avg`` (uniform 1-15 / 1-31)."""
-    users: int = 10_000
-    """Seen users (paper: 10,000); simulated data only, real data has what it was built with."""
-    unseen_users: int = 100
-    """Unseen users (paper: 100)."""
-    survey_pairs: int = 25_993
-    """Survey set size (paper: 25,993)."""
-    fewshot_pairs: int | None = None
-    """Few-shot pairs per unseen user; None = the paper's 8 / 16 (more to draw Figure 2 further)."""
     seed: int = 0
     """Seed of the data (simulation and user protocol), distinct from the methods' seeds."""
     path: str | None = None
     """``ultrafeedback``: the dataset directory written by `coplctl data build-ufp` (relative to the working directory)."""
+
+    def protocol(self) -> ProtocolConfig:
+        """The user protocol of simulated data."""
+        return ProtocolConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(ProtocolConfig)})
 
 
 @dataclass
@@ -150,7 +146,12 @@ def _check(cls, data, file: Path, where: str):
                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and n not in kwargs]
     if missing:
         raise SpecError(f"{file}: missing key {', '.join(missing)}")
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except SpecError:
+        raise
+    except CoplError as e:  # a value the section's own checks reject (e.g. the data protocol's)
+        raise SpecError(f"{file}: {where or 'the spec'}: {e}") from None
 
 
 def _value(hint, value, file: Path, key: str):
