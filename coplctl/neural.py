@@ -1,9 +1,10 @@
 """Plumbing shared by every method built on a response encoder (CoPL and the six baselines).
 
-A subclass provides ``build_net()`` (an ``nn.Module`` with ``forward(users, chosen, rejected) ->
-(r⁺, r⁻, aux loss)`` and ``score(users, batch) -> r``), optionally ``prepare()`` (work before the
-net exists, e.g. CoPL's GCF) and ``adapt()``. This class loads the backbone, builds the mode's
-response inputs, maps user ids to rows, trains with the shared loop, scores, saves and loads.
+A subclass provides ``build_net(users, sizes)`` (an ``nn.Module`` with ``forward(users, chosen, rejected)
+-> (r⁺, r⁻, aux loss)`` and ``score(users, batch) -> r``, built from those explicit sizes), optionally
+``prepare()`` (work before the net exists, e.g. CoPL's GCF; it returns the sizes the data decides) and
+``adapt()``. This class loads the backbone, builds the mode's response inputs, maps user ids to rows,
+trains with the shared loop, scores, saves (the sizes go to ``method.json``) and loads.
 """
 
 from __future__ import annotations

@@ -275,33 +275,32 @@ class CoPL(NeuralMethod):
         try:
             yield self
         finally:
-            self.config, self.user_ids, self.net.user_table = config, users, table
+            self.config = config
+            self.net.user_table, self.user_ids = table, users  # the very tensor it had, of its kind
 
     def forget_users(self, keep: int) -> None:
         """Drop every user row after the first ``keep`` (undo adaptations, e.g. to try another variant)."""
-        net = self.net
-        table = net.user_table[:keep].detach().clone()
-        if isinstance(net.user_table, nn.Parameter):
-            net.user_table = nn.Parameter(table, requires_grad=net.user_table.requires_grad)
-        else:
-            net.user_table = table
-        self.user_ids = self.user_ids[:keep]
+        self._set_table(self.net.user_table[:keep].detach().clone(), self.user_ids[:keep])
 
     def _add_rows(self, ids: list[str], emb: torch.Tensor) -> None:
         """Known users get their row replaced, new users a new row."""
-        net, index = self.net, self.user_index
-        table = net.user_table.detach().clone()
+        index = self.user_index
+        table = self.net.user_table.detach().clone()
         emb = emb.to(table)
         fresh = [i for i, u in enumerate(ids) if u not in index]
         for i, u in enumerate(ids):
             if u in index:
                 table[index[u]] = emb[i]
-        table = torch.cat([table, emb[fresh]])
-        if isinstance(net.user_table, nn.Parameter):
-            net.user_table = nn.Parameter(table, requires_grad=net.user_table.requires_grad)
-        else:
-            net.user_table = table
-        self.user_ids = self.user_ids + [ids[i] for i in fresh]
+        self._set_table(torch.cat([table, emb[fresh]]), self.user_ids + [ids[i] for i in fresh])
+
+    def _set_table(self, table: torch.Tensor, user_ids: list[str]) -> None:
+        """The net's user table becomes ``table`` (rows of ``user_ids``), of the same kind as before: a
+        learnable ``nn.Parameter`` (w/o GNN embedding) or a buffer (GCF embeddings)."""
+        old = self.net.user_table
+        if isinstance(old, nn.Parameter):
+            table = nn.Parameter(table, requires_grad=old.requires_grad)
+        self.net.user_table = table
+        self.user_ids = user_ids
 
     def save_extra(self, directory: Path) -> None:
         if self.gcf_dir is not None and Path(self.gcf_dir).resolve() != (directory / "gcf").resolve():
