@@ -38,3 +38,14 @@ def test_copl_reward_model_is_reproducible(tiny_dir, tmp_path):
         scores.append(pair_scores(method, ds.split("test")[lambda d: d["user_id"].isin(set(method.user_ids))],
                                   ds.responses))
     assert (scores[0][0] == scores[1][0]).all() and (scores[0][1] == scores[1][1]).all()
+
+
+@pytest.mark.parametrize("options", [{"edge_dropout": 0.1}, {"sampler": "neighbor", "batch_size": 512},
+                                     {"variant": "lightgcn", "edge_dropout": 0.1}])
+def test_gcf_is_reproducible_whatever_else_draws_from_the_global_rng(medium, tmp_path, options):
+    cfg = preset_config("cpu", dim=8, layers=2, epochs=4, **options)
+    train_gcf(medium, tmp_path / "a", cfg, seed=5, progress=False)
+    # other code drawing from torch's global random stream between epochs changes nothing
+    train_gcf(medium, tmp_path / "b", cfg, seed=5, progress=False, on_epoch_end=lambda *args: torch.rand(17))
+    a, b = (load_file(str(tmp_path / r / "embeddings.safetensors")) for r in ("a", "b"))
+    assert torch.equal(a["users"], b["users"]) and torch.equal(a["responses"], b["responses"])

@@ -316,3 +316,62 @@ def test_a_checkpoint_temporary_left_by_a_killed_run_is_swept_at_the_end(tiny_di
     dead.write_bytes(b"half a checkpoint")
     train_gcf(load(tiny_dir), run, _cfg(), progress=False)
     assert not dead.exists() and not [p for p in run.iterdir() if ".tmp-" in p.name]
+
+
+@pytest.mark.parametrize("variant", ["paper", "official", "lightgcn"])
+def test_layers_are_pyg_message_passing_fused_into_the_csr_product(variant):
+    from torch_geometric.nn import LGConv, MessagePassing
+
+    g = PreferenceGraph.from_pairs(PAIRS)
+    torch.manual_seed(0)
+    model = GCF(g.num_users, g.num_responses, dim=4, layers=2, variant=variant, init_std=0.5).double()
+    assert all(isinstance(layer, LGConv if variant == "lightgcn" else MessagePassing) for layer in model.layers)
+    fused, per_edge = [], []
+    for layer in model.layers:
+        layer.register_message_and_aggregate_forward_hook(lambda *args: fused.append(1))
+        layer.register_message_forward_hook(lambda *args: per_edge.append(1))
+    adj = g.adjacency(dtype=torch.double)
+    e_u, e_r = model(adj)
+    assert len(fused) == 2 * 4 and not per_edge  # propagate() on the EdgeIndex routes to the CSR product
+    for layer in model.layers:
+        layer.fuse = False  # PyG's unfused path: message() per edge, then a sum per receiver
+    ref_u, ref_r = model(adj)
+    assert len(per_edge) == 2 * 4
+    torch.testing.assert_close(e_u, ref_u)
+    torch.testing.assert_close(e_r, ref_r)
+
+
+def test_edge_dropout_draws_from_the_run_generator_only():
+    g = PreferenceGraph.from_pairs(PAIRS)
+    torch.manual_seed(11)
+    before = torch.get_rng_state()
+    gen = torch.Generator().manual_seed(4)
+    adj = g.adjacency(edge_dropout=0.5, generator=gen)
+    assert torch.equal(torch.get_rng_state(), before)  # the global stream is left as it was
+    same = torch.Generator().manual_seed(4)
+    keep_p = torch.rand(g.pos.shape[1], generator=same) >= 0.5  # what the generator's own draws would keep
+    keep_n = torch.rand(g.neg.shape[1], generator=same) >= 0.5
+    assert torch.equal(gen.get_state(), same.get_state())  # ... and the generator advanced by exactly those draws
+    kept = {tuple(e) for e in adj.pos_ur.edge_index.flip(0).T.tolist()}
+    assert kept == {tuple(e) for e in g.pos[:, keep_p].T.tolist()}
+    assert adj.neg_ur.edge_index.shape[1] == int(keep_n.sum())
+    torch.testing.assert_close(adj.pos_ur.weight, g.weights[0][keep_p] / 0.5)
+
+
+def test_resume_with_edge_dropout_gives_the_same_model(tiny_dir, tmp_path):
+    ds = load(tiny_dir)
+    cfg = _cfg(batch_size=300, edge_dropout=0.2)
+    straight = train_gcf(ds, tmp_path / "a", cfg, seed=3, progress=False)
+
+    def interrupt(epoch, metrics):
+        if epoch == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(CoplError, match="resume after epoch 2"):
+        train_gcf(ds, tmp_path / "b", cfg, seed=3, progress=False, on_epoch_end=interrupt)
+    torch.manual_seed(123)  # whatever the global random state, the run's own stream decides the dropped edges
+    resumed = train_gcf(ds, tmp_path / "b", cfg, seed=3, progress=False)
+    assert [h["loss"] for h in resumed["history"]] == [h["loss"] for h in straight["history"]]
+    a = load_file(str(tmp_path / "a" / "embeddings.safetensors"))
+    b = load_file(str(tmp_path / "b" / "embeddings.safetensors"))
+    assert torch.equal(a["users"], b["users"]) and torch.equal(a["responses"], b["responses"])

@@ -13,36 +13,62 @@ from __future__ import annotations
 
 import json
 import warnings
-from dataclasses import dataclass, field
+from contextlib import contextmanager
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
 import pandas as pd
 import torch
 from safetensors.torch import save_file
-from torch_geometric.utils import coalesce, degree, spmm, to_torch_csr_tensor
+from torch_geometric import EdgeIndex
+from torch_geometric.utils import coalesce, degree, dropout_edge, to_torch_csr_tensor
+from torch_geometric.utils import spmm as pyg_spmm
 
 from coplctl.atomic import atomic_path, atomic_write_text
 from coplctl.errors import CoplError, DataError
 
 
-@dataclass
-class Adjacency:
-    """Normalised sparse matrices; ``ur`` rows are users (messages into users), ``ru`` responses.
+@dataclass(frozen=True, eq=False)
+class Messages:
+    """The messages of one sign into one side of the graph, in the two forms message passing uses.
 
-    ``transposes`` holds each matrix's transpose, so that backward passes multiply by an explicit
-    CSR transpose: row-wise sums in a fixed order, hence the same numbers on every run.
+    ``edge_index`` is PyG's :class:`~torch_geometric.EdgeIndex` (row 0 the sending nodes, row 1 the
+    receiving ones, sorted by receiver; sparse size (senders, receivers)), what PyG's ``propagate``
+    reads. ``matrix`` is A (receivers × senders) in CSR with the edge weights α or β, entries in
+    ``edge_index``'s order, and ``transpose`` Aᵀ as its own CSR matrix: the forward pass multiplies by
+    A and the backward pass by Aᵀ, row-wise sums in a fixed order, hence the same numbers on every run.
     """
 
-    pos_ur: torch.Tensor
-    pos_ru: torch.Tensor
-    neg_ur: torch.Tensor
-    neg_ru: torch.Tensor
-    transposes: dict = field(default_factory=dict)
+    edge_index: EdgeIndex
+    matrix: torch.Tensor
+    transpose: torch.Tensor
 
-    def propagate(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        """``getattr(self, name) @ x``, differentiable with respect to ``x``."""
-        return _SpMM.apply(getattr(self, name), self.transposes[name], x)
+    @property
+    def weight(self) -> torch.Tensor:
+        """Each edge's weight, in ``edge_index``'s order."""
+        return self.matrix.values()
+
+    def to_dense(self) -> torch.Tensor:
+        """A as a dense matrix (receivers × senders)."""
+        return self.matrix.to_dense()
+
+
+@dataclass
+class Adjacency:
+    """The four message sets of a graph: sign (``pos``/``neg``) × receiving side (``ur``: users receive
+    from responses, ``ru``: responses from users)."""
+
+    pos_ur: Messages
+    pos_ru: Messages
+    neg_ur: Messages
+    neg_ru: Messages
+
+
+def spmm(matrix: torch.Tensor, transpose: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``matrix @ x`` (a CSR matrix times a dense one), differentiable with respect to ``x``; the backward
+    pass multiplies by ``transpose``, the explicit CSR matrixᵀ."""
+    return _SpMM.apply(matrix, transpose, x)
 
 
 class _SpMM(torch.autograd.Function):
@@ -51,11 +77,11 @@ class _SpMM(torch.autograd.Function):
     @staticmethod
     def forward(ctx, a, a_t, x):
         ctx.a_t = a_t
-        return spmm(a, x)
+        return pyg_spmm(a, x)
 
     @staticmethod
     def backward(ctx, grad):
-        return None, None, spmm(ctx.a_t, grad)
+        return None, None, pyg_spmm(ctx.a_t, grad)
 
 
 def sym_norm(edges: torch.Tensor, n_users: int, n_responses: int) -> torch.Tensor:
@@ -67,20 +93,46 @@ def sym_norm(edges: torch.Tensor, n_users: int, n_responses: int) -> torch.Tenso
     return (du[edges[0]] * dr[edges[1]]).rsqrt()
 
 
+def _csr(idx: torch.Tensor, w: torch.Tensor, size: tuple[int, int], device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The coalesced edges (rows first) and the CSR matrix of ``size`` they make."""
+    idx, w = coalesce(idx.to(device), w.to(device=device, dtype=dtype), max(size))
+    with warnings.catch_warnings():  # torch calls CSR "beta" on every construction: noise here
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
+        warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitly disabled")
+        return idx, to_torch_csr_tensor(idx, w, size=size, is_coalesced=True)
+
+
+def message_pair(edges: torch.Tensor, w: torch.Tensor, n_users: int, n_responses: int, *, device=None,
+                 dtype=torch.float32) -> tuple[Messages, Messages]:
+    """Messages along edges (2, E) [user; response] with weights ``w``: (into users, into responses).
+    Each one's matrix is the other's transpose."""
+    ur_idx, ur = _csr(edges, w, (n_users, n_responses), device, dtype)
+    ru_idx, ru = _csr(edges.flip(0), w, (n_responses, n_users), device, dtype)
+    into_u = EdgeIndex(ur_idx.flip(0), sparse_size=(n_responses, n_users), sort_order="col")
+    into_r = EdgeIndex(ru_idx.flip(0), sparse_size=(n_users, n_responses), sort_order="col")
+    return Messages(into_u, ur, ru), Messages(into_r, ru, ur)
+
+
 def build_adjacency(pos: torch.Tensor, pos_w: torch.Tensor, neg: torch.Tensor, neg_w: torch.Tensor,
                     n_users: int, n_responses: int, *, device=None, dtype=torch.float32) -> Adjacency:
-    """CSR matrices for the four message directions (sign × receiving side)."""
+    """The four message sets of positive and negative edges (2, E) [user; response]."""
+    pos_ur, pos_ru = message_pair(pos, pos_w, n_users, n_responses, device=device, dtype=dtype)
+    neg_ur, neg_ru = message_pair(neg, neg_w, n_users, n_responses, device=device, dtype=dtype)
+    return Adjacency(pos_ur, pos_ru, neg_ur, neg_ru)
 
-    def csr(idx, w, size):
-        with warnings.catch_warnings():  # torch calls CSR "beta" on every construction: noise here
-            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
-            warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitly disabled")
-            return to_torch_csr_tensor(idx.to(device), w.to(device=device, dtype=dtype), size=size)
 
-    pos_ur, pos_ru = csr(pos, pos_w, (n_users, n_responses)), csr(pos.flip(0), pos_w, (n_responses, n_users))
-    neg_ur, neg_ru = csr(neg, neg_w, (n_users, n_responses)), csr(neg.flip(0), neg_w, (n_responses, n_users))
-    return Adjacency(pos_ur, pos_ru, neg_ur, neg_ru,
-                     {"pos_ur": pos_ru, "pos_ru": pos_ur, "neg_ur": neg_ru, "neg_ru": neg_ur})
+@contextmanager
+def drawing_from(generator: torch.Generator | None):
+    """Code inside draws from torch's global CPU random stream as if it drew from ``generator``: the global
+    state is restored afterwards and ``generator`` advanced by what was drawn (PyG's ``dropout_edge`` has
+    no generator argument). With None, the global stream is used as it is."""
+    if generator is None:
+        yield
+        return
+    with torch.random.fork_rng(devices=[]):
+        torch.set_rng_state(generator.get_state())
+        yield
+        generator.set_state(torch.get_rng_state())
 
 
 @dataclass
@@ -160,10 +212,10 @@ class PreferenceGraph:
             pw = sym_norm(pos, self.num_users, self.num_responses)
             nw = sym_norm(neg, self.num_users, self.num_responses)
         if edge_dropout > 0:
-            keep_p = torch.rand(pw.shape, generator=generator) >= edge_dropout
-            keep_n = torch.rand(nw.shape, generator=generator) >= edge_dropout
-            pos, pw = pos[:, keep_p], pw[keep_p] / (1 - edge_dropout)
-            neg, nw = neg[:, keep_n], nw[keep_n] / (1 - edge_dropout)
+            with drawing_from(generator):
+                pos, keep_p = dropout_edge(pos, edge_dropout)
+                neg, keep_n = dropout_edge(neg, edge_dropout)
+            pw, nw = pw[keep_p] / (1 - edge_dropout), nw[keep_n] / (1 - edge_dropout)
         return build_adjacency(pos, pw, neg, nw, self.num_users, self.num_responses, device=device, dtype=dtype)
 
     def index_pairs(self, pairs: pd.DataFrame) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -7,9 +7,9 @@ Paper variant, per layer ℓ and for users (responses are symmetric with their o
     e_u ← LeakyReLU(W_self e_u + m⁺_u + m⁻_u)
 
 Score s_ur = ⟨e_u⁽ᴸ⁾, e_r⁽ᴸ⁾⟩. Because W2 is linear and e_u does not depend on r,
-Σ α W2(e_r ⊙ e_u) = W2(e_u ⊙ Σ α e_r): each sign and side needs one sparse aggregation
-(``torch_geometric.utils.spmm``) and no per-edge matrix product. The five matrices of a side are
-stored as one ``Linear(5d, d)`` over [e, Σα e_r, e ⊙ Σα e_r, Σβ e_r, e ⊙ Σβ e_r] (the bias is W_self's).
+Σ α W2(e_r ⊙ e_u) = W2(e_u ⊙ Σ α e_r): each sign and side needs one aggregation Σα e_r and no per-edge
+matrix product. The five matrices of a side are stored as one ``Linear(5d, d)`` over
+[e, Σα e_r, e ⊙ Σα e_r, Σβ e_r, e ⊙ Σβ e_r] (the bias is W_self's).
 
 Official-code variant (``variant="official"``): one W_pos, W_neg, W_self per layer shared by users and
 responses; the raw aggregate is added untransformed, only the Hadamard term is transformed, and the
@@ -18,31 +18,67 @@ negative message is subtracted:  e ← LeakyReLU(W_self e + (p + W_pos(e ⊙ p))
 ``variant="lightgcn"`` is another GNN the paper's limitations invite (§7): signed LightGCN
 propagation without weights or non-linearity, e ← Σα e_r − Σβ e_r, and the mean of all layers'
 embeddings as the output (He et al. 2020).
+
+The layers are PyG ``MessagePassing`` modules over each message set's ``EdgeIndex`` (coplctl.graph.graph):
+``message`` is the per-edge α e_r, and ``propagate`` routes an EdgeIndex sorted by receiver to the fused
+``message_and_aggregate``, one CSR product A e whose backward multiplies by the explicit Aᵀ, so that
+training gives the same numbers on every run. The LightGCN layer is PyG's ``LGConv`` (without its own
+normalisation: α and β are the graph's weights) with that same fused step. PyG would compile
+``propagate`` from a template into a temporary Python file and import it; these layers keep PyG's
+``propagate`` as it is written instead (nothing executable is loaded from files).
 """
 
 from __future__ import annotations
 
 import torch
-from torch import nn
-from coplctl.graph.graph import Adjacency
+from torch import Tensor, nn
+from torch_geometric import EdgeIndex
+from torch_geometric.nn import LGConv, MessagePassing
+
+from coplctl.graph.graph import Adjacency, Messages, spmm
 
 VARIANTS = ("paper", "official", "lightgcn")
 
 
-class CoPLLayer(nn.Module):
+class _SignedPropagation:
+    """Mixin for the ``MessagePassing`` layers: aggregation along the message sets of an Adjacency."""
+
+    SUPPORTS_FUSED_EDGE_INDEX = True  # propagate() on an EdgeIndex sorted by receiver calls message_and_aggregate
+
+    def _set_jittable_templates(self, raise_on_error: bool = False) -> None:
+        pass  # no code generated into a temporary file: MessagePassing.propagate as PyG writes it
+
+    def along(self, messages: Messages, x: Tensor) -> Tensor:
+        """Σ_j w_ji x_j for every receiving node i: the weighted sum of its senders' rows of ``x``."""
+        return self.propagate(messages.edge_index, x=x, edge_weight=messages.weight,
+                              matrix=messages.matrix, transpose=messages.transpose)
+
+    def signed(self, e_u: Tensor, e_r: Tensor, adj: Adjacency) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(Σα e_r, Σβ e_r) into users and (Σα e_u, Σβ e_u) into responses."""
+        return (self.along(adj.pos_ur, e_r), self.along(adj.neg_ur, e_r),
+                self.along(adj.pos_ru, e_u), self.along(adj.neg_ru, e_u))
+
+    def message(self, x_j: Tensor, edge_weight: Tensor) -> Tensor:
+        return edge_weight.view(-1, 1) * x_j
+
+    def message_and_aggregate(self, edge_index: EdgeIndex, x: Tensor, matrix: Tensor, transpose: Tensor) -> Tensor:
+        return spmm(matrix, transpose, x)
+
+
+class CoPLLayer(_SignedPropagation, MessagePassing):
     """One message-passing layer of CoPL's GCF.
 
     Args:
         dim: embedding width d.
-        variant: ``paper`` (separate weights per sign and side), ``official`` (the authors' code) or
-            ``lightgcn`` (no weights: signed aggregation only).
+        variant: ``paper`` (separate weights per sign and side) or ``official`` (the authors' code);
+            ``lightgcn`` layers are :class:`LightGCNLayer`.
         negative_slope: LeakyReLU slope ψ (not given in the paper; 0.2 as in NGCF).
     """
 
     def __init__(self, dim: int, variant: str = "paper", negative_slope: float = 0.2, signed_init: bool = False):
-        super().__init__()
-        if variant not in VARIANTS:
-            raise ValueError(f"variant must be one of {VARIANTS}")
+        super().__init__(aggr="sum")
+        if variant not in VARIANTS[:2]:
+            raise ValueError(f"variant must be one of {VARIANTS[:2]}")
         self.variant = variant
         self.act = nn.LeakyReLU(negative_slope)
         if variant == "paper":
@@ -53,21 +89,31 @@ class CoPLLayer(nn.Module):
                     for lin in (self.user, self.response):
                         lin.weight[:, dim:2 * dim] = torch.eye(dim)
                         lin.weight[:, 3 * dim:4 * dim] = -torch.eye(dim)
-        elif variant == "official":
+        else:
             self.shared = nn.Linear(3 * dim, dim)
 
-    def _side(self, lin: nn.Linear, e: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
+    def _side(self, lin: nn.Linear, e: Tensor, pos: Tensor, neg: Tensor) -> Tensor:
         if self.variant == "paper":
             return self.act(lin(torch.cat([e, pos, e * pos, neg, e * neg], dim=-1)))
         return self.act(lin(torch.cat([e, e * pos, e * neg], dim=-1)) + pos - neg)
 
-    def forward(self, e_u: torch.Tensor, e_r: torch.Tensor, adj: Adjacency) -> tuple[torch.Tensor, torch.Tensor]:
-        u_pos, u_neg = adj.propagate("pos_ur", e_r), adj.propagate("neg_ur", e_r)
-        r_pos, r_neg = adj.propagate("pos_ru", e_u), adj.propagate("neg_ru", e_u)
-        if self.variant == "lightgcn":
-            return u_pos - u_neg, r_pos - r_neg
+    def forward(self, e_u: Tensor, e_r: Tensor, adj: Adjacency) -> tuple[Tensor, Tensor]:
+        u_pos, u_neg, r_pos, r_neg = self.signed(e_u, e_r, adj)
         lin_u, lin_r = (self.user, self.response) if self.variant == "paper" else (self.shared, self.shared)
         return self._side(lin_u, e_u, u_pos, u_neg), self._side(lin_r, e_r, r_pos, r_neg)
+
+
+class LightGCNLayer(_SignedPropagation, LGConv):
+    """Signed LightGCN propagation, e ← Σα e_r − Σβ e_r: PyG's ``LGConv`` along each sign's edges."""
+
+    variant = "lightgcn"
+
+    def __init__(self):
+        super().__init__(normalize=False)
+
+    def forward(self, e_u: Tensor, e_r: Tensor, adj: Adjacency) -> tuple[Tensor, Tensor]:
+        u_pos, u_neg, r_pos, r_neg = self.signed(e_u, e_r, adj)
+        return u_pos - u_neg, r_pos - r_neg
 
 
 class GCF(nn.Module):
@@ -77,7 +123,7 @@ class GCF(nn.Module):
         num_users, num_responses: node counts of the graph.
         dim: embedding width d (paper: 512).
         layers: L (paper: 4).
-        variant: ``paper`` or ``official``.
+        variant: ``paper``, ``official`` or ``lightgcn``.
         negative_slope: LeakyReLU slope.
         init_std: standard deviation of the initial embeddings.
     """
@@ -90,7 +136,10 @@ class GCF(nn.Module):
         self.responses = nn.Embedding(num_responses, dim)
         nn.init.normal_(self.users.weight, std=init_std)
         nn.init.normal_(self.responses.weight, std=init_std)
-        self.layers = nn.ModuleList(CoPLLayer(dim, variant, negative_slope, signed_init) for _ in range(layers))
+        if variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {VARIANTS}")
+        self.layers = nn.ModuleList(LightGCNLayer() if variant == "lightgcn" else
+                                    CoPLLayer(dim, variant, negative_slope, signed_init) for _ in range(layers))
 
     def forward(self, adj: Adjacency, users: torch.Tensor | None = None,
                 responses: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from coplctl.graph.graph import Adjacency, PreferenceGraph, build_adjacency
+from coplctl.graph.graph import Adjacency, Messages, PreferenceGraph, message_pair
 
 
 @dataclass
@@ -103,9 +103,9 @@ class NeighborSampler:
 
 def _directed(parts: dict, nu: int, nr: int, device, dtype) -> Adjacency:
     """Adjacency whose two directions come from different (sampled) edge sets."""
-    into_u = build_adjacency(parts["pos_ur"][0], parts["pos_ur"][1], parts["neg_ur"][0], parts["neg_ur"][1],
-                             nu, nr, device=device, dtype=dtype)
-    into_r = build_adjacency(parts["pos_ru"][0].flip(0), parts["pos_ru"][1], parts["neg_ru"][0].flip(0),
-                             parts["neg_ru"][1], nu, nr, device=device, dtype=dtype)
-    return Adjacency(into_u.pos_ur, into_r.pos_ru, into_u.neg_ur, into_r.neg_ru,
-                     {"pos_ur": into_u.pos_ru, "pos_ru": into_r.pos_ur, "neg_ur": into_u.neg_ru, "neg_ru": into_r.neg_ur})
+
+    def into(name: str, side: int) -> Messages:  # side 0: messages into users, 1: into responses
+        edges, w = parts[name]
+        return message_pair(edges.flip(0) if side else edges, w, nu, nr, device=device, dtype=dtype)[side]
+
+    return Adjacency(into("pos_ur", 0), into("pos_ru", 1), into("neg_ur", 0), into("neg_ru", 1))

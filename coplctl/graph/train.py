@@ -3,29 +3,26 @@ early stopping, resumable after an interruption (paper §4.1, Appendix C.2)."""
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import math
 import shutil
 import time
-import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
 
 import torch
 
 from coplctl.atomic import atomic_path, atomic_write_text, check_replaceable, remove_stale
-from coplctl.checkpoint import load_checkpoint
-from coplctl.checkpoint import save_checkpoint as save_checkpoint_file
 from coplctl.config import AT_LEAST_1, FRACTION, NON_NEGATIVE, POSITIVE, OneOf, check_fields
 from coplctl.errors import CoplError
-from coplctl.graph.graph import PreferenceGraph
+from coplctl.graph.graph import Adjacency, PreferenceGraph
 from coplctl.graph.model import VARIANTS, GCF
 from coplctl.graph.probe import group_probe
 from coplctl.graph.sampling import NeighborSampler
+from coplctl.graph.state import CHECKPOINT, TrainingRun
 from coplctl.progress import Bar
 from coplctl.optim import bt_loss, cosine_with_warmup, resolve_device
 
@@ -123,21 +120,40 @@ def preset_config(preset: str = "auto", **overrides) -> GCFConfig:
     return GCFConfig(**{**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}})
 
 
-@dataclass
-class TrainState:
-    epoch: int = 0
-    best_valid: float = -1.0
-    best_epoch: int = -1
-    best_state: dict | None = None
-    since_best: int = 0
-    seconds: float = 0.0
-    seconds_to_best: float = 0.0
-    history: list[dict] = field(default_factory=list)
-
-
-CHECKPOINT = "checkpoint.safetensors"  # tensors + JSON metadata: never unpickled
-OLD_CHECKPOINT = "checkpoint.pt"  # written by coplctl before 0.2 (pickle): never loaded
 CHECKPOINT_SECONDS = 60  # an interruption loses at most this much training
+
+Pairs = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (user, chosen, rejected) node indices
+
+
+@dataclass
+class TrainingData:
+    """A dataset's graph and the pairs a run trains on and selects with, on the training device."""
+
+    graph: PreferenceGraph
+    adj: Adjacency  # the whole graph's: validation, and every step of the full-graph sampler
+    train: Pairs
+    valid: Pairs  # valid pairs whose user and responses are all in the graph
+    edges: tuple[torch.Tensor, torch.Tensor]  # each training pair's positive and negative edge column
+    device: torch.device
+    dtype: torch.dtype
+
+    @classmethod
+    def build(cls, ds, device: torch.device, dtype: torch.dtype) -> "TrainingData":
+        graph = PreferenceGraph.from_dataset(ds)
+        u, c, r, _ = graph.index_pairs(ds.split("train"))
+        pairs = ds.split("valid")
+        vu, vc, vr, vok = graph.index_pairs(pairs[pairs["user_id"].isin(graph.user_index)])
+        edges = graph.edge_ids(u, c, "pos"), graph.edge_ids(u, r, "neg")
+        train = tuple(t.to(device) for t in (u, c, r))
+        valid = tuple(t[vok].to(device) for t in (vu, vc, vr))
+        return cls(graph, graph.adjacency(device=device, dtype=dtype), train, valid, edges, device, dtype)
+
+    def accuracy(self, model: GCF) -> tuple[float, float]:
+        """(train, valid) accuracy of the model's full-graph embeddings."""
+        model.eval()
+        with torch.no_grad():
+            e_u, e_r = model(self.adj)
+        return _accuracy(e_u, e_r, *self.train), _accuracy(e_u, e_r, *self.valid)
 
 
 def _accuracy(e_u, e_r, u, c, r) -> float:
@@ -162,113 +178,48 @@ def train_gcf(ds, out: str | Path, cfg: GCFConfig, *, seed: int = 0, device: str
     if (out / "metrics.json").exists():
         raise CoplError(f"{out} already holds a trained model; pass --force to train again")
     out.mkdir(parents=True, exist_ok=True)
-    dev = resolve_device(device)
-    dtype = getattr(torch, cfg.dtype)
+    data = TrainingData.build(ds, resolve_device(device), getattr(torch, cfg.dtype))
+    run = _start(data, cfg, seed, out / CHECKPOINT)
+    resumed = run.resume()
+    _fit(run, data, cfg, saved_epoch=run.state.epoch if resumed else None, progress=progress,
+         on_epoch_end=on_epoch_end)
+    run.model.load_state_dict(run.state.best_state)
+    return _export(out, ds, data, run)
 
-    graph = PreferenceGraph.from_dataset(ds)
-    u, c, r, _ = graph.index_pairs(ds.split("train"))
-    valid = ds.split("valid")
-    valid = valid[valid["user_id"].isin(graph.user_index)]
-    vu, vc, vr, vok = graph.index_pairs(valid)
-    vu, vc, vr = vu[vok], vc[vok], vr[vok]
-    u, c, r, vu, vc, vr = (t.to(dev) for t in (u, c, r, vu, vc, vr))
 
+def _start(data: TrainingData, cfg: GCFConfig, seed: int, checkpoint: Path) -> TrainingRun:
+    """A new run: the model initialised from ``seed``, its optimiser, schedule and random stream."""
     torch.manual_seed(seed)
     init_std = cfg.init_std if cfg.init_std is not None else 0.1 * math.sqrt(32 / cfg.dim)
-    model = GCF(graph.num_users, graph.num_responses, cfg.dim, cfg.layers, cfg.variant,
-                cfg.negative_slope, init_std, cfg.signed_init).to(device=dev, dtype=dtype)
+    model = GCF(data.graph.num_users, data.graph.num_responses, cfg.dim, cfg.layers, cfg.variant,
+                cfg.negative_slope, init_std, cfg.signed_init).to(device=data.device, dtype=data.dtype)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    n = len(u)
-    steps_per_epoch = 1 if cfg.batch_size <= 0 else math.ceil(n / cfg.batch_size)
-    sched = cosine_with_warmup(opt, cfg.epochs * steps_per_epoch, cfg.warmup_ratio)
-    gen = torch.Generator().manual_seed(seed)
-    sampler = NeighborSampler(graph, cfg.fanouts[: cfg.layers]) if cfg.sampler == "neighbor" else None
-    adj = graph.adjacency(device=dev, dtype=dtype)
-    pos_edge, neg_edge = graph.edge_ids(u.cpu(), c.cpu(), "pos"), graph.edge_ids(u.cpu(), r.cpu(), "neg")
-    state = TrainState()
-    config_dict = dataclasses.asdict(cfg)
+    sched = cosine_with_warmup(opt, cfg.epochs * _steps_per_epoch(data, cfg), cfg.warmup_ratio)
+    return TrainingRun(model, opt, sched, torch.Generator().manual_seed(seed), dataclasses.asdict(cfg), seed,
+                       checkpoint)
 
-    ckpt = out / CHECKPOINT
-    if (out / OLD_CHECKPOINT).exists():
-        warnings.warn(f"{out / OLD_CHECKPOINT} is ignored: a pickle (written by coplctl before 0.2) is never loaded"
-                      + ("" if ckpt.exists() else "; training starts from the beginning"))
-    if ckpt.exists():
-        saved = load_checkpoint(ckpt)
-        try:
-            if saved["config"] != config_dict or saved["seed"] != seed:
-                raise CoplError(f"{out} holds a checkpoint of a different configuration or seed; "
-                                f"pass --force to start over")
-            model.load_state_dict(saved["model"])
-            opt.load_state_dict(saved["optimizer"])
-            sched.load_state_dict(saved["scheduler"])
-            gen.set_state(saved["generator"])
-            state = TrainState(**saved["state"])
-        except (KeyError, TypeError, ValueError, RuntimeError) as e:
-            raise CoplError(f"{ckpt} does not fit this run ({type(e).__name__}: {str(e).strip()[:200]}); "
-                            f"delete it or pass --force to start over") from None
 
-    def save_checkpoint() -> None:
-        save_checkpoint_file(ckpt, {"config": config_dict, "seed": seed, "model": model.state_dict(),
-                                    "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                                    "generator": gen.get_state(), "state": dataclasses.asdict(state)})
+def _steps_per_epoch(data: TrainingData, cfg: GCFConfig) -> int:
+    return 1 if cfg.batch_size <= 0 else math.ceil(len(data.train[0]) / cfg.batch_size)
 
+
+def _fit(run: TrainingRun, data: TrainingData, cfg: GCFConfig, *, saved_epoch: int | None, progress: bool,
+         on_epoch_end: Callable[[int, dict], None] | None) -> None:
+    """Epochs until ``cfg.epochs`` or early stopping, with a checkpoint every CHECKPOINT_SECONDS; Ctrl-C
+    saves one at an epoch boundary and raises a CoplError that says where the next run resumes."""
+    state = run.state
+    sampler = NeighborSampler(data.graph, cfg.fanouts[: cfg.layers]) if cfg.sampler == "neighbor" else None
     bar = Bar(progress, cfg.epochs, "GCF", completed=state.epoch)
-    last_ckpt = time.monotonic()
-    saved_epoch = state.epoch if ckpt.exists() else None
+    last_save = time.monotonic()
     at_boundary = True  # a checkpoint is exact only between epochs
     try:
         while state.epoch < cfg.epochs:
             at_boundary = False
             t0 = time.perf_counter()
-            model.train()
-            order = torch.randperm(n, generator=gen).to(dev) if cfg.batch_size > 0 else None
-            total = 0.0
-            for s in range(steps_per_epoch):
-                b = slice(None) if order is None else order[s * cfg.batch_size:(s + 1) * cfg.batch_size]
-                bu, bc, br = u[b], c[b], r[b]
-                if sampler is None:
-                    without = None
-                    if cfg.holdout:  # these pairs are scored, and carry no messages in this step
-                        sel = torch.arange(n)[b if order is None else b.cpu()]
-                        sel = sel[torch.rand(len(sel), generator=gen) < cfg.holdout]
-                        bu, bc, br = (t.index_select(0, sel.to(dev)) for t in (u, c, r))
-                        without = (pos_edge[sel], neg_edge[sel])
-                    step_adj = adj if cfg.edge_dropout == 0 and without is None else graph.adjacency(
-                        device=dev, dtype=dtype, edge_dropout=cfg.edge_dropout, generator=gen, without=without)
-                    e_u, e_r = model(step_adj)
-                else:
-                    sub = sampler.sample(bu.cpu(), torch.cat([bc, br]).cpu(), generator=gen, device=dev, dtype=dtype)
-                    e_u, e_r = model(sub.adj, sub.users.to(dev), sub.responses.to(dev))
-                    ul, rl = sub.user_local.to(dev), sub.response_local.to(dev)
-                    bu, bc, br = ul[bu], rl[bc], rl[br]
-                loss = bt_loss(GCF.score(e_u, e_r, bu, bc).float(), GCF.score(e_u, e_r, bu, br).float())
-                if cfg.l2:
-                    loss = loss + cfg.l2 * (e_u.index_select(0, bu).pow(2).sum(-1) + e_r.index_select(0, bc).pow(2).sum(-1)
-                                            + e_r.index_select(0, br).pow(2).sum(-1)).float().mean()
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if cfg.grad_clip:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                opt.step()
-                sched.step()
-                total += loss.item()
-            model.eval()
-            with torch.no_grad():
-                e_u, e_r = model(adj)
-                metrics = {"epoch": state.epoch + 1, "loss": total / steps_per_epoch,
-                           "train_accuracy": _accuracy(e_u, e_r, u, c, r),
-                           "valid_accuracy": _accuracy(e_u, e_r, vu, vc, vr)}
-            state.seconds += time.perf_counter() - t0
-            metrics["seconds"] = round(state.seconds, 3)
-            state.history.append(metrics)
-            state.epoch += 1
-            improved = metrics["valid_accuracy"] > state.best_valid if len(vu) else True  # no valid pairs: keep last
-            if improved:
-                state.best_valid, state.best_epoch = metrics["valid_accuracy"], state.epoch
-                state.best_state = copy.deepcopy({k: v.cpu() for k, v in model.state_dict().items()})
-                state.seconds_to_best, state.since_best = state.seconds, 0
-            else:
-                state.since_best += 1
+            loss = _train_epoch(run, data, cfg, sampler)
+            train_acc, valid_acc = data.accuracy(run.model)
+            metrics = {"epoch": state.epoch + 1, "loss": loss, "train_accuracy": train_acc, "valid_accuracy": valid_acc}
+            state.record(metrics, time.perf_counter() - t0, run.model, has_valid=len(data.valid[0]) > 0)
             at_boundary = True
             bar.update(completed=state.epoch, info=f"loss {metrics['loss']:.4f} valid {metrics['valid_accuracy']:.4f}"
                                                    f" best {state.best_valid:.4f}@{state.best_epoch}")
@@ -276,32 +227,71 @@ def train_gcf(ds, out: str | Path, cfg: GCFConfig, *, seed: int = 0, device: str
                 on_epoch_end(state.epoch, metrics)
             if cfg.patience and state.since_best >= cfg.patience and state.epoch >= cfg.min_epochs:
                 break
-            if time.monotonic() - last_ckpt > CHECKPOINT_SECONDS:
-                save_checkpoint()
-                saved_epoch, last_ckpt = state.epoch, time.monotonic()
+            if time.monotonic() - last_save > CHECKPOINT_SECONDS:
+                run.save()
+                saved_epoch, last_save = state.epoch, time.monotonic()
     except KeyboardInterrupt:
         if at_boundary:
-            save_checkpoint()
+            run.save()
             saved_epoch = state.epoch
         where = f"after epoch {saved_epoch}" if saved_epoch else "from the start"
         raise CoplError(f"interrupted during training; run the same command again to resume {where}") from None
     finally:
         bar.close()
 
-    model.load_state_dict(state.best_state)
-    return _export(out, ds, graph, model, adj, cfg, seed, state, (u, c, r), (vu, vc, vr), ckpt)
+
+def _train_epoch(run: TrainingRun, data: TrainingData, cfg: GCFConfig, sampler: NeighborSampler | None) -> float:
+    """One pass over the training pairs (in minibatches of ``cfg.batch_size``); returns the mean loss."""
+    model, gen, dev, (u, c, r) = run.model, run.generator, data.device, data.train
+    n, steps = len(u), _steps_per_epoch(data, cfg)
+    model.train()
+    order = torch.randperm(n, generator=gen).to(dev) if cfg.batch_size > 0 else None
+    total = 0.0
+    for s in range(steps):
+        b = slice(None) if order is None else order[s * cfg.batch_size:(s + 1) * cfg.batch_size]
+        bu, bc, br = u[b], c[b], r[b]
+        if sampler is None:
+            without = None
+            if cfg.holdout:  # these pairs are scored, and carry no messages in this step
+                sel = torch.arange(n)[b if order is None else b.cpu()]
+                sel = sel[torch.rand(len(sel), generator=gen) < cfg.holdout]
+                bu, bc, br = (t.index_select(0, sel.to(dev)) for t in (u, c, r))
+                without = (data.edges[0][sel], data.edges[1][sel])
+            step_adj = data.adj if cfg.edge_dropout == 0 and without is None else data.graph.adjacency(
+                device=dev, dtype=data.dtype, edge_dropout=cfg.edge_dropout, generator=gen, without=without)
+            e_u, e_r = model(step_adj)
+        else:
+            sub = sampler.sample(bu.cpu(), torch.cat([bc, br]).cpu(), generator=gen, device=dev, dtype=data.dtype)
+            e_u, e_r = model(sub.adj, sub.users.to(dev), sub.responses.to(dev))
+            ul, rl = sub.user_local.to(dev), sub.response_local.to(dev)
+            bu, bc, br = ul[bu], rl[bc], rl[br]
+        loss = bt_loss(GCF.score(e_u, e_r, bu, bc).float(), GCF.score(e_u, e_r, bu, br).float())
+        if cfg.l2:
+            loss = loss + cfg.l2 * (e_u.index_select(0, bu).pow(2).sum(-1) + e_r.index_select(0, bc).pow(2).sum(-1)
+                                    + e_r.index_select(0, br).pow(2).sum(-1)).float().mean()
+        run.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        run.optimizer.step()
+        run.scheduler.step()
+        total += loss.item()
+    return total / steps
 
 
-def _export(out, ds, graph, model, adj, cfg, seed, state, train, valid, ckpt) -> dict:
+def _export(out: Path, ds, data: TrainingData, run: TrainingRun) -> dict:
+    """Write the finished run (graph, responses, users, model, embeddings, config, metrics) and remove
+    the checkpoint; returns the metrics."""
     from safetensors.torch import save_file
 
+    model, graph, state, seed = run.model, data.graph, run.state, run.seed
     model.eval()
     with torch.no_grad():
-        e_u, e_r = model(adj)
+        e_u, e_r = model(data.adj)
     metrics = {
         "status": "complete", "seed": seed, "epochs_run": state.epoch, "best_epoch": state.best_epoch,
-        "train_accuracy": _accuracy(e_u, e_r, *train), "valid_accuracy": _accuracy(e_u, e_r, *valid),
-        "valid_pairs_scored": int(len(valid[0])), "seconds": round(state.seconds, 3),
+        "train_accuracy": _accuracy(e_u, e_r, *data.train), "valid_accuracy": _accuracy(e_u, e_r, *data.valid),
+        "valid_pairs_scored": int(len(data.valid[0])), "seconds": round(state.seconds, 3),
         "seconds_to_best": round(state.seconds_to_best, 3),
         "seconds_per_epoch": round(state.seconds / max(1, state.epoch), 4), "history": state.history,
         "group_probe": group_probe(e_u.float().cpu().numpy(),
@@ -316,11 +306,11 @@ def _export(out, ds, graph, model, adj, cfg, seed, state, train, valid, ckpt) ->
                           ("embeddings", {"users": e_u.float(), "responses": e_r.float()})):
         with atomic_path(out / f"{name}.safetensors") as tmp:
             save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
-    info = {"gcf": dataclasses.asdict(cfg), "seed": seed, "graph": graph.stats(), "export": "l2",
+    info = {"gcf": run.config, "seed": seed, "graph": graph.stats(), "export": "l2",
             "data": {"path": str(ds.path) if ds.path else None, "meta": {k: ds.meta.get(k) for k in
                                                                            ("source", "variant", "annotations", "seed", "counts")}}}
     atomic_write_text(out / "config.json", json.dumps(info, indent=2) + "\n")
     atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")  # written last: marks completion
-    ckpt.unlink(missing_ok=True)
-    remove_stale(ckpt)  # a checkpoint write cut short by a kill leaves a temporary that nothing rewrites
+    run.path.unlink(missing_ok=True)
+    remove_stale(run.path)  # a checkpoint write cut short by a kill leaves a temporary that nothing rewrites
     return metrics
