@@ -1,1 +1,1 @@
-"""Benchmarks: figures (and, later, spec loading, the runner, tables and comparisons)."""
+"""Benchmarks: spec loading, the method-agnostic runner, the results store, the paper's tables and regression comparisons."""

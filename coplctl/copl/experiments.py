@@ -13,17 +13,14 @@ the seen users only, and the model as it was afterwards.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from coplctl.evaluate import evaluate
 from coplctl.files import read_json
-from coplctl.reward import ExperimentContext
-
-if TYPE_CHECKING:
-    from coplctl.copl.method import CoPL
+from coplctl.reward import ExperimentContext, RewardMethod
 
 
-def run_experiments(copl: "CoPL", ctx: ExperimentContext) -> dict:
+def run_experiments(copl: RewardMethod, ctx: ExperimentContext) -> dict:
+    """The experiments the spec asks for, on ``copl``, a trained :class:`coplctl.copl.method.CoPL` (this
+    module imports nothing of it: the method calls here, never the other way)."""
     spec, ds = ctx.spec, ctx.data
     extra: dict = {"gcf": read_json(copl.gcf_dir / "metrics.json", what="GCF metrics")}
     extra["gcf"].pop("history", None)
