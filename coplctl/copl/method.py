@@ -20,8 +20,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from coplctl.config import ADAPTATIONS
-from coplctl.config import AT_LEAST_1, NON_NEGATIVE, POSITIVE, OneOf, Range
+from coplctl.config import ADAPTATIONS, AT_LEAST_1, NON_NEGATIVE, POSITIVE, OneOf, Range
 from coplctl.encoders import add_lora, concat_batches, default_targets, lora_alpha
 from coplctl.errors import CoplError
 from coplctl.mole import Routing, gate_routing, inject_mole, load_balance_loss, mole_routing
