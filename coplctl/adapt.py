@@ -5,6 +5,9 @@ Given a trained GCF and a new user u* with a few pairs D_u* over graph responses
 - ``weighted`` (CoPL, default): take the seen users reached from u*'s chosen responses by k hops over
   positive edges only (k even; k = 2: seen users who chose a response u* chose), score each with the
   GCF, γ_u = Σ_{(a≻b)∈D_u*} log σ(s_ua − s_ub), w = softmax(γ / κ) with κ = 0.07, e_u* = Σ w_u e_u.
+  For a run of the ``official`` variant γ is computed as the authors' code does: scores of the
+  L2-normalised user and response embeddings, and the mean over the user's pairs instead of the sum
+  (much softer weights).
 - ``average``: the unweighted mean of the same neighbours (Table 4, "Naive Avg.").
 - ``optimize``: a free embedding fitted by the GCF's BT loss on D_u*, everything else frozen
   (Table 4, "User Opt.").
@@ -185,7 +188,9 @@ def _neighbour_means(run: GCFRun, pu, pc, pr, n: int, cfg: AdaptConfig):
     pu, pc, pr = pu[order], pc[order], pr[order]
     p_ptr = np.zeros(n + 1, dtype=np.int64)
     np.cumsum(np.bincount(pu, minlength=n), out=p_ptr[1:])
-    delta = E_r[torch.from_numpy(pc)] - E_r[torch.from_numpy(pr)]  # (pairs, d), by user
+    official = run.variant == "official"  # the authors' γ: normalised embeddings, mean over pairs
+    S_u, S_r = (F.normalize(E_u, dim=-1), F.normalize(E_r, dim=-1)) if official else (E_u, E_r)
+    delta = S_r[torch.from_numpy(pc)] - S_r[torch.from_numpy(pr)]  # (pairs, d), by user
     raw, emb = E_u.new_zeros(n, E_u.shape[1]), X.new_zeros(n, X.shape[1])
     counts = np.zeros(n, dtype=np.int64)
     hops, seen = _Hops(run, cfg.hops), run.graph.num_users
@@ -206,7 +211,8 @@ def _neighbour_means(run: GCFRun, pu, pc, pr, n: int, cfg: AdaptConfig):
             stop = start + max(1, int(np.searchsorted(cost, CHUNK_ELEMENTS, side="right")))
             users = by_size[start:stop]
             nb, nb_count = _padded_neighbours(users, per, e_ptr, cols, seen)
-            got_raw, got_emb = _weighted_means(nb, nb_count, lo + users, p_ptr, delta, E_u, X, cfg)
+            got_raw, got_emb = _weighted_means(nb, nb_count, lo + users, p_ptr, delta, E_u, X, cfg,
+                                               scorer=S_u, mean=official)
             raw[lo + users], emb[lo + users] = got_raw, got_emb
             start = stop
     return raw, emb, counts
@@ -225,11 +231,16 @@ def _padded_neighbours(users, per, e_ptr, cols, seen: int):
     return torch.from_numpy(nb), torch.from_numpy(size)
 
 
-def _weighted_means(nb, nb_count, users, p_ptr, delta, E_u, X, cfg: AdaptConfig):
-    """softmax(γ/κ)-weighted (or plain) means over each user's neighbours, padded to a dense batch."""
+def _weighted_means(nb, nb_count, users, p_ptr, delta, E_u, X, cfg: AdaptConfig, *, scorer=None,
+                    mean: bool = False):
+    """softmax(γ/κ)-weighted (or plain) means over each user's neighbours, padded to a dense batch.
+
+    γ scores the neighbours' rows of ``scorer`` (default ``E_u``) against ``delta``, summed over the
+    user's pairs (``mean``: averaged)."""
     m, width = nb.shape
     valid = torch.arange(width)[None, :] < nb_count[:, None]  # (m, width)
     A = E_u[nb]  # (m, width, d); padding rows are user 0's and get weight 0
+    S = A if scorer is None or scorer is E_u else scorer[nb]
     if cfg.method == "weighted":
         n_pairs = np.diff(p_ptr)[users]
         D = delta.new_zeros(m, int(n_pairs.max(initial=0)), delta.shape[1])
@@ -237,7 +248,9 @@ def _weighted_means(nb, nb_count, users, p_ptr, delta, E_u, X, cfg: AdaptConfig)
         D[torch.from_numpy(np.repeat(np.arange(m), n_pairs)), torch.from_numpy(slot)] = \
             delta[torch.from_numpy(_ranges(p_ptr[users], n_pairs))]
         pair_ok = torch.arange(D.shape[1])[None, :] < torch.from_numpy(n_pairs)[:, None]  # (m, pairs)
-        gamma = (F.logsigmoid(torch.bmm(A, D.transpose(1, 2))) * pair_ok[:, None, :]).sum(-1)  # (m, width)
+        gamma = (F.logsigmoid(torch.bmm(S, D.transpose(1, 2))) * pair_ok[:, None, :]).sum(-1)  # (m, width)
+        if mean:
+            gamma = gamma / torch.from_numpy(n_pairs).clamp(min=1)[:, None].to(gamma.dtype)
         w = torch.softmax((gamma / cfg.temperature).masked_fill(~valid, -math.inf), dim=1)
     else:
         w = valid.to(E_u.dtype) / nb_count[:, None].to(E_u.dtype)

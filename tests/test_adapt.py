@@ -54,6 +54,32 @@ def test_weighted_matches_the_formula(run, tiny_dir):
     torch.testing.assert_close(naive.embeddings[0], run.exported_user_emb[nb].mean(0))
 
 
+def test_official_variant_weights_as_the_authors_code(tiny_dir, tmp_path):
+    """official runs: γ from L2-normalised embeddings, averaged over the user's pairs."""
+    path = tmp_path / "official"
+    train_gcf(load(tiny_dir), path, preset_config("official", dim=8, layers=2, epochs=15, batch_size=0,
+                                                  lr=2e-2), progress=False)
+    run = GCFRun(path)
+    ds = load(tiny_dir)
+    uid = ds.user_ids("unseen")[0]
+    pairs = ds.split("fewshot")
+    pairs = pairs[(pairs["user_id"] == uid) & pairs["chosen_id"].isin(run.graph.response_index)
+                  & pairs["rejected_id"].isin(run.graph.response_index)]
+    assert len(pairs) > 1
+    got = adapt_users(run, pairs)
+    nb = torch.tensor(_manual_neighbours(run, pairs["chosen_id"]))
+    g = run.graph
+    a = torch.tensor([g.response_index[x] for x in pairs["chosen_id"]])
+    b = torch.tensor([g.response_index[x] for x in pairs["rejected_id"]])
+    eu, er = F.normalize(run.user_emb, dim=-1), F.normalize(run.response_emb, dim=-1)
+    gamma = torch.stack([F.logsigmoid((eu[u] * (er[a] - er[b])).sum(-1)).mean() for u in nb])
+    w = torch.softmax(gamma / 0.07, 0)
+    torch.testing.assert_close(got.embeddings[0], w @ run.exported_user_emb[nb])
+    summed = torch.stack([F.logsigmoid((run.user_emb[u] * (run.response_emb[a] - run.response_emb[b])).sum(-1)).sum()
+                          for u in nb])  # the paper's γ gives other weights here
+    assert not torch.allclose(torch.softmax(summed / 0.07, 0), w)
+
+
 def test_four_hops_reach_more_users(run, tiny_dir):
     ds = load(tiny_dir)
     pairs = ds.split("fewshot")
