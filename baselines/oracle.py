@@ -16,7 +16,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from coplctl.encoders import ResponseEncoder, default_targets, lora_alpha
+from coplctl.encoders import ResponseEncoder, RewardHead, default_targets, lora_alpha
 from coplctl.errors import CoplError, DataError
 from coplctl.files import field, read_json
 from coplctl.neural import BaselineConfig, NeuralMethod, PairScorer
@@ -46,7 +46,7 @@ class OracleNet(PairScorer):
             self.encoders = nn.ModuleList(encoders)
         else:
             (self.encoder,) = encoders
-        self.heads = nn.ModuleList(nn.Linear(encoders[0].out_dim, 1) for _ in range(groups))
+        self.heads = nn.ModuleList(RewardHead(encoders[0].out_dim, 1) for _ in range(groups))
 
     def _activate(self, k: int) -> None:
         from peft.tuners.tuners_utils import BaseTunerLayer

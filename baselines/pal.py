@@ -56,9 +56,9 @@ class PALNet(PairScorer):
         self.log_scale = nn.Parameter(torch.zeros(()))
 
     def score(self, users: torch.Tensor, batch: dict) -> torch.Tensor:
-        h = self.f(self.encoder(batch))
-        ideal = self.f(torch.softmax(self.weights.index_select(0, users), dim=-1) @ self.prototypes)
-        dist = ((h - ideal.to(h.dtype)).pow(2).sum(-1) + 1e-8).sqrt()
+        h = self.f(self.encoder(batch)).float()  # the reward in fp32, also under autocast (no bf16 ties)
+        ideal = self.f(torch.softmax(self.weights.index_select(0, users), dim=-1) @ self.prototypes).float()
+        dist = ((h - ideal).pow(2).sum(-1) + 1e-8).sqrt()
         return -self.log_scale.exp() * dist
 
 

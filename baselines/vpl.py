@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from coplctl.config import AT_LEAST_1, NON_NEGATIVE, PROBABILITY
-from coplctl.encoders import ResponseEncoder, adapters_disabled, concat_batches
+from coplctl.encoders import ResponseEncoder, RewardHead, adapters_disabled, concat_batches
 from coplctl.features import features
 from coplctl.neural import BaselineConfig, NeuralMethod, baseline_encoder
 from coplctl.trainer import distributed_state
@@ -63,7 +63,7 @@ class VPLNet(nn.Module):
         self.pair_mlp = nn.Sequential(nn.Linear(2 * feat_dim, h), nn.GELU(), nn.Linear(h, h))
         self.attn = nn.MultiheadAttention(h, heads, batch_first=True)
         self.to_mu, self.to_logvar = nn.Linear(h, z), nn.Linear(h, z)
-        self.reward = nn.Sequential(nn.Linear(self.encoder.out_dim + z, h), nn.GELU(), nn.Linear(h, 1))
+        self.reward = nn.Sequential(nn.Linear(self.encoder.out_dim + z, h), nn.GELU(), RewardHead(h, 1))
         self.register_buffer("latent", torch.zeros(users, z))  # μ of every known user
         self.context = context  # training only: (features, pair endpoints, pairs per user)
         self.beta, self.anneal_steps, self.step = beta, max(1, anneal_steps), 0

@@ -117,6 +117,15 @@ class ResponseEncoder(nn.Module):
         return self._pool(hidden, mask)
 
 
+class RewardHead(nn.Linear):
+    """The linear layer that outputs rewards, computed in fp32 even under bf16 autocast: bf16 rewards of
+    close responses tie (8 bits of mantissa), and a tie counts as a wrong pair."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            return super().forward(x.float())
+
+
 def lora_alpha(alpha: float | None, rank: int) -> float:
     """LoRA alpha: the configured one, else 2 · rank (the paper does not give it)."""
     return alpha if alpha is not None else 2 * rank

@@ -12,13 +12,15 @@ import pandas as pd
 from coplctl.reward import RewardMethod, pair_scores
 
 
-def accuracy_table(correct: np.ndarray, controversial: np.ndarray) -> dict:
+def accuracy_table(correct: np.ndarray, controversial: np.ndarray, ties: np.ndarray | None = None) -> dict:
+    """Accuracy over all, common and controversial pairs; ``ties`` (chosen and rejected scored exactly
+    equal, counted as wrong in ``correct``) are counted."""
     def mean(mask):
         return float(correct[mask].mean()) if mask.any() else None
 
     return {"accuracy": mean(np.ones_like(correct, dtype=bool)), "common": mean(~controversial),
             "controversial": mean(controversial), "pairs": int(len(correct)),
-            "controversial_pairs": int(controversial.sum())}
+            "controversial_pairs": int(controversial.sum()), "ties": int(ties.sum()) if ties is not None else 0}
 
 
 def evaluate(method: RewardMethod, ds, *, adapt: bool = True, fewshot: int | None = None,
@@ -38,7 +40,7 @@ def evaluate(method: RewardMethod, ds, *, adapt: bool = True, fewshot: int | Non
         if test.empty or (r == "unseen" and not adapt):
             continue
         s_c, s_r = pair_scores(method, test, ds.responses)
-        metrics[r] = accuracy_table(s_c > s_r, test["controversial"].to_numpy())
+        metrics[r] = accuracy_table(s_c > s_r, test["controversial"].to_numpy(), ties=s_c == s_r)
     out["metrics"] = metrics
     return out
 

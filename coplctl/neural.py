@@ -24,7 +24,7 @@ from torch import nn
 from coplctl.config import AT_LEAST_1, NON_NEGATIVE, POSITIVE
 from coplctl.atomic import atomic_path
 from coplctl.backbone import Backbone
-from coplctl.encoders import ResponseEncoder, add_lora, build_inputs, concat_batches, lora_alpha
+from coplctl.encoders import ResponseEncoder, RewardHead, add_lora, build_inputs, concat_batches, lora_alpha
 from coplctl.errors import CoplError, DataError
 from coplctl.files import field, read_json, read_parquet, read_safetensors, read_user_ids
 from coplctl.reward import METHOD_FILE, RewardMethod, bt_loss
@@ -260,7 +260,7 @@ class UserVectorNet(PairScorer):
     def __init__(self, encoder: ResponseEncoder, user_vector: nn.Module | None = None):
         super().__init__()
         self.encoder, self.user_vector = encoder, user_vector
-        self.head = nn.Linear(encoder.out_dim, 1)
+        self.head = RewardHead(encoder.out_dim, 1)
 
     def score(self, users: torch.Tensor, batch: dict) -> torch.Tensor:
         extra = self.user_vector(users) if self.user_vector is not None else None

@@ -41,3 +41,32 @@ def test_bad_config_option_is_a_clear_error():
 def test_load_of_a_non_method_directory(tmp_path):
     with pytest.raises(CoplError, match="not a saved method"):
         load_method(tmp_path)
+
+
+def test_exact_ties_are_wrong_counted_and_noted_in_table_1(tiny_dir):
+    from coplctl.bench.tables import build_tables, to_markdown
+    from coplctl.data import load
+    from coplctl.evaluate import evaluate
+
+    ds = load(tiny_dir)
+    method = ResponseBT(steps=1, lr=0.0)  # every response keeps score 0: every pair is a tie
+    method.fit(ds)
+    seen = evaluate(method, ds)["metrics"]["seen"]
+    assert seen["accuracy"] == 0.0 and seen["ties"] == seen["pairs"] > 0
+    result = {"spec": "s", "name": "uniform", "seed": 0, "metrics": {"seen": seen}}
+    table = next(t for t in build_tables([result]) if t.key == "table1-seen")
+    assert table.notes == [f"Uniform on s: {seen['pairs']} tied pairs per seed (scored as wrong)"]
+    assert "_Note: Uniform on s:" in to_markdown(table)
+
+
+def test_reward_heads_output_fp32_under_bf16_autocast():
+    from coplctl.encoders import RewardHead
+
+    torch.manual_seed(0)
+    head = RewardHead(64, 1)
+    x = torch.randn(512, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = head(x.bfloat16())
+        plain = torch.nn.Linear(64, 1)(x)  # autocast's own linear: bf16
+    assert out.dtype == torch.float32 and plain.dtype == torch.bfloat16
+    torch.testing.assert_close(out, torch.nn.functional.linear(x.bfloat16().float(), head.weight, head.bias))

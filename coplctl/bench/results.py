@@ -29,6 +29,8 @@ class Scores(TypedDict, total=False):
     controversial: float | None
     pairs: int
     controversial_pairs: int
+    ties: int
+    """Pairs whose two responses got exactly the same reward (scored as wrong)."""
 
 
 class Timing(TypedDict):
@@ -102,7 +104,7 @@ def _need(value, types: tuple, f: Path, key: str, optional: bool = True):
     return value
 
 
-def _scores(block, f: Path, key: str, keys=("accuracy", "common", "controversial", "controversial_pairs")) -> None:
+def _scores(block, f: Path, key: str, keys=("accuracy", "common", "controversial", "controversial_pairs", "ties")) -> None:
     """A metrics block: a mapping (or null) whose named entries are numbers (or null)."""
     if _need(block, (dict,), f, key) is not None:
         for k in keys:

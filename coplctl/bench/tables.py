@@ -36,6 +36,7 @@ class Table:
     title: str
     columns: list[str]
     rows: list[tuple[str, list[Cell | None]]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
 
 def _spec_key(name: str) -> tuple:
@@ -81,8 +82,11 @@ def build_tables(results: list[Result]) -> list[Table]:
     main = [r for r in results if _is_method(r)]
     tables = []
     for role in ("seen", "unseen"):
-        tables.append(_grid(f"table1-{role}", f"Table 1 ({role} users): accuracy on held-out pairs",
-                            _collect(main, _metric(role))))
+        table = _grid(f"table1-{role}", f"Table 1 ({role} users): accuracy on held-out pairs",
+                      _collect(main, _metric(role)))
+        if table is not None:
+            table.notes = _tie_notes(main, role)
+        tables.append(table)
     # The paper shows Table 2 for UF-P-2 only; it is rendered for every spec whose test pairs include
     # controversial ones (with 4 groups: pairs on which the groups do not all agree).
     contested = {r["spec"] for r in main if (r["metrics"].get("seen") or {}).get("controversial_pairs")}
@@ -137,6 +141,18 @@ def build_tables(results: list[Result]) -> list[Table]:
     return [t for t in tables if t is not None and t.rows]
 
 
+def _tie_notes(results: list[Result], role: str) -> list[str]:
+    """One note per method whose test pairs had exact ties (both responses the same reward)."""
+    ties: dict = {}
+    for r in results:
+        m = r["metrics"].get(role) or {}
+        if m.get("ties"):
+            key = (method_sort_key(r["name"]), r["name"], r["spec"])
+            ties.setdefault(key, []).append(m["ties"])
+    return [f"{method_label(name)} on {spec}: {statistics.fmean(v):g} tied pairs per seed (scored as wrong)"
+            for (_, name, spec), v in sorted(ties.items())]
+
+
 def _fmt(c: Cell | None, latex: bool = False) -> str:
     if c is None:
         return "-"
@@ -149,8 +165,9 @@ def _fmt(c: Cell | None, latex: bool = False) -> str:
 
 def to_markdown(t: Table) -> str:
     head = f"| | {' | '.join(t.columns)} |\n|---|{'---|' * len(t.columns)}\n"
+    notes = "".join(f"\n_Note: {n}._\n" for n in t.notes)
     return f"**{t.title}**\n\n" + head + "\n".join(f"| {label} | {' | '.join(_fmt(c) for c in cells)} |"
-                                                 for label, cells in t.rows) + "\n"
+                                                 for label, cells in t.rows) + "\n" + notes
 
 
 def to_csv(t: Table) -> str:
@@ -171,7 +188,7 @@ def to_latex(t: Table) -> str:
     lines = [f"% {t.title}", "\\begin{tabular}{l" + "c" * len(t.columns) + "}", "\\toprule",
              " & " + " & ".join(t.columns) + " \\\\", "\\midrule"]
     lines += [f"{label} & " + " & ".join(_fmt(c, latex=True) for c in cells) + " \\\\" for label, cells in t.rows]
-    return "\n".join(lines + ["\\bottomrule", "\\end{tabular}"]) + "\n"
+    return "\n".join(lines + ["\\bottomrule", "\\end{tabular}"] + [f"% Note: {n}." for n in t.notes]) + "\n"
 
 
 def fewshot_curves(results: list[Result]) -> dict:

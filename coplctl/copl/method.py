@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from coplctl.config import ADAPTATIONS, AT_LEAST_1, NON_NEGATIVE, POSITIVE, OneOf, Range
-from coplctl.encoders import add_lora, concat_batches, default_targets, lora_alpha
+from coplctl.encoders import RewardHead, add_lora, concat_batches, default_targets, lora_alpha
 from coplctl.errors import CoplError
 from coplctl.mole import Routing, gate_routing, inject_mole, load_balance_loss, mole_routing
 from coplctl.neural import NeuralMethod
@@ -120,7 +120,7 @@ class CoPLNet(nn.Module):
             self.layers = layers
         else:
             self.user_proj = user_proj
-        self.head = nn.Linear(encoder.out_dim, 1)
+        self.head = RewardHead(encoder.out_dim, 1)
 
     def hidden(self, e: torch.Tensor, batch: dict, rows: torch.Tensor) -> tuple[torch.Tensor, list]:
         """Encoder output for a batch whose sequence i belongs to the user embedding ``e[rows[i]]``."""
