@@ -52,5 +52,7 @@ class I2E(NeuralMethod):
 
     def adapt(self, pairs: pd.DataFrame, responses: pd.DataFrame) -> dict:
         tokens = self.net.user_vector
-        return self.adapt_rows(pairs, responses, tokens, "table", tokens.table.detach().mean(0),
-                               steps=self.config.adapt_steps, lr=self.config.adapt_lr)
+        return self.adapt_rows(pairs, responses, tokens, "table", tokens.table.detach().mean(0))
+
+    def lr_groups(self) -> dict[str, float]:
+        return {"user_vector.table": self.config.user_lr}  # each user's own embedding (not the generic one)

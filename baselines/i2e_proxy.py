@@ -52,5 +52,7 @@ class I2EProxy(NeuralMethod):
 
     def adapt(self, pairs: pd.DataFrame, responses: pd.DataFrame) -> dict:
         tokens = self.net.user_vector
-        return self.adapt_rows(pairs, responses, tokens, "logits", torch.zeros(tokens.logits.shape[1]),
-                               steps=self.config.adapt_steps, lr=self.config.adapt_lr)
+        return self.adapt_rows(pairs, responses, tokens, "logits", torch.zeros(tokens.logits.shape[1]))
+
+    def lr_groups(self) -> dict[str, float]:
+        return {"user_vector.logits": self.config.user_lr}  # each user's mixing logits (not the shared proxies)

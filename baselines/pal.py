@@ -13,7 +13,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from coplctl.config import AT_LEAST_1
+from coplctl.config import AT_LEAST_1, POSITIVE
 from coplctl.encoders import ResponseEncoder
 from coplctl.neural import BaselineConfig, NeuralMethod, PairScorer, baseline_encoder
 from coplctl.registry import register_method
@@ -27,6 +27,12 @@ class PALConfig(BaselineConfig):
     """N, prototypes shared by all users (paper: 10)."""
     ideal_dim: Annotated[int, AT_LEAST_1] = 64
     """Width of the space f maps into (not given in the paper)."""
+    user_lr: Annotated[float, POSITIVE] = 5e-3
+    """Learning rate of the users' mixing weights and of the prototypes: PAL's own code trains these
+    user-side parameters at 5e-3 (apart from the reward model's rate); unseen users' weights are fitted
+    at the same rate (``adapt_lr`` None)."""
+    scale_lr: Annotated[float, POSITIVE] = 0.1
+    """Learning rate of the reward scale s (log-parametrised): 0.1 in PAL's own code."""
 
 
 class ResidualMap(nn.Module):
@@ -72,5 +78,8 @@ class PAL(NeuralMethod):
         return PALNet(baseline_encoder(self), users, self.config.prototypes, self.config.ideal_dim)
 
     def adapt(self, pairs: pd.DataFrame, responses: pd.DataFrame) -> dict:
-        return self.adapt_rows(pairs, responses, self.net, "weights", torch.zeros(self.config.prototypes),
-                               steps=self.config.adapt_steps, lr=self.config.adapt_lr)
+        return self.adapt_rows(pairs, responses, self.net, "weights", torch.zeros(self.config.prototypes))
+
+    def lr_groups(self) -> dict[str, float]:
+        c = self.config
+        return {"weights": c.user_lr, "prototypes": c.user_lr, "log_scale": c.scale_lr}

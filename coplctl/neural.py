@@ -55,6 +55,11 @@ class NeuralMethod(RewardMethod):
         """``{"users": rows, **sizes}``: written to ``method.json``, read back to rebuild the net."""
         return {"users": len(self.user_ids), **self.net_sizes}
 
+    def lr_groups(self) -> dict[str, float]:
+        """{parameter name prefix: learning rate} of parameters that need a rate of their own, e.g. per-user
+        rows, which get gradient only when their user's few pairs are in the batch (default: none)."""
+        return {}
+
     def extra_columns(self, data) -> tuple[torch.Tensor, ...]:
         """Per-training-pair tensors passed to the net's forward after the three batches (default none)."""
         return ()
@@ -131,7 +136,7 @@ class NeuralMethod(RewardMethod):
         valid = data.split("valid")
         valid = valid[valid["user_id"].isin(self.user_index)]
         metrics = train_pairs(self.net, inputs, train, self.pair_tensors(valid, data.responses), self.config,
-                              seed=seed, progress=progress, label=self.registry_name)
+                              seed=seed, progress=progress, label=self.registry_name, lr_groups=self.lr_groups())
         return metrics
 
     def score(self, user_ids: Sequence[str], responses: pd.DataFrame) -> torch.Tensor:
@@ -140,12 +145,15 @@ class NeuralMethod(RewardMethod):
         return rewards(self.net, rows, inputs, torch.arange(len(rows)))
 
     def adapt_rows(self, pairs: pd.DataFrame, responses: pd.DataFrame, owner: nn.Module, attr: str,
-                   init: torch.Tensor, *, steps: int, lr: float) -> dict:
+                   init: torch.Tensor) -> dict:
         """Give new users a row of the table ``owner.<attr>`` fitted to their pairs, all else frozen.
 
         The table grows by one row per new user (initialised to ``init``); only those rows get
-        gradient, for ``steps`` Adam steps of the BT loss on the few-shot pairs (Appendix C.2: 50).
+        gradient, for the config's ``adapt_steps`` Adam steps (Appendix C.2: 50) of the BT loss on the
+        few-shot pairs, at ``adapt_lr`` (None: ``user_lr``, the rate seen users' rows trained at).
         """
+        c = self.config
+        steps, lr = c.adapt_steps, c.adapt_lr if c.adapt_lr is not None else c.user_lr
         new = [u for u in dict.fromkeys(pairs["user_id"]) if u not in self.user_index]
         old = getattr(owner, attr)
         table = nn.Parameter(torch.cat([old.detach(), init.to(old).expand(len(new), -1)]))
@@ -221,8 +229,15 @@ class BaselineConfig(TrainConfig):
     user token has the backbone's hidden size)."""
     adapt_steps: Annotated[int, NON_NEGATIVE] = 50
     """Gradient steps fitting an unseen user's own parameters (paper: 50)."""
-    adapt_lr: Annotated[float, POSITIVE] = 1e-2
-    """Adam learning rate of those steps."""
+    user_lr: Annotated[float, POSITIVE] = 1e-2
+    """Learning rate of per-user parameters (I2E rows, I2E-proxy mixing logits, PAL: see its config),
+    apart from ``lr``. A user's row gets gradient only in the steps where one of its few pairs is in the
+    batch: with ~8 pairs a user and one lora-mode epoch that is ~8 Adam steps, so at the shared 5e-5 a
+    row moves at most ~4e-4 from its 0.02-scale init and stays where it started. 1e-2 is the rate unseen
+    users' rows are fitted at (50 Adam steps, our value: Appendix C.2 gives the steps, not the rate), so
+    seen and unseen rows take steps of the same size. Methods without per-user parameters ignore it."""
+    adapt_lr: Annotated[float, POSITIVE] | None = None
+    """Adam learning rate of those steps; None = ``user_lr`` (the same step size as seen users' rows)."""
 
 
 class PairScorer(nn.Module):

@@ -165,13 +165,27 @@ def row_accuracy(net, inputs, users, chosen, rejected, batch_size: int = 256) ->
                  .float().mean())
 
 
+def param_groups(net: nn.Module, lr: float, rates: dict[str, float] | None = None) -> list[dict]:
+    """AdamW parameter groups: the trainable parameters named by a prefix of ``rates`` (``"user_table"``,
+    ``"user_vector.table"`` ...) train at that rate, the others at ``lr`` (the first group)."""
+    rates = rates or {}
+    groups: dict[float, list] = {lr: []}
+    for name, p in net.named_parameters():
+        if p.requires_grad:
+            rate = next((r for prefix, r in rates.items() if name == prefix or name.startswith(prefix + ".")), lr)
+            groups.setdefault(rate, []).append(p)
+    return [{"params": ps, "lr": rate} for rate, ps in groups.items() if ps or rate == lr]
+
+
 def train_pairs(net: nn.Module, inputs: ResponseInputs, train: tuple, valid: tuple, cfg: TrainConfig, *,
-                seed: int = 0, progress: bool = True, label: str = "train") -> dict:
+                seed: int = 0, progress: bool = True, label: str = "train",
+                lr_groups: dict[str, float] | None = None) -> dict:
     """Train ``net`` (forward(users, chosen batch, rejected batch, *extra) -> (r⁺, r⁻, aux loss)) on pairs.
 
     ``train`` is (user rows, chosen rows, rejected rows, *extra columns) and ``valid`` (user rows,
-    chosen rows, rejected rows) tensors. The epoch with the best validation accuracy is kept.
-    Returns metrics.
+    chosen rows, rejected rows) tensors. ``lr_groups`` gives parameters their own learning rate
+    (:func:`param_groups`; the schedule scales every rate alike). The epoch with the best validation
+    accuracy is kept. Returns metrics.
     """
     from accelerate.utils import set_seed
 
@@ -179,7 +193,7 @@ def train_pairs(net: nn.Module, inputs: ResponseInputs, train: tuple, valid: tup
     set_seed(seed)
     lr, epochs, batch_size = cfg.get("lr"), cfg.get("epochs"), cfg.get("batch_size")
     params = [p for p in net.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(param_groups(net, lr, lr_groups), lr=lr, weight_decay=cfg.weight_decay)
     data = torch.utils.data.TensorDataset(*train)
     loader = torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=True,
                                          generator=torch.Generator().manual_seed(seed))
@@ -216,7 +230,7 @@ def train_pairs(net: nn.Module, inputs: ResponseInputs, train: tuple, valid: tup
     load_trainable_state(model, best)
     acc.wait_for_everyone()
     return {"history": history, "best_epoch": best_epoch, "valid_accuracy": best_acc,
-            "steps": epochs * len(loader), "processes": acc.num_processes}
+            "steps": epochs * len(loader), "processes": acc.num_processes, "lr": lr, "lr_groups": dict(lr_groups or {})}
 
 
 def optimize_rows(params: list[nn.Parameter], loss_fn: Callable[[torch.Tensor], torch.Tensor], n_items: int, *,

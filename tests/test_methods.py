@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import coplctl.neural
+import coplctl.trainer
 from coplctl.data import load
 from coplctl.registry import METHODS
 from coplctl.reward import load_method, make_config, pair_scores
@@ -83,3 +84,42 @@ def test_the_readme_example_method_trains_saves_and_loads(micro_dir, tmp_path, m
     assert '"width": ' in (tmp_path / "run" / "method.json").read_text()
     test = ds.split("test")
     assert (pair_scores(load_method(tmp_path / "run"), test, ds.responses)[0] == pair_scores(method, test, ds.responses)[0]).all()
+
+
+@pytest.mark.parametrize("name, overrides, own", [
+    ("i2e", {"user_lr": 0.03}, {"user_vector.table": 0.03}),
+    ("i2e-proxy", {"user_lr": 0.03}, {"user_vector.logits": 0.03}),
+    ("pal", {"user_lr": 0.03, "scale_lr": 0.2}, {"weights": 0.03, "prototypes": 0.03, "log_scale": 0.2}),
+    ("copl", {"user_embeddings": "learned", "user_lr": 0.03}, {"user_table": 0.03}),
+])
+def test_per_user_parameters_train_at_their_own_rate(name, overrides, own, micro_dir, monkeypatch):
+    """The optimizer's groups: a method's per-user parameters at their rate, everything else at lr."""
+    cls = METHODS.get(name)
+    method = cls(make_config(cls.Config, {**SMALL["frozen"], "epochs": 1, "lr": 1e-3, **overrides}))
+    seen = []
+    real = coplctl.trainer.param_groups
+
+    def watch(net, lr, rates=None):
+        groups = real(net, lr, rates)
+        seen.append({id(p): g["lr"] for g in groups for p in g["params"]})
+        return groups
+
+    monkeypatch.setattr(coplctl.trainer, "param_groups", watch)
+    metrics = method.fit(load(micro_dir), progress=False)
+    rate = seen[0]
+    named = dict(method.net.named_parameters())
+    for key, value in own.items():
+        assert rate[id(named[key])] == value, key
+    others = [n for n, p in named.items() if p.requires_grad and n not in own]
+    assert others and all(rate[id(named[n])] == 1e-3 for n in others)
+    assert metrics["lr_groups"] == own
+    assert method.adapt(load(micro_dir).split("fewshot"), load(micro_dir).responses)["users"] == 2
+
+
+def test_param_groups_match_whole_name_parts():
+    from coplctl.trainer import param_groups
+
+    net = torch.nn.ModuleDict({"table": torch.nn.Linear(2, 2), "table2": torch.nn.Linear(2, 2)})
+    groups = param_groups(net, 1e-3, {"table": 0.1})
+    assert [g["lr"] for g in groups] == [1e-3, 0.1]
+    assert len(groups[0]["params"]) == 2 and len(groups[1]["params"]) == 2  # table2.* is not table.*
