@@ -55,4 +55,4 @@ class I2E(NeuralMethod):
         return self.adapt_rows(pairs, responses, tokens, "table", tokens.table.detach().mean(0))
 
     def lr_groups(self) -> dict[str, float]:
-        return {"user_vector.table": self.config.user_lr}  # each user's own embedding (not the generic one)
+        return {"user_vector.table": self.user_rate()}  # each user's own embedding (not the generic one)

@@ -55,4 +55,4 @@ class I2EProxy(NeuralMethod):
         return self.adapt_rows(pairs, responses, tokens, "logits", torch.zeros(tokens.logits.shape[1]))
 
     def lr_groups(self) -> dict[str, float]:
-        return {"user_vector.logits": self.config.user_lr}  # each user's mixing logits (not the shared proxies)
+        return {"user_vector.logits": self.user_rate()}  # each user's mixing logits (not the shared proxies)

@@ -90,6 +90,7 @@ class Oracle(NeuralMethod):
     """Oracle: one Uniform model per true preference group; each user is scored by its group's model."""
 
     Config = OracleConfig
+    needs_groups = True
 
     def prepare(self, data, *, seed: int, work_dir: Path | None) -> dict[str, int]:
         users = data.users

@@ -32,6 +32,10 @@ from coplctl.trainer import (TrainConfig, autocast, distributed_state, fp32_trai
                              optimize_rows, rewards, train_pairs, trainable_state)
 
 
+#: Default rate of per-user parameters in lora mode (see BaselineConfig.user_lr).
+USER_LR_LORA = 1e-2
+
+
 class NeuralMethod(RewardMethod):
     """A reward method trained with :func:`coplctl.trainer.train_pairs` on a response encoder."""
 
@@ -54,6 +58,14 @@ class NeuralMethod(RewardMethod):
     def sizes(self) -> dict[str, int]:
         """``{"users": rows, **sizes}``: written to ``method.json``, read back to rebuild the net."""
         return {"users": len(self.user_ids), **self.net_sizes}
+
+    def user_rate(self) -> float:
+        """The learning rate of per-user parameters: the config's ``user_lr``, else 1e-2 in ``lora`` mode and
+        the shared ``lr`` in ``frozen`` mode (see :class:`BaselineConfig`)."""
+        c = self.config
+        if c.user_lr is not None:
+            return c.user_lr
+        return USER_LR_LORA if c.mode == "lora" else c.get("lr")
 
     def lr_groups(self) -> dict[str, float]:
         """{parameter name prefix: learning rate} of parameters that need a rate of their own, e.g. per-user
@@ -153,7 +165,7 @@ class NeuralMethod(RewardMethod):
         few-shot pairs, at ``adapt_lr`` (None: ``user_lr``, the rate seen users' rows trained at).
         """
         c = self.config
-        steps, lr = c.adapt_steps, c.adapt_lr if c.adapt_lr is not None else c.user_lr
+        steps, lr = c.adapt_steps, c.adapt_lr if c.adapt_lr is not None else self.user_rate()
         new = [u for u in dict.fromkeys(pairs["user_id"]) if u not in self.user_index]
         old = getattr(owner, attr)
         table = nn.Parameter(torch.cat([old.detach(), init.to(old).expand(len(new), -1)]))
@@ -229,13 +241,14 @@ class BaselineConfig(TrainConfig):
     user token has the backbone's hidden size)."""
     adapt_steps: Annotated[int, NON_NEGATIVE] = 50
     """Gradient steps fitting an unseen user's own parameters (paper: 50)."""
-    user_lr: Annotated[float, POSITIVE] = 1e-2
-    """Learning rate of per-user parameters (I2E rows, I2E-proxy mixing logits, PAL: see its config),
-    apart from ``lr``. A user's row gets gradient only in the steps where one of its few pairs is in the
-    batch: with ~8 pairs a user and one lora-mode epoch that is ~8 Adam steps, so at the shared 5e-5 a
-    row moves at most ~4e-4 from its 0.02-scale init and stays where it started. 1e-2 is the rate unseen
-    users' rows are fitted at (50 Adam steps, our value: Appendix C.2 gives the steps, not the rate), so
-    seen and unseen rows take steps of the same size. Methods without per-user parameters ignore it."""
+    user_lr: Annotated[float, POSITIVE] | None = None
+    """Learning rate of per-user parameters (I2E rows, I2E-proxy mixing logits; PAL sets its own), apart
+    from ``lr``; None = 1e-2 in ``lora`` mode, ``lr`` in ``frozen`` mode. A user's row gets gradient only
+    in the steps where one of its few pairs is in the batch: with ~8 pairs a user and one lora-mode epoch
+    (the paper's setting) that is ~8 Adam steps, so at the shared 5e-5 a row moves at most ~4e-4 from its
+    0.02-scale init and stays where it started; 1e-2 lets it move ~0.08. In frozen mode (8 epochs at
+    1e-3) a row already takes ~64 steps of 1e-3 (~3× its init scale); a higher rate there measured worse
+    on the quick spec (I2E common pairs −10 points at 1e-2). Methods without per-user parameters ignore it."""
     adapt_lr: Annotated[float, POSITIVE] | None = None
     """Adam learning rate of those steps; None = ``user_lr`` (the same step size as seen users' rows)."""
 

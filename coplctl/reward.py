@@ -63,6 +63,9 @@ class RewardMethod(ABC):
 
     Config: ClassVar[type] = None  # type: ignore[assignment]
     registry_name: ClassVar[str] = ""
+    #: True for methods that need every user's preference group (Oracle): a benchmark on data without
+    #: them skips the method with a note instead of failing
+    needs_groups: ClassVar[bool] = False
 
     def __init__(self, config: Any = None, **overrides: Any):
         if config is None:

@@ -330,3 +330,36 @@ def test_report_outputs_never_replace_the_results(tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert "\n" not in err and ("is a file" in err or "cannot create" in err), err
     assert good.read_text() == before
+
+
+def test_your_own_dataset_directory_runs_through_benchmark_and_report(micro_dir, tmp_path, capsys):
+    """A dataset that is not UF-P (no variant in meta.json, no groups): Oracle is skipped with a note,
+    the others run, and the results record the dataset's own counts and hash."""
+    from coplctl.data import PreferenceDataset, load
+
+    ds = load(micro_dir)
+    users = ds.users.assign(group=None)
+    meta = {k: v for k, v in ds.meta.items() if k not in ("variant", "annotations", "protocol", "counts")}
+    mine = PreferenceDataset(ds.responses, users, ds.pairs, {**meta, "source": "my-lab"}).save(tmp_path / "mine")
+    spec = _write(tmp_path, textwrap.dedent(f"""\
+        version: 1
+        name: mine
+        data: {{source: directory, path: {mine}}}
+        methods: [oracle, uniform, copl]
+        seeds: [0]
+        common: {{epochs: 1}}
+        overrides: {{copl: {{gcf_overrides: {{dim: 8, epochs: 10}}}}}}
+        figures: false
+        """), "mine.yaml")
+    assert main(["benchmark", str(spec), "--out", str(tmp_path / "out")]) == 0
+    results = {r["name"]: r for r in load_results(tmp_path / "out")}
+    assert results["oracle"]["metrics"] == {} and "preference group" in results["oracle"]["skipped"]
+    assert results["uniform"]["metrics"]["seen"]["pairs"] > 0 and results["copl"]["metrics"]["unseen"]
+    data = results["copl"]["data"]
+    assert data["source"] == "directory" and data["counts"] == load(mine).counts() and "users" not in data
+    assert results["copl"]["provenance"]["data_hash"]
+    capsys.readouterr()
+    assert main(["report", str(tmp_path / "out"), "--out", str(tmp_path / "report")]) == 0
+    md = (tmp_path / "report" / "tables.md").read_text()
+    assert "| Uniform |" in md and "| CoPL |" in md and "| Oracle |" not in md
+    assert "_Note: Oracle skipped on mine: needs every user's preference group" in md

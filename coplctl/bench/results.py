@@ -62,6 +62,8 @@ class Result(TypedDict, total=False):
     provenance: dict[str, Any]
     extra: dict[str, Any]
     """The method's extra experiments by name (:meth:`coplctl.reward.RewardMethod.experiments`)."""
+    skipped: str
+    """Why the job did not run on this dataset (then ``metrics`` is empty)."""
 
 
 def result_path(root: Path, spec: str, name: str, seed: int) -> Path:

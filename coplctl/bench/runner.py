@@ -35,6 +35,12 @@ def prepare_data(spec: BenchmarkSpec, base: Path, force: bool = False):
     from coplctl.data import load
 
     d = spec.data
+    if d.source == "directory":
+        path = Path(d.path)
+        if not path.is_dir():
+            raise CoplError(f"{spec.path or spec.name}: data.path {path} is not a dataset directory"
+                            + ("" if path.exists() else " (it does not exist)"))
+        return load(path)
     if d.source == "ultrafeedback":
         path = Path(d.path)
         if not path.exists():
@@ -113,14 +119,20 @@ def _run(spec, state, ds, out, base, names, seeds, settings, backbone, mode, for
     done = []
     try:
         for i, (name, method, overrides, seed, path) in enumerate(todo):
-            result = run_job(spec, ds, base, name, method, overrides, seed, backbone=backbone, mode=mode,
-                             stage=lambda s, n=name, k=seed: bar.update(completed=i, info=f"{n} seed {k}: {s}"))
+            reason = _cannot_run(method, ds)
+            if reason:
+                result = _skipped(spec, ds, name, method, seed, settings[name], reason)
+            else:
+                result = run_job(spec, ds, base, name, method, overrides, seed, backbone=backbone, mode=mode,
+                                 stage=lambda s, n=name, k=seed: bar.update(completed=i, info=f"{n} seed {k}: {s}"))
             if state.is_main_process:
                 write_result(path, result)
                 shutil.rmtree(base / "work" / f"{name}-seed{seed}", ignore_errors=True)
                 if (base / "work").is_dir() and not any((base / "work").iterdir()):
                     (base / "work").rmdir()
-                if log:
+                if log and reason:
+                    log(f"{name} seed {seed}: skipped ({reason})")
+                elif log:
                     log(f"{name} seed {seed}: seen {_pct(result, 'seen')}, unseen {_pct(result, 'unseen')} "
                         f"({result['timing']['fit_seconds']:.0f} s to train)")
             state.wait_for_everyone()
@@ -129,6 +141,31 @@ def _run(spec, state, ds, out, base, names, seeds, settings, backbone, mode, for
         bar.update(completed=len(done))
         bar.close()
     return {"done": done, "skipped": [str(p) for p in skipped]}
+
+
+def _cannot_run(method: str, ds) -> str | None:
+    """Why ``method`` cannot run on ``ds`` (it needs every user's group and some have none), or None."""
+    from coplctl.registry import METHODS
+
+    if getattr(METHODS.get(method), "needs_groups", False) and ds.users["group"].isna().any():
+        return "needs every user's preference group, and the dataset does not give them all"
+    return None
+
+
+def _skipped(spec, ds, name: str, method: str, seed: int, settings: dict, reason: str) -> Result:
+    """The result of a job that cannot run on this dataset: no metrics, the reason (tables note it)."""
+    return {"spec": spec.name, "spec_version": spec.version, "spec_file": spec.path, "name": name, "method": method,
+            "seed": seed, "config": settings, "metrics": {}, "skipped": reason, "data": data_record(spec, ds),
+            "provenance": provenance(ds.path)}
+
+
+def data_record(spec, ds) -> dict:
+    """What the results say of the data: the spec's data section for simulated data (its protocol), the
+    source and path otherwise; and always the dataset's own counts (its hash is in the provenance)."""
+    d = spec.data
+    own = asdict(d) if d.source == "simulated" else {
+        "source": d.source, "path": d.path, "variant": ds.meta.get("variant"), "annotations": ds.meta.get("annotations")}
+    return {**own, "counts": ds.counts()}
 
 
 def _lock(state, stack: contextlib.ExitStack, out: Path, base: Path, name: str) -> None:
@@ -278,7 +315,7 @@ def run_job(spec, ds, base: Path, name: str, method_name: str, overrides: dict, 
     result: Result = {
         "spec": spec.name, "spec_version": spec.version, "spec_file": spec.path, "name": name,
         "method": method_name, "seed": seed, "backbone": settings["backbone"], "mode": settings["mode"],
-        "data": asdict(spec.data),
+        "data": data_record(spec, ds),
         "config": asdict(method.config), "metrics": ev["metrics"], "adaptation": ev.get("adaptation"),
         "training": dict(training),
         "timing": {"fit_seconds": round(fit_seconds, 2), "evaluate_seconds": round(time.perf_counter() - t0, 2)},

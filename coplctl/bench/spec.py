@@ -37,11 +37,13 @@ class DataSpec(ProtocolConfig):
     the paper's). Real data has the protocol it was built with; ``variant`` and ``annotations`` say which."""
 
     source: str = "simulated"
-    """``simulated`` (coplctl data simulate) or ``ultrafeedback`` (built beforehand with coplctl data build-ufp)."""
+    """``simulated`` (coplctl data simulate), ``ultrafeedback`` (built beforehand with coplctl data build-ufp)
+    or ``directory`` (any valid dataset directory, e.g. your own data: groups and controversial flags are
+    taken from it; methods that need every user's group, Oracle, are skipped with a note when it has none)."""
     seed: int = 0
     """Seed of the data (simulation and user protocol), distinct from the methods' seeds."""
     path: str | None = None
-    """``ultrafeedback``: the dataset directory written by `coplctl data build-ufp` (relative to the working directory)."""
+    """``ultrafeedback`` / ``directory``: the dataset directory (relative to the working directory)."""
 
     def protocol(self) -> ProtocolConfig:
         """The user protocol of simulated data."""
@@ -236,10 +238,10 @@ def load_spec(name_or_path: str) -> BenchmarkSpec:
     for a in spec.adaptation:
         if a not in ADAPTATIONS:
             raise SpecError(f"{file}: adaptation entries are {', '.join(ADAPTATIONS)}, not {a!r}")
-    if spec.data.source not in ("simulated", "ultrafeedback"):
-        raise SpecError(f"{file}: data.source must be simulated or ultrafeedback")
-    if spec.data.source == "ultrafeedback" and not spec.data.path:
-        raise SpecError(f"{file}: data.path is required when data.source is ultrafeedback")
+    if spec.data.source not in ("simulated", "ultrafeedback", "directory"):
+        raise SpecError(f"{file}: data.source must be simulated, ultrafeedback or directory")
+    if spec.data.source != "simulated" and not spec.data.path:
+        raise SpecError(f"{file}: data.path is required when data.source is {spec.data.source}")
     spec.path = str(file)
     return spec
 

@@ -85,7 +85,7 @@ def build_tables(results: list[Result]) -> list[Table]:
         table = _grid(f"table1-{role}", f"Table 1 ({role} users): accuracy on held-out pairs",
                       _collect(main, _metric(role)))
         if table is not None:
-            table.notes = _tie_notes(main, role)
+            table.notes = _skip_notes(results) + _tie_notes(main, role)
         tables.append(table)
     # The paper shows Table 2 for UF-P-2 only; it is rendered for every spec whose test pairs include
     # controversial ones (with 4 groups: pairs on which the groups do not all agree).
@@ -139,6 +139,12 @@ def build_tables(results: list[Result]) -> list[Table]:
         tables.append(_grid("table6", "Table 6: reward models trained on GCF pseudo-labels (seen users)", data,
                             names=["CoPL", "Pseudo label", "Oracle", "User-specific"], bold_excluding=()))
     return [t for t in tables if t is not None and t.rows]
+
+
+def _skip_notes(results: list[Result]) -> list[str]:
+    """One note per (method, benchmark) that did not run on its dataset, with the reason."""
+    skipped = {(method_sort_key(r["name"]), r["name"], r["spec"]): r["skipped"] for r in results if r.get("skipped")}
+    return [f"{method_label(name)} skipped on {spec}: {why}" for (_, name, spec), why in sorted(skipped.items())]
 
 
 def _tie_notes(results: list[Result], role: str) -> list[str]:

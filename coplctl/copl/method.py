@@ -80,10 +80,11 @@ class CoPLConfig(TrainConfig):
     """κ of the adaptation weights (paper: 0.07)."""
     adapt_steps: Annotated[int, NON_NEGATIVE] = 50
     """Gradient steps for unseen users when ``user_embeddings="learned"`` (as the baselines, Appendix C.2)."""
-    user_lr: Annotated[float, POSITIVE] = 1e-2
-    """``user_embeddings="learned"``: learning rate of the user table, apart from ``lr`` (as the baselines'
-    ``user_lr``, whose docstring gives the reason: at the shared rate the rows barely leave their init,
-    which would handicap this ablation and inflate the GNN's share in Table 3)."""
+    user_lr: Annotated[float, POSITIVE] | None = None
+    """``user_embeddings="learned"``: learning rate of the user table, apart from ``lr``; None = 1e-2 in
+    ``lora`` mode, ``lr`` in ``frozen`` mode (as the baselines' ``user_lr``, whose docstring gives the
+    reason: at the shared lora rate the rows barely leave their init, which would handicap this ablation
+    and inflate the GNN's share in Table 3)."""
     adapt_lr: Annotated[float, POSITIVE] | None = None
     """Adam learning rate of those steps; None = ``user_lr``."""
 
@@ -262,7 +263,7 @@ class CoPL(NeuralMethod):
 
     def lr_groups(self) -> dict[str, float]:
         """w/o GNN embedding: the learnable user table at ``user_lr`` (GCF tables are not trained here)."""
-        return {"user_table": self.config.user_lr} if self.config.user_embeddings == "learned" else {}
+        return {"user_table": self.user_rate()} if self.config.user_embeddings == "learned" else {}
 
     def experiments(self, ctx) -> dict:
         """Tables 4-6 and Figure 2, as the spec asks (:mod:`coplctl.copl.experiments`)."""
