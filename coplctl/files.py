@@ -8,6 +8,7 @@ read: JSON, YAML through ``safe_load``, Parquet and safetensors; nothing executa
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -60,13 +61,28 @@ def read_json(path: str | Path, *, what: str = "JSON file", expect: type | None 
     return value
 
 
+_EXPONENT_FLOAT = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
+def yaml_numbers(value: Any) -> Any:
+    """``value`` with plain scalars such as ``1e-4`` read as numbers, as YAML 1.2 does (``yaml.safe_load``
+    follows YAML 1.1, which wants ``1.0e-4`` and would hand learning rates over as text)."""
+    if isinstance(value, str) and _EXPONENT_FLOAT.fullmatch(value):
+        return float(value)
+    if isinstance(value, list):
+        return [yaml_numbers(v) for v in value]
+    if isinstance(value, dict):
+        return {k: yaml_numbers(v) for k, v in value.items()}
+    return value
+
+
 def read_yaml(path: str | Path, *, what: str = "YAML file") -> Any:
-    """A YAML file through ``yaml.safe_load`` (no Python tags), errors located by line."""
+    """A YAML file through ``yaml.safe_load`` (no Python tags), errors located by line; ``1e-4`` is a number."""
     import yaml
 
     text = read_text(path, what)
     try:
-        return yaml.safe_load(text)
+        return yaml_numbers(yaml.safe_load(text))
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         line = mark.line + 1 if mark is not None else None

@@ -363,3 +363,41 @@ def test_your_own_dataset_directory_runs_through_benchmark_and_report(micro_dir,
     md = (tmp_path / "report" / "tables.md").read_text()
     assert "| Uniform |" in md and "| CoPL |" in md and "| Oracle |" not in md
     assert "_Note: Oracle skipped on mine: needs every user's preference group" in md
+
+
+def test_lr_grid_keeps_the_best_validation_candidate_and_resumes_per_candidate(tmp_path, monkeypatch, capsys):
+    """Planted: at 1e-12 nothing trains, so 1e-2 must win; the search is recorded, reported, and an
+    interrupted search redoes only the missing candidate."""
+    spec = _write(tmp_path, TINY.format(extra=""), "tiny.yaml")
+    args = ["benchmark", str(spec), "--methods", "uniform", "--out", str(tmp_path / "out"), "--set", "lr=[1e-12, 1e-2]"]
+    assert main(args) == 0
+    (result,) = load_results(tmp_path / "out" / "tiny" / "results")
+    search = result["lr_search"]
+    assert search["grid"] == [1e-12, 1e-2] and search["chosen"] == 1e-2 and result["config"]["lr"] == [1e-12, 1e-2]
+    scores = {c["lr"]: c["valid_accuracy"] for c in search["candidates"]}
+    assert scores[1e-2] > scores[1e-12] and result["training"]["valid_accuracy"] == scores[1e-2]
+    assert result["training"]["lr"] == 1e-2 and result["run_dir"].endswith("seed0-lr0.01")
+    candidates = tmp_path / "out" / "tiny" / "search" / "uniform" / "seed0"
+    assert sorted(p.name for p in candidates.iterdir()) == ["lr0.01.json", "lr1e-12.json"]
+
+    (tmp_path / "out" / "tiny" / "results" / "uniform" / "seed0.json").unlink()  # as if stopped mid-search
+    (candidates / "lr0.01.json").unlink()
+    real, calls = runner.run_job, []
+    monkeypatch.setattr(runner, "run_job", lambda *a, **kw: calls.append(kw["tag"]) or real(*a, **kw))
+    assert main(args) == 0 and calls == ["-lr0.01"]
+    again = load_results(tmp_path / "out" / "tiny" / "results")[0]
+    assert again["lr_search"] == search and again["metrics"] == result["metrics"]
+    capsys.readouterr()
+    assert main(["report", str(tmp_path / "out"), "--out", str(tmp_path / "report")]) == 0
+    md = (tmp_path / "report" / "tables.md").read_text()
+    assert "_Note: Uniform on tiny: learning rate searched over 1e-12, 0.01 by validation accuracy; kept 0.01 (seed 0)._" in md
+
+
+def test_bad_lr_grids_are_one_error(tmp_path, capsys):
+    spec = _write(tmp_path, TINY.format(extra="").replace("figures: false", "figures: false\nlr_grid: [1e-4, 1e-4]"),
+                  "tiny.yaml")
+    assert main(["benchmark", str(spec), "--out", str(tmp_path / "out")]) == 1
+    assert "repeats a value" in capsys.readouterr().err
+    spec.write_text(spec.read_text().replace("lr_grid: [1e-4, 1e-4]", "lr_grid: [1e-4, -1]"))
+    assert main(["benchmark", str(spec), "--out", str(tmp_path / "out")]) == 1
+    assert "positive numbers, not -1" in capsys.readouterr().err

@@ -64,6 +64,9 @@ class Result(TypedDict, total=False):
     """The method's extra experiments by name (:meth:`coplctl.reward.RewardMethod.experiments`)."""
     skipped: str
     """Why the job did not run on this dataset (then ``metrics`` is empty)."""
+    lr_search: dict[str, Any]
+    """A searched job (:mod:`coplctl.bench.search`): ``grid``, ``chosen`` and each candidate's
+    ``valid_accuracy``."""
 
 
 def result_path(root: Path, spec: str, name: str, seed: int) -> Path:
@@ -121,6 +124,15 @@ def check_result(data: dict, f: Path) -> Result:
         _need(data[key], types, f, key, optional=False)
     for role, block in data["metrics"].items():
         _scores(block, f, f"metrics.{role}")
+    _need(data.get("skipped"), (str,), f, "skipped")
+    search = _need(data.get("lr_search"), (dict,), f, "lr_search")
+    if search is not None:
+        grid = search.get("grid")
+        if not isinstance(grid, list) or not grid:
+            raise DataError(f, "key 'lr_search.grid' must be a non-empty list of numbers")
+        for i, v in enumerate(grid):
+            _need(v, _NUMBER, f, f"lr_search.grid[{i}]", optional=False)
+        _need(search.get("chosen"), _NUMBER, f, "lr_search.chosen", optional=False)
     extra = _need(data.get("extra"), (dict,), f, "extra")
     if not extra:
         return data

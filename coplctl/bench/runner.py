@@ -12,7 +12,8 @@ from dataclasses import asdict
 from pathlib import Path
 
 from coplctl.atomic import atomic_write_text, locked
-from coplctl.bench.results import Result, provenance, result_path, write_result
+from coplctl.bench.results import Result, check_result, provenance, result_path, write_result
+from coplctl.bench.search import candidate_path, check_grid, choose, lr_grid, tag
 from coplctl.bench.spec import BenchmarkSpec, SpecError
 from coplctl.errors import CoplError, DataError
 from coplctl.files import read_json
@@ -119,12 +120,16 @@ def _run(spec, state, ds, out, base, names, seeds, settings, backbone, mode, for
     done = []
     try:
         for i, (name, method, overrides, seed, path) in enumerate(todo):
-            reason = _cannot_run(method, ds)
+            stage = lambda s, n=name, k=seed, i=i: bar.update(completed=i, info=f"{n} seed {k}: {s}")  # noqa: E731
+            reason, grid = _cannot_run(method, ds), lr_grid(overrides)
             if reason:
                 result = _skipped(spec, ds, name, method, seed, settings[name], reason)
+            elif grid:
+                result = _search(spec, ds, out, base, state, name, method, overrides, seed, grid, force,
+                                 backbone=backbone, mode=mode, stage=stage)
             else:
                 result = run_job(spec, ds, base, name, method, overrides, seed, backbone=backbone, mode=mode,
-                                 stage=lambda s, n=name, k=seed: bar.update(completed=i, info=f"{n} seed {k}: {s}"))
+                                 stage=stage)
             if state.is_main_process:
                 write_result(path, result)
                 shutil.rmtree(base / "work" / f"{name}-seed{seed}", ignore_errors=True)
@@ -133,14 +138,35 @@ def _run(spec, state, ds, out, base, names, seeds, settings, backbone, mode, for
                 if log and reason:
                     log(f"{name} seed {seed}: skipped ({reason})")
                 elif log:
+                    chosen = f", lr {result['lr_search']['chosen']:g} chosen" if result.get("lr_search") else ""
                     log(f"{name} seed {seed}: seen {_pct(result, 'seen')}, unseen {_pct(result, 'unseen')} "
-                        f"({result['timing']['fit_seconds']:.0f} s to train)")
+                        f"({result['timing']['fit_seconds']:.0f} s to train{chosen})")
             state.wait_for_everyone()
             done.append(str(path))
     finally:
         bar.update(completed=len(done))
         bar.close()
     return {"done": done, "skipped": [str(p) for p in skipped]}
+
+
+def _search(spec, ds, out: Path, base: Path, state, name: str, method: str, overrides: dict, seed: int,
+            grid: list[float], force: bool, *, backbone, mode, stage) -> Result:
+    """Train the job at each learning rate of ``grid`` (candidates already stored are reused when their
+    settings match), and keep the one with the best validation accuracy (:mod:`coplctl.bench.search`)."""
+    found = {}
+    for lr in grid:
+        path, own = candidate_path(out, spec.name, name, seed, lr), {**overrides, "lr": lr}
+        if path.exists() and not force:
+            _check_same(path, _settings(spec, method, own, backbone, mode))
+            found[lr] = check_result(read_json(path, what="results file"), path)
+            continue
+        found[lr] = run_job(spec, ds, base, name, method, own, seed, backbone=backbone, mode=mode, tag=tag(lr),
+                            stage=lambda s, lr=lr: stage(f"lr {lr:g}: {s}"))
+        if state.is_main_process:
+            write_result(path, found[lr])
+            shutil.rmtree(base / "work" / f"{name}-seed{seed}{tag(lr)}", ignore_errors=True)
+        state.wait_for_everyone()
+    return choose(grid, found)
 
 
 def _cannot_run(method: str, ds) -> str | None:
@@ -219,7 +245,13 @@ def check_jobs(spec: BenchmarkSpec, backbone=None, mode=None, sets: dict | None 
     out = {}
     for i, (name, method, overrides) in enumerate(spec.jobs()):
         try:
-            out[name] = _settings(spec, method, overrides, backbone, mode)
+            grid = lr_grid(overrides)
+            if grid is None:
+                out[name] = _settings(spec, method, overrides, backbone, mode)
+            else:  # every candidate's config, checked now; the job's settings hold the grid
+                check_grid(grid, f"method {name}")
+                out[name] = {**[_settings(spec, method, {**overrides, "lr": lr}, backbone, mode) for lr in grid][0],
+                             "lr": grid}
         except CoplError as e:
             key = _culprit(spec, i, method, overrides, backbone, mode, sets or {})
             where = key if key and key.startswith("--") else f"{spec.path or spec.name}: {key or f'method {name}'}"
@@ -284,7 +316,7 @@ def _pct(result: dict, role: str) -> str:
 
 
 def run_job(spec, ds, base: Path, name: str, method_name: str, overrides: dict, seed: int, *,
-            backbone=None, mode=None, stage=lambda s: None) -> dict:
+            backbone=None, mode=None, stage=lambda s: None, tag: str = "") -> dict:
     """Train one (method, seed), save its run, evaluate it, and run the method's extra experiments
     (:meth:`coplctl.reward.RewardMethod.experiments`) when the job is one of the spec's methods.
 
@@ -303,9 +335,9 @@ def run_job(spec, ds, base: Path, name: str, method_name: str, overrides: dict, 
     method = cls(cls.Config(**settings))
     stage("train")
     t0 = time.perf_counter()
-    training = method.fit(ds, seed=seed, work_dir=base / "work" / f"{name}-seed{seed}", progress=False)
+    training = method.fit(ds, seed=seed, work_dir=base / "work" / f"{name}-seed{seed}{tag}", progress=False)
     fit_seconds = time.perf_counter() - t0
-    run_dir = base / "runs" / name / f"seed{seed}"
+    run_dir = base / "runs" / name / f"seed{seed}{tag}"
     if main:
         method.save(run_dir)
     PartialState().wait_for_everyone()

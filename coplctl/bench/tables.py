@@ -85,7 +85,7 @@ def build_tables(results: list[Result]) -> list[Table]:
         table = _grid(f"table1-{role}", f"Table 1 ({role} users): accuracy on held-out pairs",
                       _collect(main, _metric(role)))
         if table is not None:
-            table.notes = _skip_notes(results) + _tie_notes(main, role)
+            table.notes = _skip_notes(results) + _search_notes(main) + _tie_notes(main, role)
         tables.append(table)
     # The paper shows Table 2 for UF-P-2 only; it is rendered for every spec whose test pairs include
     # controversial ones (with 4 groups: pairs on which the groups do not all agree).
@@ -145,6 +145,18 @@ def _skip_notes(results: list[Result]) -> list[str]:
     """One note per (method, benchmark) that did not run on its dataset, with the reason."""
     skipped = {(method_sort_key(r["name"]), r["name"], r["spec"]): r["skipped"] for r in results if r.get("skipped")}
     return [f"{method_label(name)} skipped on {spec}: {why}" for (_, name, spec), why in sorted(skipped.items())]
+
+
+def _search_notes(results: list[Result]) -> list[str]:
+    """One note per searched (method, benchmark): the grid and the learning rate kept for each seed."""
+    found: dict = {}
+    for r in results:
+        if r.get("lr_search"):
+            key = (method_sort_key(r["name"]), r["name"], r["spec"], tuple(r["lr_search"]["grid"]))
+            found.setdefault(key, []).append((r["seed"], r["lr_search"]["chosen"]))
+    return [f"{method_label(name)} on {spec}: learning rate searched over {', '.join(f'{v:g}' for v in grid)} "
+            f"by validation accuracy; kept {', '.join(f'{lr:g} (seed {seed})' for seed, lr in sorted(chosen))}"
+            for (_, name, spec, grid), chosen in sorted(found.items())]
 
 
 def _tie_notes(results: list[Result], role: str) -> list[str]:

@@ -55,6 +55,7 @@ def parse_sets(sets: list[str]) -> dict:
     import yaml
 
     from coplctl.errors import CoplError
+    from coplctl.files import yaml_numbers
 
     result = {}
     for item in sets:
@@ -64,7 +65,7 @@ def parse_sets(sets: list[str]) -> dict:
         if not value.strip():
             raise CoplError(f"--set {key.strip()}: empty value (write {key.strip()}=null for none)")
         try:
-            result[key.strip().replace("-", "_")] = yaml.safe_load(value)
+            result[key.strip().replace("-", "_")] = yaml_numbers(yaml.safe_load(value))
         except (yaml.YAMLError, RecursionError) as e:
             raise CoplError(f"--set {key.strip()}: invalid value ({' '.join(str(e).split())[:160]})") from None
     return result
