@@ -340,7 +340,8 @@ def test_your_own_dataset_directory_runs_through_benchmark_and_report(micro_dir,
     ds = load(micro_dir)
     users = ds.users.assign(group=None)
     meta = {k: v for k, v in ds.meta.items() if k not in ("variant", "annotations", "protocol", "counts")}
-    mine = PreferenceDataset(ds.responses, users, ds.pairs, {**meta, "source": "my-lab"}).save(tmp_path / "mine")
+    pairs = ds.pairs.assign(controversial=False)  # no group structure to mark pairs by
+    mine = PreferenceDataset(ds.responses, users, pairs, {**meta, "source": "my-lab"}).save(tmp_path / "mine")
     spec = _write(tmp_path, textwrap.dedent(f"""\
         version: 1
         name: mine
@@ -363,6 +364,7 @@ def test_your_own_dataset_directory_runs_through_benchmark_and_report(micro_dir,
     md = (tmp_path / "report" / "tables.md").read_text()
     assert "| Uniform |" in md and "| CoPL |" in md and "| Oracle |" not in md
     assert "_Note: Oracle skipped on mine: needs every user's preference group" in md
+    assert "_Note: No Table 2 for mine: none of its seen users' test pairs is marked controversial._" in md
 
 
 def test_lr_grid_keeps_the_best_validation_candidate_and_resumes_per_candidate(tmp_path, monkeypatch, capsys):

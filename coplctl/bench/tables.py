@@ -90,6 +90,9 @@ def build_tables(results: list[Result]) -> list[Table]:
     # The paper shows Table 2 for UF-P-2 only; it is rendered for every spec whose test pairs include
     # controversial ones (with 4 groups: pairs on which the groups do not all agree).
     contested = {r["spec"] for r in main if (r["metrics"].get("seen") or {}).get("controversial_pairs")}
+    if tables and tables[0] is not None:
+        tables[0].notes += [f"No Table 2 for {spec}: none of its seen users' test pairs is marked controversial"
+                            for spec in sorted({r["spec"] for r in main if r["metrics"]} - contested, key=_spec_key)]
     for spec in sorted(contested, key=_spec_key):
         mine = [r for r in main if r["spec"] == spec]
         data = {}
