@@ -121,7 +121,7 @@ def _run(spec, state, ds, out, base, names, seeds, settings, backbone, mode, for
     try:
         for i, (name, method, overrides, seed, path) in enumerate(todo):
             stage = lambda s, n=name, k=seed, i=i: bar.update(completed=i, info=f"{n} seed {k}: {s}")  # noqa: E731
-            reason, grid = _cannot_run(method, ds), lr_grid(overrides)
+            reason, grid = _cannot_run(method, ds), lr_grid(_own(spec, method, overrides))
             if reason:
                 result = _skipped(spec, ds, name, method, seed, settings[name], reason)
             elif grid:
@@ -231,12 +231,14 @@ def _settings(spec: BenchmarkSpec, method: str, overrides: dict, backbone, mode)
 
 
 def _own(spec: BenchmarkSpec, method: str, overrides: dict) -> dict:
-    """The overrides that apply to ``method``: a ``common`` key it does not have is for other methods."""
+    """The overrides that apply to ``method``: a ``common`` key (or the ``lr_grid``) it does not have is for
+    other methods."""
     from coplctl.registry import METHODS
 
     fields = {f.name for f in dataclasses.fields(METHODS.get(method).Config)}
+    shared = set(spec.common) | ({"lr"} if spec.lr_grid else set())
     return {k: v for k, v in overrides.items()
-            if k in fields or k not in spec.common or k in spec.overrides.get(method, {})}
+            if k in fields or k not in shared or k in spec.overrides.get(method, {})}
 
 
 def check_jobs(spec: BenchmarkSpec, backbone=None, mode=None, sets: dict | None = None) -> dict[str, dict]:
@@ -245,7 +247,7 @@ def check_jobs(spec: BenchmarkSpec, backbone=None, mode=None, sets: dict | None 
     out = {}
     for i, (name, method, overrides) in enumerate(spec.jobs()):
         try:
-            grid = lr_grid(overrides)
+            grid = lr_grid(_own(spec, method, overrides))
             if grid is None:
                 out[name] = _settings(spec, method, overrides, backbone, mode)
             else:  # every candidate's config, checked now; the job's settings hold the grid
