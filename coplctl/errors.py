@@ -9,6 +9,10 @@ class CoplError(Exception):
     """An error the user can fix; its message says what to do next."""
 
 
+class Diverged(CoplError):
+    """Training produced a non-finite loss (usually: the learning rate is too high)."""
+
+
 class DataError(CoplError):
     """Bad input data, located by file and (when known) row or line.
 

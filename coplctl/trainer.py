@@ -15,7 +15,7 @@ from torch import nn
 
 from coplctl.config import AT_LEAST_1, FRACTION, NON_NEGATIVE, OneOf, check_fields
 from coplctl.encoders import MODES, ResponseInputs
-from coplctl.errors import CoplError
+from coplctl.errors import CoplError, Diverged
 from coplctl.progress import Bar
 from coplctl.optim import bt_loss, cosine_with_warmup
 
@@ -213,13 +213,17 @@ def train_pairs(net: nn.Module, inputs: ResponseInputs, train: tuple, valid: tup
                 with autocast(model, cfg.mixed_precision):
                     rc, rr, aux = net(u, inputs.batch(c, acc.device), inputs.batch(r, acc.device), *extra)
                 loss = bt_loss(rc.float(), rr.float()) + aux
+                value = (acc.reduce(loss.detach(), "sum") if acc.num_processes > 1 else loss).item()
+                if not math.isfinite(value):  # every process sees the same sum, so all stop together
+                    raise Diverged(f"{label}: the training loss became {value} at epoch {epoch + 1}, step {n + 1} "
+                                   f"(lr {lr:g}); lower the learning rate")
                 acc.backward(loss)
                 if cfg.grad_clip:
                     acc.clip_grad_norm_(params, cfg.grad_clip)
                 opt.step()
                 sched.step()
                 opt.zero_grad(set_to_none=True)
-                total, n = total + loss.item(), n + 1
+                total, n = total + value / acc.num_processes, n + 1
                 bar.update(advance=1, info=f"epoch {epoch + 1}/{epochs} loss {total / n:.4f}")
             valid_acc = row_accuracy(model, inputs, *valid)
             history.append({"epoch": epoch + 1, "loss": total / max(n, 1), "valid_accuracy": valid_acc})

@@ -403,3 +403,28 @@ def test_bad_lr_grids_are_one_error(tmp_path, capsys):
     spec.write_text(spec.read_text().replace("lr_grid: [1e-4, 1e-4]", "lr_grid: [1e-4, -1]"))
     assert main(["benchmark", str(spec), "--out", str(tmp_path / "out")]) == 1
     assert "positive numbers, not -1" in capsys.readouterr().err
+
+
+def test_a_diverging_candidate_is_recorded_never_chosen_and_a_diverging_run_is_one_error(tmp_path, monkeypatch, capsys):
+    """Planted: at lr 1e30 the weights overflow at once, so the loss is not finite."""
+    spec = _write(tmp_path, TINY.format(extra=""), "tiny.yaml")
+    args = ["benchmark", str(spec), "--methods", "uniform", "--out", str(tmp_path / "out"), "--set", "lr=[1e30, 1e-2]"]
+    assert main(args) == 0
+    (result,) = load_results(tmp_path / "out" / "tiny" / "results")
+    bad, good = result["lr_search"]["candidates"]
+    assert result["lr_search"]["chosen"] == 1e-2 and good["valid_accuracy"] > 0.5
+    assert bad["valid_accuracy"] is None and "loss became" in bad["diverged"] and "lr 1e+30" in bad["diverged"]
+    stored = json.loads((tmp_path / "out" / "tiny" / "search" / "uniform" / "seed0" / "lr1e+30.json").read_text())
+    assert stored["metrics"] == {} and stored["diverged"] == bad["diverged"] and stored["config"]["lr"] == 1e30
+    (tmp_path / "out" / "tiny" / "results" / "uniform" / "seed0.json").unlink()  # as if stopped mid-search
+    monkeypatch.setattr(runner, "run_job", lambda *a, **kw: pytest.fail("a stored candidate was retrained"))
+    assert main(args) == 0 and load_results(tmp_path / "out" / "tiny" / "results")[0]["lr_search"] == result["lr_search"]
+    monkeypatch.undo()
+    capsys.readouterr()
+    assert main(["report", str(tmp_path / "out"), "--out", str(tmp_path / "report")]) == 0
+    assert "kept 0.01 (seed 0); training diverged at 1e+30" in (tmp_path / "report" / "tables.md").read_text()
+    plain = ["benchmark", str(spec), "--methods", "uniform", "--out", str(tmp_path / "plain"), "--set", "lr=1e30"]
+    capsys.readouterr()
+    assert main(plain) == 1
+    err = capsys.readouterr().err
+    assert "training loss became" in err and "lower the learning rate" in err and "Traceback" not in err

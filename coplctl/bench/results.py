@@ -64,6 +64,8 @@ class Result(TypedDict, total=False):
     """The method's extra experiments by name (:meth:`coplctl.reward.RewardMethod.experiments`)."""
     skipped: str
     """Why the job did not run on this dataset (then ``metrics`` is empty)."""
+    diverged: str
+    """A search candidate whose training diverged: the error (then ``metrics`` is empty)."""
     lr_search: dict[str, Any]
     """A searched job (:mod:`coplctl.bench.search`): ``grid``, ``chosen`` and each candidate's
     ``valid_accuracy``."""
@@ -125,6 +127,7 @@ def check_result(data: dict, f: Path) -> Result:
     for role, block in data["metrics"].items():
         _scores(block, f, f"metrics.{role}")
     _need(data.get("skipped"), (str,), f, "skipped")
+    _need(data.get("diverged"), (str,), f, "diverged")
     search = _need(data.get("lr_search"), (dict,), f, "lr_search")
     if search is not None:
         grid = search.get("grid")

@@ -13,9 +13,9 @@ from pathlib import Path
 
 from coplctl.atomic import atomic_write_text, locked
 from coplctl.bench.results import Result, check_result, provenance, result_path, write_result
-from coplctl.bench.search import candidate_path, check_grid, choose, lr_grid, tag
+from coplctl.bench.search import candidate_path, check_grid, choose, diverged, lr_grid, tag
 from coplctl.bench.spec import BenchmarkSpec, SpecError
-from coplctl.errors import CoplError, DataError
+from coplctl.errors import CoplError, DataError, Diverged
 from coplctl.files import read_json
 from coplctl.progress import Bar
 
@@ -160,8 +160,11 @@ def _search(spec, ds, out: Path, base: Path, state, name: str, method: str, over
             _check_same(path, _settings(spec, method, own, backbone, mode))
             found[lr] = check_result(read_json(path, what="results file"), path)
             continue
-        found[lr] = run_job(spec, ds, base, name, method, own, seed, backbone=backbone, mode=mode, tag=tag(lr),
-                            stage=lambda s, lr=lr: stage(f"lr {lr:g}: {s}"))
+        try:
+            found[lr] = run_job(spec, ds, base, name, method, own, seed, backbone=backbone, mode=mode, tag=tag(lr),
+                                stage=lambda s, lr=lr: stage(f"lr {lr:g}: {s}"))
+        except Diverged as e:
+            found[lr] = diverged(_bare(spec, ds, name, method, seed, _settings(spec, method, own, backbone, mode)), str(e))
         if state.is_main_process:
             write_result(path, found[lr])
             shutil.rmtree(base / "work" / f"{name}-seed{seed}{tag(lr)}", ignore_errors=True)
@@ -178,11 +181,16 @@ def _cannot_run(method: str, ds) -> str | None:
     return None
 
 
+def _bare(spec, ds, name: str, method: str, seed: int, settings: dict) -> Result:
+    """A job's result without metrics: what it was and on which data."""
+    return {"spec": spec.name, "spec_version": spec.version, "spec_file": spec.path, "name": name, "method": method,
+            "seed": seed, "config": settings, "metrics": {}, "data": data_record(spec, ds),
+            "provenance": provenance(ds.path)}
+
+
 def _skipped(spec, ds, name: str, method: str, seed: int, settings: dict, reason: str) -> Result:
     """The result of a job that cannot run on this dataset: no metrics, the reason (tables note it)."""
-    return {"spec": spec.name, "spec_version": spec.version, "spec_file": spec.path, "name": name, "method": method,
-            "seed": seed, "config": settings, "metrics": {}, "skipped": reason, "data": data_record(spec, ds),
-            "provenance": provenance(ds.path)}
+    return {**_bare(spec, ds, name, method, seed, settings), "skipped": reason}  # type: ignore[return-value]
 
 
 def data_record(spec, ds) -> dict:

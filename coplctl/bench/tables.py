@@ -156,10 +156,16 @@ def _search_notes(results: list[Result]) -> list[str]:
     for r in results:
         if r.get("lr_search"):
             key = (method_sort_key(r["name"]), r["name"], r["spec"], tuple(r["lr_search"]["grid"]))
-            found.setdefault(key, []).append((r["seed"], r["lr_search"]["chosen"]))
-    return [f"{method_label(name)} on {spec}: learning rate searched over {', '.join(f'{v:g}' for v in grid)} "
-            f"by validation accuracy; kept {', '.join(f'{lr:g} (seed {seed})' for seed, lr in sorted(chosen))}"
-            for (_, name, spec, grid), chosen in sorted(found.items())]
+            failed = [c["lr"] for c in r["lr_search"].get("candidates", []) if c.get("diverged")]
+            found.setdefault(key, []).append((r["seed"], r["lr_search"]["chosen"], failed))
+    notes = []
+    for (_, name, spec, grid), chosen in sorted(found.items()):
+        diverged = sorted({lr for *_, failed in chosen for lr in failed})
+        notes.append(f"{method_label(name)} on {spec}: learning rate searched over "
+                     f"{', '.join(f'{v:g}' for v in grid)} by validation accuracy; kept "
+                     f"{', '.join(f'{lr:g} (seed {seed})' for seed, lr, _ in sorted(chosen))}"
+                     + (f"; training diverged at {', '.join(f'{v:g}' for v in diverged)}" if diverged else ""))
+    return notes
 
 
 def _tie_notes(results: list[Result], role: str) -> list[str]:
