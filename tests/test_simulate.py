@@ -169,3 +169,25 @@ def test_validation_pairs_are_unannotated_survey_pairs(avg4):
     assert set(valid[valid["role"] == "unseen"].groupby("user_id").size()) == {10}
     assert valid["controversial"].all()
     assert not set(valid["prompt"]) & set(p.loc[p["split"] == "test", "prompt"])
+
+
+def test_validation_prompts_hold_the_valid_pairs_apart_from_everything_trained_on():
+    """valid_prompt_fraction > 0: every valid pair lies on prompts no train, few-shot or test pair uses, as
+    the test pairs lie on prompts nothing trains on; at 0 (the authors') valid pairs share the survey."""
+    ds = simulate(SimConfig(protocol=small_protocol(valid_prompt_fraction=0.2), seed=7))
+    prompt = ds.responses.set_index("response_id")["prompt"]
+    pairs = ds.pairs.assign(prompt=prompt.loc[ds.pairs["chosen_id"]].to_numpy())
+    by_split = {s: set(g["prompt"]) for s, g in pairs.groupby("split")}
+    assert by_split["valid"] and not by_split["valid"] & (by_split["train"] | by_split["fewshot"] | by_split["test"])
+    counts = pairs[pairs["split"] == "valid"].merge(ds.users, on="user_id")["role"].value_counts()
+    assert counts["seen"] == 120 and counts["unseen"] == 8 * 10  # one per seen user (ALL), ten per unseen
+    stats = ds.meta["protocol_stats"]
+    assert stats["four_attributes_disagree"] == (stats["survey_pairs_available"] + stats["test_pool_pairs"]
+                                                 + stats["valid_pool_pairs"])
+    assert 0.15 < stats["valid_pool_pairs"] / stats["four_attributes_disagree"] < 0.25
+    default = simulate(SimConfig(protocol=small_protocol(), seed=7))
+    shared = default.pairs.assign(prompt=default.responses.set_index("response_id")["prompt"]
+                                  .loc[default.pairs["chosen_id"]].to_numpy())
+    valid, train = (set(shared[shared["split"] == s]["prompt"]) for s in ("valid", "train"))
+    assert len(valid & train) > len(valid) / 2  # the authors': most valid pairs are someone's train pair
+    assert "valid_pool_pairs" not in default.meta["protocol_stats"]

@@ -41,13 +41,18 @@ ValidOpt = Annotated[int, typer.Option("--valid-pairs", min=0, help=(
     "Annotations of each seen user held out for validation (authors: 1; ALL: always, AVG: when the user "
     "has at least 8 / 16)."))]
 
+ValidPromptsOpt = Annotated[float, typer.Option("--valid-prompt-fraction", min=0.0, max=0.9, help=(
+    "Share of prompts held out for the valid pairs, so that validation mirrors the test pairs (not in the "
+    "paper; 0 = the authors': valid pairs come from the survey that others train on)."))]
 
-def _protocol(variant, annotations, users, unseen_users, survey_pairs, fewshot_pairs, valid_pairs):
+
+def _protocol(variant, annotations, users, unseen_users, survey_pairs, fewshot_pairs, valid_pairs,
+              valid_prompt_fraction):
     from coplctl.data.protocol import ProtocolConfig
 
     return ProtocolConfig(variant=variant.value, annotations=annotations.value, users=users,
                           unseen_users=unseen_users, survey_pairs=survey_pairs, fewshot_pairs=fewshot_pairs,
-                          valid_pairs=valid_pairs)
+                          valid_pairs=valid_pairs, valid_prompt_fraction=valid_prompt_fraction)
 
 
 def _report(ds, path: Path) -> None:
@@ -68,6 +73,7 @@ def simulate(
     survey_pairs: SurveyOpt = 25_993,
     fewshot_pairs: FewshotOpt = None,
     valid_pairs: ValidOpt = 1,
+    valid_prompt_fraction: ValidPromptsOpt = 0.0,
     cue_fidelity: Annotated[float, typer.Option(
         "--cue-fidelity", min=0.0, max=1.0, help="Chance that a text cue shows the true attribute level.")] = 0.75,
     seed: Seed = 0,
@@ -81,7 +87,8 @@ def simulate(
     from coplctl.atomic import check_output
     from coplctl.data.simulate import SimConfig, simulate as run
 
-    proto = _protocol(variant, annotations, users, unseen_users, survey_pairs, fewshot_pairs, valid_pairs)
+    proto = _protocol(variant, annotations, users, unseen_users, survey_pairs, fewshot_pairs, valid_pairs,
+                      valid_prompt_fraction)
     path = out_dir or Path("data") / f"sim-{variant.value}-{annotations.value}"
     check_output(path, force=force, marker="meta.json", kind="dataset")  # before the work, not after
     with err.status("simulating UF-P ..."):
@@ -111,6 +118,7 @@ def build_ufp(
     survey_pairs: SurveyOpt = 25_993,
     fewshot_pairs: FewshotOpt = None,
     valid_pairs: ValidOpt = 1,
+    valid_prompt_fraction: ValidPromptsOpt = 0.0,
     seed: Seed = 0,
     out_dir: MaybeOut = None,
     force: Force = False,
@@ -123,7 +131,8 @@ def build_ufp(
     from coplctl.atomic import check_output, refuse_overlap
     from coplctl.data.ultrafeedback import BuildConfig, build_ufp as run
 
-    proto = _protocol(variant, annotations, users, unseen_users, survey_pairs, fewshot_pairs, valid_pairs)
+    proto = _protocol(variant, annotations, users, unseen_users, survey_pairs, fewshot_pairs, valid_pairs,
+                      valid_prompt_fraction)
     path = out_dir or Path("data") / f"ufp-{variant.value}-{annotations.value}"
     refuse_overlap(path, {"the UltraFeedback copy": ultrafeedback, "the cleaned set": cleaned})
     check_output(path, force=force, marker="meta.json", kind="dataset")

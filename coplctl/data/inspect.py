@@ -14,7 +14,7 @@ STAGES = ("ultrafeedback_prompts", "dropped_prompts_not_in_cleaned", "dropped_du
           "dropped_pairs_not_joined", "dropped_prompts_one_completion", "generated_prompts", "dropped_tied_prompts",
           "candidate_pairs", "four_attributes_disagree", "prompts", "test_prompts", "survey_pairs_available",
           "survey_pairs", "survey_controversial_share", "test_pool_pairs", "test_pool_controversial_share",
-          "seen_annotations", "seen_valid_pairs")
+          "valid_pool_pairs", "seen_annotations", "seen_valid_pairs")
 
 
 def _stages(meta: dict) -> dict:

@@ -271,7 +271,7 @@ def simulate(cfg: SimConfig) -> PreferenceDataset:
     pilot = _ratings(4000 * RESPONSES_PER_PROMPT, np.random.default_rng(ss.spawn(1)[0]), cfg.attribute_correlation)
     _, _, _, pilot_labels, _ = _candidates(4000, pilot, np.random.default_rng(0))
     rate = max(controversial(pilot_labels).mean() * len(pilot_labels) / 4000, 0.02)
-    keep = 1 - p.test_prompt_fraction
+    keep = 1 - p.test_prompt_fraction - p.valid_prompt_fraction
     target = p.survey_pairs or 2000
     n_prompts = int(np.ceil(target / (rate * keep) * 1.03)) + 10
     test_need = max(p.test_pairs, p.unseen_test_pairs) if p.unseen_users else p.test_pairs
