@@ -393,6 +393,7 @@ def test_lr_grid_keeps_the_best_validation_candidate_and_resumes_per_candidate(t
     assert main(["report", str(tmp_path / "out"), "--out", str(tmp_path / "report")]) == 0
     md = (tmp_path / "report" / "tables.md").read_text()
     assert "_Note: Uniform on tiny: learning rate searched over 1e-12, 0.01 by validation accuracy; kept 0.01 (seed 0)._" in md
+    assert "_Note: tiny: its valid pairs come from the survey that other users train on" in md
 
 
 def test_bad_lr_grids_are_one_error(tmp_path, capsys):

@@ -178,7 +178,8 @@ def test_validation_prompts_hold_the_valid_pairs_apart_from_everything_trained_o
     prompt = ds.responses.set_index("response_id")["prompt"]
     pairs = ds.pairs.assign(prompt=prompt.loc[ds.pairs["chosen_id"]].to_numpy())
     by_split = {s: set(g["prompt"]) for s, g in pairs.groupby("split")}
-    assert by_split["valid"] and not by_split["valid"] & (by_split["train"] | by_split["fewshot"] | by_split["test"])
+    trained_or_tested = by_split["train"] | by_split["fewshot"] | by_split["test"]
+    assert by_split["valid"] and not by_split["valid"] & trained_or_tested
     counts = pairs[pairs["split"] == "valid"].merge(ds.users, on="user_id")["role"].value_counts()
     assert counts["seen"] == 120 and counts["unseen"] == 8 * 10  # one per seen user (ALL), ten per unseen
     stats = ds.meta["protocol_stats"]

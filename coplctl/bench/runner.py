@@ -164,7 +164,8 @@ def _search(spec, ds, out: Path, base: Path, state, name: str, method: str, over
             found[lr] = run_job(spec, ds, base, name, method, own, seed, backbone=backbone, mode=mode, tag=tag(lr),
                                 stage=lambda s, lr=lr: stage(f"lr {lr:g}: {s}"))
         except Diverged as e:
-            found[lr] = diverged(_bare(spec, ds, name, method, seed, _settings(spec, method, own, backbone, mode)), str(e))
+            settings = _settings(spec, method, own, backbone, mode)
+            found[lr] = diverged(_bare(spec, ds, name, method, seed, settings), str(e))
         if state.is_main_process:
             write_result(path, found[lr])
             shutil.rmtree(base / "work" / f"{name}-seed{seed}{tag(lr)}", ignore_errors=True)

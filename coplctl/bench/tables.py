@@ -3,6 +3,7 @@ value of each column in bold (Oracle and ablations excluded, as in the paper).""
 
 from __future__ import annotations
 
+import math
 import statistics
 from dataclasses import dataclass, field
 
@@ -120,7 +121,11 @@ def build_tables(results: list[Result]) -> list[Table]:
     data = {}
     for label, key in (("GCF valid", "valid_accuracy"), ("GCF train", "train_accuracy"),
                        ("Group probe", "group_probe")):
-        for (s, _), vals in _collect(copl, lambda r, k=key: (r["extra"].get("gcf") or {}).get(k)).items():
+        def gcf(r, k=key):  # NaN: no valid pair inside the graph (valid_prompt_fraction > 0)
+            v = (r["extra"].get("gcf") or {}).get(k)
+            return None if isinstance(v, float) and math.isnan(v) else v
+
+        for (s, _), vals in _collect(copl, gcf).items():
             data[(s, label)] = vals
     tables.append(_grid("table5", "Table 5: GCF accuracy on held-out pairs of seen users; group probe: "
                         "5-fold logistic-regression accuracy of the group from the user embeddings", data,
@@ -158,7 +163,11 @@ def _search_notes(results: list[Result]) -> list[str]:
             key = (method_sort_key(r["name"]), r["name"], r["spec"], tuple(r["lr_search"]["grid"]))
             failed = [c["lr"] for c in r["lr_search"].get("candidates", []) if c.get("diverged")]
             found.setdefault(key, []).append((r["seed"], r["lr_search"]["chosen"], failed))
-    notes = []
+    leaky = sorted({r["spec"] for r in results
+                    if r.get("lr_search") and (r.get("data") or {}).get("valid_prompt_fraction") == 0})
+    notes = [f"{spec}: its valid pairs come from the survey that other users train on (valid_prompt_fraction 0), "
+             f"so a search by validation accuracy favours rates that memorise pairs; hold validation prompts out "
+             f"with data.valid_prompt_fraction" for spec in leaky]
     for (_, name, spec, grid), chosen in sorted(found.items()):
         diverged = sorted({lr for *_, failed in chosen for lr in failed})
         notes.append(f"{method_label(name)} on {spec}: learning rate searched over "
