@@ -29,8 +29,8 @@ class PALConfig(BaselineConfig):
     """Width of the space f maps into (not given in the paper)."""
     user_lr: Annotated[float, POSITIVE] = 5e-3
     """Learning rate of the users' mixing weights and of the prototypes: PAL's own code trains these
-    user-side parameters at 5e-3 (apart from the reward model's rate); unseen users' weights are fitted
-    at the same rate (``adapt_lr`` None)."""
+    user-side parameters at 5e-3 (apart from the reward model's rate). Unseen users' weights are fitted at
+    ``adapt_lr`` (1e-2, as the other baselines: 63.88 -> 66.26 unseen on sim-uf-p-4-avg against 5e-3)."""
     scale_lr: Annotated[float, POSITIVE] = 0.1
     """Learning rate of the reward scale s (log-parametrised): 0.1 in PAL's own code."""
 

@@ -93,9 +93,10 @@ def test_the_readme_example_method_trains_saves_and_loads(micro_dir, tmp_path, m
     ("copl", {"user_embeddings": "learned", "user_lr": 0.03}, {"user_table": 0.03}),
 ])
 def test_per_user_parameters_train_at_their_own_rate(name, overrides, own, micro_dir, monkeypatch):
-    """The optimizer's groups: a method's per-user parameters at their rate, everything else at lr."""
+    """The optimizer's groups: a method's per-user parameters at their rate, everything else at lr;
+    unseen users' rows are fitted at adapt_lr."""
     cls = METHODS.get(name)
-    method = cls(make_config(cls.Config, {**SMALL["frozen"], "epochs": 1, "lr": 1e-3, **overrides}))
+    method = cls(make_config(cls.Config, {**SMALL["frozen"], "epochs": 1, "lr": 1e-3, "adapt_lr": 0.02, **overrides}))
     seen = []
     real = coplctl.trainer.param_groups
 
@@ -113,7 +114,15 @@ def test_per_user_parameters_train_at_their_own_rate(name, overrides, own, micro
     others = [n for n, p in named.items() if p.requires_grad and n not in own]
     assert others and all(rate[id(named[n])] == 1e-3 for n in others)
     assert metrics["lr_groups"] == own
+    real_rows, adapt_rates = coplctl.neural.optimize_rows, []
+
+    def watch_rows(params, loss, n, **kw):
+        adapt_rates.append(kw["lr"])
+        return real_rows(params, loss, n, **kw)
+
+    monkeypatch.setattr(coplctl.neural, "optimize_rows", watch_rows)
     assert method.adapt(load(micro_dir).split("fewshot"), load(micro_dir).responses)["users"] == 2
+    assert adapt_rates == [0.02]
 
 
 def test_param_groups_match_whole_name_parts():

@@ -85,8 +85,8 @@ class CoPLConfig(TrainConfig):
     ``lora`` mode, ``lr`` in ``frozen`` mode (as the baselines' ``user_lr``, whose docstring gives the
     reason: at the shared lora rate the rows barely leave their init, which would handicap this ablation
     and inflate the GNN's share in Table 3)."""
-    adapt_lr: Annotated[float, POSITIVE] | None = None
-    """Adam learning rate of those steps; None = ``user_lr``."""
+    adapt_lr: Annotated[float, POSITIVE] = 1e-2
+    """Adam learning rate of those steps (as the baselines' ``adapt_lr``, whose docstring gives the reason)."""
 
     def __post_init__(self):
         super().__post_init__()  # types, ranges and choices of every field
