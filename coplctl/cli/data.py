@@ -11,7 +11,7 @@ import typer
 
 from coplctl.cli.common import DataDir, Force, Json, MaybeOut, Seed, err, examples, out
 
-app = typer.Typer(name="data", help="Create and inspect preference datasets (UF-P, simulated or real).",
+app = typer.Typer(name="data", help="Create, import and inspect preference datasets (UF-P simulated or real, or your own table).",
                   no_args_is_help=True,
                   epilog=examples("coplctl data simulate --variant uf-p-2 --annotations all --users 1000",
                                   "coplctl data build-ufp --ultrafeedback uf.parquet --cleaned cleaned.parquet",
@@ -146,6 +146,64 @@ def build_ufp(
     if warning:
         err.print(f"warning: {warning}", style="yellow")
     _report(ds, path)
+
+
+@app.command("import", epilog=examples(
+    "coplctl data import judgements.jsonl --out data/mine",
+    "coplctl data import prefs.csv --user-column annotator --group-column persona --unseen-users 20 --out data/mine",
+    "coplctl data import trl-lib/ultrafeedback_binarized --user-column user_id --out data/ufb"))
+def import_(
+    source: Annotated[str, typer.Argument(metavar="FILE_OR_HUB_ID", show_default=False, help=(
+        "A flat table, one row per judgement: .jsonl, .json, .csv or .parquet, or a Hugging Face dataset id "
+        "(needs the hub extra)."))],
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="The dataset directory to write.")],
+    user_column: Annotated[str, typer.Option("--user-column", help="Column of the user id.")] = "user",
+    prompt_column: Annotated[str, typer.Option("--prompt-column", help=(
+        "Column of the prompt (text or chat messages); without it, chat-format chosen cells carry it."))] = "prompt",
+    chosen_column: Annotated[str, typer.Option("--chosen-column", help="Column of the preferred response.")] = "chosen",
+    rejected_column: Annotated[str, typer.Option("--rejected-column", help="Column of the other response.")] = "rejected",
+    group_column: Annotated[Optional[str], typer.Option(
+        "--group-column", show_default="group, if present", help="Column of the user's preference group.")] = None,
+    split_column: Annotated[Optional[str], typer.Option(
+        "--split-column", show_default="split, if present",
+        help="Column of train/valid/test/fewshot per row (users with fewshot rows are unseen); else the options below.")] = None,
+    controversial_column: Annotated[Optional[str], typer.Option(
+        "--controversial-column", show_default="controversial, if present",
+        help="Column of true/false per row; else groups whose majorities disagree on the pair.")] = None,
+    test_prompt_fraction: Annotated[float, typer.Option(
+        "--test-prompt-fraction", min=0.0, max=0.9, help="Share of prompts held out as test pairs (paper: 0.1).")] = 0.1,
+    valid_prompt_fraction: ValidPromptsOpt = 0.0,
+    valid_pairs: Annotated[int, typer.Option(
+        "--valid-pairs", min=0, help="Judgements of each seen user held out for validation (authors: 1).")] = 1,
+    unseen_users: Annotated[int, typer.Option(
+        "--unseen-users", min=0, help="Users held out as unseen, adapted from their few-shot pairs.")] = 0,
+    fewshot_pairs: Annotated[int, typer.Option("--fewshot-pairs", min=1, help="Few-shot pairs per unseen user.")] = 8,
+    hub_split: Annotated[str, typer.Option("--hub-split", help="Split of a hub dataset to read.")] = "train",
+    seed: Seed = 0,
+    force: Force = False,
+) -> None:
+    """Import a flat preference table (one row per judgement: user, prompt, chosen, rejected, maybe a group)
+    as a dataset directory: responses deduplicated by (prompt, text), splits by the UF-P protocol's options
+    or a split column, every bad row named by its line."""
+    from coplctl.atomic import check_output, refuse_overlap
+    from coplctl.data.importer import ImportConfig, import_table
+
+    explicit = tuple(c for c in (group_column, split_column, controversial_column) if c is not None)
+    cfg = ImportConfig(user_column=user_column, prompt_column=prompt_column, chosen_column=chosen_column,
+                       rejected_column=rejected_column, group_column=group_column or "group",
+                       split_column=split_column or "split", controversial_column=controversial_column or "controversial",
+                       test_prompt_fraction=test_prompt_fraction, valid_prompt_fraction=valid_prompt_fraction,
+                       valid_pairs=valid_pairs, unseen_users=unseen_users, fewshot_pairs=fewshot_pairs,
+                       seed=seed, hub_split=hub_split, required=explicit)
+    refuse_overlap(out_dir, {"the input table": source})
+    check_output(out_dir, force=force, marker="meta.json", kind="dataset")
+    with err.status(f"importing {source} ..."):
+        ds = import_table(source, cfg)
+        ds.save(out_dir, overwrite=force)
+    dropped = {k: v for k, v in ds.meta["filter_stats"].items() if k.startswith("dropped") and v}
+    if dropped:
+        err.print("note: " + ", ".join(f"{k.replace('_', ' ')}: {v:,}" for k, v in dropped.items()), style="yellow")
+    _report(ds, out_dir)
 
 
 @app.command("inspect", epilog=examples("coplctl data inspect data/sim-uf-p-4-avg",

@@ -8,13 +8,14 @@ from coplctl.data.dataset import ROLES, SPLITS, PreferenceDataset, unordered
 
 
 #: Building stages in pipeline order (meta.json stores its keys sorted); unknown keys follow.
-STAGES = ("ultrafeedback_prompts", "dropped_prompts_not_in_cleaned", "dropped_duplicate_prompts",
+STAGES = ("rows", "dropped_repeated_judgements", "ultrafeedback_prompts", "dropped_prompts_not_in_cleaned", "dropped_duplicate_prompts",
           "dropped_empty_responses", "dropped_duplicate_responses", "dropped_na_ratings", "dropped_too_long",
           "cleaned_rows", "dropped_duplicate_cleaned_prompts", "dropped_chosen_equals_rejected",
           "dropped_pairs_not_joined", "dropped_prompts_one_completion", "generated_prompts", "dropped_tied_prompts",
           "candidate_pairs", "four_attributes_disagree", "prompts", "test_prompts", "survey_pairs_available",
           "survey_pairs", "survey_controversial_share", "test_pool_pairs", "test_pool_controversial_share",
-          "valid_pool_pairs", "seen_annotations", "seen_valid_pairs")
+          "valid_pool_pairs", "seen_annotations", "seen_valid_pairs", "valid_prompts", "unseen_users",
+          "dropped_users_without_train_pairs")
 
 
 def _stages(meta: dict) -> dict:
