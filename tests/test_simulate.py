@@ -192,3 +192,44 @@ def test_validation_prompts_hold_the_valid_pairs_apart_from_everything_trained_o
     valid, train = (set(shared[shared["split"] == s]["prompt"]) for s in ("valid", "train"))
     assert len(valid & train) > len(valid) / 2  # the authors': most valid pairs are someone's train pair
     assert "valid_pool_pairs" not in default.meta["protocol_stats"]
+
+
+def test_mixture_users_label_by_their_weighted_ratings_and_have_no_group(tmp_path):
+    from coplctl.cli import main
+    from coplctl.graph.probe import weight_columns
+
+    path = tmp_path / "mix"
+    assert main(["data", "simulate", "--variant", "uf-p-4", "--annotations", "all", "--preferences", "mixture",
+                 "--alpha", "0.1", "--users", "200", "--unseen-users", "8", "--survey-pairs", "600",
+                 "--out", str(path)]) == 0
+    ds = load(path)
+    cols = weight_columns(ds.users)
+    assert cols == [f"weight_{a}" for a in ATTRIBUTES] and ds.users["group"].isna().all() and ds.meta["groups"] == []
+    w = ds.users.set_index("user_id")[cols]
+    assert np.allclose(w.sum(1), 1) and (w.max(1) > 0.9).mean() > 0.3  # α = 0.1: most users lean on one attribute
+    r = ds.responses.set_index("response_id")[list(ATTRIBUTES)].astype(float)
+    margin = (r.loc[ds.pairs["chosen_id"]].to_numpy() - r.loc[ds.pairs["rejected_id"]].to_numpy())
+    score = (w.loc[ds.pairs["user_id"]].to_numpy() * margin).sum(1)
+    assert (score >= 0).all() and (score > 0).mean() > 0.95  # zero only where the coins decided
+    # two users on the same pair can disagree: preferences differ without groups
+    key = ds.pairs.assign(lo=np.minimum(ds.pairs["chosen_id"], ds.pairs["rejected_id"]))
+    assert (key.groupby("lo")["chosen_id"].nunique() > 1).any()
+
+
+def test_groups_mode_is_unchanged_by_the_mixture_option():
+    base = small_protocol()
+    assert base.preferences == "groups"
+    a = simulate(SimConfig(protocol=base, seed=5))
+    b = simulate(SimConfig(protocol=small_protocol(alpha=3.0), seed=5))  # alpha only matters for mixtures
+    assert a.pairs.equals(b.pairs) and a.users.equals(b.users) and "weight_helpfulness" not in a.users
+
+
+def test_weight_probe_recovers_planted_weights_and_not_noise():
+    from coplctl.graph.probe import weight_probe
+
+    rng = np.random.default_rng(0)
+    w = rng.dirichlet(np.full(4, 0.3), 300)
+    planted = np.hstack([w @ rng.standard_normal((4, 16)), rng.standard_normal((300, 4))]) + 0.05 * rng.standard_normal((300, 20))
+    assert weight_probe(planted, w) > 0.9
+    assert weight_probe(rng.standard_normal((300, 20)), w) < 0.1
+    assert weight_probe(planted[:5], w[:5]) is None

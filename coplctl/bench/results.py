@@ -140,7 +140,7 @@ def check_result(data: dict, f: Path) -> Result:
     if not extra:
         return data
     gcf = _need(extra.get("gcf"), (dict,), f, "extra.gcf")
-    _scores(gcf, f, "extra.gcf", ("valid_accuracy", "train_accuracy", "group_probe"))
+    _scores(gcf, f, "extra.gcf", ("valid_accuracy", "train_accuracy", "group_probe", "weight_probe"))
     for variant, block in (_need(extra.get("adaptation"), (dict,), f, "extra.adaptation") or {}).items():
         _scores(block, f, f"extra.adaptation.{variant}")
     for hops, points in (_need(extra.get("fewshot_curve"), (dict,), f, "extra.fewshot_curve") or {}).items():

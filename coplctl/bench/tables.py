@@ -120,17 +120,20 @@ def build_tables(results: list[Result]) -> list[Table]:
                         names=list(variants.values()), bold_excluding=()))
     data = {}
     for label, key in (("GCF valid", "valid_accuracy"), ("GCF train", "train_accuracy"),
-                       ("Group probe", "group_probe")):
+                       ("Group probe", "group_probe"), ("Weight probe", "weight_probe")):
         def gcf(r, k=key):  # NaN: no valid pair inside the graph (valid_prompt_fraction > 0)
             v = (r["extra"].get("gcf") or {}).get(k)
             return None if isinstance(v, float) and math.isnan(v) else v
 
         for (s, _), vals in _collect(copl, gcf).items():
             data[(s, label)] = vals
+    probes = ["Group probe"] + (["Weight probe"] if any(label == "Weight probe" for _, label in data) else [])
     tables.append(_grid("table5", "Table 5: GCF accuracy on held-out pairs of seen users; group probe: "
-                        "5-fold logistic-regression accuracy of the group from the user embeddings", data,
-                        names=["GCF valid", "GCF train", "Group probe"],
-                        bold_excluding=("GCF valid", "GCF train", "Group probe")))
+                        "5-fold logistic-regression accuracy of the group from the user embeddings"
+                        + ("; weight probe: 5-fold ridge R² (×100) of mixture users' attribute weights from the "
+                           "embeddings" if len(probes) > 1 else ""),
+                        data, names=["GCF valid", "GCF train", *probes],
+                        bold_excluding=("GCF valid", "GCF train", *probes)))
     pseudo = [r for r in copl if r["extra"].get("pseudo_labels")]
     if pseudo:
         specs = {r["spec"] for r in pseudo}

@@ -46,13 +46,25 @@ ValidPromptsOpt = Annotated[float, typer.Option("--valid-prompt-fraction", min=0
     "paper; 0 = the authors': valid pairs come from the survey that others train on)."))]
 
 
+class Preferences(str, Enum):
+    groups = "groups"
+    mixture = "mixture"
+
+
+PreferencesOpt = Annotated[Preferences, typer.Option("--preferences", help=(
+    "groups: each user has one group and labels by its attribute (UF-P); mixture: each user has Dirichlet "
+    "weights over the attributes and labels by the weighted rating (PersonalLLM-style, no groups)."))]
+AlphaOpt = Annotated[float, typer.Option("--alpha", min=1e-6, help="Dirichlet concentration of mixture users' weights (PersonalLLM: 0.1).")]
+
+
 def _protocol(variant, annotations, users, unseen_users, survey_pairs, fewshot_pairs, valid_pairs,
-              valid_prompt_fraction):
+              valid_prompt_fraction, preferences, alpha):
     from coplctl.data.protocol import ProtocolConfig
 
     return ProtocolConfig(variant=variant.value, annotations=annotations.value, users=users,
                           unseen_users=unseen_users, survey_pairs=survey_pairs, fewshot_pairs=fewshot_pairs,
-                          valid_pairs=valid_pairs, valid_prompt_fraction=valid_prompt_fraction)
+                          valid_pairs=valid_pairs, valid_prompt_fraction=valid_prompt_fraction,
+                          preferences=preferences.value, alpha=alpha)
 
 
 def _report(ds, path: Path) -> None:
@@ -64,7 +76,8 @@ def _report(ds, path: Path) -> None:
 
 @app.command("simulate", epilog=examples(
     "coplctl data simulate --variant uf-p-4 --annotations avg --out data/uf-p-4-avg",
-    "coplctl data simulate --variant uf-p-2 --annotations all --users 1000 --unseen-users 20 --seed 1"))
+    "coplctl data simulate --variant uf-p-2 --annotations all --users 1000 --unseen-users 20 --seed 1",
+    "coplctl data simulate --variant uf-p-4 --annotations all --preferences mixture --alpha 0.1"))
 def simulate(
     variant: VariantOpt = Variant.ufp4,
     annotations: AnnotationsOpt = Annotations.avg,
@@ -74,6 +87,8 @@ def simulate(
     fewshot_pairs: FewshotOpt = None,
     valid_pairs: ValidOpt = 1,
     valid_prompt_fraction: ValidPromptsOpt = 0.0,
+    preferences: PreferencesOpt = Preferences.groups,
+    alpha: AlphaOpt = 0.1,
     cue_fidelity: Annotated[float, typer.Option(
         "--cue-fidelity", min=0.0, max=1.0, help="Chance that a text cue shows the true attribute level.")] = 0.75,
     seed: Seed = 0,
@@ -88,8 +103,9 @@ def simulate(
     from coplctl.data.simulate import SimConfig, simulate as run
 
     proto = _protocol(variant, annotations, users, unseen_users, survey_pairs, fewshot_pairs, valid_pairs,
-                      valid_prompt_fraction)
-    path = out_dir or Path("data") / f"sim-{variant.value}-{annotations.value}"
+                      valid_prompt_fraction, preferences, alpha)
+    mix = "-mixture" if preferences is Preferences.mixture else ""
+    path = out_dir or Path("data") / f"sim-{variant.value}-{annotations.value}{mix}"
     check_output(path, force=force, marker="meta.json", kind="dataset")  # before the work, not after
     with err.status("simulating UF-P ..."):
         ds = run(SimConfig(protocol=proto, seed=seed, cue_fidelity=cue_fidelity))
@@ -119,6 +135,8 @@ def build_ufp(
     fewshot_pairs: FewshotOpt = None,
     valid_pairs: ValidOpt = 1,
     valid_prompt_fraction: ValidPromptsOpt = 0.0,
+    preferences: PreferencesOpt = Preferences.groups,
+    alpha: AlphaOpt = 0.1,
     seed: Seed = 0,
     out_dir: MaybeOut = None,
     force: Force = False,
@@ -132,7 +150,7 @@ def build_ufp(
     from coplctl.data.ultrafeedback import BuildConfig, build_ufp as run
 
     proto = _protocol(variant, annotations, users, unseen_users, survey_pairs, fewshot_pairs, valid_pairs,
-                      valid_prompt_fraction)
+                      valid_prompt_fraction, preferences, alpha)
     path = out_dir or Path("data") / f"ufp-{variant.value}-{annotations.value}"
     refuse_overlap(path, {"the UltraFeedback copy": ultrafeedback, "the cleaned set": cleaned})
     check_output(path, force=force, marker="meta.json", kind="dataset")

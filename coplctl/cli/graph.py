@@ -68,6 +68,8 @@ def train(
     for col in ("train acc", "valid acc", "group probe", "best epoch", "epochs", "s/epoch", "s to best"):
         t.add_column(col, justify="right")
     probe = "-" if m.get("group_probe") is None else f"{100 * m['group_probe']:.2f}"
+    if m.get("weight_probe") is not None:
+        probe = f"weights R² {m['weight_probe']:.2f}"
     t.add_row(f"{100 * m['train_accuracy']:.2f}", f"{100 * m['valid_accuracy']:.2f}", probe, str(m["best_epoch"]),
               str(m["epochs_run"]), f"{m['seconds_per_epoch']:.2f}", f"{m['seconds_to_best']:.0f}")
     out.print(t)

@@ -20,6 +20,9 @@ Protocol (the authors' and VPL's UF-P code; paper §5.1, Appendix C.1):
   always in ALL (n-1 train + 1 valid) and in AVG only when the drawn count is at least ``per_user``
   (the authors' ``context_unseen``). Each seen user also gets ``test_pairs`` pairs of the test pool
   (paper: 10), all labelled by the user's **own** group.
+- ``preferences: mixture`` replaces the groups by per-user Dirichlet(α) weights over the attributes
+  (PersonalLLM's users, over reward models there): a user prefers the response with the higher weighted
+  rating. Everything else is as above; ``controversial`` still means "the attributes disagree".
 - Unseen users (paper: 100, evenly across groups) get ``fewshot_pairs`` survey pairs (8 / 16) and
   ``unseen_test_pairs`` test-pool pairs (paper: 50), plus ``unseen_valid_pairs`` other survey pairs:
   their responses are graph nodes, so adaptation can be checked at the graph level (Table 5 style)
@@ -34,7 +37,7 @@ from typing import Annotated
 import numpy as np
 import pandas as pd
 
-from coplctl.config import AT_LEAST_1, NON_NEGATIVE, OneOf, Range, check_fields
+from coplctl.config import AT_LEAST_1, NON_NEGATIVE, POSITIVE, OneOf, Range, check_fields
 from coplctl.errors import CoplError
 
 #: Preference groups = UltraFeedback attributes, in the order UF-P uses them.
@@ -78,6 +81,15 @@ class ProtocolConfig:
     rewards memorising them (Oracle at lr 1e-2: 90% valid, 74% test), which misleads a learning-rate
     search. Above 0: every valid pair comes from these prompts, which nothing trains on, as the test pairs
     come from the test prompts. CoPL's GCF then has no valid pair inside its graph and keeps its last epoch."""
+
+    preferences: Annotated[str, OneOf("groups", "mixture")] = "groups"
+    """``groups`` (the paper's UF-P): each user belongs to one group and labels every pair by its attribute.
+    ``mixture`` (PersonalLLM-style, the authors' camera-ready): each user has Dirichlet(``alpha``) weights
+    over the variant's attributes, stored in users.parquet as ``weight_<attribute>``, and prefers the
+    response with the higher weighted rating (attribute ties broken by their fair coins); users have no
+    group."""
+    alpha: Annotated[float, POSITIVE] = 0.1
+    """Dirichlet concentration of the ``mixture`` users' weights (PersonalLLM: 0.1; small = near one attribute)."""
 
     def __post_init__(self):
         check_fields(self, "protocol")  # types, ranges, choices
@@ -123,11 +135,14 @@ def _even_groups(n: int, n_groups: int, rng: np.random.Generator) -> np.ndarray:
 
 
 def assign_users(prompt: np.ndarray, a: np.ndarray, b: np.ndarray, labels: np.ndarray,
-                 cfg: ProtocolConfig, rng: np.random.Generator) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+                 cfg: ProtocolConfig, rng: np.random.Generator,
+                 margins: np.ndarray | None = None) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     """Apply the protocol to candidate pairs.
 
-    Returns ``users`` (user_id, group, role), ``pairs`` (user_id, chosen, rejected, split,
-    controversial) where chosen/rejected are response *indices*, and a dict of statistics.
+    ``margins`` (pairs, 4): rating of ``a`` minus rating of ``b`` per attribute, which ``mixture`` users
+    weigh (None: ±1 from ``labels``). Returns ``users`` (user_id, group, role; ``weight_*`` for mixture
+    users), ``pairs`` (user_id, chosen, rejected, split, controversial) where chosen/rejected are response
+    *indices*, and a dict of statistics.
     """
     if labels.shape != (len(a), len(ATTRIBUTES)):
         raise ValueError(f"labels must have shape ({len(a)}, {len(ATTRIBUTES)}), got {labels.shape}")
@@ -135,6 +150,8 @@ def assign_users(prompt: np.ndarray, a: np.ndarray, b: np.ndarray, labels: np.nd
     group_cols = [ATTRIBUTES.index(g) for g in cfg.groups]
     kept = np.flatnonzero(controversial(labels))  # the UF-P-4 filter, for both variants, before splitting
     is_contr = controversial(labels[:, group_cols])  # the variant's own groups disagree
+    sign = np.where(labels[:, group_cols], 1.0, -1.0)
+    margins = sign if margins is None else np.asarray(margins, dtype=np.float64)[:, group_cols]
     labels = labels[:, group_cols]
 
     prompts = np.unique(prompt[kept])
@@ -208,15 +225,26 @@ def assign_users(prompt: np.ndarray, a: np.ndarray, b: np.ndarray, labels: np.nd
     cand_idx = np.concatenate(cand_idx)
     split_code = np.concatenate(split_code)
     group_of_user = np.concatenate([seen_group, unseen_group])
-    prefers_a = labels[cand_idx, group_of_user[user_idx]]
+    if cfg.preferences == "mixture":  # the weighted margin; the coins decide where it is exactly zero
+        weights = np.random.default_rng(rng.integers(2**63)).dirichlet(np.full(n_groups, cfg.alpha),
+                                                                      n_seen + n_unseen)
+        w = weights[user_idx]
+        score = (w * margins[cand_idx]).sum(1)
+        prefers_a = np.where(score != 0, score > 0, (w * sign[cand_idx]).sum(1) > 0)
+    else:
+        prefers_a = labels[cand_idx, group_of_user[user_idx]]
     width = len(str(n_seen + n_unseen - 1))
     user_ids = np.array([f"u{i:0{width}d}" for i in range(n_seen + n_unseen)])
 
     users = pd.DataFrame({
         "user_id": user_ids,
-        "group": np.asarray(cfg.groups)[group_of_user],
+        "group": np.asarray(cfg.groups, dtype=object)[group_of_user],
         "role": np.where(np.arange(n_seen + n_unseen) < n_seen, "seen", "unseen"),
     })
+    if cfg.preferences == "mixture":
+        users["group"] = None
+        for k, g in enumerate(cfg.groups):
+            users[f"weight_{g}"] = weights[:, k]
     pairs = pd.DataFrame({
         "user_id": user_ids[user_idx],
         "chosen": np.where(prefers_a, a[cand_idx], b[cand_idx]),

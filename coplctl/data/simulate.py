@@ -14,7 +14,8 @@ so that every path runs offline:
 - one candidate pair per prompt, binarized as the cleaned UltraFeedback set the real builder reads
   (chosen = best mean rating, rejected = a random worse completion), so each response is in one pair;
 - attribute labels, ties (fair coin), the survey set and the user protocol are those of
-  :mod:`coplctl.data.protocol`, shared with the real builder.
+  :mod:`coplctl.data.protocol`, shared with the real builder: users in groups (UF-P), or users with
+  mixed preferences over the attributes (``preferences="mixture"``, PersonalLLM-style).
 
 Deterministic: the same configuration and seed give byte-identical files.
 """
@@ -283,7 +284,8 @@ def simulate(cfg: SimConfig) -> PreferenceDataset:
         if (not p.survey_pairs or kept * keep > p.survey_pairs * 1.01) and kept * p.test_prompt_fraction > test_need:
             break
         n_prompts = int(n_prompts * 1.1)
-    users, pairs, stats = assign_users(prompt, a, b, labels, p, rng_proto)
+    margins = ratings[a].astype(np.float64) - ratings[b]
+    users, pairs, stats = assign_users(prompt, a, b, labels, p, rng_proto, margins)
     stats = {"generated_prompts": n_prompts, "dropped_tied_prompts": tied, **stats}
 
     used = np.unique(np.concatenate([pairs["chosen"].to_numpy(), pairs["rejected"].to_numpy()]))
@@ -308,7 +310,7 @@ def simulate(cfg: SimConfig) -> PreferenceDataset:
         "source": "simulated",
         "variant": p.variant,
         "annotations": p.annotations,
-        "groups": list(p.groups),
+        "groups": list(p.groups) if p.preferences == "groups" else [],
         "seed": cfg.seed,
         "generator": {k: v for k, v in asdict(cfg).items() if k != "protocol"},
         "protocol": asdict(p),

@@ -333,7 +333,8 @@ def build_ufp(cfg: BuildConfig) -> PreferenceDataset:
                         + "; check the inputs")
     ratings = comps[list(ATTRIBUTES)].to_numpy()
     labels = break_ties(ratings[a], ratings[b], rng_label)
-    users, pairs, proto_stats = assign_users(comps["prompt_idx"].to_numpy()[a], a, b, labels, p, rng_proto)
+    users, pairs, proto_stats = assign_users(comps["prompt_idx"].to_numpy()[a], a, b, labels, p, rng_proto,
+                                             ratings[a] - ratings[b])
 
     used = np.unique(np.concatenate([pairs["chosen"].to_numpy(), pairs["rejected"].to_numpy()]))
     width = len(str(len(used) - 1))
@@ -358,7 +359,7 @@ def build_ufp(cfg: BuildConfig) -> PreferenceDataset:
         "source": "ultrafeedback",
         "variant": p.variant,
         "annotations": p.annotations,
-        "groups": list(p.groups),
+        "groups": list(p.groups) if p.preferences == "groups" else [],
         "seed": cfg.seed,
         "binarization": "cleaned" if cleaned is not None else "best-mean (offline fallback)",
         "inputs": {"ultrafeedback": cfg.ultrafeedback, "ultrafeedback_sha256": _sha256(Path(cfg.ultrafeedback)),

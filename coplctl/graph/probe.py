@@ -5,6 +5,8 @@ benchmark's Table 5 and ``benchmarks/perf/gcf_quality.py``.
   user's group from its embedding (chance = the largest group's share). Validation accuracy on pairs
   can be high while the embeddings say little about the group (the response embeddings can carry
   most of a pair's outcome); the probe measures what the reward model's gates can route on.
+- :func:`weight_probe`: for users with mixed preferences (no groups), the cross-validated R² of their
+  attribute weights predicted from the embedding.
 - :func:`spectral_split`: a learning-free reference. The signed co-annotation matrix
   C[u, v] = Σ over pairs both annotated (+1 same choice, −1 opposite) is split by the leading
   eigenvectors of its degree-normalised form (k-means on them for more than two groups); the
@@ -49,6 +51,30 @@ def group_probe(embeddings, groups, *, folds: int = 5, seed: int = 0) -> float |
     clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
     cv = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
     return float(cross_val_score(clf, x, y, cv=cv).mean())
+
+
+def weight_columns(users: pd.DataFrame) -> list[str]:
+    """The ``weight_*`` columns of mixture users (``preferences: mixture``), in order; [] for group users."""
+    return [c for c in users.columns if c.startswith("weight_")]
+
+
+def weight_probe(embeddings, weights, *, folds: int = 5, seed: int = 0) -> float | None:
+    """For users with mixed preferences instead of groups: 5-fold cross-validated R² of a ridge regression
+    that predicts each user's attribute weights from its embedding (0: no better than the mean weights;
+    1: recovered exactly). None when fewer than 10 users have weights."""
+    from sklearn.linear_model import RidgeCV
+    from sklearn.model_selection import KFold, cross_val_score
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    w = np.asarray(weights, dtype=np.float64)
+    known = np.isfinite(w).all(axis=1)
+    if known.sum() < 10:
+        return None
+    model = make_pipeline(StandardScaler(), RidgeCV(alphas=np.logspace(-3, 3, 7)))
+    cv = KFold(n_splits=folds, shuffle=True, random_state=seed)
+    x = np.asarray(embeddings, dtype=np.float64)[known]
+    return float(cross_val_score(model, x, w[known], cv=cv, scoring="r2").mean())
 
 
 def coannotation_matrix(pairs: pd.DataFrame, user_ids: list[str]):

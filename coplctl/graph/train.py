@@ -20,7 +20,7 @@ from coplctl.config import AT_LEAST_1, FRACTION, NON_NEGATIVE, POSITIVE, OneOf, 
 from coplctl.errors import CoplError
 from coplctl.graph.graph import Adjacency, PreferenceGraph
 from coplctl.graph.model import VARIANTS, GCF
-from coplctl.graph.probe import group_probe
+from coplctl.graph.probe import group_probe, weight_columns, weight_probe
 from coplctl.graph.sampling import NeighborSampler
 from coplctl.graph.state import CHECKPOINT, TrainingRun
 from coplctl.progress import Bar
@@ -288,15 +288,18 @@ def _export(out: Path, ds, data: TrainingData, run: TrainingRun) -> dict:
     model.eval()
     with torch.no_grad():
         e_u, e_r = model(data.adj)
+    users = ds.users.set_index("user_id").reindex(graph.user_ids)
+    weights = weight_columns(ds.users)
     metrics = {
         "status": "complete", "seed": seed, "epochs_run": state.epoch, "best_epoch": state.best_epoch,
         "train_accuracy": _accuracy(e_u, e_r, *data.train), "valid_accuracy": _accuracy(e_u, e_r, *data.valid),
         "valid_pairs_scored": int(len(data.valid[0])), "seconds": round(state.seconds, 3),
         "seconds_to_best": round(state.seconds_to_best, 3),
         "seconds_per_epoch": round(state.seconds / max(1, state.epoch), 4), "history": state.history,
-        "group_probe": group_probe(e_u.float().cpu().numpy(),
-                                   ds.users.set_index("user_id")["group"].reindex(graph.user_ids).to_numpy(), seed=seed),
+        "group_probe": group_probe(e_u.float().cpu().numpy(), users["group"].to_numpy(), seed=seed),
     }
+    if weights:
+        metrics["weight_probe"] = weight_probe(e_u.float().cpu().numpy(), users[weights].to_numpy(), seed=seed)
     graph.save(out)
     responses = ds.responses.set_index("response_id").loc[graph.response_ids, ["prompt", "text"]].reset_index()
     for name, df in (("responses", responses), ("users", ds.users)):
