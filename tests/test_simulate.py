@@ -206,7 +206,7 @@ def test_mixture_users_label_by_their_weighted_ratings_and_have_no_group(tmp_pat
     cols = weight_columns(ds.users)
     assert cols == [f"weight_{a}" for a in ATTRIBUTES] and ds.users["group"].isna().all() and ds.meta["groups"] == []
     w = ds.users.set_index("user_id")[cols]
-    assert np.allclose(w.sum(1), 1) and (w.max(1) > 0.9).mean() > 0.3  # α = 0.1: most users lean on one attribute
+    assert np.allclose(w.sum(axis=1), 1) and (w.max(axis=1) > 0.9).mean() > 0.3  # α = 0.1: most users lean on one attribute
     r = ds.responses.set_index("response_id")[list(ATTRIBUTES)].astype(float)
     margin = (r.loc[ds.pairs["chosen_id"]].to_numpy() - r.loc[ds.pairs["rejected_id"]].to_numpy())
     score = (w.loc[ds.pairs["user_id"]].to_numpy() * margin).sum(1)

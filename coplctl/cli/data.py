@@ -166,6 +166,54 @@ def build_ufp(
     _report(ds, path)
 
 
+@app.command("build-personalllm", epilog=examples(
+    "coplctl data build-personalllm --personalllm ~/data/PersonalLLM --out data/personalllm-all",
+    "coplctl data build-personalllm --annotations avg --tokenizer google/gemma-2b-it --max-tokens 1024"))
+def build_personalllm(
+    annotations: AnnotationsOpt = Annotations.all,
+    personalllm: Annotated[str, typer.Option(
+        "--personalllm", help="Local copy of namkoong-lab/PersonalLLM (a directory of train*/test* Parquet or JSONL "
+                              "files), or the hub id.")] = "namkoong-lab/PersonalLLM",
+    reward_models: Annotated[str, typer.Option(
+        "--reward-models", help="Comma-separated reward models the users mix (the authors' four).")]
+    = "gemma_7b,mistral_weqweasdas,llama3_sfairx,oasst_deberta_v3",
+    alpha: AlphaOpt = 0.1,
+    tokenizer: Annotated[Optional[str], typer.Option("--tokenizer", help="Tokenizer for the length filter.")] = None,
+    max_tokens: Annotated[Optional[int], typer.Option(
+        "--max-tokens", min=1, help="Drop responses longer than this (prompt + response, formatted; authors: 1024).")] = None,
+    users: UsersOpt = 10_000,
+    unseen_users: UnseenOpt = 100,
+    fewshot_pairs: Annotated[int, typer.Option("--fewshot-pairs", min=1, help="Few-shot pairs per unseen user.")] = 16,
+    test_pairs: Annotated[int, typer.Option("--test-pairs", min=1, help="Test pairs per seen user (authors: 100).")] = 100,
+    unseen_test_pairs: Annotated[int, typer.Option("--unseen-test-pairs", min=1, help="Test pairs per unseen user.")] = 50,
+    valid_prompt_fraction: ValidPromptsOpt = 0.0,
+    seed: Seed = 0,
+    out_dir: MaybeOut = None,
+    force: Force = False,
+) -> None:
+    """Build PersonalLLM preference data as the CoPL authors do: responses 5-7 of each prompt, pairs the
+    reward models do not all order alike, users mixing the reward models with Dirichlet weights.
+
+    The dataset directory is --out (default: data/personalllm-ANNOTATIONS).
+    """
+    from coplctl.atomic import check_output, refuse_overlap
+    from coplctl.data.personalllm import PersonalLLMConfig, build_personalllm as run, plm_protocol
+
+    proto = plm_protocol(annotations=annotations.value, users=users, unseen_users=unseen_users, alpha=alpha,
+                         fewshot_pairs=fewshot_pairs, test_pairs=test_pairs, unseen_test_pairs=unseen_test_pairs,
+                         valid_prompt_fraction=valid_prompt_fraction)
+    path = out_dir or Path("data") / f"personalllm-{annotations.value}"
+    refuse_overlap(path, {"the PersonalLLM copy": personalllm})
+    check_output(path, force=force, marker="meta.json", kind="dataset")
+    models = tuple(m.strip() for m in reward_models.split(",") if m.strip())
+    cfg = PersonalLLMConfig(protocol=proto, seed=seed, source=personalllm, reward_models=models,
+                            tokenizer=tokenizer, max_tokens=max_tokens)
+    with err.status("building PersonalLLM preference data ..."):
+        ds = run(cfg)
+        ds.save(path, overwrite=force)
+    _report(ds, path)
+
+
 @app.command("import", epilog=examples(
     "coplctl data import judgements.jsonl --out data/mine",
     "coplctl data import prefs.csv --user-column annotator --group-column persona --unseen-users 20 --out data/mine",

@@ -142,13 +142,13 @@ def import_table(source: str, cfg: ImportConfig) -> PreferenceDataset:
     pairs = pd.DataFrame({"user_id": user_ids[ucode[keep]], "chosen_id": rid[c[keep]], "rejected_id": rid[r[keep]],
                           "split": split[keep].astype(str), "controversial": controversial[keep]})
     local = Path(source).expanduser()
-    from coplctl.data.ultrafeedback import _sha256
+    from coplctl.data.ultrafeedback import sha256
 
     meta = {
         "source": "import",
         "groups": sorted(users["group"].dropna().unique().tolist()),
         "seed": cfg.seed,
-        "inputs": {"table": source, "sha256": _sha256(local) if local.exists() else None},
+        "inputs": {"table": source, "sha256": sha256(local) if local.exists() else None},
         "protocol": {k: v for k, v in asdict(cfg).items() if k != "required"},
         "protocol_stats": proto_stats,
         "filter_stats": stats,

@@ -135,20 +135,28 @@ def _even_groups(n: int, n_groups: int, rng: np.random.Generator) -> np.ndarray:
 
 
 def assign_users(prompt: np.ndarray, a: np.ndarray, b: np.ndarray, labels: np.ndarray,
-                 cfg: ProtocolConfig, rng: np.random.Generator,
-                 margins: np.ndarray | None = None) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+                 cfg: ProtocolConfig, rng: np.random.Generator, margins: np.ndarray | None = None, *,
+                 attributes: tuple[str, ...] | None = None, kept: np.ndarray | None = None,
+                 test_prompts: np.ndarray | None = None) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     """Apply the protocol to candidate pairs.
 
-    ``margins`` (pairs, 4): rating of ``a`` minus rating of ``b`` per attribute, which ``mixture`` users
-    weigh (None: ±1 from ``labels``). Returns ``users`` (user_id, group, role; ``weight_*`` for mixture
-    users), ``pairs`` (user_id, chosen, rejected, split, controversial) where chosen/rejected are response
-    *indices*, and a dict of statistics.
+    ``margins`` (pairs, attributes): rating of ``a`` minus rating of ``b`` per attribute, which ``mixture``
+    users weigh (None: ±1 from ``labels``). Other sources than UltraFeedback (``mixture`` only) name their
+    own ``attributes`` (e.g. reward models; all are used), may pass the ``kept`` mask of their own filter
+    (default: the attributes do not all agree) and the ``test_prompts`` of their own test split (default:
+    ``test_prompt_fraction`` of the prompts, drawn). Returns ``users`` (user_id, group, role; ``weight_*``
+    for mixture users), ``pairs`` (user_id, chosen, rejected, split, controversial) where chosen/rejected
+    are response *indices*, and a dict of statistics.
     """
-    if labels.shape != (len(a), len(ATTRIBUTES)):
-        raise ValueError(f"labels must have shape ({len(a)}, {len(ATTRIBUTES)}), got {labels.shape}")
-    n_groups = len(cfg.groups)
-    group_cols = [ATTRIBUTES.index(g) for g in cfg.groups]
-    kept = np.flatnonzero(controversial(labels))  # the UF-P-4 filter, for both variants, before splitting
+    names = ATTRIBUTES if attributes is None else tuple(attributes)
+    if attributes is not None and cfg.preferences != "mixture":
+        raise CoplError("users in groups are UltraFeedback attributes; other attributes need preferences: mixture")
+    if labels.shape != (len(a), len(names)):
+        raise ValueError(f"labels must have shape ({len(a)}, {len(names)}), got {labels.shape}")
+    groups = cfg.groups if attributes is None else names
+    n_groups = len(groups)
+    group_cols = [names.index(g) for g in groups]
+    kept = np.flatnonzero(controversial(labels) if kept is None else kept)  # the filter, before splitting
     is_contr = controversial(labels[:, group_cols])  # the variant's own groups disagree
     sign = np.where(labels[:, group_cols], 1.0, -1.0)
     margins = sign if margins is None else np.asarray(margins, dtype=np.float64)[:, group_cols]
@@ -158,8 +166,12 @@ def assign_users(prompt: np.ndarray, a: np.ndarray, b: np.ndarray, labels: np.nd
     if len(prompts) < 2:
         raise CoplError(f"only {len(prompts)} prompts have a pair on which the four attributes disagree; "
                         f"use more prompts")
-    n_test_prompts = min(len(prompts) - 1, max(1, int(round(cfg.test_prompt_fraction * len(prompts)))))
-    test_prompts = rng.choice(prompts, size=n_test_prompts, replace=False)
+    if test_prompts is None:
+        n_test_prompts = min(len(prompts) - 1, max(1, int(round(cfg.test_prompt_fraction * len(prompts)))))
+        test_prompts = rng.choice(prompts, size=n_test_prompts, replace=False)
+    else:
+        test_prompts = np.intersect1d(prompts, test_prompts)
+        n_test_prompts = len(test_prompts)
     in_test = np.isin(prompt[kept], test_prompts)
     in_valid = np.zeros_like(in_test)
     if cfg.valid_prompt_fraction:
@@ -238,12 +250,12 @@ def assign_users(prompt: np.ndarray, a: np.ndarray, b: np.ndarray, labels: np.nd
 
     users = pd.DataFrame({
         "user_id": user_ids,
-        "group": np.asarray(cfg.groups, dtype=object)[group_of_user],
+        "group": np.asarray(groups, dtype=object)[group_of_user],
         "role": np.where(np.arange(n_seen + n_unseen) < n_seen, "seen", "unseen"),
     })
     if cfg.preferences == "mixture":
         users["group"] = None
-        for k, g in enumerate(cfg.groups):
+        for k, g in enumerate(groups):
             users[f"weight_{g}"] = weights[:, k]
     pairs = pd.DataFrame({
         "user_id": user_ids[user_idx],

@@ -75,7 +75,7 @@ class BuildConfig:
     """Drop responses whose formatted text is longer than this many tokens (needs ``tokenizer``)."""
 
 
-def _files(path: Path) -> list[Path]:
+def input_files(path: Path) -> list[Path]:
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.suffix in (".parquet", ".jsonl", ".json"))
         if not files:
@@ -84,9 +84,9 @@ def _files(path: Path) -> list[Path]:
     return [path]
 
 
-def _records(path: Path, columns: tuple[str, ...]) -> Iterator[tuple[Path, int, dict]]:
+def read_records(path: Path, columns: tuple[str, ...]) -> Iterator[tuple[Path, int, dict]]:
     """Yield (file, row-or-line, record) from local JSON, JSONL or Parquet files."""
-    for f in _files(path):
+    for f in input_files(path):
         if f.suffix == ".parquet":
             import pyarrow.parquet as pq
 
@@ -135,7 +135,7 @@ def _hub_records(repo_id: str, columns: tuple[str, ...]) -> Iterator[tuple[Path,
 def read_source(source: str, columns: tuple[str, ...]) -> Iterator[tuple[Path, int, dict]]:
     path = Path(source).expanduser()
     if path.exists():
-        return _records(path, columns)
+        return read_records(path, columns)
     if source.count("/") == 1 and not source.startswith((".", "/", "~")):
         return _hub_records(source, columns)
     raise DataError(path, "no such file or directory")
@@ -156,7 +156,7 @@ def _rating(value, where: tuple[Path, int], is_line: bool) -> float:
     return r
 
 
-def _loc(f: Path, n: int) -> dict:
+def location(f: Path, n: int) -> dict:
     return {"line": n} if f.suffix == ".jsonl" else {"row": n}
 
 
@@ -171,9 +171,9 @@ def _response_text(value, column: str, f: Path, n: int) -> str:
                 if isinstance(m.get("content"), str):
                     return m["content"]
                 break
-        raise DataError(f, f"field {column} has no assistant message with a text content", **_loc(f, n))
+        raise DataError(f, f"field {column} has no assistant message with a text content", **location(f, n))
     raise DataError(f, f"field {column} must be a response text or a list of chat messages "
-                       f"(role, content), not {type(value).__name__}", **_loc(f, n))
+                       f"(role, content), not {type(value).__name__}", **location(f, n))
 
 
 def _read_cleaned(source: str, stats: dict) -> tuple[dict[str, tuple[str, str]], set[str]]:
@@ -181,10 +181,10 @@ def _read_cleaned(source: str, stats: dict) -> tuple[dict[str, tuple[str, str]],
     rows, prompts = {}, set()
     for f, n, rec in read_source(source, ("prompt", "chosen", "rejected")):
         if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str):
-            raise DataError(f, "missing or non-text field prompt", **_loc(f, n))
+            raise DataError(f, "missing or non-text field prompt", **location(f, n))
         for column in ("chosen", "rejected"):
             if column not in rec:
-                raise DataError(f, f"missing field {column}", **_loc(f, n))
+                raise DataError(f, f"missing field {column}", **location(f, n))
         chosen = _response_text(rec["chosen"], "chosen", f, n)
         rejected = _response_text(rec["rejected"], "rejected", f, n)
         prompt = rec["prompt"]
@@ -204,7 +204,7 @@ def _load_completions(cfg: BuildConfig, stats: dict, keep: set[str] | None) -> p
     """One row per usable completion: prompt, response text, four ratings (prompts in file order)."""
     rows, seen_prompts = [], set()
     for f, n, rec in read_source(cfg.ultrafeedback, ("instruction", "completions")):
-        loc = _loc(f, n)
+        loc = location(f, n)
         if not isinstance(rec, dict) or not isinstance(rec.get("instruction"), str):
             raise DataError(f, "missing or non-text field instruction", **loc)
         comps = rec.get("completions")
@@ -276,7 +276,8 @@ def _binarize(comps: pd.DataFrame, rng: np.random.Generator, stats: dict) -> tup
     return np.asarray(a, dtype=np.int64), np.asarray(b, dtype=np.int64)
 
 
-def _length_filter(comps: pd.DataFrame, cfg: BuildConfig, stats: dict) -> pd.DataFrame:
+def length_filter(comps: pd.DataFrame, cfg, stats: dict) -> pd.DataFrame:
+    """Drop responses longer than ``cfg.max_tokens`` under ``cfg.tokenizer`` (prompt + response, formatted)."""
     if cfg.max_tokens is None:
         return comps
     if not cfg.tokenizer:
@@ -294,15 +295,34 @@ def _length_filter(comps: pd.DataFrame, cfg: BuildConfig, stats: dict) -> pd.Dat
     return comps[ok].reset_index(drop=True)
 
 
-def _sha256(path: Path) -> str | None:
+def sha256(path: Path) -> str | None:
     if not path.exists():
         return None
     h = hashlib.sha256()
-    for f in _files(path):
+    for f in input_files(path):
         with open(f, "rb") as fh:
             for chunk in iter(lambda: fh.read(1 << 20), b""):
                 h.update(chunk)
     return h.hexdigest()
+
+
+def assemble(comps: pd.DataFrame, pairs: pd.DataFrame, scores: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The responses the protocol used (ids r0..., with their ``scores`` columns) and the pairs by id."""
+    used = np.unique(np.concatenate([pairs["chosen"].to_numpy(), pairs["rejected"].to_numpy()]))
+    width = len(str(len(used) - 1))
+    rid = np.full(len(comps), "", dtype=object)
+    rid[used] = [f"r{i:0{width}d}" for i in range(len(used))]
+    responses = comps.iloc[used].reset_index(drop=True)
+    responses.insert(0, "response_id", rid[used])
+    responses = responses[["response_id", "prompt", "text", *scores]]
+    out_pairs = pd.DataFrame({
+        "user_id": pairs["user_id"],
+        "chosen_id": rid[pairs["chosen"].to_numpy()].astype(str),
+        "rejected_id": rid[pairs["rejected"].to_numpy()].astype(str),
+        "split": pairs["split"],
+        "controversial": pairs["controversial"],
+    })
+    return responses, out_pairs
 
 
 def build_ufp(cfg: BuildConfig) -> PreferenceDataset:
@@ -318,7 +338,7 @@ def build_ufp(cfg: BuildConfig) -> PreferenceDataset:
     if cfg.cleaned:
         stats.update(cleaned_rows=0, dropped_duplicate_cleaned_prompts=0, dropped_chosen_equals_rejected=0)
         cleaned, keep = _read_cleaned(cfg.cleaned, stats)
-    comps = _length_filter(_load_completions(cfg, stats, keep), cfg, stats)
+    comps = length_filter(_load_completions(cfg, stats, keep), cfg, stats)
     comps["prompt_idx"] = pd.factorize(comps["prompt"])[0]
     # Candidate pairs: one per prompt, the cleaned set's chosen/rejected row (or argilla's rule offline).
     if cleaned is not None:
@@ -336,22 +356,9 @@ def build_ufp(cfg: BuildConfig) -> PreferenceDataset:
     users, pairs, proto_stats = assign_users(comps["prompt_idx"].to_numpy()[a], a, b, labels, p, rng_proto,
                                              ratings[a] - ratings[b])
 
-    used = np.unique(np.concatenate([pairs["chosen"].to_numpy(), pairs["rejected"].to_numpy()]))
-    width = len(str(len(used) - 1))
-    rid = np.full(len(comps), "", dtype=object)
-    rid[used] = [f"r{i:0{width}d}" for i in range(len(used))]
-    responses = comps.iloc[used].reset_index(drop=True)
-    responses.insert(0, "response_id", rid[used])
     for attr in ATTRIBUTES:
-        responses[attr] = responses[attr].astype("Int8")
-    responses = responses[["response_id", "prompt", "text", *ATTRIBUTES]]
-    out_pairs = pd.DataFrame({
-        "user_id": pairs["user_id"],
-        "chosen_id": rid[pairs["chosen"].to_numpy()].astype(str),
-        "rejected_id": rid[pairs["rejected"].to_numpy()].astype(str),
-        "split": pairs["split"],
-        "controversial": pairs["controversial"],
-    })
+        comps[attr] = comps[attr].astype("Int8")
+    responses, out_pairs = assemble(comps, pairs, list(ATTRIBUTES))
     if p.survey_pairs and proto_stats["survey_pairs"] < p.survey_pairs:
         stats["warning"] = (f"only {proto_stats['survey_pairs']} survey pairs were available "
                             f"(asked for {p.survey_pairs})")
@@ -362,9 +369,9 @@ def build_ufp(cfg: BuildConfig) -> PreferenceDataset:
         "groups": list(p.groups) if p.preferences == "groups" else [],
         "seed": cfg.seed,
         "binarization": "cleaned" if cleaned is not None else "best-mean (offline fallback)",
-        "inputs": {"ultrafeedback": cfg.ultrafeedback, "ultrafeedback_sha256": _sha256(Path(cfg.ultrafeedback)),
+        "inputs": {"ultrafeedback": cfg.ultrafeedback, "ultrafeedback_sha256": sha256(Path(cfg.ultrafeedback)),
                    "cleaned": cfg.cleaned,
-                   "cleaned_sha256": _sha256(Path(cfg.cleaned)) if cfg.cleaned else None,
+                   "cleaned_sha256": sha256(Path(cfg.cleaned)) if cfg.cleaned else None,
                    "tokenizer": cfg.tokenizer, "max_tokens": cfg.max_tokens},
         "protocol": asdict(p),
         "protocol_stats": proto_stats,
