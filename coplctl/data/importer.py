@@ -31,6 +31,7 @@ import pandas as pd
 
 from coplctl.data.dataset import SPLITS, PreferenceDataset
 from coplctl.data.flat import flags, ids, prompts_of, read_table, texts_of
+from coplctl.data.ultrafeedback import sha256
 from coplctl.errors import CoplError, DataError
 
 
@@ -142,8 +143,6 @@ def import_table(source: str, cfg: ImportConfig) -> PreferenceDataset:
     pairs = pd.DataFrame({"user_id": user_ids[ucode[keep]], "chosen_id": rid[c[keep]], "rejected_id": rid[r[keep]],
                           "split": split[keep].astype(str), "controversial": controversial[keep]})
     local = Path(source).expanduser()
-    from coplctl.data.ultrafeedback import sha256
-
     meta = {
         "source": "import",
         "groups": sorted(users["group"].dropna().unique().tolist()),
