@@ -1,6 +1,10 @@
 """Oracle (paper Appendix B): the true groups are known; one Uniform model per group is trained on the
 pairs of that group's users, and every user (seen or unseen) is scored by its group's model.
 
+Users with mixed preferences (``preferences: mixture``: no group, ``weight_<attribute>`` columns) get
+the same oracle knowledge in their form: one model per attribute, and a user's reward is the user's true
+weights times the attribute models' rewards, trained end to end on the users' pairs (not in the paper).
+
 The group models share nothing trainable: in ``lora`` mode each has its own LoRA adapter (peft, one
 adapter name per group) and head on the shared frozen backbone; in ``frozen`` mode its own trunk and head.
 """
@@ -38,9 +42,11 @@ class OracleNet(PairScorer):
             one LoRA adapter per group, named ``group0``, ``group1`` ... (:func:`group_adapters`).
     """
 
-    def __init__(self, groups: int, group_of_row: torch.Tensor, encoders: list[ResponseEncoder]):
+    def __init__(self, groups: int, group_of_row: torch.Tensor, encoders: list[ResponseEncoder],
+                 weight_of_row: torch.Tensor | None = None):
         super().__init__()
         self.register_buffer("group_of_row", group_of_row)
+        self.register_buffer("weight_of_row", weight_of_row)  # (users, groups) for mixture users, else None
         self.mode = encoders[0].mode
         if self.mode == "frozen":
             self.encoders = nn.ModuleList(encoders)
@@ -58,18 +64,24 @@ class OracleNet(PairScorer):
             if "lora_" in name:
                 p.requires_grad_(True)
 
+    def _group_reward(self, k: int, batch: dict) -> torch.Tensor:
+        if self.mode == "frozen":
+            h = self.encoders[k](batch)
+        else:
+            self._activate(k)
+            h = self.encoder(batch)
+        return self.heads[k](h).squeeze(-1).float()
+
     def score(self, users: torch.Tensor, batch: dict) -> torch.Tensor:
+        if self.weight_of_row is not None:  # mixture users: their true weights over the attribute models
+            w = self.weight_of_row[users].float()
+            return sum(w[:, k] * self._group_reward(k, batch) for k in range(len(self.heads)))
         groups = self.group_of_row[users]
         out = torch.empty(len(users), device=users.device)
         for k in groups.unique().tolist():
             idx = (groups == k).nonzero().flatten()
             sub = {name: v[idx] for name, v in batch.items()}
-            if self.mode == "frozen":
-                h = self.encoders[k](sub)
-            else:
-                self._activate(k)
-                h = self.encoder(sub)
-            out = out.index_put((idx,), self.heads[k](h).squeeze(-1).to(out.dtype))
+            out = out.index_put((idx,), self._group_reward(k, sub).to(out.dtype))
         return out
 
 
@@ -87,13 +99,24 @@ def group_adapters(encoder: ResponseEncoder, groups: int, rank: int, alpha: floa
 
 @register_method("oracle", label="Oracle", order=0)
 class Oracle(NeuralMethod):
-    """Oracle: one Uniform model per true preference group; each user is scored by its group's model."""
+    """Oracle: one Uniform model per true preference group; each user is scored by its group's model (mixture
+    users: by their true weights over one model per attribute)."""
 
     Config = OracleConfig
     needs_groups = True
 
     def prepare(self, data, *, seed: int, work_dir: Path | None) -> dict[str, int]:
+        from coplctl.graph.probe import weight_columns
+
         users = data.users
+        columns = weight_columns(users)
+        if columns and users["group"].isna().all() and users[columns].notna().all().all():
+            self.groups = [c.removeprefix("weight_") for c in columns]
+            self.weight_of = {u: [float(x) for x in row] for u, row in zip(users["user_id"], users[columns].to_numpy())}
+            self.group_of = {}
+            self.user_ids = data.user_ids("seen")
+            return {"groups": len(self.groups)}
+        self.weight_of = None
         if users["group"].isna().any():
             missing = users.loc[users["group"].isna(), "user_id"].iloc[0]
             raise CoplError(f"oracle needs every user's preference group, and {missing!r} has none in "
@@ -109,29 +132,47 @@ class Oracle(NeuralMethod):
 
     def build_net(self, users: int, sizes: dict[str, int]) -> OracleNet:
         c, n = self.config, sizes["groups"]
-        group_of_row = torch.tensor([self.group_index[self.group_of[u]] for u in self.user_ids])
+        weights = None
+        if self.weight_of is not None:
+            weights = torch.tensor([self.weight_of[u] for u in self.user_ids])
+            group_of_row = weights.argmax(1)
+        else:
+            group_of_row = torch.tensor([self.group_index[self.group_of[u]] for u in self.user_ids])
         if c.mode == "frozen":
-            return OracleNet(n, group_of_row, [self.encoder() for _ in range(n)])
+            return OracleNet(n, group_of_row, [self.encoder() for _ in range(n)], weights)
         encoder = self.encoder()
         group_adapters(encoder, n, c.lora_rank, lora_alpha(c.lora_alpha, c.lora_rank), c.lora_targets)
-        return OracleNet(n, group_of_row, [encoder])
+        return OracleNet(n, group_of_row, [encoder], weights)
 
     def adapt(self, pairs: pd.DataFrame, responses: pd.DataFrame) -> dict:
         new = [u for u in dict.fromkeys(pairs["user_id"]) if u not in self.user_index]
-        unknown = [u for u in new if u not in self.group_of]
+        known = self.group_of if self.weight_of is None else self.weight_of
+        unknown = [u for u in new if u not in known]
         if unknown:
-            raise CoplError(f"oracle does not know the group of user {unknown[0]!r}")
-        rows = torch.tensor([self.group_index[self.group_of[u]] for u in new], dtype=torch.long)
+            raise CoplError(f"oracle does not know the {'group' if self.weight_of is None else 'weights'} of user "
+                            f"{unknown[0]!r}")
+        if self.weight_of is not None:
+            w = torch.tensor([self.weight_of[u] for u in new]).to(self.net.weight_of_row)
+            self.net.weight_of_row = torch.cat([self.net.weight_of_row, w])
+            rows = w.argmax(1)
+        else:
+            rows = torch.tensor([self.group_index[self.group_of[u]] for u in new], dtype=torch.long)
         self.net.group_of_row = torch.cat([self.net.group_of_row, rows.to(self.net.group_of_row.device)])
         self.user_ids = self.user_ids + new
         return {"users": len(new), "pairs": 0, "method": "each user is scored by its true group's model"}
 
     def save_extra(self, directory: Path) -> None:
-        (directory / "groups.json").write_text(json.dumps({"groups": self.groups, "group_of": self.group_of}))
+        (directory / "groups.json").write_text(json.dumps({"groups": self.groups, "group_of": self.group_of,
+                                                           "weight_of": self.weight_of}))
 
     def load_extra(self, directory: Path) -> None:
         path = directory / "groups.json"
         info = read_json(path, what="group file")
         self.groups, self.group_of = field(info, "groups", list, path), field(info, "group_of", dict, path)
+        self.weight_of = info.get("weight_of")
+        if self.weight_of is not None and not (isinstance(self.weight_of, dict) and all(
+                isinstance(v, list) and len(v) == len(self.groups) and all(isinstance(x, (int, float)) for x in v)
+                for v in self.weight_of.values())):
+            raise DataError(path, f"weight_of must map users to {len(self.groups)} numbers each")
         if not all(isinstance(g, str) for g in self.groups) or not all(isinstance(v, str) and v in self.groups for v in self.group_of.values()):
             raise DataError(path, "groups must be a list of names and group_of must map users to them")

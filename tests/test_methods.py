@@ -132,3 +132,38 @@ def test_param_groups_match_whole_name_parts():
     groups = param_groups(net, 1e-3, {"table": 0.1})
     assert [g["lr"] for g in groups] == [1e-3, 0.1]
     assert len(groups[0]["params"]) == 2 and len(groups[1]["params"]) == 2  # table2.* is not table.*
+
+
+def test_oracle_scores_mixture_users_by_their_true_weights(tmp_path):
+    """Users without groups but with true mixture weights: one model per attribute, a user's reward is its
+    weights times theirs; unseen users come with their weights; the runner no longer skips the oracle."""
+    from conftest import small_protocol
+
+    from coplctl.bench.runner import _cannot_run
+    from coplctl.data.simulate import SimConfig, simulate
+
+    ds = simulate(SimConfig(protocol=small_protocol(variant="uf-p-4", preferences="mixture", users=60,
+                                                    unseen_users=4, survey_pairs=300), seed=2))
+    ds.save(tmp_path / "mix")
+    ds = load(tmp_path / "mix")
+    assert _cannot_run("oracle", ds) is None
+    assert _cannot_run("oracle", type(ds)(ds.responses, ds.users.drop(columns=[c for c in ds.users if c.startswith("weight_")]),
+                                          ds.pairs, ds.meta)) is not None
+    cls = METHODS.get("oracle")
+    method = cls(make_config(cls.Config, {**SMALL["frozen"], "epochs": 1}))
+    method.fit(ds, progress=False)
+    assert method.groups == ["helpfulness", "honesty", "instruction_following", "truthfulness"]
+    assert method.adapt(ds.split("fewshot"), ds.responses)["users"] == 4
+    w = ds.users.set_index("user_id").loc[method.user_ids, [f"weight_{g}" for g in method.groups]].to_numpy()
+    assert torch.allclose(method.net.weight_of_row.double(), torch.tensor(w), atol=1e-6)
+    test = ds.split("test")
+    method.save(tmp_path / "run")
+    assert (pair_scores(load_method(tmp_path / "run"), test, ds.responses)[0] == pair_scores(method, test, ds.responses)[0]).all()
+    # the reward is the weighted sum of the attribute models' rewards
+    users = torch.tensor([0, len(method.user_ids) - 1])
+    batch = method.inputs(ds.responses).batch(torch.tensor([0, 1]), torch.device("cpu"))
+    method.net.eval()
+    with torch.no_grad():
+        got = method.net.score(users, batch)
+        parts = torch.stack([method.net._group_reward(k, batch) for k in range(4)], 1)
+    assert torch.allclose(got, (method.net.weight_of_row[users].float() * parts).sum(1), atol=1e-5)

@@ -177,7 +177,10 @@ def _cannot_run(method: str, ds) -> str | None:
     """Why ``method`` cannot run on ``ds`` (it needs every user's group and some have none), or None."""
     from coplctl.registry import METHODS
 
-    if getattr(METHODS.get(method), "needs_groups", False) and ds.users["group"].isna().any():
+    from coplctl.graph.probe import weight_columns
+
+    mixture = weight_columns(ds.users) and ds.users["group"].isna().all()  # the oracle knows their weights
+    if getattr(METHODS.get(method), "needs_groups", False) and ds.users["group"].isna().any() and not mixture:
         return "needs every user's preference group, and the dataset does not give them all"
     return None
 
