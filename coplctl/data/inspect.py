@@ -60,6 +60,8 @@ def summarize(ds: PreferenceDataset) -> dict:
         "source": ds.meta.get("source"),
         "variant": ds.meta.get("variant"),
         "annotations": ds.meta.get("annotations"),
+        "preferences": ("mixture (alpha {})".format((ds.meta.get("protocol") or {}).get("alpha"))
+                        if (ds.meta.get("protocol") or {}).get("preferences") == "mixture" else None),
         "seed": ds.meta.get("seed"),
         "responses": int(len(ds.responses)),
         "prompts": int(ds.responses["prompt"].nunique()),
@@ -77,7 +79,8 @@ def render(summary: dict, console) -> None:
     """Print the summary as rich tables."""
     from rich.table import Table
 
-    head = ", ".join(f"{k} {summary[k]}" for k in ("source", "variant", "annotations", "seed") if summary[k] is not None)
+    head = ", ".join(f"{k} {summary[k]}" for k in ("source", "variant", "annotations", "preferences", "seed")
+                     if summary[k] is not None)
     console.print(f"[bold]{summary['path'] or 'dataset'}[/bold]  {head}")
     console.print(f"{summary['responses']:,} responses to {summary['prompts']:,} prompts; "
                   f"{summary['users']['seen']:,} seen and {summary['users']['unseen']:,} unseen users")
