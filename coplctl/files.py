@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator
 
 from coplctl.errors import DataError
 
@@ -51,6 +51,32 @@ def parse_json(text: str, path: str | Path, *, line: int | None = None) -> Any:
         raise DataError(path, "JSON nested too deeply to read", line=line) from None
     except ValueError as e:  # valid syntax Python cannot hold, e.g. an integer of 5,000 digits
         raise DataError(path, f"invalid JSON ({str(e).split(';')[0][:120]})", line=line) from None
+
+
+def jsonl_records(path: str | Path, what: str = "JSONL file") -> Iterator[tuple[int, Any]]:
+    """(line number, value) of every non-blank line of a JSONL file, read as a stream; a missing file, a
+    line that is not UTF-8 or not JSON is one DataError naming the file and the line."""
+    path = Path(path)
+    if path.is_dir():
+        raise DataError(path, f"is a directory, not a {what}")
+    try:
+        fh = open(path, "rb")
+    except FileNotFoundError:
+        raise DataError(path, f"no such {what}") from None
+    except OSError as e:
+        raise DataError(path, f"cannot be read ({e.strerror or e})") from None
+    with fh:
+        for n, raw in enumerate(fh, 1):  # lines end at b"\n" only, never inside a string at U+2028
+            if n == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]
+            if raw.isspace() or not raw:
+                continue
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(path, f"is not UTF-8 text (byte {e.start} of the line); save it as UTF-8",
+                                line=n) from None
+            yield n, parse_json(line, path, line=n)
 
 
 def read_json(path: str | Path, *, what: str = "JSON file", expect: type | None = dict) -> Any:

@@ -147,7 +147,18 @@ GOOD = '{"user": 1, "prompt": "q", "chosen": "a", "rejected": "b"}\n'
     ("blank.jsonl", GOOD + "\n\n" + '{"user": 2, "prompt": "q", "chosen": "a", "rejected": 5}\n', "line 4: rejected"),
     ("json.jsonl", GOOD + '{"user": 2, "prompt": "q" "chosen": "a"}\n', "line 2: invalid JSON"),
     ("same.jsonl", GOOD + '{"user": 2, "prompt": "q", "chosen": "a", "rejected": "a"}\n', "line 2: chosen and rejected are the same text"),
-    ("nouser.jsonl", GOOD + '{"prompt": "q", "chosen": "a", "rejected": "c"}\n', "line 2: user (column user) is empty"),
+    ("nouser.jsonl", GOOD + '{"prompt": "q", "chosen": "a", "rejected": "c"}\n', "line 2: this row has no field user"),
+    ("null.jsonl", "null\n" + GOOD, "line 1: each line must hold a JSON object"),
+    ("two.jsonl", GOOD.strip() + " " + GOOD, "line 1: invalid JSON (Extra data"),
+    ("pretty.jsonl", GOOD + '{\n  "user": 2,\n  "prompt": "q"}\n', "line 2: invalid JSON"),
+    ("deep.jsonl", GOOD + '{"user": ' + "[" * 30000 + "]" * 30000 + "}\n", "line 2: JSON nested too deeply"),
+    ("nothing.jsonl", "\n\n", "holds no rows"),
+    ("trailing.jsonl", '{"user": 1, "chosen": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}, '
+                       '{"role": "user", "content": "more?"}], "rejected": "b"}\n', "line 1: chosen (column chosen) must be"),
+    ("other.jsonl", '{"user": 1, "chosen": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], '
+                    '"rejected": [{"role": "user", "content": "p"}, {"role": "assistant", "content": "b"}]}\n',
+     "line 1: the conversation before the response differs"),
+    ("blanks.csv", "user,prompt,chosen,rejected\n\n1,q,a,b\n\n1,r,a,a\n", "line 5: chosen and rejected are the same"),
     ("groups.csv", "user,prompt,chosen,rejected,group\n1,q,a,b,g1\n1,r,a,b,g2\n", "line 3: this user was given another group"),
     ("split.csv", "user,prompt,chosen,rejected,split\n1,q,a,b,train\n1,r,a,b,dev\n", "line 3: split (column split) must be one of"),
     ("both.csv", "user,prompt,chosen,rejected,split\n1,q,a,b,train\n1,r,a,b,fewshot\n", "line 2: a user with fewshot pairs"),
@@ -164,6 +175,34 @@ def test_bad_rows_are_one_error_naming_the_file_and_line(tmp_path, capsys, name,
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and name in err and expect in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_cells_are_kept_as_written_and_judgements_counted(tmp_path, capsys):
+    """Ids are not reinterpreted (a big integer stays exact next to a float id; a date-like text stays text),
+    a line that is not UTF-8 is named, repeated and contradicting judgements are counted apart, and split
+    options that a split column would override are refused."""
+    rows = [{"user": 2**62 + 1, "prompt": "2024-01-01", "chosen": "a", "rejected": "b", "split": "train"},
+            {"user": 2**62 + 2, "prompt": "2024-01-01", "chosen": "a", "rejected": "c", "split": "train"},
+            {"user": 1.5, "prompt": "q", "chosen": "a", "rejected": "b", "split": "train"},
+            {"user": 1.5, "prompt": "q", "chosen": "a", "rejected": "b", "split": "test"},  # repeated
+            {"user": 1.5, "prompt": "q", "chosen": "b", "rejected": "a", "split": "train"}]  # contradicting
+    src = tmp_path / "t.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["data", "import", str(src), "--out", str(tmp_path / "out")]) == 0
+    ds = load(tmp_path / "out")
+    assert sorted(ds.users["user_id"]) == ["1.5", str(2**62 + 1), str(2**62 + 2)]
+    assert "2024-01-01" in set(ds.responses["prompt"])
+    stats = ds.meta["filter_stats"]
+    assert (stats["dropped_repeated_judgements"], stats["dropped_contradicting_judgements"]) == (1, 1)
+    assert "unseen_users" not in ds.meta["protocol"]  # the split column gave the splits
+    capsys.readouterr()
+    assert main(["data", "import", str(src), "--out", str(tmp_path / "o2"), "--unseen-users", "1"]) == 1
+    assert "--unseen-users would be ignored" in capsys.readouterr().err
+    src.write_bytes(b'{"user": 1, "prompt": "q", "chosen": "a", "rejected": "b"}\n{"user": 2, "prompt": "\xff"}\n')
+    assert main(["data", "import", str(src), "--out", str(tmp_path / "o3")]) == 1
+    assert "line 2: is not UTF-8" in capsys.readouterr().err
+    assert main(["data", "import", "missing/t.jsonl", "--out", str(tmp_path / "o4")]) == 1
+    assert "no such file" in capsys.readouterr().err
 
 
 def test_an_imported_table_runs_through_benchmark_and_report(micro_dir, tmp_path, capsys):

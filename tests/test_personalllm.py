@@ -78,3 +78,24 @@ def test_a_jsonl_copy_gives_the_same_dataset_and_bad_scores_are_named(plm_dir, t
     (tmp_path / "j" / "extra.jsonl").write_text(lines[0] + "\n")
     assert main(["data", "build-personalllm", "--personalllm", str(tmp_path / "j"), *ARGS, "--out", str(tmp_path / "c")]) == 1
     assert "extra.jsonl: a PersonalLLM file's name must start with train or test" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("bad, expect", [
+    ('"response_6_gemma_7b": 1' + "0" * 400, "line 2: field response_6_gemma_7b must be a finite number"),
+    ('"response_6": 7', "line 2: field response_6 must be a text"),
+    ('"prompt": ' + "[" * 30000 + "]" * 30000, "line 2: JSON nested too deeply"),
+])
+def test_odd_values_in_a_jsonl_copy_are_one_error_naming_the_line(plm_dir, tmp_path, capsys, bad, expect):
+    (tmp_path / "j").mkdir()
+    for split in ("train", "test"):
+        pd.read_parquet(next((plm_dir / "data").glob(f"{split}-*"))).to_json(
+            tmp_path / "j" / f"{split}.jsonl", orient="records", lines=True)
+    lines = (tmp_path / "j" / "test.jsonl").read_text().splitlines()
+    lines[1] = lines[1][:-1] + ", " + bad + "}"  # a repeated key: JSON keeps the last
+    (tmp_path / "j" / "test.jsonl").write_text("\n".join(lines) + "\n")
+    assert main(["data", "build-personalllm", "--personalllm", str(tmp_path / "j"), *ARGS, "--out", str(tmp_path / "c")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and f"test.jsonl {expect}" in err, err
+    assert main(["data", "build-personalllm", "--personalllm", str(plm_dir), *ARGS, "--reward-models",
+                 "gemma_7b,gemma_7b", "--out", str(tmp_path / "d")]) == 1
+    assert "at least two distinct reward models" in capsys.readouterr().err

@@ -46,24 +46,21 @@ class _Table:
             raise DataError(self.file, problem, more=len(rows) - 1, **self.where(rows[0]))
 
 
-def _jsonl_python(path: Path, wanted: list[str]) -> tuple[dict, np.ndarray, list[str]]:
-    """Line by line (exact line numbers; mixed types): the fallback when Arrow's reader refuses the file."""
-    from coplctl.files import parse_json
+def _jsonl(path: Path, wanted: list[str]) -> tuple[dict, np.ndarray, list[str]]:
+    """Line by line with Python's parser: exact line numbers, strings kept as written (Arrow's reader
+    turns date-like strings into timestamps, big integers into floats and crashes on some lines)."""
+    from coplctl.files import jsonl_records
 
-    cols: dict[str, list] = {c: [] for c in wanted}
+    cols: dict[str, list] = {c: [] for c in dict.fromkeys(wanted)}
     lines, available = [], {}
-    with open(path, encoding="utf-8-sig") as fh:
-        for n, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            rec = parse_json(line, path, line=n)
-            if not isinstance(rec, dict):
-                raise DataError(path, "each line must hold a JSON object", line=n)
-            for c in wanted:
-                cols[c].append(rec.get(c, _MISSING))
-            available.update(dict.fromkeys(rec))
-            lines.append(n)
-    return cols, np.asarray(lines), list(available)
+    for n, rec in jsonl_records(path, "JSONL table"):
+        if not isinstance(rec, dict):
+            raise DataError(path, "each line must hold a JSON object (one record per line)", line=n)
+        for c, values in cols.items():
+            values.append(rec.get(c, _MISSING))
+        available.update(dict.fromkeys(rec))
+        lines.append(n)
+    return cols, np.asarray(lines, dtype=np.int64), list(available)
 
 
 _MISSING = object()
@@ -76,31 +73,29 @@ def _nonblank_lines(path: Path) -> np.ndarray:
 
 def read_table(source: str, cfg: ImportConfig) -> _Table:
     """The columns the import uses, from a local file or a hub dataset."""
+    if not source.strip():
+        raise CoplError("FILE_OR_HUB_ID is empty: name a .jsonl, .json, .csv or .parquet file or a hub dataset id")
     path = Path(source).expanduser()
     names = [cfg.user_column, cfg.prompt_column, cfg.chosen_column, cfg.rejected_column,
              cfg.group_column, cfg.split_column, cfg.controversial_column]
     if not path.exists():
-        if source.count("/") == 1 and not source.startswith((".", "/", "~")):
+        if source.count("/") == 1 and not source.startswith((".", "/", "~")) and path.suffix not in SUFFIXES:
             return _hub_table(source, cfg, names)
         raise DataError(path, "no such file (a .jsonl, .json, .csv or .parquet table, or a hub dataset id)")
     if path.is_dir() or path.suffix not in SUFFIXES:
         raise DataError(path, "not a table file: use a .jsonl, .json, .csv or .parquet file")
     try:
         if path.suffix == ".jsonl":
-            import pyarrow.json as pj
-
-            try:
-                arrow = pj.read_json(path)
-                lines = None  # only computed when an error needs them
-            except Exception:  # mixed types or invalid JSON: Python parses it and names the line
-                cols, lines, available = _jsonl_python(path, names)
-                return _Table(path, _present(path, cols, cfg, available), lines)
-            return _Table(path, _present(path, _arrow_columns(arrow, names), cfg, arrow.column_names),
-                          lambda: _nonblank_lines(path))
+            cols, lines, available = _jsonl(path, names)
+            if not len(lines):
+                raise DataError(path, "holds no rows (one JSON object per line)")
+            return _Table(path, _present(path, cols, cfg, available), lines)
         if path.suffix == ".json":
             from coplctl.files import read_json
 
             data = read_json(path, what="JSON table", expect=list)
+            if not data:
+                raise DataError(path, "holds no rows (a list of JSON objects)")
             bad = [i for i, r in enumerate(data) if not isinstance(r, dict)]
             if bad:
                 raise DataError(path, "each record must be a JSON object", row=bad[0], more=len(bad) - 1)
@@ -124,8 +119,8 @@ def read_table(source: str, cfg: ImportConfig) -> _Table:
     except Exception as e:
         raise DataError(path, f"cannot be read as {path.suffix[1:].upper()} ({str(e).splitlines()[0][:200]})") from None
     lines = None
-    if path.suffix == ".csv":  # a row is line row + 2 unless a quoted cell spans lines
-        lines = lambda: (np.arange(arrow.num_rows) + 2 if len(_nonblank_lines(path)) == arrow.num_rows + 1 else None)
+    if path.suffix == ".csv":  # the non-blank lines after the header, unless a quoted cell spans lines
+        lines = lambda: (lambda nb: nb[1:] if len(nb) == arrow.num_rows + 1 else None)(_nonblank_lines(path))
     return _Table(path, _present(path, _arrow_columns(arrow, names), cfg, arrow.column_names), lines)
 
 
@@ -182,18 +177,17 @@ def _render(messages) -> str | None:
 
 
 def _split_response(messages) -> tuple[list, str | None]:
-    """(the messages before the last assistant message, its content)."""
-    for i in range(len(messages) - 1, -1, -1):
-        if messages[i].get("role") == "assistant":
-            content = messages[i].get("content")
-            return list(messages[:i]), content if isinstance(content, str) else None
-    return list(messages), None
+    """(the messages before the response, its content): the response is the last message, an assistant's."""
+    last = messages[-1]
+    content = last.get("content") if last.get("role") == "assistant" else None
+    return list(messages[:-1]), content if isinstance(content, str) else None
 
 
 def texts_of(t: _Table, column: str, what: str) -> tuple[np.ndarray, list]:
     """A response column as texts (chat cells: the last assistant message), and each row's preceding
     messages (None for plain text cells)."""
     values = t.columns[column]
+    t.fail(f"this row has no field {column}", [v is _MISSING for v in values])
     texts = np.empty(len(values), dtype=object)
     before = [None] * len(values)
     bad = np.zeros(len(values), dtype=bool)
@@ -205,7 +199,8 @@ def texts_of(t: _Table, column: str, what: str) -> tuple[np.ndarray, list]:
             bad[i] = texts[i] is None
         else:
             bad[i] = True
-    t.fail(f"{what} (column {column}) must be a text or chat messages ending in an assistant message", bad)
+    t.fail(f"{what} (column {column}) must be a text, or chat messages whose last one is the assistant's response",
+           bad)
     t.fail(f"{what} (column {column}) is empty", [not s.strip() for s in texts])
     return texts, before
 
@@ -213,6 +208,7 @@ def texts_of(t: _Table, column: str, what: str) -> tuple[np.ndarray, list]:
 def prompts_of(t: _Table, cfg: ImportConfig, chosen_before: list) -> np.ndarray:
     if cfg.prompt_column in t.columns:
         values = t.columns[cfg.prompt_column]
+        t.fail(f"this row has no field {cfg.prompt_column}", [v is _MISSING for v in values])
         out = np.asarray([v if isinstance(v, str) else _render(v) if _is_chat(v) else None for v in values],
                          dtype=object)
         t.fail(f"prompt (column {cfg.prompt_column}) must be a text or chat messages",
@@ -232,6 +228,8 @@ def prompts_of(t: _Table, cfg: ImportConfig, chosen_before: list) -> np.ndarray:
 def ids(t: _Table, column: str, what: str, nullable: bool = False) -> np.ndarray:
     """An id-like column as strings (numbers allowed: 7 and "7" are the same user); None where null."""
     values = t.columns[column]
+    if not nullable:
+        t.fail(f"this row has no field {column}", [v is _MISSING for v in values])
     out = np.asarray([None if v is None or v is _MISSING or (isinstance(v, float) and np.isnan(v))
                       else (str(int(v)) if isinstance(v, float) and v.is_integer() else str(v))
                       if isinstance(v, (str, int, float)) and not isinstance(v, bool) else _MISSING

@@ -9,7 +9,8 @@ Steps:
   equal to rejected, a user given two groups, an unknown split) and the first bad row is one error naming
   the file and its line (JSONL) or row (other formats), with the number of other rows like it;
 - responses are deduplicated by (prompt, text); a user's repeated judgement of the same two responses
-  keeps the first and is counted (``dropped_repeated_judgements``);
+  keeps the first and is counted (``dropped_repeated_judgements``; ``dropped_contradicting_judgements``
+  when it points the other way);
 - splits come from the ``split`` column (``train``/``valid``/``test``/``fewshot``; users with ``fewshot``
   rows are unseen) or from the protocol options, as UF-P's: ``test_prompt_fraction`` of the prompts are
   held out and every judgement on them is a test pair; ``unseen_users`` users (drawn among those with
@@ -68,10 +69,15 @@ class ImportConfig:
     def __post_init__(self):
         if not 0 < self.test_prompt_fraction < 1 or not 0 <= self.valid_prompt_fraction < 1 \
                 or self.test_prompt_fraction + self.valid_prompt_fraction >= 1:
-            raise CoplError("test_prompt_fraction must lie in (0, 1), valid_prompt_fraction in [0, 1), and "
-                            "their sum below 1")
+            raise CoplError("test_prompt_fraction (--test-prompt-fraction) must lie in (0, 1), valid_prompt_fraction "
+                            "(--valid-prompt-fraction) in [0, 1), and their sum below 1")
         if self.valid_pairs < 0 or self.unseen_users < 0 or self.fewshot_pairs < 1:
-            raise CoplError("valid_pairs and unseen_users must be at least 0, fewshot_pairs at least 1")
+            raise CoplError("valid_pairs and unseen_users must be at least 0, fewshot_pairs at least 1 "
+                            "(--valid-pairs, --unseen-users, --fewshot-pairs)")
+
+
+_PROTOCOL_OPTIONS = ("test_prompt_fraction", "valid_prompt_fraction", "valid_pairs", "unseen_users", "fewshot_pairs")
+_DEFAULTS = {f: ImportConfig.__dataclass_fields__[f].default for f in _PROTOCOL_OPTIONS}
 
 
 # ---- the dataset ---------------------------------------------------------------------------------------
@@ -84,7 +90,10 @@ def import_table(source: str, cfg: ImportConfig) -> PreferenceDataset:
         raise DataError(t.file, "holds no rows")
     user = ids(t, cfg.user_column, "user")
     chosen, chosen_before = texts_of(t, cfg.chosen_column, "chosen")
-    rejected, _ = texts_of(t, cfg.rejected_column, "rejected")
+    rejected, rejected_before = texts_of(t, cfg.rejected_column, "rejected")
+    t.fail(f"the conversation before the response differs between {cfg.chosen_column} and {cfg.rejected_column} "
+           f"(both must answer the same prompt)",
+           [b is not None and a is not None and a != b for a, b in zip(chosen_before, rejected_before)])
     prompt = prompts_of(t, cfg, chosen_before)
     t.fail("chosen and rejected are the same text", chosen == rejected)
     group = pd.Series(ids(t, cfg.group_column, "group", nullable=True) if cfg.group_column in t.columns
@@ -101,10 +110,19 @@ def import_table(source: str, cfg: ImportConfig) -> PreferenceDataset:
     c, r, pcode = rcode[:n], rcode[n:], pcode[:n]
     lo, hi = np.minimum(c, r), np.maximum(c, r)
     ucode, user_ids = pd.factorize(user)
-    repeated = pd.DataFrame({"u": ucode, "lo": lo, "hi": hi}).duplicated().to_numpy()
-    stats["dropped_repeated_judgements"] = int(repeated.sum())
+    judged = pd.DataFrame({"u": ucode, "lo": lo, "hi": hi, "lo_won": c == lo})
+    repeated = judged[["u", "lo", "hi"]].duplicated().to_numpy()
+    first_won = judged.groupby(["u", "lo", "hi"])["lo_won"].transform("first").to_numpy()
+    contradicting = repeated & (first_won != judged["lo_won"].to_numpy())
+    stats["dropped_repeated_judgements"] = int((repeated & ~contradicting).sum())
+    stats["dropped_contradicting_judgements"] = int(contradicting.sum())
 
     if cfg.split_column in t.columns:
+        ignored = [f"--{f.replace('_', '-')}" for f in _PROTOCOL_OPTIONS if getattr(cfg, f) != _DEFAULTS[f]]
+        if ignored:
+            raise CoplError(f"{t.file}: the table's column {cfg.split_column} gives the splits, so "
+                            f"{', '.join(ignored)} would be ignored; drop the option(s), or remove the column to split "
+                            f"by the protocol")
         split = np.asarray([s.strip().lower() if isinstance(s, str) else s for s in t.columns[cfg.split_column]],
                            dtype=object)
         t.fail(f"split (column {cfg.split_column}) must be one of " + ", ".join(SPLITS), ~pd.Series(split).isin(SPLITS))
@@ -148,7 +166,8 @@ def import_table(source: str, cfg: ImportConfig) -> PreferenceDataset:
         "groups": sorted(users["group"].dropna().unique().tolist()),
         "seed": cfg.seed,
         "inputs": {"table": source, "sha256": sha256(local) if local.exists() else None},
-        "protocol": {k: v for k, v in asdict(cfg).items() if k != "required"},
+        "protocol": {k: v for k, v in asdict(cfg).items()
+                     if k != "required" and not (k in _PROTOCOL_OPTIONS and cfg.split_column in t.columns)},
         "protocol_stats": proto_stats,
         "filter_stats": stats,
     }

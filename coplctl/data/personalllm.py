@@ -66,8 +66,8 @@ class PersonalLLMConfig:
             raise CoplError("PersonalLLM users have mixed preferences: the protocol needs preferences: mixture")
         if len(self.responses) < 2 or len(set(self.responses)) != len(self.responses):
             raise CoplError("responses: at least two distinct response numbers (1-8)")
-        if len(self.reward_models) < 2:
-            raise CoplError("reward_models: at least two")
+        if len(self.reward_models) < 2 or len(set(self.reward_models)) != len(self.reward_models):
+            raise CoplError("reward_models (--reward-models): at least two distinct reward models")
 
 
 def _rows(cfg: PersonalLLMConfig):
@@ -102,12 +102,21 @@ def _rows(cfg: PersonalLLMConfig):
             yield split, Path(cfg.source), n, rec
 
 
+def _float(v: int | float) -> float:
+    try:
+        return float(v)
+    except OverflowError:  # an integer beyond any float
+        return float("inf")
+
+
 def _read(cfg: PersonalLLMConfig, stats: dict) -> pd.DataFrame:
     """One row per usable response: prompt, split, text, one score per reward model."""
     out, seen = [], set()
     for split, f, n, rec in _rows(cfg):
         loc = location(f, n)
-        if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str) or not rec["prompt"].strip():
+        if not isinstance(rec, dict):
+            raise DataError(f, f"each record must be a JSON object, not {type(rec).__name__}", **loc)
+        if not isinstance(rec.get("prompt"), str) or not rec["prompt"].strip():
             raise DataError(f, "missing or empty field prompt", **loc)
         stats["prompts_read"] += 1
         if rec["prompt"] in seen:
@@ -117,13 +126,16 @@ def _read(cfg: PersonalLLMConfig, stats: dict) -> pd.DataFrame:
         texts = set()
         for i in cfg.responses:
             text = rec.get(f"response_{i}")
-            if not isinstance(text, str) or not text.strip() or text in texts:
+            if text is not None and not isinstance(text, str):
+                raise DataError(f, f"field response_{i} must be a text (or null when missing), not {type(text).__name__}",
+                                **loc)
+            if text is None or not text.strip() or text in texts:
                 stats["dropped_empty_or_duplicate_responses"] += 1
                 continue
             scores = []
             for m in cfg.reward_models:
                 v = rec.get(f"response_{i}_{m}")
-                if isinstance(v, bool) or not isinstance(v, (int, float)) or not np.isfinite(v):
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or not np.isfinite(_float(v)):
                     raise DataError(f, f"field response_{i}_{m} must be a finite number (the score of reward "
                                        f"model {m}), not {v!r}", **loc)
                 scores.append(float(v))

@@ -191,7 +191,9 @@ def assign_users(prompt: np.ndarray, a: np.ndarray, b: np.ndarray, labels: np.nd
         raise CoplError(f"only {len(survey)} survey pairs are available, fewer than the "
                         f"{need_survey} one user needs; use more prompts")
     if len(test_pool) < max(cfg.test_pairs, cfg.unseen_test_pairs if cfg.unseen_users else 0):
-        raise CoplError(f"only {len(test_pool)} test-pool pairs are available, fewer than one user needs")
+        raise CoplError(f"only {len(test_pool)} test-pool pairs are available, fewer than one user needs "
+                        f"(test_pairs {cfg.test_pairs}, unseen_test_pairs {cfg.unseen_test_pairs}); lower them "
+                        f"(--test-pairs, --unseen-test-pairs) or use more test prompts")
     valid_need = max(cfg.valid_pairs, cfg.unseen_valid_pairs if cfg.unseen_users else 0)
     if valid_pool is not None and len(valid_pool) < valid_need:
         raise CoplError(f"only {len(valid_pool)} pairs lie on the validation prompts, fewer than one user needs; "

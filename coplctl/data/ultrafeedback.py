@@ -33,7 +33,6 @@ Every count of what was dropped goes to ``meta["filter_stats"]`` (shown by ``cop
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -44,6 +43,7 @@ import pandas as pd
 from coplctl.data.dataset import TEXT_FORMAT, PreferenceDataset
 from coplctl.data.protocol import ATTRIBUTES, ProtocolConfig, assign_users, break_ties
 from coplctl.errors import CoplError, DataError
+from coplctl.files import jsonl_records, read_json
 
 UF_HUB_ID = "openbmb/UltraFeedback"
 CLEANED_HUB_ID = "argilla/ultrafeedback-binarized-preferences-cleaned"
@@ -99,20 +99,9 @@ def read_records(path: Path, columns: tuple[str, ...]) -> Iterator[tuple[Path, i
                 raise DataError(f, f"missing column {', '.join(missing)}")
             yield from ((f, i, r) for i, r in enumerate(table.select(list(columns)).to_pylist()))
         elif f.suffix == ".jsonl":
-            with open(f, encoding="utf-8") as fh:
-                for n, line in enumerate(fh, 1):
-                    if line.strip():
-                        try:
-                            yield f, n, json.loads(line)
-                        except json.JSONDecodeError as e:
-                            raise DataError(f, f"invalid JSON ({e.msg})", line=n) from None
+            yield from ((f, n, r) for n, r in jsonl_records(f))
         elif f.suffix == ".json":
-            try:
-                data = json.loads(f.read_text(encoding="utf-8"))
-            except json.JSONDecodeError as e:
-                raise DataError(f, f"invalid JSON ({e.msg})", line=e.lineno) from None
-            if not isinstance(data, list):
-                raise DataError(f, "a .json input must hold a list of records (use .jsonl for one per line)")
+            data = read_json(f, what="JSON file", expect=list)
             yield from ((f, i, r) for i, r in enumerate(data))
         else:
             raise DataError(f, "unsupported file type; use .parquet, .jsonl or .json")
