@@ -67,7 +67,7 @@ def test_simulate_then_inspect(tmp_path, capsys):
     assert summary["users"] == {"seen": 40, "unseen": 4}
     assert summary["annotations_per_seen_user"]["histogram"] == {"7": 40}  # 8 with the held-out valid pair
     stages = summary["filtering"]
-    assert stages["survey_pairs"] == 300 and stages["four_attributes_disagree"] <= stages["candidate_pairs"]
+    assert stages["survey_pairs"] == 300 and stages["kept_pairs"] <= stages["candidate_pairs"]
     assert 0 < summary["survey"]["controversial_share"] < 1  # UF-P-2: the UF-P-4 survey holds common pairs too
     assert main(["data", "inspect", str(out)]) == 0
     text = capsys.readouterr().out

@@ -130,8 +130,8 @@ def test_one_candidate_pair_per_prompt(avg4, tiny_dir):
 
 def test_stage_counts_and_test_share_in_meta(tiny_dir):
     stats = load(tiny_dir).meta["protocol_stats"]
-    assert stats["candidate_pairs"] >= stats["four_attributes_disagree"] >= stats["survey_pairs"]
-    assert stats["four_attributes_disagree"] == stats["survey_pairs_available"] + stats["test_pool_pairs"]
+    assert stats["candidate_pairs"] >= stats["kept_pairs"] >= stats["survey_pairs"]
+    assert stats["kept_pairs"] == stats["survey_pairs_available"] + stats["test_pool_pairs"]
     assert 0.3 < stats["test_pool_controversial_share"] < 0.8  # the test pool passed the same filter
     assert stats["seen_valid_pairs"] == 120  # one held out per seen user (ALL)
 
@@ -183,9 +183,9 @@ def test_validation_prompts_hold_the_valid_pairs_apart_from_everything_trained_o
     counts = pairs[pairs["split"] == "valid"].merge(ds.users, on="user_id")["role"].value_counts()
     assert counts["seen"] == 120 and counts["unseen"] == 8 * 10  # one per seen user (ALL), ten per unseen
     stats = ds.meta["protocol_stats"]
-    assert stats["four_attributes_disagree"] == (stats["survey_pairs_available"] + stats["test_pool_pairs"]
+    assert stats["kept_pairs"] == (stats["survey_pairs_available"] + stats["test_pool_pairs"]
                                                  + stats["valid_pool_pairs"])
-    assert 0.15 < stats["valid_pool_pairs"] / stats["four_attributes_disagree"] < 0.25
+    assert 0.15 < stats["valid_pool_pairs"] / stats["kept_pairs"] < 0.25
     default = simulate(SimConfig(protocol=small_protocol(), seed=7))
     shared = default.pairs.assign(prompt=default.responses.set_index("response_id")["prompt"]
                                   .loc[default.pairs["chosen_id"]].to_numpy())

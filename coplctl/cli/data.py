@@ -10,6 +10,7 @@ from typing import Annotated, Optional
 import typer
 
 from coplctl.cli.common import DataDir, Force, Json, MaybeOut, Seed, err, examples, out
+from coplctl.errors import CoplError
 
 app = typer.Typer(name="data", help="Create, import and inspect preference datasets (UF-P simulated or real, or your own table).",
                   no_args_is_help=True,
@@ -21,6 +22,7 @@ app = typer.Typer(name="data", help="Create, import and inspect preference datas
 class Variant(str, Enum):
     ufp2 = "uf-p-2"
     ufp4 = "uf-p-4"
+    tldr = "tldr"
 
 
 class Annotations(str, Enum):
@@ -28,7 +30,9 @@ class Annotations(str, Enum):
     avg = "avg"
 
 
-VariantOpt = Annotated[Variant, typer.Option("--variant", help="uf-p-2: helpfulness vs honesty; uf-p-4: all four attributes.")]
+VariantOpt = Annotated[Variant, typer.Option("--variant", help=(
+    "uf-p-2: helpfulness vs honesty; uf-p-4: all four attributes; tldr (simulate only): the TL;DR twin, "
+    "shorter vs longer summaries."))]
 AnnotationsOpt = Annotated[Annotations, typer.Option(
     "--annotations", help="all: exactly 8 (UF-P-2) / 16 (UF-P-4) annotations per user; avg: uniform 1-15 / 1-31.")]
 UsersOpt = Annotated[int, typer.Option("--users", min=1, help="Seen users, split evenly across groups (paper: 10,000).")]
@@ -149,6 +153,8 @@ def build_ufp(
     from coplctl.atomic import check_output, refuse_overlap
     from coplctl.data.ultrafeedback import BuildConfig, build_ufp as run
 
+    if variant is Variant.tldr:
+        raise CoplError("--variant tldr is not UltraFeedback: build TL;DR with coplctl data build-tldr")
     proto = _protocol(variant, annotations, users, unseen_users, survey_pairs, fewshot_pairs, valid_pairs,
                       valid_prompt_fraction, preferences, alpha)
     path = out_dir or Path("data") / f"ufp-{variant.value}-{annotations.value}"
@@ -209,6 +215,49 @@ def build_personalllm(
     cfg = PersonalLLMConfig(protocol=proto, seed=seed, source=personalllm, reward_models=models,
                             tokenizer=tokenizer, max_tokens=max_tokens)
     with err.status("building PersonalLLM preference data ..."):
+        ds = run(cfg)
+        ds.save(path, overwrite=force)
+    _report(ds, path)
+
+
+@app.command("build-tldr", epilog=examples(
+    "coplctl data build-tldr --tldr ~/data/summarize_from_feedback/comparisons --out data/tldr-all",
+    "coplctl data build-tldr --annotations avg --tokenizer google/gemma-2b-it --max-tokens 1024"))
+def build_tldr(
+    annotations: Annotated[Annotations, typer.Option(
+        "--annotations", help="all: exactly 8 annotations per user; avg: uniform 1-15.")] = Annotations.all,
+    tldr: Annotated[str, typer.Option(
+        "--tldr", help="Local copy of openai/summarize_from_feedback's comparisons (a directory of train*/valid* "
+                       "Parquet or JSONL files, or files whose rows carry split), or the hub id.")]
+    = "openai/summarize_from_feedback",
+    workers: Annotated[int, typer.Option("--workers", min=1, help="Labellers kept, those with the most comparisons (authors: 10).")] = 10,
+    tokenizer: Annotated[Optional[str], typer.Option("--tokenizer", help="Tokenizer for the length filter.")] = None,
+    max_tokens: Annotated[Optional[int], typer.Option(
+        "--max-tokens", min=1, help="Drop responses longer than this (prompt + response, formatted; authors: 1024).")] = None,
+    users: UsersOpt = 10_000,
+    unseen_users: UnseenOpt = 100,
+    fewshot_pairs: Annotated[int, typer.Option("--fewshot-pairs", min=1, help="Few-shot pairs per unseen user.")] = 8,
+    test_pairs: Annotated[int, typer.Option("--test-pairs", min=1, help="Test pairs per seen user (authors: 100).")] = 100,
+    unseen_test_pairs: Annotated[int, typer.Option("--unseen-test-pairs", min=1, help="Test pairs per unseen user.")] = 50,
+    seed: Seed = 0,
+    out_dir: MaybeOut = None,
+    force: Force = False,
+) -> None:
+    """Build Reddit TL;DR preference data as the CoPL authors do: supervised-policy summaries compared by the
+    ten busiest labellers, users in two groups preferring the shorter or the longer summary.
+
+    The dataset directory is --out (default: data/tldr-ANNOTATIONS).
+    """
+    from coplctl.atomic import check_output, refuse_overlap
+    from coplctl.data.tldr import TldrConfig, build_tldr as run, tldr_protocol
+
+    proto = tldr_protocol(annotations=annotations.value, users=users, unseen_users=unseen_users,
+                          fewshot_pairs=fewshot_pairs, test_pairs=test_pairs, unseen_test_pairs=unseen_test_pairs)
+    path = out_dir or Path("data") / f"tldr-{annotations.value}"
+    refuse_overlap(path, {"the TL;DR copy": tldr})
+    check_output(path, force=force, marker="meta.json", kind="dataset")
+    cfg = TldrConfig(protocol=proto, seed=seed, source=tldr, workers=workers, tokenizer=tokenizer, max_tokens=max_tokens)
+    with err.status("building TL;DR preference data ..."):
         ds = run(cfg)
         ds.save(path, overwrite=force)
     _report(ds, path)

@@ -8,11 +8,15 @@ from coplctl.data.dataset import ROLES, SPLITS, PreferenceDataset, unordered
 
 
 #: Building stages in pipeline order (meta.json stores its keys sorted); unknown keys follow.
-STAGES = ("rows", "dropped_repeated_judgements", "ultrafeedback_prompts", "dropped_prompts_not_in_cleaned", "dropped_duplicate_prompts",
+STAGES = ("rows", "dropped_repeated_judgements", "dropped_contradicting_judgements",
+          "prompts_read", "dropped_empty_or_duplicate_responses",
+          "comparisons_read", "dropped_not_supervised_policies", "workers", "dropped_other_workers",
+          "dropped_missing_post_or_text", "dropped_identical_summaries", "dropped_train_pairs_on_validation_posts",
+          "dropped_pairs_with_long_responses", "dropped_repeated_pairs", "ultrafeedback_prompts", "dropped_prompts_not_in_cleaned", "dropped_duplicate_prompts",
           "dropped_empty_responses", "dropped_duplicate_responses", "dropped_na_ratings", "dropped_too_long",
           "cleaned_rows", "dropped_duplicate_cleaned_prompts", "dropped_chosen_equals_rejected",
           "dropped_pairs_not_joined", "dropped_prompts_one_completion", "generated_prompts", "dropped_tied_prompts",
-          "candidate_pairs", "four_attributes_disagree", "prompts", "test_prompts", "survey_pairs_available",
+          "candidate_pairs", "kept_pairs", "four_attributes_disagree", "prompts", "test_prompts", "survey_pairs_available",
           "survey_pairs", "survey_controversial_share", "test_pool_pairs", "test_pool_controversial_share",
           "valid_pool_pairs", "seen_annotations", "seen_valid_pairs", "valid_prompts", "unseen_users",
           "dropped_users_without_train_pairs")
@@ -121,5 +125,7 @@ def render(summary: dict, console) -> None:
         for k, v in summary["filtering"].items():
             if isinstance(v, float) and k.endswith("share"):
                 v = f"{100 * v:.1f}%"
+            if isinstance(v, list):  # e.g. TL;DR's labellers and their comparisons: meta.json has them
+                v = f"{len(v)} (listed in meta.json)"
             t.add_row(k.replace("_", " "), f"{v:,}" if isinstance(v, int) else str(v))
         console.print(t)

@@ -42,9 +42,11 @@ from coplctl.errors import CoplError
 
 #: Preference groups = UltraFeedback attributes, in the order UF-P uses them.
 ATTRIBUTES = ("helpfulness", "honesty", "instruction_following", "truthfulness")
-VARIANT_GROUPS = {"uf-p-2": ATTRIBUTES[:2], "uf-p-4": ATTRIBUTES}
+#: TL;DR's two groups (PAL / Li et al. 2024 and the CoPL authors): the shorter or the longer summary.
+LENGTH_GROUPS = ("shorter", "longer")
+VARIANT_GROUPS = {"uf-p-2": ATTRIBUTES[:2], "uf-p-4": ATTRIBUTES, "tldr": LENGTH_GROUPS}
 #: Annotations per user in the ALL setting (and mean count in AVG).
-VARIANT_PER_USER = {"uf-p-2": 8, "uf-p-4": 16}
+VARIANT_PER_USER = {"uf-p-2": 8, "uf-p-4": 16, "tldr": 8}
 PAPER_SURVEY_PAIRS = 25_993
 
 
@@ -53,7 +55,8 @@ class ProtocolConfig:
     """User protocol of UF-P; every default is the paper's (§5.1, Appendix C.1)."""
 
     variant: Annotated[str, OneOf(*VARIANT_GROUPS)] = "uf-p-4"
-    """``uf-p-2`` (helpfulness vs honesty) or ``uf-p-4`` (all four attributes)."""
+    """``uf-p-2`` (helpfulness vs honesty), ``uf-p-4`` (all four attributes) or ``tldr`` (shorter vs longer
+    summary; 8 annotations per user as UF-P-2)."""
     annotations: Annotated[str, OneOf("all", "avg")] = "avg"
     """``all``: exactly 8 / 16 annotations per seen user; ``avg``: uniform 1-15 / 1-31."""
     users: Annotated[int, AT_LEAST_1] = 10_000
@@ -141,19 +144,21 @@ def assign_users(prompt: np.ndarray, a: np.ndarray, b: np.ndarray, labels: np.nd
     """Apply the protocol to candidate pairs.
 
     ``margins`` (pairs, attributes): rating of ``a`` minus rating of ``b`` per attribute, which ``mixture``
-    users weigh (None: ±1 from ``labels``). Other sources than UltraFeedback (``mixture`` only) name their
-    own ``attributes`` (e.g. reward models; all are used), may pass the ``kept`` mask of their own filter
+    users weigh (None: ±1 from ``labels``). Other sources than UltraFeedback name their own ``attributes``
+    (PersonalLLM's reward models, all mixed; TL;DR's ``shorter``/``longer``, the ``tldr`` variant's groups),
+    may pass the ``kept`` mask of their own filter
     (default: the attributes do not all agree) and the ``test_prompts`` of their own test split (default:
     ``test_prompt_fraction`` of the prompts, drawn). Returns ``users`` (user_id, group, role; ``weight_*``
     for mixture users), ``pairs`` (user_id, chosen, rejected, split, controversial) where chosen/rejected
     are response *indices*, and a dict of statistics.
     """
     names = ATTRIBUTES if attributes is None else tuple(attributes)
-    if attributes is not None and cfg.preferences != "mixture":
-        raise CoplError("users in groups are UltraFeedback attributes; other attributes need preferences: mixture")
+    if cfg.preferences == "groups" and not set(cfg.groups) <= set(names):
+        raise CoplError(f"the {cfg.variant} groups ({', '.join(cfg.groups)}) are not among the labelled "
+                        f"attributes ({', '.join(names)})")
     if labels.shape != (len(a), len(names)):
         raise ValueError(f"labels must have shape ({len(a)}, {len(names)}), got {labels.shape}")
-    groups = cfg.groups if attributes is None else names
+    groups = cfg.groups if cfg.preferences == "groups" or attributes is None else names
     n_groups = len(groups)
     group_cols = [names.index(g) for g in groups]
     kept = np.flatnonzero(controversial(labels) if kept is None else kept)  # the filter, before splitting
@@ -268,7 +273,7 @@ def assign_users(prompt: np.ndarray, a: np.ndarray, b: np.ndarray, labels: np.nd
     })
     stats = {
         "candidate_pairs": int(len(a)),
-        "four_attributes_disagree": int(len(kept)),
+        "kept_pairs": int(len(kept)),  # by the filter: the attributes disagree, or the source's own
         "prompts": int(len(prompts)),
         "test_prompts": int(n_test_prompts),
         "survey_pairs_available": int(available),

@@ -261,8 +261,12 @@ def _candidates(n_prompts: int, ratings: np.ndarray, rng: np.random.Generator):
 
 
 def simulate(cfg: SimConfig) -> PreferenceDataset:
-    """Generate a simulated UF-P dataset (see module docstring)."""
+    """Generate a simulated UF-P dataset (see module docstring); variant ``tldr``: the TL;DR twin."""
     p = cfg.protocol
+    if p.variant == "tldr":
+        from coplctl.data.tldr import simulate_tldr
+
+        return simulate_tldr(p, cfg.seed)
     ss = np.random.SeedSequence(cfg.seed)
     rng_rate, rng_label, rng_proto, rng_text, rng_prompt = (np.random.default_rng(s) for s in ss.spawn(5))
 
