@@ -214,6 +214,13 @@ def test_mixture_users_label_by_their_weighted_ratings_and_have_no_group(tmp_pat
     # two users on the same pair can disagree: preferences differ without groups
     key = ds.pairs.assign(lo=np.minimum(ds.pairs["chosen_id"], ds.pairs["rejected_id"]))
     assert (key.groupby("lo")["chosen_id"].nunique() > 1).any()
+    # controversial: at least a quarter of the seen users prefer the other response than most do
+    seen = w.loc[ds.user_ids("seen")].to_numpy()
+    share = ((margin @ seen.T) > 0).mean(1)  # of seen users preferring this pair's chosen response
+    split = np.minimum(share, 1 - share) >= 0.25
+    decided = (np.abs(margin @ seen.T) > 0).all(1)  # no user's coin involved
+    assert (ds.pairs["controversial"].to_numpy()[decided] == split[decided]).all()
+    assert 0.2 < ds.pairs["controversial"].mean() < 0.9  # both kinds of pairs, for Table 2
 
 
 def test_groups_mode_is_unchanged_by_the_mixture_option():

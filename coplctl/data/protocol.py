@@ -22,7 +22,10 @@ Protocol (the authors' and VPL's UF-P code; paper §5.1, Appendix C.1):
   (paper: 10), all labelled by the user's **own** group.
 - ``preferences: mixture`` replaces the groups by per-user Dirichlet(α) weights over the attributes
   (PersonalLLM's users, over reward models there): a user prefers the response with the higher weighted
-  rating. Everything else is as above; ``controversial`` still means "the attributes disagree".
+  rating. Everything else is as above, except ``controversial``: a pair on which at least one user in
+  ``len(attributes)`` (a quarter for four) prefers the other response than most seen users do, the
+  share one group of UF-P-4 makes on its controversial pairs (the filter's "attributes disagree" holds
+  for every kept pair, so it would mark them all).
 - Unseen users (paper: 100, evenly across groups) get ``fewshot_pairs`` survey pairs (8 / 16) and
   ``unseen_test_pairs`` test-pool pairs (paper: 50), plus ``unseen_valid_pairs`` other survey pairs:
   their responses are graph nodes, so adaptation can be checked at the graph level (Table 5 style)
@@ -130,6 +133,21 @@ def break_ties(ratings_a: np.ndarray, ratings_b: np.ndarray, rng: np.random.Gene
 def controversial(labels: np.ndarray) -> np.ndarray:
     """A pair is controversial when its groups do not all give the same label."""
     return labels.any(axis=1) & ~labels.all(axis=1)
+
+
+def split_by_users(weights: np.ndarray, margins: np.ndarray, sign: np.ndarray, minority: float,
+                   chunk: int = 2048) -> np.ndarray:
+    """Mixture users' ``controversial``: pairs on which at least ``minority`` of the users (rows of
+    ``weights``) prefer the other response than the majority, as one group of the variant's does on a
+    controversial UF-P pair (1/4 for four attributes). Labels as the users': weighted margin, coins at 0."""
+    out = np.zeros(len(margins), dtype=bool)
+    for start in range(0, len(margins), chunk):
+        m, s = margins[start:start + chunk], sign[start:start + chunk]
+        score = weights @ m.T  # (users, pairs)
+        prefers_a = np.where(score != 0, score > 0, weights @ s.T > 0)
+        share = prefers_a.mean(0)
+        out[start:start + chunk] = np.minimum(share, 1 - share) >= minority
+    return out
 
 
 def _even_groups(n: int, n_groups: int, rng: np.random.Generator) -> np.ndarray:
@@ -250,6 +268,8 @@ def assign_users(prompt: np.ndarray, a: np.ndarray, b: np.ndarray, labels: np.nd
         w = weights[user_idx]
         score = (w * margins[cand_idx]).sum(1)
         prefers_a = np.where(score != 0, score > 0, (w * sign[cand_idx]).sum(1) > 0)
+        is_contr = np.zeros(len(a), dtype=bool)
+        is_contr[kept] = split_by_users(weights[:n_seen], margins[kept], sign[kept], 1 / n_groups)
     else:
         prefers_a = labels[cand_idx, group_of_user[user_idx]]
     width = len(str(n_seen + n_unseen - 1))
