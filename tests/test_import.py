@@ -229,3 +229,20 @@ def test_an_imported_table_runs_through_benchmark_and_report(micro_dir, tmp_path
     assert main(["report", str(tmp_path / "out"), "--out", str(tmp_path / "report")]) == 0
     assert "| I2E |" in (tmp_path / "report" / "tables.md").read_text()
     assert np.isfinite(results["uniform"]["metrics"]["seen"]["accuracy"])
+
+
+def test_a_hub_id_reads_the_datasets_cache_as_a_download_left_it(tiny_dir, tmp_path, monkeypatch):
+    datasets = pytest.importorskip("datasets", reason="the hub extra (datasets) is not installed")
+    from hub_datasets import install_dataset_in_cache
+
+    table = flat(load(tiny_dir))
+    cache = tmp_path / "hf-datasets"
+    install_dataset_in_cache("acme/judgements", {"train": table}, cache, tmp_path / "prep")
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", cache)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    assert main(["data", "import", "acme/judgements", "--out", str(tmp_path / "hub")]) == 0
+    src = write(table, tmp_path / "t.parquet")
+    assert main(["data", "import", str(src), "--out", str(tmp_path / "local")]) == 0
+    hub, local = load(tmp_path / "hub"), load(tmp_path / "local")
+    assert hub.pairs.equals(local.pairs) and hub.responses.equals(local.responses)
+    assert judgements(hub) == judgements(load(tiny_dir))

@@ -99,3 +99,18 @@ def test_odd_values_in_a_jsonl_copy_are_one_error_naming_the_line(plm_dir, tmp_p
     assert main(["data", "build-personalllm", "--personalllm", str(plm_dir), *ARGS, "--reward-models",
                  "gemma_7b,gemma_7b", "--out", str(tmp_path / "d")]) == 1
     assert "at least two distinct reward models" in capsys.readouterr().err
+
+
+def test_the_hub_id_reads_the_datasets_cache_as_a_download_left_it(plm_dir, tmp_path, monkeypatch):
+    datasets = pytest.importorskip("datasets", reason="the hub extra (datasets) is not installed")
+    from hub_datasets import install_dataset_in_cache
+
+    splits = {s: pd.read_parquet(next((plm_dir / "data").glob(f"{s}-*"))) for s in ("train", "test")}
+    cache = tmp_path / "hf-datasets"
+    install_dataset_in_cache("namkoong-lab/PersonalLLM", splits, cache, tmp_path / "prep")
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", cache)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    assert main(["data", "build-personalllm", *ARGS, "--out", str(tmp_path / "hub")]) == 0
+    assert main(["data", "build-personalllm", "--personalllm", str(plm_dir), *ARGS, "--out", str(tmp_path / "local")]) == 0
+    hub, local = load(tmp_path / "hub"), load(tmp_path / "local")
+    assert hub.pairs.equals(local.pairs) and hub.users.equals(local.users)

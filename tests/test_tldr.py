@@ -122,3 +122,20 @@ def test_the_twin_has_the_protocol_and_labels_by_length(tmp_path):
     train = a.split("train").groupby("user_id").size()
     assert train.min() >= 1 and train.max() <= 15  # AVG: 1-15 annotations
     assert main(["data", "build-ufp", "--variant", "tldr", "--out", str(tmp_path / "c")]) == 1
+
+
+def test_the_hub_id_reads_the_datasets_cache_as_a_download_left_it(tldr_dir, tmp_path, monkeypatch):
+    datasets = pytest.importorskip("datasets", reason="the hub extra (datasets) is not installed")
+    from hub_datasets import install_dataset_in_cache
+
+    path, train, valid = tldr_dir
+    cache = tmp_path / "hf-datasets"
+    install_dataset_in_cache("openai/summarize_from_feedback", {"train": train, "validation": valid}, cache,
+                             tmp_path / "prep", config="comparisons")
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", cache)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    assert main(["data", "build-tldr", *ARGS, "--out", str(tmp_path / "hub")]) == 0  # the default: the hub id
+    assert main(["data", "build-tldr", "--tldr", str(path), *ARGS, "--out", str(tmp_path / "local")]) == 0
+    hub, local = load(tmp_path / "hub"), load(tmp_path / "local")
+    assert hub.pairs.equals(local.pairs) and hub.responses.equals(local.responses)
+    assert hub.meta["inputs"]["tldr"] == "openai/summarize_from_feedback"

@@ -84,7 +84,7 @@ def _rows(cfg: PersonalLLMConfig):
             raise DataError(unnamed[0], "a PersonalLLM file's name must start with train or test (its split)")
         if "test" not in split_of.values():
             raise DataError(path, "holds no test* file: PersonalLLM's test split is the test pool")
-        for f in files:
+        for f in sorted(files, key=lambda f: split_of[f] != "train"):  # train first, as the hub's splits
             for _, n, rec in read_records(f, columns):
                 yield split_of[f], f, n, rec
         return

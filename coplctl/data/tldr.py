@@ -132,6 +132,7 @@ def _read(cfg: TldrConfig, stats: dict) -> pd.DataFrame:
             continue
         rows.append((split, worker, post, ta, tb))
     df = pd.DataFrame(rows, columns=["split", "worker", "post", "text_a", "text_b"])
+    df = df.sort_values("split", kind="stable", ignore_index=True)  # train first, as the hub's splits
     counts = df.loc[df["split"] == "train", "worker"].value_counts()
     if counts.empty:
         raise CoplError(f"{cfg.source}: no train comparison between two supervised-policy summaries")
