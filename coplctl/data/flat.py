@@ -79,7 +79,9 @@ def read_table(source: str, cfg: ImportConfig) -> _Table:
     names = [cfg.user_column, cfg.prompt_column, cfg.chosen_column, cfg.rejected_column,
              cfg.group_column, cfg.split_column, cfg.controversial_column]
     if not path.exists():
-        if source.count("/") == 1 and not source.startswith((".", "/", "~")) and path.suffix not in SUFFIXES:
+        from coplctl.data.ultrafeedback import looks_like_hub_id
+
+        if looks_like_hub_id(source):
             return _hub_table(source, cfg, names)
         raise DataError(path, "no such file (a .jsonl, .json, .csv or .parquet table, or a hub dataset id)")
     if path.is_dir() or path.suffix not in SUFFIXES:

@@ -30,7 +30,8 @@ import pandas as pd
 
 from coplctl.data.dataset import PreferenceDataset
 from coplctl.data.protocol import ProtocolConfig, assign_users, break_ties
-from coplctl.data.ultrafeedback import assemble, input_files, length_filter, location, read_records, sha256
+from coplctl.data.ultrafeedback import (assemble, input_files, length_filter, location, looks_like_hub_id,
+                                        read_records, sha256)
 from coplctl.errors import CoplError, DataError
 
 PLM_HUB_ID = "namkoong-lab/PersonalLLM"
@@ -88,6 +89,8 @@ def _rows(cfg: PersonalLLMConfig):
             for _, n, rec in read_records(f, columns):
                 yield split_of[f], f, n, rec
         return
+    if not looks_like_hub_id(cfg.source):
+        raise DataError(path, "no such file or directory (a local copy, or the hub id owner/name)")
     try:
         import datasets
     except ImportError:

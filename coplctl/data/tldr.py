@@ -36,7 +36,8 @@ import pandas as pd
 
 from coplctl.data.dataset import PreferenceDataset
 from coplctl.data.protocol import LENGTH_GROUPS, ProtocolConfig, assign_users
-from coplctl.data.ultrafeedback import assemble, input_files, length_filter, location, read_records, sha256
+from coplctl.data.ultrafeedback import (assemble, input_files, length_filter, location, looks_like_hub_id,
+                                        read_records, sha256)
 from coplctl.errors import CoplError, DataError
 
 TLDR_HUB_ID = "openai/summarize_from_feedback"
@@ -83,6 +84,8 @@ def _rows(cfg: TldrConfig):
                                        "not train, valid1, valid2 or validation", **location(f, n))
                 yield split, f, n, rec
         return
+    if not looks_like_hub_id(cfg.source):
+        raise DataError(path, "no such file or directory (a local copy, or the hub id owner/name)")
     try:
         import datasets
     except ImportError:

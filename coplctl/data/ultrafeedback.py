@@ -121,11 +121,17 @@ def _hub_records(repo_id: str, columns: tuple[str, ...]) -> Iterator[tuple[Path,
     yield from ((Path(repo_id), i, r) for i, r in enumerate(ds.select_columns(list(columns))))
 
 
+def looks_like_hub_id(source: str) -> bool:
+    """``owner/name``: read from the hub (or its cache) when no such local path exists."""
+    return source.count("/") == 1 and not source.startswith((".", "/", "~")) and \
+        Path(source).suffix not in (".parquet", ".jsonl", ".json", ".csv")
+
+
 def read_source(source: str, columns: tuple[str, ...]) -> Iterator[tuple[Path, int, dict]]:
     path = Path(source).expanduser()
     if path.exists():
         return read_records(path, columns)
-    if source.count("/") == 1 and not source.startswith((".", "/", "~")):
+    if looks_like_hub_id(source):
         return _hub_records(source, columns)
     raise DataError(path, "no such file or directory")
 
