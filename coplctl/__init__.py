@@ -5,3 +5,11 @@ imports nothing heavy so that the CLI starts fast.
 """
 
 __version__ = "0.1.0"
+
+
+def load(run, *, cache_texts: int = 50_000):
+    """A trained run as a reward function: ``coplctl.load("runs/copl").reward(users, prompts, responses)``
+    (see :mod:`coplctl.api`)."""
+    from coplctl.api import load as _load
+
+    return _load(run, cache_texts=cache_texts)

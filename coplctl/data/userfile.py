@@ -85,23 +85,37 @@ def read_user_file(path: str | Path, responses: pd.DataFrame, *, skip_invalid: b
     """
     path = Path(path)
     text = read_text(path, "user file")  # missing, a directory, not UTF-8: one error naming the file
+
+    def records():
+        for n, raw in enumerate(text.split("\n"), 1):
+            if not raw or raw.isspace():
+                continue
+            try:
+                yield n, parse_json(raw, path, line=n)
+            except DataError as e:  # invalid JSON, nesting too deep, an integer too long ...
+                yield n, e
+
+    return user_pairs(records(), responses, source=path, skip_invalid=skip_invalid, seen_users=seen_users)
+
+
+def user_pairs(records, responses: pd.DataFrame, *, source: str | Path, unit: str = "line",
+               skip_invalid: bool = False, seen_users: Collection[str] = ()) -> UserFile:
+    """Resolve new users' annotations ``records`` ((number, record or DataError) per line or row) against
+    ``responses``; problems name ``source`` and the ``unit`` (``line`` of a file, ``row`` of a list)."""
+    path = source
     resolve = _Resolver(responses)
     seen_users = seen_users if isinstance(seen_users, (set, frozenset, dict)) else set(seen_users)
     rows, skipped, seen_pairs, lines_of = [], [], {}, {}
 
     def problem(line: int, user, reason: str) -> None:
         if not skip_invalid:
-            raise DataError(path, reason, line=line)
-        skipped.append({"line": line, "user": user, "reason": reason})
+            raise DataError(path, reason, **{unit: line})
+        skipped.append({unit: line, "user": user, "reason": reason})
 
     prompt_of = resolve.prompt_of
-    for n, raw in enumerate(text.split("\n"), 1):
-        if not raw or raw.isspace():
-            continue
-        try:
-            rec = parse_json(raw, path, line=n)
-        except DataError as e:  # invalid JSON, nesting too deep, an integer too long ...
-            problem(n, None, e.problem)
+    for n, rec in records:
+        if isinstance(rec, DataError):
+            problem(n, None, rec.problem)
             continue
         if type(rec) is not dict:
             problem(n, None, "each line must be a JSON object with user, chosen and rejected")
@@ -150,8 +164,8 @@ def read_user_file(path: str | Path, responses: pd.DataFrame, *, skip_invalid: b
     for user, lines in lines_of.items():
         if user not in with_pairs:
             if not skip_invalid:
-                raise DataError(path, f"user {user!r} has no usable pair (lines {', '.join(map(str, lines))})",
-                                line=lines[0])
+                raise DataError(path, f"user {user!r} has no usable pair ({unit}s {', '.join(map(str, lines))})",
+                                **{unit: lines[0]})
             skipped_users.append({"user": user, "lines": lines, "reason": "no usable pair"})
     if pairs.empty:
         raise DataError(path, "holds no usable annotation")

@@ -1,0 +1,113 @@
+"""The Python API: a trained run as a reward function.
+
+    import coplctl
+    rm = coplctl.load("runs/copl")                      # any registered method's run
+    rm.reward(["u0001", "u0002"], ["How do I ...?"] * 2, ["First answer", "Second answer"])
+    rm.adapt([{"user": "alice", "chosen": "<response text or id>", "rejected": "<...>"}])
+    rm.reward("alice", "How do I ...?", "Third answer")
+
+Calls leave the caller's random state (torch, numpy, random) as it was. In frozen mode, texts the
+feature cache lacks are embedded into a bounded in-memory store (``cache_texts``), never written to disk,
+so scoring inside a training loop neither grows the cache nor slows down.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from coplctl.errors import CoplError
+
+
+@contextmanager
+def _own_rng() -> Iterator[None]:
+    """Run the block with the caller's torch, numpy and ``random`` states saved and restored."""
+    import torch
+
+    py, npy = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        try:
+            yield
+        finally:
+            random.setstate(py)
+            np.random.set_state(npy)
+
+
+def _texts(value, n: int | None, what: str) -> list[str]:
+    values = [value] if isinstance(value, str) else list(value)
+    if n is not None and len(values) == 1 and n != 1:
+        values = values * n  # one user (or prompt) for every response
+    if not all(isinstance(v, str) for v in values):
+        raise CoplError(f"{what} must be texts")
+    return values
+
+
+class RewardModel:
+    """A saved run loaded for scoring (see the module docstring); build it with :func:`load`."""
+
+    def __init__(self, method, run: Path, cache_texts: int = 50_000):
+        from coplctl.features import MemoryStore
+
+        self.method, self.run = method, run
+        self._memory = MemoryStore(cache_texts)
+
+    @property
+    def name(self) -> str:
+        """The registered method's name (``copl``, ``i2e`` ...)."""
+        return self.method.registry_name
+
+    @property
+    def users(self) -> list[str]:
+        """The user ids the model can score: trained, and adapted since."""
+        return list(getattr(self.method, "user_ids", ()))
+
+    def reward(self, users: str | Sequence[str], prompts: str | Sequence[str], responses: str | Sequence[str],
+               *, batch_size: int = 256) -> np.ndarray:
+        """Rewards of ``responses[i]`` to ``prompts[i]`` for ``users[i]`` (a single user or prompt applies to
+        every response), as float32, in batches of ``batch_size``."""
+        from coplctl.evaluate import score_frame
+        from coplctl.features import in_memory
+
+        texts = _texts(responses, None, "responses")
+        users, prompts = _texts(users, len(texts), "users"), _texts(prompts, len(texts), "prompts")
+        if not len(users) == len(prompts) == len(texts):
+            raise CoplError(f"users, prompts and responses differ in length ({len(users)}, {len(prompts)}, "
+                            f"{len(texts)})")
+        known = set(self.users)
+        unknown = sorted({u for u in users if u not in known}) if known else []
+        if unknown:
+            raise CoplError(f"unknown user {unknown[0]!r}" + (f" (and {len(unknown) - 1} more)" if len(unknown) > 1
+                            else "") + f": the run has {len(known):,} users; adapt new ones with .adapt(pairs)")
+        out = np.empty(len(texts), dtype=np.float32)
+        with _own_rng(), in_memory(self._memory):
+            for s in range(0, len(texts), batch_size):
+                rows = [{"prompt": p, "response": r} for p, r in zip(prompts[s:s + batch_size], texts[s:s + batch_size])]
+                scores = self.method.score(users[s:s + batch_size], score_frame(rows))
+                out[s:s + len(rows)] = scores.detach().float().cpu().numpy()
+        return out
+
+    def adapt(self, pairs: pd.DataFrame | Sequence[dict]) -> dict:
+        """Add new users from their annotations: records (or a frame) with ``user``, ``chosen``, ``rejected``
+        (a response of the run's graph, by id or exact text) and optionally ``prompt``, as a user file's
+        lines. Returns the method's report; a problem names the record (row, from 0)."""
+        from coplctl.data.userfile import user_pairs
+
+        records = pairs.to_dict("records") if isinstance(pairs, pd.DataFrame) else list(pairs)
+        uf = user_pairs(enumerate(records), self.method.responses, source="pairs", unit="row",
+                        seen_users=set(self.users))
+        with _own_rng():
+            return self.method.adapt(uf.pairs.drop(columns="line"), self.method.responses)
+
+
+def load(run: str | Path, *, cache_texts: int = 50_000) -> RewardModel:
+    """Load the run directory ``run`` (``coplctl train`` / ``adapt`` / a benchmark's ``runs/...``)."""
+    from coplctl.reward import load_method
+
+    with _own_rng():
+        method = load_method(run)
+    return RewardModel(method, Path(run), cache_texts)
