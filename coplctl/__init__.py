@@ -4,7 +4,9 @@ Import submodules explicitly (``coplctl.data``, ``coplctl.registry`` ...): this 
 imports nothing heavy so that the CLI starts fast.
 """
 
-__version__ = "0.1.0"
+from importlib.metadata import version as _version
+
+__version__ = _version("coplctl")  # one source: pyproject.toml
 
 
 def load(run, *, cache_texts: int = 50_000):

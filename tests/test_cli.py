@@ -80,3 +80,12 @@ def test_bad_input_leaves_no_output(tmp_path, capsys):
     assert main(["data", "simulate", "--users", "5", "--survey-pairs", "3", "--out", str(out)]) == 1
     assert "survey pairs" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_version_is_the_installed_packages(capsys):
+    from importlib.metadata import version
+
+    import coplctl
+
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"coplctl {version('coplctl')}" == f"coplctl {coplctl.__version__}"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import Annotated
 
 import typer
 
@@ -30,6 +31,20 @@ app = typer.Typer(
     add_completion=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"coplctl {version('coplctl')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                                help="Print the version and exit.")] = False) -> None:
+    """Personalized reward models: CoPL and its competitors, trained, adapted and benchmarked."""
+
+
 for module in (model, adapt, bench, methods, data, graph, plot):  # in the order `coplctl --help` lists them
     app.add_typer(module.app)
 
