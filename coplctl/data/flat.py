@@ -163,7 +163,7 @@ def _is_chat(v) -> bool:
     return isinstance(v, (list, tuple)) and len(v) > 0 and all(isinstance(m, dict) for m in v)
 
 
-def _render(messages) -> str | None:
+def render_messages(messages) -> str | None:
     """A prompt of chat messages as one text: a lone message is its content; several form a transcript in
     the backbone's "Human:/Assistant:" format (the first user turn is the reader's "Human:" line)."""
     parts = []
@@ -211,7 +211,7 @@ def prompts_of(t: _Table, cfg: ImportConfig, chosen_before: list) -> np.ndarray:
     if cfg.prompt_column in t.columns:
         values = t.columns[cfg.prompt_column]
         t.fail(f"this row has no field {cfg.prompt_column}", [v is _MISSING for v in values])
-        out = np.asarray([v if isinstance(v, str) else _render(v) if _is_chat(v) else None for v in values],
+        out = np.asarray([v if isinstance(v, str) else render_messages(v) if _is_chat(v) else None for v in values],
                          dtype=object)
         t.fail(f"prompt (column {cfg.prompt_column}) must be a text or chat messages",
                [p is None for p in out])
@@ -220,7 +220,7 @@ def prompts_of(t: _Table, cfg: ImportConfig, chosen_before: list) -> np.ndarray:
             t.fail(f"missing column {cfg.prompt_column}: a row without it must hold chat messages in "
                    f"{cfg.chosen_column} (the conversation before the response is the prompt)",
                    [b is None for b in chosen_before])
-        out = np.asarray([_render(b) if b else None for b in chosen_before], dtype=object)
+        out = np.asarray([render_messages(b) if b else None for b in chosen_before], dtype=object)
         t.fail(f"{cfg.chosen_column} has no message before its response to serve as the prompt",
                [p is None for p in out])
     t.fail(f"prompt (column {cfg.prompt_column}) is empty", [not p.strip() for p in out])

@@ -1,0 +1,1 @@
+"""Adapters that plug a coplctl reward into other libraries' trainers (``coplctl.integrations.trl``)."""
