@@ -78,11 +78,11 @@ class RewardModel:
         if not len(users) == len(prompts) == len(texts):
             raise CoplError(f"users, prompts and responses differ in length ({len(users)}, {len(prompts)}, "
                             f"{len(texts)})")
-        known = set(self.users)
-        unknown = sorted({u for u in users if u not in known}) if known else []
+        index = getattr(self.method, "user_index", None) if getattr(self.method, "personalized", False) else None
+        unknown = sorted({u for u in users if u not in index}) if index is not None else []
         if unknown:
             raise CoplError(f"unknown user {unknown[0]!r}" + (f" (and {len(unknown) - 1} more)" if len(unknown) > 1
-                            else "") + f": the run has {len(known):,} users; adapt new ones with .adapt(pairs)")
+                            else "") + f": the run has {len(index):,} users; adapt new ones with .adapt(pairs)")
         out = np.empty(len(texts), dtype=np.float32)
         with _own_rng(), in_memory(self._memory):
             for s in range(0, len(texts), batch_size):

@@ -20,7 +20,7 @@ LAYERS = {
     "coplctl.trainer": 3, "coplctl.neural": 3, "coplctl.adapt": 3, "coplctl.evaluate": 3, "coplctl.plots": 3,
     "coplctl.adapt_run": 3,
     "coplctl.copl": 4, "coplctl.baselines": 4,
-    "coplctl.bench": 5, "coplctl.api": 5, "coplctl.integrations": 5,
+    "coplctl.bench": 5, "coplctl.api": 5, "coplctl.integrations": 5, "coplctl.serve": 5,
     "coplctl.cli": 6, "coplctl.__main__": 6,
 }
 NAMES = {0: "base", 1: "data", 2: "graph", 3: "models", 4: "methods", 5: "bench", 6: "cli"}

@@ -147,3 +147,29 @@ def score(
         out.print(f"{rewards[0]:.6f}")
     else:
         typer.echo("\n".join(lines))
+
+
+@app.command("serve", epilog=examples(
+    "coplctl serve runs/copl --port 8000",
+    "curl -s localhost:8000/reward -d '{\"items\": [{\"user\": \"u0001\", \"prompt\": \"Hi?\", \"response\": \"Hello!\"}]}'"))
+def serve(
+    run: RewardRun,
+    host: Annotated[str, typer.Option("--host", help="Interface to listen on (0.0.0.0: every interface).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", min=1, max=65535, help="TCP port.")] = 8000,
+    max_batch: Annotated[int, typer.Option("--max-batch", min=1, help="Most items one request may score.")] = 1024,
+    max_body_mb: Annotated[float, typer.Option("--max-body-mb", min=0.001, help="Largest request body, in MB.")] = 8.0,
+) -> None:
+    """Serve RUN's rewards over HTTP: POST /reward with {"items": [{"user", "prompt", "response"}, ...]};
+    GET /health and /info. Needs the serve extra (pip install 'coplctl[serve]')."""
+    from coplctl.api import load
+    from coplctl.errors import CoplError
+
+    from importlib.util import find_spec
+
+    if find_spec("starlette") is None or find_spec("uvicorn") is None:
+        raise CoplError("coplctl serve needs starlette and uvicorn: pip install 'coplctl[serve]'")
+    from coplctl.serve import serve as run_server
+
+    rm = load(run)
+    err.print(f"serving {rm.name} from {run} on http://{host}:{port} (POST /reward, GET /health, GET /info)")
+    run_server(rm, host=host, port=port, max_batch=max_batch, max_body_bytes=int(max_body_mb * 1e6))

@@ -1,0 +1,134 @@
+"""`coplctl serve`: a loaded run behind an HTTP JSON API (Starlette application, served by uvicorn).
+
+    POST /reward   {"items": [{"user": "u1", "prompt": "...", "response": "..."}, ...]}
+                   -> 200 {"rewards": [0.12, ...], "method": "copl"}
+    GET  /health   -> 200 {"status": "ok"}
+    GET  /info     -> 200 {"method", "run", "users", "mode", "backbone", "max_batch", "max_body_bytes", "version"}
+
+Errors are JSON ``{"error": "..."}`` naming the item and field: 400 (not JSON, or not an object with
+``items``), 413 (body over ``max_body_bytes`` or more than ``max_batch`` items), 422 (a field missing or
+not a text, an unknown user). Requests are scored one at a time (the model is not shared between threads),
+off the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from importlib.metadata import version
+
+from coplctl.errors import CoplError
+
+
+class _Problem(Exception):
+    def __init__(self, status: int, message: str):
+        self.status, self.message = status, message
+
+
+def _items(body: bytes, max_batch: int) -> tuple[list[str], list[str], list[str]]:
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError):
+        raise _Problem(400, "the body is not valid JSON") from None
+    if not isinstance(data, dict) or not isinstance(data.get("items"), list):
+        raise _Problem(400, 'the body must be a JSON object {"items": [{"user", "prompt", "response"}, ...]}')
+    items = data["items"]
+    if not items:
+        raise _Problem(422, "items is empty")
+    if len(items) > max_batch:
+        raise _Problem(413, f"{len(items)} items, more than this server's max batch of {max_batch}")
+    cols: dict[str, list[str]] = {"user": [], "prompt": [], "response": []}
+    for i, item in enumerate(items):
+        if not isinstance(item, dict):
+            raise _Problem(422, f"items[{i}] must be an object with user, prompt and response")
+        for key, values in cols.items():
+            value = item.get(key)
+            if not isinstance(value, str):
+                raise _Problem(422, f"items[{i}].{key} " + ("is missing" if value is None else "must be a text"))
+            values.append(value)
+    return cols["user"], cols["prompt"], cols["response"]
+
+
+def make_app(rm, *, max_batch: int = 1024, max_body_bytes: int = 8 << 20):
+    """The ASGI application serving ``rm`` (a :class:`coplctl.api.RewardModel`)."""
+    from starlette.applications import Starlette
+    from starlette.concurrency import run_in_threadpool
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    lock = asyncio.Lock()
+    cfg = rm.method.config
+    info = {"method": rm.name, "run": str(rm.run), "users": len(rm.users), "mode": getattr(cfg, "mode", None),
+            "backbone": getattr(cfg, "backbone", None), "max_batch": max_batch, "max_body_bytes": max_body_bytes,
+            "version": version("coplctl")}
+
+    async def read_body(request: Request) -> bytes:
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > max_body_bytes:
+            raise _Problem(413, f"the body is {int(declared):,} bytes, over this server's limit of {max_body_bytes:,}")
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > max_body_bytes:
+                raise _Problem(413, f"the body is over this server's limit of {max_body_bytes:,} bytes")
+        return bytes(body)
+
+    async def reward(request: Request) -> JSONResponse:
+        try:
+            users, prompts, responses = _items(await read_body(request), max_batch)
+            async with lock:
+                scores = await run_in_threadpool(rm.reward, users, prompts, responses)
+        except _Problem as p:
+            return JSONResponse({"error": p.message}, status_code=p.status)
+        except CoplError as e:  # e.g. an unknown user
+            return JSONResponse({"error": str(e)}, status_code=422)
+        return JSONResponse({"rewards": [float(s) for s in scores], "method": rm.name})
+
+    async def health(request: Request) -> JSONResponse:
+        return JSONResponse({"status": "ok"})
+
+    async def about(request: Request) -> JSONResponse:
+        return JSONResponse({**info, "users": len(rm.users)})
+
+    return Starlette(routes=[Route("/reward", reward, methods=["POST"]), Route("/health", health),
+                             Route("/info", about)])
+
+
+def serve(rm, *, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 1024,
+          max_body_bytes: int = 8 << 20, log_level: str = "info") -> None:
+    """Serve ``rm`` until interrupted."""
+    import uvicorn
+
+    uvicorn.run(make_app(rm, max_batch=max_batch, max_body_bytes=max_body_bytes), host=host, port=port,
+                log_level=log_level)
+
+
+@contextmanager
+def in_background(app, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
+    """Serve ``app`` with uvicorn in a thread (port 0: a free one) for the block; yields the base URL."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    if port == 0:
+        with socket.socket() as s:
+            s.bind((host, 0))
+            port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise CoplError(f"the server did not start on {host}:{port}")
+        time.sleep(0.02)
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)

@@ -1,0 +1,88 @@
+"""`coplctl serve`: the reward server over loopback, with a real uvicorn server and a real HTTP client."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import coplctl
+from coplctl.data import load as load_data
+from test_api import train
+
+uvicorn = pytest.importorskip("uvicorn", reason="the serve extra is not installed (pip install 'coplctl[serve]')")
+httpx = pytest.importorskip("httpx", reason="httpx is not installed")
+
+
+@pytest.fixture(scope="module")
+def served(micro_dir, tmp_path_factory):
+    from coplctl.serve import in_background, make_app
+
+    run = train("i2e", micro_dir, tmp_path_factory.mktemp("serve") / "run")
+    rm = coplctl.load(run)
+    with in_background(make_app(rm, max_batch=4, max_body_bytes=4000)) as url:
+        yield url, rm
+
+
+def test_rewards_health_and_info_over_http(served, micro_dir):
+    url, rm = served
+    ds = load_data(micro_dir)
+    r = ds.responses.iloc[:3]
+    users = ds.user_ids("seen")[:3]
+    items = [{"user": u, "prompt": p, "response": t} for u, p, t in zip(users, r["prompt"], r["text"])]
+    with httpx.Client(base_url=url, timeout=30) as client:
+        got = client.post("/reward", json={"items": items})
+        assert got.status_code == 200, got.text
+        assert np.allclose(got.json()["rewards"], rm.reward(users, r["prompt"].tolist(), r["text"].tolist()), atol=1e-6)
+        assert client.get("/health").json() == {"status": "ok"}
+        info = client.get("/info").json()
+        assert info["method"] == "i2e" and info["users"] == len(rm.users) and info["max_batch"] == 4
+        assert info["mode"] == "frozen" and info["version"] == coplctl.__version__
+
+
+@pytest.mark.parametrize("body, status, message", [
+    (b"{not json", 400, "not valid JSON"),
+    (b'[{"user": "u00"}]', 400, "must be a JSON object"),
+    (b'{"items": []}', 422, "items is empty"),
+    (b'{"items": [{"user": "u00", "prompt": "p"}]}', 422, "items[0].response is missing"),
+    (b'{"items": [{"user": "u00", "prompt": "p", "response": 5}]}', 422, "items[0].response must be a text"),
+    (b'{"items": [{"user": "nobody", "prompt": "p", "response": "r"}]}', 422, "unknown user 'nobody'"),
+    (b'{"items": [' + b",".join([b'{"user": "u00", "prompt": "p", "response": "r"}'] * 5) + b"]}", 413, "max batch of 4"),
+    (b'{"items": [{"user": "u00", "prompt": "p", "response": "' + b"x" * 5000 + b'"}]}', 413, "over this server's limit"),
+])
+def test_bad_requests_get_a_clear_4xx(served, body, status, message):
+    url, _ = served
+    with httpx.Client(base_url=url, timeout=30) as client:
+        got = client.post("/reward", content=body, headers={"content-type": "application/json"})
+        assert got.status_code == status and message in got.json()["error"], got.text
+        assert client.get("/reward").status_code == 405
+
+
+def test_the_command_serves_until_interrupted(micro_dir, tmp_path):
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    run = train("uniform", micro_dir, tmp_path / "run")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "coplctl", "serve", str(run), "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(600):
+            try:
+                health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=1)
+                break
+            except httpx.TransportError:
+                assert proc.poll() is None, proc.stderr.read()
+                time.sleep(0.1)
+        assert health.json() == {"status": "ok"}
+        got = httpx.post(f"http://127.0.0.1:{port}/reward", timeout=30,
+                         json={"items": [{"user": "anyone", "prompt": "p", "response": "r"}]})
+        assert got.status_code == 200 and len(got.json()["rewards"]) == 1  # Uniform: every user
+    finally:
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+    assert proc.returncode in (0, 130) and "serving uniform" in err
