@@ -4,8 +4,10 @@ validation pairs (paper Appendix C.2)."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated
@@ -57,8 +59,12 @@ class TrainConfig:
     dtype: Annotated[str, OneOf("auto", "float32", "bfloat16", "float16")] = "auto"
     """Backbone weights: ``auto`` (bf16 on GPU, fp32 on CPU, as the paper trains in bf16), ``float32``,
     ``bfloat16``; trained parameters (adapters, gates, heads) stay fp32."""
-    mixed_precision: Annotated[str, OneOf("auto", "no", "bf16")] = "auto"
-    """``auto`` (autocast to the backbone's dtype when it is not fp32), ``no`` or ``bf16``."""
+    mixed_precision: Annotated[str, OneOf("auto", "no", "bf16", "fp16")] = "auto"
+    """``auto``: the launcher's (``accelerate launch --mixed_precision``) when set, else autocast to the
+    backbone's dtype when it is not fp32; ``no``; ``bf16``; ``fp16`` (with a gradient scaler)."""
+    grad_accum: Annotated[int, AT_LEAST_1] | None = None
+    """Batches whose gradients are summed before each optimizer step (None: the launcher's
+    ``--gradient_accumulation_steps``, else 1). The effective batch is ``batch_size × grad_accum × processes``."""
     device: Annotated[str, OneOf("auto", "cpu", "cuda")] = "auto"
     """``auto``, ``cpu`` or ``cuda``; under ``accelerate launch`` the launcher decides."""
 
@@ -83,12 +89,15 @@ def distributed_state(cfg: TrainConfig):
 
 def make_accelerator(cfg: TrainConfig):
     from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs
+    from accelerate.utils import DistributedDataParallelKwargs, GradientAccumulationPlugin
 
-    # Precision is handled by `autocast` below, not by accelerate, whose process-wide state cannot
-    # change precision between two methods trained in one process (a benchmark).
+    # Precision (`autocast` below) and gradient accumulation (`train_pairs`) are done here, from the
+    # config or the launcher's settings (:func:`launcher_precision`, :func:`grad_accum_steps`), not by
+    # accelerate, whose process-wide state cannot change them between two methods trained in one process
+    # (a benchmark); the plugin stops it from also dividing the loss by the launcher's accumulation steps.
     # Top-1 routing leaves some experts without gradient in a step: DDP must allow unused parameters.
     return Accelerator(mixed_precision="no", cpu=use_cpu(cfg),
+                       gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=1),
                        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
 
 
@@ -120,16 +129,30 @@ def load_trainable_state(net: nn.Module, state: dict[str, torch.Tensor]) -> None
         raise CoplError(f"saved weights do not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
 
 
-def autocast(net: nn.Module, mode: str = "auto"):
-    """Autocast for a low-precision backbone: ``auto`` follows its weights' dtype, ``bf16`` forces
-    bfloat16, ``no`` disables it. Training and scoring use the same rule."""
-    import contextlib
+def launcher_precision(mode: str) -> str:
+    """``mode`` with ``auto`` resolved to ``accelerate launch --mixed_precision`` when the launcher set one."""
+    launched = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    return launched if mode == "auto" and launched in ("bf16", "fp16") else mode
 
+
+def grad_accum_steps(cfg: TrainConfig) -> int:
+    """``cfg.grad_accum``, else ``accelerate launch --gradient_accumulation_steps``, else 1."""
+    if cfg.grad_accum is not None:
+        return cfg.grad_accum
+    launched = os.environ.get("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "1")
+    return int(launched) if launched.isdigit() and int(launched) > 0 else 1
+
+
+def autocast(net: nn.Module, mode: str = "auto"):
+    """Autocast for a low-precision backbone: ``auto`` follows the launcher's mixed precision, else its
+    weights' dtype; ``bf16`` / ``fp16`` force it, ``no`` disables it. Training and scoring use the same rule."""
+    mode = launcher_precision(mode)
     if mode == "no":
         return contextlib.nullcontext()
     low = next((p for p in net.parameters() if p.is_floating_point() and p.dtype in (torch.bfloat16, torch.float16)),
                None)
-    dtype = torch.bfloat16 if mode == "bf16" else (low.dtype if low is not None else None)
+    forced = {"bf16": torch.bfloat16, "fp16": torch.float16}
+    dtype = forced[mode] if mode in forced else (low.dtype if low is not None else None)
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(next(net.parameters()).device.type, dtype=dtype)
@@ -192,13 +215,16 @@ def train_pairs(net: nn.Module, inputs: ResponseInputs, train: tuple, valid: tup
     acc = make_accelerator(cfg)
     set_seed(seed)
     lr, epochs, batch_size = cfg.get("lr"), cfg.get("epochs"), cfg.get("batch_size")
+    accum, precision = grad_accum_steps(cfg), launcher_precision(cfg.mixed_precision)
     params = [p for p in net.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(param_groups(net, lr, lr_groups), lr=lr, weight_decay=cfg.weight_decay)
     data = torch.utils.data.TensorDataset(*train)
     loader = torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=True,
                                          generator=torch.Generator().manual_seed(seed))
     net, opt, loader = acc.prepare(net, opt, loader)
-    sched = cosine_with_warmup(opt, max(1, epochs * len(loader)), cfg.warmup_ratio)
+    updates = -(-len(loader) // accum)  # optimizer steps per epoch: the last one may sum fewer batches
+    sched = cosine_with_warmup(opt, max(1, epochs * updates), cfg.warmup_ratio)
+    scaler = torch.amp.GradScaler(acc.device.type) if precision == "fp16" else None
     g = torch.Generator().manual_seed(seed)
     keep = torch.randperm(len(valid[0]), generator=g)[: cfg.eval_pairs]
     valid = tuple(t[keep] for t in valid)
@@ -209,20 +235,30 @@ def train_pairs(net: nn.Module, inputs: ResponseInputs, train: tuple, valid: tup
         for epoch in range(epochs):
             net.train()
             total, n = 0.0, 0
-            for u, c, r, *extra in loader:  # extra columns (e.g. VPL's pair ids) go to the net as they are
-                with autocast(model, cfg.mixed_precision):
-                    rc, rr, aux = net(u, inputs.batch(c, acc.device), inputs.batch(r, acc.device), *extra)
-                loss = bt_loss(rc.float(), rr.float()) + aux
-                value = (acc.reduce(loss.detach(), "sum") if acc.num_processes > 1 else loss).item()
-                if not math.isfinite(value):  # every process sees the same sum, so all stop together
-                    raise Diverged(f"{label}: the training loss became {value} at epoch {epoch + 1}, step {n + 1} "
-                                   f"(lr {lr:g}); lower the learning rate")
-                acc.backward(loss)
-                if cfg.grad_clip:
-                    acc.clip_grad_norm_(params, cfg.grad_clip)
-                opt.step()
-                sched.step()
-                opt.zero_grad(set_to_none=True)
+            for i, (u, c, r, *extra) in enumerate(loader):  # extra columns (e.g. VPL's pair ids) go to the net
+                last = (i + 1) % accum == 0 or i + 1 == len(loader)  # this batch ends an optimizer step
+                share = accum if i < len(loader) - len(loader) % accum else len(loader) % accum
+                with contextlib.nullcontext() if last else acc.no_sync(net):  # DDP: sync only on the step
+                    with autocast(model, cfg.mixed_precision):
+                        rc, rr, aux = net(u, inputs.batch(c, acc.device), inputs.batch(r, acc.device), *extra)
+                    loss = bt_loss(rc.float(), rr.float()) + aux
+                    value = (acc.reduce(loss.detach(), "sum") if acc.num_processes > 1 else loss).item()
+                    if not math.isfinite(value):  # every process sees the same sum, so all stop together
+                        raise Diverged(f"{label}: the training loss became {value} at epoch {epoch + 1}, step "
+                                       f"{n + 1} (lr {lr:g}); lower the learning rate")
+                    acc.backward(loss / share if scaler is None else scaler.scale(loss / share))
+                if last:
+                    if scaler is not None:
+                        scaler.unscale_(opt)
+                    if cfg.grad_clip:
+                        acc.clip_grad_norm_(params, cfg.grad_clip)
+                    if scaler is None:
+                        opt.step()
+                    else:
+                        scaler.step(opt)
+                        scaler.update()
+                    sched.step()
+                    opt.zero_grad(set_to_none=True)
                 total, n = total + value / acc.num_processes, n + 1
                 bar.update(advance=1, info=f"epoch {epoch + 1}/{epochs} loss {total / n:.4f}")
             valid_acc = row_accuracy(model, inputs, *valid)
@@ -234,7 +270,8 @@ def train_pairs(net: nn.Module, inputs: ResponseInputs, train: tuple, valid: tup
     load_trainable_state(model, best)
     acc.wait_for_everyone()
     return {"history": history, "best_epoch": best_epoch, "valid_accuracy": best_acc,
-            "steps": epochs * len(loader), "processes": acc.num_processes, "lr": lr, "lr_groups": dict(lr_groups or {})}
+            "steps": epochs * updates, "grad_accum": accum, "mixed_precision": precision,
+            "processes": acc.num_processes, "lr": lr, "lr_groups": dict(lr_groups or {})}
 
 
 def optimize_rows(params: list[nn.Parameter], loss_fn: Callable[[torch.Tensor], torch.Tensor], n_items: int, *,

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from coplctl.cli.common import Force, MaybeData, Out, err, examples, out
+from coplctl.cli.common import Force, Json, MaybeData, Out, err, examples, out, print_json
 from coplctl.config import ADAPTATIONS
 
 app = typer.Typer()  # top-level command: coplctl adapt
@@ -21,7 +21,8 @@ Method = Enum("Method", {m: m for m in ADAPTATIONS}, type=str)
     "coplctl adapt --model runs/copl --user-file new_users.jsonl --out runs/copl-plus   # then coplctl score",
     "coplctl adapt --model runs/gcf --user-file new_users.jsonl --out runs/naive --method average",
     "coplctl adapt --model runs/gcf --user-file messy.jsonl --out runs/new --skip-invalid",
-    "coplctl adapt --model runs/gcf --data data/sim-uf-p-4-avg --out runs/unseen"))
+    "coplctl adapt --model runs/gcf --data data/sim-uf-p-4-avg --out runs/unseen",
+    "coplctl adapt --model runs/gcf --data data/sim-uf-p-4-avg --out runs/unseen --json | jq .held_out_graph_accuracy"))
 def adapt(
     model: Annotated[Path, typer.Option(
         "--model", "-m", show_default=False,
@@ -44,13 +45,15 @@ def adapt(
     skip_invalid: Annotated[bool, typer.Option(
         "--skip-invalid", help="Skip bad lines and users without a usable pair, and report them.")] = False,
     force: Force = False,
+    as_json: Json = False,
 ) -> None:
     """Place new users from a few annotations, in a graph run or a reward-model run.
 
     The annotations come from --user-file, or --data adapts a dataset's unseen users from their fewshot pairs
     (for a graph run, also reporting accuracy on their held-out valid pairs).
     A graph run gives the directory --out with embeddings.safetensors and summary.json; a reward-model run
-    gives a new run --out that scores the new users too (coplctl score OUT --user ...).
+    gives a new run --out that scores the new users too (coplctl score OUT --user ...). --json prints the
+    summary written to OUT/summary.json.
     """
     from coplctl.adapt import AdaptConfig
     from coplctl.adapt_run import KIND, MARKER, adapt_graph_run, adapt_model_run
@@ -75,12 +78,16 @@ def adapt(
         summary = adapt_graph_run(model, out_dir, cfg, **source)
     else:
         summary = adapt_model_run(model, out_dir, **source)
-    _print(summary, graph, user_file)
+    if as_json:
+        print_json(summary)
+    else:
+        _print(summary, graph)
+    _print_skipped(summary, user_file)
     err.print(f"wrote {out_dir}", highlight=False, soft_wrap=True)
 
 
-def _print(summary: dict, graph: bool, user_file: Optional[Path]) -> None:
-    """The summary's counts as a one-row table on stdout; the first skipped lines and users on stderr."""
+def _print(summary: dict, graph: bool) -> None:
+    """The summary's counts as a one-row table on stdout."""
     from rich.table import Table
 
     row = {"users": summary.get("users"), "pairs": summary.get("pairs"),
@@ -95,6 +102,10 @@ def _print(summary: dict, graph: bool, user_file: Optional[Path]) -> None:
         t.add_column(col, justify="right")
     t.add_row(*(str(v) for v in row.values()))
     out.print(t)
+
+
+def _print_skipped(summary: dict, user_file: Optional[Path]) -> None:
+    """The first skipped lines and users, on stderr."""
     for s in summary["skipped_lines"][:10]:
         err.print(f"skipped {user_file} line {s['line']}: {s['reason']}", highlight=False)
     if len(summary["skipped_lines"]) > 10:

@@ -7,7 +7,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from coplctl.cli.common import Backbone, Force, MaybeOut, Mode, Out, Sets, err, examples, out, parse_sets
+from coplctl.cli.common import (Backbone, Force, Json, MaybeOut, Mode, Out, Sets, err, examples, out, parse_sets,
+                                print_json)
 
 app = typer.Typer()  # top-level commands: coplctl benchmark, report, compare
 
@@ -32,7 +33,8 @@ def _csv(value: Optional[str], option: str, cast=str, what: str = "names") -> Op
     "coplctl benchmark sim-uf-p-4-avg --seeds 0",
     "coplctl benchmark uf-p-4-avg --backbone gemma-7b-it --set batch_size=16",
     "accelerate launch --multi_gpu --num_processes 4 -m coplctl benchmark uf-p-4-avg --backbone gemma-7b-it",
-    "coplctl benchmark --list"))
+    "coplctl benchmark --list",
+    "coplctl benchmark quick --json | jq '.tables[0]'"))
 def benchmark(
     spec: Annotated[Optional[str], typer.Argument(
         help="A spec name (benchmarks/NAME.yaml) or a path to a spec file.", show_default=False)] = None,
@@ -45,19 +47,24 @@ def benchmark(
     out_dir: Out = Path("results"),
     list_specs: Annotated[bool, typer.Option("--list", help="List the available specs and exit.")] = False,
     force: Force = False,
+    as_json: Json = False,
 ) -> None:
     """Run every method of a benchmark spec over its seeds, store results, print the tables.
 
     Results go under --out; --backbone, --mode and --set override the spec for every method (that has the field).
     Finished (method, seed) results are skipped, so an interrupted benchmark resumes where it stopped;
-    --force redoes them.
+    --force redoes them. --json prints the results directory, the result files done and skipped, and the
+    tables as data (as coplctl report --json).
     """
     from coplctl.bench.spec import list_specs as all_specs
     from coplctl.bench.spec import load_spec
 
     if list_specs:
-        for f in all_specs():
-            s = load_spec(str(f))
+        specs = [load_spec(str(f)) for f in all_specs()]
+        if as_json:
+            print_json({s.name: s.description for s in specs})
+            return
+        for s in specs:
             out.print(f"{s.name:<16} {s.description}", highlight=False, soft_wrap=True)
         return
     if spec is None:
@@ -71,41 +78,67 @@ def benchmark(
                             log=lambda m: err.print(m, highlight=False))
     if summary["skipped"]:
         err.print(f"skipped {len(summary['skipped'])} finished run(s); --force redoes them")
-    _report(out_dir / s.name, "md", None)
+    report = _report(out_dir / s.name, "md", None, as_json)
+    if as_json:
+        print_json({"results": str(out_dir / s.name), **summary, "tables": report["tables"]})
     err.print(f"results in {out_dir / s.name}. Next: coplctl report {out_dir} --out report/", highlight=False)
 
 
 @app.command("report", epilog=examples("coplctl report results", "coplctl report results --format latex",
-                                       "coplctl report results --out report/"))
+                                       "coplctl report results --out report/",
+                                       "coplctl report results --json | jq '.tables[].title'"))
 def report(
     results: Annotated[Path, typer.Argument(metavar="RESULTS", help="A results directory (or one result file).",
                                             show_default=False)],
     fmt: Annotated[str, typer.Option("--format", help="md, csv or latex (printed to stdout).")] = "md",
     out_path: MaybeOut = None,
+    as_json: Json = False,
 ) -> None:
     """Render the paper's tables (and Figure 2) from stored results only.
 
     The tables are printed in --format; --out also writes every format, Figure 2 and figure links into
-    that directory.
+    that directory. --json prints the tables as data instead (each cell's mean, std and per-seed values, in
+    points) with the files --out wrote.
     """
-    _report(results, fmt, out_path)
+    report = _report(results, fmt, out_path, as_json)
+    if as_json:
+        print_json({"results": str(results), **report})
 
 
 @app.command("compare", epilog=examples("coplctl compare benchmarks/baselines/quick results/quick",
-                                        "coplctl compare old/ new/ --tolerance 0.5"))
+                                        "coplctl compare old/ new/ --tolerance 0.5",
+                                        "coplctl compare old/ new/ --json | jq '.regressions'"))
 def compare(
     baseline: Annotated[Path, typer.Argument(help="Baseline results.", show_default=False)],
     current: Annotated[Path, typer.Argument(help="Current results.", show_default=False)],
     tolerance: Annotated[float, typer.Option(
         "--tolerance", help="Allowed drop in accuracy points (or the baseline seeds' spread if larger).")] = 1.0,
+    as_json: Json = False,
 ) -> None:
-    """Exit non-zero when any metric dropped by more than the tolerance: the CI regression check."""
-    from rich.table import Table
+    """Exit non-zero when any metric dropped by more than the tolerance: the CI regression check.
 
+    --json prints every metric compared, the regressed or missing ones, and whether the check failed (the exit
+    code is the same).
+    """
     from coplctl.bench.compare import compare as run_compare
 
     rows, failed = run_compare(str(baseline), str(current), tolerance)
-    t = Table(title=f"{current} vs {baseline} (tolerance {tolerance} points)")
+    bad = [r for r in rows if r["status"] in ("regressed", "missing")]
+    if as_json:
+        print_json({"baseline": str(baseline), "current": str(current), "tolerance": tolerance, "failed": failed,
+                    "rows": rows, "regressions": bad})
+    else:
+        _print_comparison(rows, f"{current} vs {baseline} (tolerance {tolerance} points)")
+    if failed:
+        err.print(f"{len(bad)} metric(s) regressed or went missing", style="red")
+        raise typer.Exit(1)
+
+
+def _print_comparison(rows: list[dict], title: str) -> None:
+    """The compared metrics as a table on stdout, regressions in red."""
+    from rich.table import Table
+
+    t = Table(title=title)
     for col in ("benchmark", "method", "metric", "baseline", "current", "delta", "status"):
         t.add_column(col, justify="left" if col in ("benchmark", "method", "metric", "status") else "right")
     num = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
@@ -114,13 +147,11 @@ def compare(
         t.add_row(r["spec"], r["name"], r["metric"], num(r["baseline"]), num(r["current"]),
                   "-" if r["delta"] is None else f"{r['delta']:+.2f}", r["status"], style=style)
     out.print(t)
-    if failed:
-        bad = sum(r["status"] in ("regressed", "missing") for r in rows)
-        err.print(f"{bad} metric(s) regressed or went missing", style="red")
-        raise typer.Exit(1)
 
 
-def _report(results: Path, fmt: str, out_dir: Optional[Path]) -> None:
+def _report(results: Path, fmt: str, out_dir: Optional[Path], as_json: bool = False) -> dict:
+    """Print the tables of the results in ``fmt`` (unless ``as_json``) and write the report to ``out_dir``;
+    returns {"tables": the tables as data, "files": the files written}."""
     from coplctl.atomic import atomic_write_text
     from coplctl.bench.results import load_results
     from coplctl.bench.tables import build_tables, fewshot_curves, plot_fewshot, to_csv, to_latex, to_markdown
@@ -135,21 +166,35 @@ def _report(results: Path, fmt: str, out_dir: Optional[Path]) -> None:
     if out_dir is not None:
         _check_report_out(out_dir, found)
     tables = build_tables(found)
-    typer.echo("\n".join(render[fmt](t) for t in tables))
+    if not as_json:
+        typer.echo("\n".join(render[fmt](t) for t in tables))
+    report = {"tables": [_table_data(t) for t in tables], "files": []}
     if out_dir is None:
-        return
+        return report
     for name, fn in render.items():
-        atomic_write_text(out_dir / f"tables.{'tex' if name == 'latex' else name}", "\n".join(fn(t) for t in tables))
+        report["files"].append(out_dir / f"tables.{'tex' if name == 'latex' else name}")
+        atomic_write_text(report["files"][-1], "\n".join(fn(t) for t in tables))
     curves = fewshot_curves(found)
     lines = []
     if curves:
-        lines.append(f"![Figure 2]({Path(plot_fewshot(curves, out_dir / 'figure2.png')).name})")
+        report["files"].append(Path(plot_fewshot(curves, out_dir / "figure2.png")))
+        lines.append(f"![Figure 2]({report['files'][-1].name})")
     for r in found:
         for kind, path in ((r.get("extra") or {}).get("figures") or {}).items():
             lines.append(f"- {r['spec']} seed {r['seed']} {kind}: {path}")
     if lines:
-        atomic_write_text(out_dir / "figures.md", "\n".join(lines) + "\n")
+        report["files"].append(out_dir / "figures.md")
+        atomic_write_text(report["files"][-1], "\n".join(lines) + "\n")
     err.print(f"wrote {out_dir}/tables.md, tables.csv, tables.tex" + (" and figure2.png" if curves else ""))
+    return report
+
+
+def _table_data(t) -> dict:
+    """A table as JSON-able data: each cell's mean, std and per-seed values (points) and whether it is the best."""
+    cell = lambda c: None if c is None else {"mean": c.mean, "std": c.std, "values": c.values,  # noqa: E731
+                                             "best": c.bold}
+    return {"key": t.key, "title": t.title, "columns": t.columns, "notes": t.notes,
+            "rows": [{"row": label, "cells": dict(zip(t.columns, map(cell, cells)))} for label, cells in t.rows]}
 
 
 def _check_report_out(out_dir: Path, found: list[dict]) -> None:

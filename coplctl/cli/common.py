@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import math
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -46,8 +48,25 @@ Sets = Annotated[Optional[list[str]], typer.Option(
 Seed = Annotated[int, typer.Option("--seed", min=0, max=2**32 - 1,
                                     help="Random seed; the same seed gives the same numbers.")]
 Force = Annotated[bool, typer.Option("--force", help="Replace the output if it already exists.")]
-Json = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of tables.")]
+Json = Annotated[bool, typer.Option(
+    "--json", help="Print the result as one JSON document on stdout instead of tables (logs stay on stderr).")]
 RewardRun = Annotated[Path, typer.Argument(metavar="RUN", help="A run from coplctl train.", show_default=False)]
+
+
+def print_json(result) -> None:
+    """A command's result as one JSON document on stdout (``--json``): non-finite numbers become null, so that
+    strict parsers (jq) read it; anything else JSON lacks (paths) is written as its string."""
+    typer.echo(json.dumps(_finite(result), indent=2, default=str))
+
+
+def _finite(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
 
 
 def parse_sets(sets: list[str]) -> dict:

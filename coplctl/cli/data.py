@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from coplctl.cli.common import DataDir, Force, Json, MaybeOut, Seed, err, examples, out
+from coplctl.cli.common import DataDir, Force, Json, MaybeOut, Seed, err, examples, out, print_json
 from coplctl.errors import CoplError
 
 app = typer.Typer(name="data", help="Create, import and inspect preference datasets (UF-P simulated or real, or your own table).",
@@ -71,11 +70,17 @@ def _protocol(variant, annotations, users, unseen_users, survey_pairs, fewshot_p
                           preferences=preferences.value, alpha=alpha)
 
 
-def _report(ds, path: Path) -> None:
+def _report(ds, path: Path, as_json: bool = False) -> None:
+    """What a build wrote, on stderr; with --json also its path, counts and dropped counts on stdout."""
     c = ds.meta["counts"]
     err.print(f"wrote {path}: {c['responses']:,} responses, {c['users']['seen']:,} seen + "
               f"{c['users']['unseen']:,} unseen users, " + ", ".join(f"{v:,} {k}" for k, v in c["pairs"].items())
               + f" pairs. Next: coplctl data inspect {path}", highlight=False, soft_wrap=True)
+    if as_json:
+        stats = ds.meta.get("filter_stats") or {}
+        stages = {**stats, **(ds.meta.get("protocol_stats") or {})}
+        print_json({"path": str(path), "counts": c, "dropped": {k: v for k, v in stages.items() if k.startswith("dropped")},
+                    "warning": stats.get("warning")})
 
 
 @app.command("simulate", epilog=examples(
@@ -98,6 +103,7 @@ def simulate(
     seed: Seed = 0,
     out_dir: MaybeOut = None,
     force: Force = False,
+    as_json: Json = False,
 ) -> None:
     """Generate a simulated UF-P dataset (same protocol and statistics as the real one, offline).
 
@@ -114,7 +120,7 @@ def simulate(
     with err.status("simulating UF-P ..."):
         ds = run(SimConfig(protocol=proto, seed=seed, cue_fidelity=cue_fidelity))
         ds.save(path, overwrite=force)
-    _report(ds, path)
+    _report(ds, path, as_json)
 
 
 @app.command("build-ufp", epilog=examples(
@@ -144,6 +150,7 @@ def build_ufp(
     seed: Seed = 0,
     out_dir: MaybeOut = None,
     force: Force = False,
+    as_json: Json = False,
 ) -> None:
     """Build real UF-P from UltraFeedback ratings (one cleaned chosen/rejected pair per prompt, per-attribute
     labels, fair-coin ties, four-attributes-disagree filter).
@@ -169,7 +176,7 @@ def build_ufp(
     warning = ds.meta["filter_stats"].get("warning")
     if warning:
         err.print(f"warning: {warning}", style="yellow")
-    _report(ds, path)
+    _report(ds, path, as_json)
 
 
 @app.command("build-personalllm", epilog=examples(
@@ -196,6 +203,7 @@ def build_personalllm(
     seed: Seed = 0,
     out_dir: MaybeOut = None,
     force: Force = False,
+    as_json: Json = False,
 ) -> None:
     """Build PersonalLLM preference data as the CoPL authors do: responses 5-7 of each prompt, pairs the
     reward models do not all order alike, users mixing the reward models with Dirichlet weights.
@@ -217,7 +225,7 @@ def build_personalllm(
     with err.status("building PersonalLLM preference data ..."):
         ds = run(cfg)
         ds.save(path, overwrite=force)
-    _report(ds, path)
+    _report(ds, path, as_json)
 
 
 @app.command("build-tldr", epilog=examples(
@@ -242,6 +250,7 @@ def build_tldr(
     seed: Seed = 0,
     out_dir: MaybeOut = None,
     force: Force = False,
+    as_json: Json = False,
 ) -> None:
     """Build Reddit TL;DR preference data as the CoPL authors do: supervised-policy summaries compared by the
     ten busiest labellers, users in two groups preferring the shorter or the longer summary.
@@ -260,7 +269,7 @@ def build_tldr(
     with err.status("building TL;DR preference data ..."):
         ds = run(cfg)
         ds.save(path, overwrite=force)
-    _report(ds, path)
+    _report(ds, path, as_json)
 
 
 @app.command("import", epilog=examples(
@@ -296,6 +305,7 @@ def import_(
     hub_split: Annotated[str, typer.Option("--hub-split", help="Split of a hub dataset to read.")] = "train",
     seed: Seed = 0,
     force: Force = False,
+    as_json: Json = False,
 ) -> None:
     """Import a flat preference table (one row per judgement: user, prompt, chosen, rejected, maybe a group)
     as a dataset directory: responses deduplicated by (prompt, text), splits by the UF-P protocol's options
@@ -318,7 +328,7 @@ def import_(
     dropped = {k: v for k, v in ds.meta["filter_stats"].items() if k.startswith("dropped") and v}
     if dropped:
         err.print("note: " + ", ".join(f"{k.replace('_', ' ')}: {v:,}" for k, v in dropped.items()), style="yellow")
-    _report(ds, out_dir)
+    _report(ds, out_dir, as_json)
 
 
 @app.command("inspect", epilog=examples("coplctl data inspect data/sim-uf-p-4-avg",
@@ -330,6 +340,6 @@ def inspect(path: DataDir, as_json: Json = False) -> None:
 
     summary = summarize(load(path))
     if as_json:
-        typer.echo(json.dumps(summary, indent=2))
+        print_json(summary)
     else:
         render(summary, out)

@@ -7,7 +7,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from coplctl.cli.common import Data, Epochs, Force, Lr, Out, Seed, Sets, err, examples, out, parse_sets
+from coplctl.cli.common import (Data, Epochs, Force, Json, Lr, Out, Seed, Sets, err, examples, out, parse_sets,
+                                print_json)
 
 app = typer.Typer(name="graph", help="Learn user embeddings on the user–response preference graph (CoPL §4.1).",
                   no_args_is_help=True,
@@ -26,7 +27,8 @@ class Preset(str, Enum):
     "coplctl graph train --data data/sim-uf-p-4-avg --out runs/gcf",
     "coplctl graph train --data data/sim-uf-p-4-avg --out runs/gcf512 --dim 512 --epochs 100",
     "coplctl graph train --data data/sim-uf-p-4-avg --out runs/lightgcn --set variant=lightgcn",
-    "coplctl graph train --data data/uf-p-4-avg --out runs/gcf-paper --preset paper --device cuda"))
+    "coplctl graph train --data data/uf-p-4-avg --out runs/gcf-paper --preset paper --device cuda",
+    "coplctl graph train --data data/sim-uf-p-4-avg --out runs/gcf --json | jq .metrics.valid_accuracy"))
 def train(
     data: Data,
     out_dir: Out,
@@ -45,13 +47,15 @@ def train(
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:1 ...")] = "auto",
     seed: Seed = 0,
     force: Force = False,
+    as_json: Json = False,
 ) -> None:
     """Train CoPL's GCF; print train / valid accuracy (the paper's Table 5) and, when users have groups,
     the group probe: 5-fold logistic-regression accuracy of the group from the user embeddings.
 
-    The run directory is --out; an interrupted run resumes when the same command is run again.
+    The run directory is --out; an interrupted run resumes when the same command is run again. --json prints
+    the run directory, its configuration and metrics.json (with the per-epoch history).
     """
-    from rich.table import Table
+    from dataclasses import asdict
 
     from coplctl.atomic import refuse_overlap
     from coplctl.data import load
@@ -64,7 +68,19 @@ def train(
     if (out_dir / "checkpoint.safetensors").exists() and not force:
         err.print(f"resuming the interrupted run in {out_dir}")
     m = train_gcf(ds, out_dir, cfg, seed=seed, device=device, force=force)
-    t = Table(title=f"GCF on {data} (d={cfg.dim}, L={cfg.layers}, {cfg.variant})")
+    if as_json:
+        print_json({"run": str(out_dir), "config": asdict(cfg), "metrics": m})
+    else:
+        _print(m, f"GCF on {data} (d={cfg.dim}, L={cfg.layers}, {cfg.variant})")
+    err.print(f"wrote {out_dir}. Next: coplctl adapt --model {out_dir} --user-file FILE --out OUT", highlight=False,
+              soft_wrap=True)
+
+
+def _print(m: dict, title: str) -> None:
+    """The metrics as a one-row table on stdout."""
+    from rich.table import Table
+
+    t = Table(title=title)
     for col in ("train acc", "valid acc", "group probe", "best epoch", "epochs", "s/epoch", "s to best"):
         t.add_column(col, justify="right")
     probe = "-" if m.get("group_probe") is None else f"{100 * m['group_probe']:.2f}"
@@ -73,5 +89,3 @@ def train(
     t.add_row(f"{100 * m['train_accuracy']:.2f}", f"{100 * m['valid_accuracy']:.2f}", probe, str(m["best_epoch"]),
               str(m["epochs_run"]), f"{m['seconds_per_epoch']:.2f}", f"{m['seconds_to_best']:.0f}")
     out.print(t)
-    err.print(f"wrote {out_dir}. Next: coplctl adapt --model {out_dir} --user-file FILE --out OUT", highlight=False,
-              soft_wrap=True)

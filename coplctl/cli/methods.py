@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import json
-
 import typer
 
-from coplctl.cli.common import Json, examples, out
+from coplctl.cli.common import Json, examples, out, print_json
 
 app = typer.Typer()  # top-level command: coplctl methods
 
@@ -21,7 +19,7 @@ def methods(as_json: Json = False) -> None:
 
     rows = METHODS.describe()
     if as_json:
-        typer.echo(json.dumps(dict(rows), indent=2))
+        print_json(dict(rows))
         return
     if not rows:
         out.print("no methods are registered")

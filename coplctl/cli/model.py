@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 import typer
 
 from coplctl.cli.common import (Backbone, Data, Epochs, Force, Json, Lr, Mode, Out, RewardRun, Seed, Sets, err,
-                                examples, out, parse_sets)
+                                examples, out, parse_sets, print_json)
 
 app = typer.Typer()  # top-level commands: coplctl train, evaluate, score
 
@@ -19,6 +19,7 @@ app = typer.Typer()  # top-level commands: coplctl train, evaluate, score
     "coplctl train copl --data data/sim-uf-p-2-all --backbone minilm --mode frozen --out runs/copl",
     "coplctl train copl --data data/uf-p-4-avg --backbone gemma-2b-it --mode lora --out runs/copl-2b",
     "coplctl train copl --data data/sim --out runs/no-mole --set mole=false",
+    "coplctl train uniform --data data/sim-uf-p-2-all --out runs/uniform --json | jq .metrics.valid_accuracy",
     "accelerate launch --multi_gpu --num_processes 4 -m coplctl train copl --data data/uf-p-4-avg "
     "--backbone gemma-7b-it --mode lora --out runs/copl-7b"))
 def train(
@@ -33,10 +34,11 @@ def train(
     sets: Sets = None,
     seed: Seed = 0,
     force: Force = False,
+    as_json: Json = False,
 ) -> None:
     """Train a reward method on a dataset's seen users and save the run.
 
-    The run directory is --out.
+    The run directory is --out; --json prints it with what training.json records (method, data, seed, metrics).
     """
     from coplctl.atomic import atomic_write_text, check_output, refuse_overlap
     from coplctl.data import load
@@ -64,8 +66,11 @@ def train(
                 "data_meta": {k: ds.meta.get(k) for k in ("source", "variant", "annotations", "seed", "counts")}}
         atomic_write_text(out_dir / "training.json", json.dumps(info, indent=2) + "\n")
         shutil.rmtree(work, ignore_errors=True)
-        out.print(f"{method}: best validation accuracy {100 * metrics['valid_accuracy']:.2f} "
-                  f"(epoch {metrics['best_epoch']} of {len(metrics['history'])})")
+        if as_json:
+            print_json({"run": str(out_dir), **info})
+        else:
+            out.print(f"{method}: best validation accuracy {100 * metrics['valid_accuracy']:.2f} "
+                      f"(epoch {metrics['best_epoch']} of {len(metrics['history'])})")
         err.print(f"wrote {out_dir}. Next: coplctl evaluate {out_dir} --data {data}", highlight=False,
                   soft_wrap=True)
     state.wait_for_everyone()
@@ -92,14 +97,15 @@ def evaluate(
     result.update(data=str(data), fewshot=fewshot)
     atomic_write_text(run / "evaluation.json", json.dumps(result, indent=2) + "\n")
     if as_json:
-        typer.echo(json.dumps(result, indent=2))
+        print_json(result)
     else:
         render(result, out, f"{method.registry_name} on {data}")
 
 
 @app.command("score", epilog=examples(
     "coplctl score runs/copl --user u00042 --prompt 'How do I fix a leaking faucet?' --response 'Turn off ...'",
-    "coplctl score runs/copl --input requests.jsonl --output rewards.jsonl"))
+    "coplctl score runs/copl --input requests.jsonl --output rewards.jsonl",
+    "coplctl score runs/copl --input requests.jsonl --json | jq '.[].reward'"))
 def score(
     run: RewardRun,
     user: Annotated[Optional[str], typer.Option("--user", help="User id (seen, or adapted into RUN).")] = None,
@@ -108,6 +114,9 @@ def score(
     input_file: Annotated[Optional[Path], typer.Option(
         "--input", help='JSONL of {"user", "prompt", "response"} to score in one go.')] = None,
     output: Annotated[Optional[Path], typer.Option("--output", help="Write JSONL here instead of stdout.")] = None,
+    as_json: Annotated[bool, typer.Option(
+        "--json", help="Print one JSON array of {user, prompt, response, reward} objects instead of a number or "
+                       "JSONL lines (with --output too, which still gets JSONL).")] = False,
 ) -> None:
     """Reward of a response for a user, or of every line of a JSONL file."""
     from coplctl.atomic import atomic_write_text
@@ -140,12 +149,15 @@ def score(
                     raise CoplError(why)
                 raise DataError(input_file, why, line=line_of[i])
     rewards = method.score([r["user"] for r in rows], score_frame(rows)).tolist()
-    lines = [json.dumps({**r, "reward": v}) for r, v in zip(rows, rewards)]
+    scored = [{**r, "reward": v} for r, v in zip(rows, rewards)]
+    lines = [json.dumps(r) for r in scored]
     if output is not None:
         atomic_write_text(output, "\n".join(lines) + "\n")
-    elif input_file is None:
+    if as_json:
+        print_json(scored)
+    elif output is None and input_file is None:
         out.print(f"{rewards[0]:.6f}")
-    else:
+    elif output is None:
         typer.echo("\n".join(lines))
 
 
