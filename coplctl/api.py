@@ -73,6 +73,8 @@ class RewardModel:
         from coplctl.evaluate import score_frame
         from coplctl.features import in_memory
 
+        if batch_size < 1:
+            raise CoplError(f"batch_size must be at least 1, not {batch_size}")
         texts = _texts(responses, None, "responses")
         users, prompts = _texts(users, len(texts), "users"), _texts(prompts, len(texts), "prompts")
         if not len(users) == len(prompts) == len(texts):
