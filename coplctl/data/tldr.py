@@ -145,7 +145,8 @@ def _read(cfg: TldrConfig, stats: dict) -> pd.DataFrame:
     mine = df["worker"].isin(top)
     stats["dropped_other_workers"] = int((~mine).sum())
     df = df[mine]
-    missing = df[["post", "text_a", "text_b"]].isna().any(axis=1) | (df["post"].fillna("").str.strip() == "")
+    blank = lambda col: df[col].fillna("").str.strip() == ""  # noqa: E731
+    missing = blank("post") | blank("text_a") | blank("text_b")
     stats["dropped_missing_post_or_text"] = int(missing.sum())
     df = df[~missing]
     same = df["text_a"] == df["text_b"]
