@@ -30,7 +30,7 @@ import pandas as pd
 
 from coplctl.data.dataset import PreferenceDataset
 from coplctl.data.protocol import ProtocolConfig, assign_users, break_ties
-from coplctl.data.ultrafeedback import (assemble, input_files, length_filter, location, looks_like_hub_id,
+from coplctl.data.ultrafeedback import (assemble, input_files, length_filter, location, hub_dataset,
                                         read_records, sha256)
 from coplctl.errors import CoplError, DataError
 
@@ -89,17 +89,7 @@ def _rows(cfg: PersonalLLMConfig):
             for _, n, rec in read_records(f, columns):
                 yield split_of[f], f, n, rec
         return
-    if not looks_like_hub_id(cfg.source):
-        raise DataError(path, "no such file or directory (a local copy, or the hub id owner/name)")
-    try:
-        import datasets
-    except ImportError:
-        raise CoplError(f"{cfg.source} is not a local path, and reading it from the hub needs the `datasets` "
-                        f"package (pip install 'coplctl[hub]')") from None
-    try:
-        ds = datasets.load_dataset(cfg.source)
-    except Exception as e:
-        raise CoplError(f"could not load {cfg.source} from the Hugging Face hub or its cache ({type(e).__name__})") from None
+    ds = hub_dataset(cfg.source)
     for split in ("train", "test"):
         for n, rec in enumerate(ds[split].select_columns(list(columns))):
             yield split, Path(cfg.source), n, rec

@@ -36,7 +36,7 @@ import pandas as pd
 
 from coplctl.data.dataset import PreferenceDataset
 from coplctl.data.protocol import LENGTH_GROUPS, ProtocolConfig, assign_users
-from coplctl.data.ultrafeedback import (assemble, input_files, length_filter, location, looks_like_hub_id,
+from coplctl.data.ultrafeedback import (assemble, input_files, length_filter, location, hub_dataset,
                                         read_records, sha256)
 from coplctl.errors import CoplError, DataError
 
@@ -84,18 +84,7 @@ def _rows(cfg: TldrConfig):
                                        "not train, valid1, valid2 or validation", **location(f, n))
                 yield split, f, n, rec
         return
-    if not looks_like_hub_id(cfg.source):
-        raise DataError(path, "no such file or directory (a local copy, or the hub id owner/name)")
-    try:
-        import datasets
-    except ImportError:
-        raise CoplError(f"{cfg.source} is not a local path, and reading it from the hub needs the `datasets` "
-                        f"package (pip install 'coplctl[hub]')") from None
-    try:
-        ds = datasets.load_dataset(cfg.source, "comparisons")
-    except Exception as e:
-        raise CoplError(f"could not load {cfg.source} (comparisons) from the Hugging Face hub or its cache "
-                        f"({type(e).__name__})") from None
+    ds = hub_dataset(cfg.source, "comparisons")
     for split in ("train", "validation"):
         for n, rec in enumerate(ds[split].select_columns(["info", "summaries", "worker"])):
             yield split, Path(cfg.source), n, rec

@@ -127,6 +127,23 @@ def looks_like_hub_id(source: str) -> bool:
         Path(source).suffix not in (".parquet", ".jsonl", ".json", ".csv")
 
 
+def hub_dataset(source: str, config: str | None = None):
+    """The ``datasets`` DatasetDict of hub id ``source`` (from the hub or its cache); a local-looking path
+    that does not exist, a missing ``datasets`` package or a failed load is one clear error."""
+    if not looks_like_hub_id(source):
+        raise DataError(Path(source).expanduser(), "no such file or directory (a local copy, or the hub id owner/name)")
+    try:
+        import datasets
+    except ImportError:
+        raise CoplError(f"{source} is not a local path, and reading it from the hub needs the `datasets` "
+                        f"package (pip install 'coplctl[hub]')") from None
+    try:
+        return datasets.load_dataset(source, config)
+    except Exception as e:
+        raise CoplError(f"could not load {source}" + (f" ({config})" if config else "") +
+                        f" from the Hugging Face hub or its cache ({type(e).__name__})") from None
+
+
 def read_source(source: str, columns: tuple[str, ...]) -> Iterator[tuple[Path, int, dict]]:
     path = Path(source).expanduser()
     if path.exists():
