@@ -61,7 +61,7 @@ def make_app(rm, *, max_batch: int = 1024, max_body_bytes: int = 8 << 20):
 
     lock = asyncio.Lock()
     cfg = rm.method.config
-    info = {"method": rm.name, "run": str(rm.run), "users": len(rm.users), "mode": getattr(cfg, "mode", None),
+    info = {"method": rm.name, "run": str(rm.run), "mode": getattr(cfg, "mode", None),
             "backbone": getattr(cfg, "backbone", None), "max_batch": max_batch, "max_body_bytes": max_body_bytes,
             "version": version("coplctl")}
 

@@ -60,6 +60,14 @@ PreferencesOpt = Annotated[Preferences, typer.Option("--preferences", help=(
 AlphaOpt = Annotated[float, typer.Option("--alpha", min=1e-6, help="Dirichlet concentration of mixture users' weights (PersonalLLM: 0.1).")]
 
 
+TokenizerOpt = Annotated[Optional[str], typer.Option("--tokenizer", help="Tokenizer for the length filter.")]
+MaxTokensOpt = Annotated[Optional[int], typer.Option(
+    "--max-tokens", min=1, help="Drop responses longer than this (prompt + response, formatted; authors: 1024).")]
+FewshotPairsOpt = Annotated[int, typer.Option("--fewshot-pairs", min=1, help="Few-shot pairs per unseen user.")]
+TestPairsOpt = Annotated[int, typer.Option("--test-pairs", min=1, help="Test pairs per seen user (authors: 100).")]
+UnseenTestPairsOpt = Annotated[int, typer.Option("--unseen-test-pairs", min=1, help="Test pairs per unseen user.")]
+
+
 def _protocol(variant, annotations, users, unseen_users, survey_pairs, fewshot_pairs, valid_pairs,
               valid_prompt_fraction, preferences, alpha):
     from coplctl.data.protocol import ProtocolConfig
@@ -136,7 +144,7 @@ def build_ufp(
         "--cleaned", help="argilla/ultrafeedback-binarized-preferences-cleaned (path or hub id): its chosen/rejected "
                           "row is each prompt's one candidate pair (other prompts are dropped); 'none' keeps every "
                           "prompt and binarizes it here (best mean rating vs a random worse completion).")] = "argilla/ultrafeedback-binarized-preferences-cleaned",
-    tokenizer: Annotated[Optional[str], typer.Option("--tokenizer", help="Tokenizer for the length filter.")] = None,
+    tokenizer: TokenizerOpt = None,
     max_tokens: Annotated[Optional[int], typer.Option(
         "--max-tokens", min=1, help="Drop responses longer than this (prompt + response, formatted).")] = None,
     users: UsersOpt = 10_000,
@@ -191,14 +199,13 @@ def build_personalllm(
         "--reward-models", help="Comma-separated reward models the users mix (the authors' four).")]
     = "gemma_7b,mistral_weqweasdas,llama3_sfairx,oasst_deberta_v3",
     alpha: AlphaOpt = 0.1,
-    tokenizer: Annotated[Optional[str], typer.Option("--tokenizer", help="Tokenizer for the length filter.")] = None,
-    max_tokens: Annotated[Optional[int], typer.Option(
-        "--max-tokens", min=1, help="Drop responses longer than this (prompt + response, formatted; authors: 1024).")] = None,
+    tokenizer: TokenizerOpt = None,
+    max_tokens: MaxTokensOpt = None,
     users: UsersOpt = 10_000,
     unseen_users: UnseenOpt = 100,
-    fewshot_pairs: Annotated[int, typer.Option("--fewshot-pairs", min=1, help="Few-shot pairs per unseen user.")] = 16,
-    test_pairs: Annotated[int, typer.Option("--test-pairs", min=1, help="Test pairs per seen user (authors: 100).")] = 100,
-    unseen_test_pairs: Annotated[int, typer.Option("--unseen-test-pairs", min=1, help="Test pairs per unseen user.")] = 50,
+    fewshot_pairs: FewshotPairsOpt = 16,
+    test_pairs: TestPairsOpt = 100,
+    unseen_test_pairs: UnseenTestPairsOpt = 50,
     valid_prompt_fraction: ValidPromptsOpt = 0.0,
     seed: Seed = 0,
     out_dir: MaybeOut = None,
@@ -239,14 +246,13 @@ def build_tldr(
                        "Parquet or JSONL files, or files whose rows carry split), or the hub id.")]
     = "openai/summarize_from_feedback",
     workers: Annotated[int, typer.Option("--workers", min=1, help="Labellers kept, those with the most comparisons (authors: 10).")] = 10,
-    tokenizer: Annotated[Optional[str], typer.Option("--tokenizer", help="Tokenizer for the length filter.")] = None,
-    max_tokens: Annotated[Optional[int], typer.Option(
-        "--max-tokens", min=1, help="Drop responses longer than this (prompt + response, formatted; authors: 1024).")] = None,
+    tokenizer: TokenizerOpt = None,
+    max_tokens: MaxTokensOpt = None,
     users: UsersOpt = 10_000,
     unseen_users: UnseenOpt = 100,
-    fewshot_pairs: Annotated[int, typer.Option("--fewshot-pairs", min=1, help="Few-shot pairs per unseen user.")] = 8,
-    test_pairs: Annotated[int, typer.Option("--test-pairs", min=1, help="Test pairs per seen user (authors: 100).")] = 100,
-    unseen_test_pairs: Annotated[int, typer.Option("--unseen-test-pairs", min=1, help="Test pairs per unseen user.")] = 50,
+    fewshot_pairs: FewshotPairsOpt = 8,
+    test_pairs: TestPairsOpt = 100,
+    unseen_test_pairs: UnseenTestPairsOpt = 50,
     seed: Seed = 0,
     out_dir: MaybeOut = None,
     force: Force = False,
@@ -301,7 +307,7 @@ def import_(
         "--valid-pairs", min=0, help="Judgements of each seen user held out for validation (authors: 1).")] = 1,
     unseen_users: Annotated[int, typer.Option(
         "--unseen-users", min=0, help="Users held out as unseen, adapted from their few-shot pairs.")] = 0,
-    fewshot_pairs: Annotated[int, typer.Option("--fewshot-pairs", min=1, help="Few-shot pairs per unseen user.")] = 8,
+    fewshot_pairs: FewshotPairsOpt = 8,
     hub_split: Annotated[str, typer.Option("--hub-split", help="Split of a hub dataset to read.")] = "train",
     seed: Seed = 0,
     force: Force = False,

@@ -143,17 +143,9 @@ def _present(path: Path, cols: dict, cfg: ImportConfig, available: list[str]) ->
 
 
 def _hub_table(repo_id: str, cfg: ImportConfig, names: list[str]) -> _Table:
-    try:
-        import datasets
-    except ImportError:
-        raise CoplError(f"{repo_id} is not a local file, and reading it from the hub needs the `datasets` "
-                        f"package (pip install 'coplctl[hub]'); or save the table as .jsonl/.parquet") from None
-    try:
-        ds = datasets.load_dataset(repo_id, split=cfg.hub_split)
-    except Exception as e:
-        raise CoplError(f"could not load {repo_id} (split {cfg.hub_split}) from the Hugging Face hub or its "
-                        f"cache ({type(e).__name__})") from None
-    arrow = ds.data.table
+    from coplctl.data.ultrafeedback import hub_dataset
+
+    arrow = hub_dataset(repo_id, split=cfg.hub_split).data.table
     return _Table(Path(repo_id), _present(Path(repo_id), _arrow_columns(arrow, names), cfg, arrow.column_names), None)
 
 

@@ -108,16 +108,7 @@ def read_records(path: Path, columns: tuple[str, ...]) -> Iterator[tuple[Path, i
 
 
 def _hub_records(repo_id: str, columns: tuple[str, ...]) -> Iterator[tuple[Path, int, dict]]:
-    try:
-        import datasets
-    except ImportError:
-        raise CoplError(f"{repo_id} is not a local path, and reading it from the hub needs the `datasets` "
-                        f"package (pip install 'coplctl[hub]'); or " + HOW_TO_GET.format(id=repo_id)) from None
-    try:
-        ds = datasets.load_dataset(repo_id, split="train")
-    except Exception as e:
-        raise CoplError(f"could not load {repo_id} from the Hugging Face hub or its cache "
-                        f"({type(e).__name__}); " + HOW_TO_GET.format(id=repo_id)) from None
+    ds = hub_dataset(repo_id, split="train")
     yield from ((Path(repo_id), i, r) for i, r in enumerate(ds.select_columns(list(columns))))
 
 
@@ -127,21 +118,24 @@ def looks_like_hub_id(source: str) -> bool:
         Path(source).suffix not in (".parquet", ".jsonl", ".json", ".csv")
 
 
-def hub_dataset(source: str, config: str | None = None):
-    """The ``datasets`` DatasetDict of hub id ``source`` (from the hub or its cache); a local-looking path
-    that does not exist, a missing ``datasets`` package or a failed load is one clear error."""
+def hub_dataset(source: str, config: str | None = None, *, split: str | None = None):
+    """The ``datasets`` dataset (a DatasetDict, or one ``split``) of hub id ``source``, from the hub or its
+    cache; a local-looking path that does not exist, a missing ``datasets`` package or a failed load is one
+    clear error saying how to get a local copy."""
     if not looks_like_hub_id(source):
         raise DataError(Path(source).expanduser(), "no such file or directory (a local copy, or the hub id owner/name)")
+    how = "; or " + HOW_TO_GET.format(id=source)
     try:
         import datasets
     except ImportError:
         raise CoplError(f"{source} is not a local path, and reading it from the hub needs the `datasets` "
-                        f"package (pip install 'coplctl[hub]')") from None
+                        f"package (pip install 'coplctl[hub]')" + how) from None
     try:
-        return datasets.load_dataset(source, config)
+        return datasets.load_dataset(source, config, split=split)
     except Exception as e:
-        raise CoplError(f"could not load {source}" + (f" ({config})" if config else "") +
-                        f" from the Hugging Face hub or its cache ({type(e).__name__})") from None
+        what = ", ".join(f"{k} {v}" for k, v in (("config", config), ("split", split)) if v)
+        raise CoplError(f"could not load {source}" + (f" ({what})" if what else "") +
+                        f" from the Hugging Face hub or its cache ({type(e).__name__})" + how) from None
 
 
 def read_source(source: str, columns: tuple[str, ...]) -> Iterator[tuple[Path, int, dict]]:

@@ -102,14 +102,13 @@ def user_pairs(records, responses: pd.DataFrame, *, source: str | Path, unit: st
                skip_invalid: bool = False, seen_users: Collection[str] = ()) -> UserFile:
     """Resolve new users' annotations ``records`` ((number, record or DataError) per line or row) against
     ``responses``; problems name ``source`` and the ``unit`` (``line`` of a file, ``row`` of a list)."""
-    path = source
     resolve = _Resolver(responses)
     seen_users = seen_users if isinstance(seen_users, (set, frozenset, dict)) else set(seen_users)
     rows, skipped, seen_pairs, lines_of = [], [], {}, {}
 
     def problem(line: int, user, reason: str) -> None:
         if not skip_invalid:
-            raise DataError(path, reason, **{unit: line})
+            raise DataError(source, reason, **{unit: line})
         skipped.append({unit: line, "user": user, "reason": reason})
 
     prompt_of = resolve.prompt_of
@@ -164,9 +163,9 @@ def user_pairs(records, responses: pd.DataFrame, *, source: str | Path, unit: st
     for user, lines in lines_of.items():
         if user not in with_pairs:
             if not skip_invalid:
-                raise DataError(path, f"user {user!r} has no usable pair ({unit}s {', '.join(map(str, lines))})",
+                raise DataError(source, f"user {user!r} has no usable pair ({unit}s {', '.join(map(str, lines))})",
                                 **{unit: lines[0]})
             skipped_users.append({"user": user, "lines": lines, "reason": "no usable pair"})
     if pairs.empty:
-        raise DataError(path, "holds no usable annotation")
+        raise DataError(source, "holds no usable annotation")
     return UserFile(pairs, skipped, skipped_users)
