@@ -46,7 +46,49 @@ class Routing:
     records: list = field(default_factory=list)  # (layer name, probs (U, M), chosen experts (U, k))
 
 
-class MoLELinear(nn.Module):
+class ExpertGate:
+    """The gate and the experts of a MoLE layer: ``expert_a`` (M, n, d_in), ``expert_b`` (M, d_out, n),
+    ``gate`` (the MLP on the user embedding), ``scale``, ``temperature``, ``top_k`` and ``name``, set by
+    the module that mixes this in (:class:`MoLELinear` here, :class:`coplctl.peft_mole.PeftExperts` in an
+    exported peft adapter), so both compute the same rewards."""
+
+    @property
+    def num_experts(self) -> int:
+        return self.expert_a.shape[0]
+
+    def route(self, users: torch.Tensor, noise: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(probabilities (U, M), chosen experts (U, k), their weights (U, k)) for each user row."""
+        logits = self.gate(users.to(self.gate[0].weight.dtype))
+        if noise and self.training:
+            logits = logits + noise * torch.randn_like(logits)
+        probs = torch.softmax(logits / self.temperature, dim=-1)
+        weights, experts = probs.topk(self.top_k, dim=-1)
+        return probs, experts, weights
+
+    def mix(self, h: torch.Tensor, routing: Routing) -> torch.Tensor:
+        """scale · Σ_{i∈top-k} w_i B_i A_i h for each sequence of ``h``, with its user's experts."""
+        probs, experts, weights = self.route(routing.users, routing.noise)
+        routing.records.append((self.name, probs, experts))
+        e = experts[routing.rows]  # (B, k): a pair's two sequences get their user's experts
+        w = weights.index_select(0, routing.rows).to(h.dtype)  # (B, k); index_select: reproducible backward
+        shape = h.shape
+        h3 = h.reshape(shape[0], -1, shape[-1])  # (B, T, d_in); 2-D inputs become T = 1
+        # Gather each sample's experts as a one-hot product rather than by indexing: the gradient then
+        # reduces with matrix products, which sum in a fixed order (indexing's scatter-add does not).
+        pick = F.one_hot(e, self.num_experts).to(h.dtype)  # (B, k, M)
+        a = torch.einsum("bkm,mrd->bkrd", pick, self.expert_a.to(h.dtype))  # (B, k, r, d_in)
+        b = torch.einsum("bkm,mor->bkor", pick, self.expert_b.to(h.dtype))  # (B, k, d_out, r)
+        low = torch.einsum("btd,bkrd->bktr", h3, a)
+        mixed = torch.einsum("bktr,bkor,bk->bto", low, b, w)
+        return self.scale * mixed.reshape(*shape[:-1], -1)
+
+
+def make_gate(user_dim: int, hidden: int, experts: int, device=None) -> nn.Sequential:
+    """The gate MLP of one layer: user embedding → hidden (ReLU) → one logit per expert."""
+    return nn.Sequential(nn.Linear(user_dim, hidden), nn.ReLU(), nn.Linear(hidden, experts)).to(device)
+
+
+class MoLELinear(ExpertGate, nn.Module):
     """A linear layer with a shared LoRA expert and a user-gated mixture of LoRA experts.
 
     Args:
@@ -78,20 +120,7 @@ class MoLELinear(nn.Module):
             nn.init.zeros_(self.shared_b.weight)
         else:
             self.shared_a = self.shared_b = None
-        self.gate = nn.Sequential(nn.Linear(user_dim, gate_hidden), nn.ReLU(), nn.Linear(gate_hidden, num_experts)).to(dev)
-
-    @property
-    def num_experts(self) -> int:
-        return self.expert_a.shape[0]
-
-    def route(self, users: torch.Tensor, noise: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(probabilities (U, M), chosen experts (U, k), their weights (U, k)) for each user row."""
-        logits = self.gate(users.to(self.gate[0].weight.dtype))
-        if noise and self.training:
-            logits = logits + noise * torch.randn_like(logits)
-        probs = torch.softmax(logits / self.temperature, dim=-1)
-        weights, experts = probs.topk(self.top_k, dim=-1)
-        return probs, experts, weights
+        self.gate = make_gate(user_dim, gate_hidden, num_experts, dev)
 
     def forward(self, x: torch.Tensor, routing: Routing | None = None) -> torch.Tensor:
         if routing is None:
@@ -100,20 +129,7 @@ class MoLELinear(nn.Module):
         h = self.dropout(x)
         if self.shared_a is not None:
             out = out + self.scale * self.shared_b(self.shared_a(h))
-        probs, experts, weights = self.route(routing.users, routing.noise)
-        routing.records.append((self.name, probs, experts))
-        e = experts[routing.rows]  # (B, k): a pair's two sequences get their user's experts
-        w = weights.index_select(0, routing.rows).to(x.dtype)  # (B, k); index_select: reproducible backward
-        shape = h.shape
-        h3 = h.reshape(shape[0], -1, shape[-1])  # (B, T, d_in); 2-D inputs become T = 1
-        # Gather each sample's experts as a one-hot product rather than by indexing: the gradient then
-        # reduces with matrix products, which sum in a fixed order (indexing's scatter-add does not).
-        pick = F.one_hot(e, self.num_experts).to(x.dtype)  # (B, k, M)
-        a = torch.einsum("bkm,mrd->bkrd", pick, self.expert_a.to(x.dtype))  # (B, k, r, d_in)
-        b = torch.einsum("bkm,mor->bkor", pick, self.expert_b.to(x.dtype))  # (B, k, d_out, r)
-        low = torch.einsum("btd,bkrd->bktr", h3, a)
-        mixed = torch.einsum("bktr,bkor,bk->bto", low, b, w)
-        return out + self.scale * mixed.reshape(*shape[:-1], -1)
+        return out + self.mix(h, routing)
 
 
 def inject_mole(model: nn.Module, targets: list[str], user_dim: int, **kwargs) -> list[MoLELinear]:

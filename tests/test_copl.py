@@ -163,7 +163,7 @@ def _requests(ds, path):
 
 def test_lora_mode_with_a_tiny_gemma_from_the_hub_cache(micro_dir, tmp_path):
     """A hub id (here a tiny Gemma built from a config, in an offline hub cache) trains and scores."""
-    from tiny_models import REPO_ID, build_tiny_gemma, install_in_hub_cache
+    from tiny_models import REPO_ID, REVISION, build_tiny_gemma, install_in_hub_cache
 
     ds = load(micro_dir)
     model_dir = build_tiny_gemma(tmp_path / "tiny", [f"{p} {t}" for p, t in zip(ds.responses.prompt, ds.responses.text)])
@@ -179,6 +179,10 @@ def test_lora_mode_with_a_tiny_gemma_from_the_hub_cache(micro_dir, tmp_path):
     assert all(isinstance(json.loads(line)["reward"], float) for line in first.splitlines())
     table = _cli("evaluate", str(run), "--data", str(micro_dir), env=env)
     assert "seen" in table and "unseen" in table
+    _cli("export", str(run), "--out", str(tmp_path / "export"), env=env)  # records the hub revision it used
+    config = json.loads((tmp_path / "export" / "adapter_config.json").read_text())
+    assert (config["base_model_name_or_path"], config["revision"]) == (REPO_ID, REVISION)
+    assert f"base_model: {REPO_ID}" in (tmp_path / "export" / "README.md").read_text()
 
 
 def test_train_evaluate_score_commands_and_two_processes(micro_dir, tmp_path):

@@ -12,7 +12,7 @@ from typing import Annotated
 
 import typer
 
-from coplctl.cli import adapt, bench, data, graph, methods, model, plot
+from coplctl.cli import adapt, bench, data, export, graph, methods, model, plot
 from coplctl.cli.common import err, examples
 from coplctl.errors import CoplError
 
@@ -45,7 +45,7 @@ def _root(version: Annotated[bool, typer.Option("--version", callback=_version, 
     """Personalized reward models: CoPL and its competitors, trained, adapted and benchmarked."""
 
 
-for module in (model, adapt, bench, methods, data, graph, plot):  # in the order `coplctl --help` lists them
+for module in (model, adapt, export, bench, methods, data, graph, plot):  # in the order `coplctl --help` lists them
     app.add_typer(module.app)
 
 

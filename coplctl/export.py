@@ -1,0 +1,221 @@
+"""``coplctl export RUN --format peft``: a lora-mode run as a peft adapter folder with a model card.
+
+The folder holds
+
+- ``adapter_config.json`` and ``adapter_model.safetensors``: the adapters inside the backbone, in peft's
+  layout. A baseline's (or CoPL w/o MoLE's) plain LoRA loads with ``PeftModel.from_pretrained`` into
+  ``AutoModel.from_pretrained(base_model_name_or_path)`` and gives exactly the run's hidden states.
+  CoPL's mixture of LoRA experts is ``peft_type: "COPL_MOLE"``: a plain peft load refuses it (a LoRA load
+  would silently drop the experts); :func:`load_peft` loads it with the experts registered as a peft
+  custom module (:mod:`coplctl.peft_mole`).
+- ``coplctl_reward.safetensors`` and ``coplctl_reward.json``, the sidecar: every other trained tensor
+  (the reward head, user tables, gates outside the backbone ...) with the run's names, the users in row
+  order, the method and its config, the text format and pooling. The reward is
+  ``head(pool(lm(format(prompt, response))))`` with the user's parts as the method defines them.
+- ``README.md``: a model card with the data, metrics, backbone and its revision.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+
+from coplctl.atomic import atomic_dir, refuse_overlap
+from coplctl.errors import CoplError
+from coplctl.peft_mole import MOLE_PEFT_TYPE, mole_lora_config
+
+ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+SIDECAR, SIDECAR_WEIGHTS = "coplctl_reward.json", "coplctl_reward.safetensors"
+FORMATS = ("peft",)
+#: a MoLE layer's tensor (run name suffix) → its name in the peft layer (shared expert = standard LoRA)
+_MOLE_NAMES = {"shared_a.weight": "lora_A.default.weight", "shared_b.weight": "lora_B.default.weight",
+               "expert_a": "lora_mole.default.expert_a", "expert_b": "lora_mole.default.expert_b"}
+
+
+def _revision(source: str) -> str | None:
+    """The hub commit a hub id resolved to here (None for local paths or when not cached)."""
+    if Path(source).exists():
+        return None
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(source, "config.json")
+    except Exception:  # a malformed id: no revision to record
+        return None
+    parts = Path(found).parts if isinstance(found, str) else ()
+    return parts[parts.index("snapshots") + 1] if "snapshots" in parts else None
+
+
+def backbone_info(method) -> dict:
+    """Name, loadable id or path, revision and package of the run's backbone."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from coplctl.backbone import EMBEDDED, resolve
+
+    name = method.config.backbone
+    source, _ = resolve(name)
+    info = {"name": name, "base_model_name_or_path": source, "revision": _revision(source),
+            "kind": method.backbone.kind, "max_length": method.config.max_length, "package": None}
+    if name in EMBEDDED:
+        pip = EMBEDDED[name].pip.split()[0]
+        try:
+            info["package"] = f"{pip}=={version(pip)}"
+        except PackageNotFoundError:
+            info["package"] = pip
+    return info
+
+
+def _split_state(method) -> tuple[dict, dict, dict | None]:
+    """(adapter tensors in peft's checkpoint names, the other trained tensors, MoLE spec or None)."""
+    from coplctl.trainer import trainable_state
+
+    state = trainable_state(method.net)
+    adapters, rest = {}, {}
+    layers = getattr(method.net, "layers", None) if getattr(method.net, "mole", False) else None
+    for name, value in state.items():
+        if not name.startswith("encoder.lm."):
+            rest[name] = value
+            continue
+        path = "base_model.model." + name.removeprefix("encoder.lm.")
+        if layers is not None:
+            head, gate, tail = path.rpartition(".gate.")
+            if gate:
+                adapters[f"{head}.lora_mole.default.gate.{tail}"] = value
+                continue
+            renamed = next((path[: -len(old)] + new for old, new in _MOLE_NAMES.items() if path.endswith("." + old)),
+                           None)
+            if renamed is None:
+                raise CoplError(f"cannot export tensor {name}: not part of a MoLE layer")
+            adapters[renamed] = value
+        else:
+            adapters[path] = value
+    spec = None
+    if layers is not None:
+        c, first = method.config, layers[0]
+        spec = {"user_dim": int(method.net.user_table.shape[1]), "experts": c.experts, "rank": c.rank,
+                "alpha": first.scale * c.rank, "gate_hidden": c.gate_hidden, "temperature": c.gate_temperature,
+                "top_k": c.top_k}
+        if not c.shared_expert:  # the peft layer always has the standard LoRA pair: a zero one adds nothing
+            for layer in layers:
+                base = "base_model.model." + layer.name.removeprefix("lm.")
+                adapters[f"{base}.lora_A.default.weight"] = torch.zeros(c.rank, layer.base.in_features)
+                adapters[f"{base}.lora_B.default.weight"] = torch.zeros(layer.base.out_features, c.rank)
+    from peft.tuners.lora import LoraModel
+
+    # the names peft saves and loads: the model's, less the adapter name where peft removes it
+    return {LoraModel._remove_adapter_name_from_key(k, "default"): v for k, v in adapters.items()}, rest, spec
+
+
+def _lora_config(method, source: str, revision: str | None, spec: dict | None) -> dict:
+    """The adapter_config.json of the run's adapters, as a dict."""
+    lm = method.net.encoder.lm
+    if spec is None:
+        cfg = lm.peft_config["default"]
+    else:
+        from peft import LoraConfig
+
+        c = method.config
+        cfg = LoraConfig(r=c.rank, lora_alpha=spec["alpha"], target_modules=[layer.name.rsplit(".", 1)[-1]
+                                                                            for layer in method.net.layers])
+    cfg = dataclasses.replace(cfg, base_model_name_or_path=source, revision=revision, inference_mode=True)
+    out = cfg.to_dict()
+    out["target_modules"] = sorted(out["target_modules"]) if isinstance(out["target_modules"], (set, list)) \
+        else out["target_modules"]
+    if spec is not None:
+        out["peft_type"] = MOLE_PEFT_TYPE
+    return json.loads(json.dumps(out, default=lambda v: v.value if hasattr(v, "value") else str(v)))
+
+
+def export_peft(run: str | Path, out: str | Path, *, force: bool = False) -> dict:
+    """Write RUN (a lora-mode run) as a peft adapter folder at OUT; returns a summary."""
+    from safetensors.torch import save_file
+
+    from coplctl.reward import load_method
+
+    run, out = Path(run), Path(out)
+    refuse_overlap(out, {"the run": run})
+    method = load_method(run)
+    if getattr(method.config, "mode", None) != "lora":
+        raise CoplError(f"{run} is a {getattr(method.config, 'mode', 'non-neural')}-mode {method.registry_name} run: "
+                        f"its reward reads cached backbone features through a trained MLP, not adapters inside the "
+                        f"backbone; a peft export needs a lora-mode run (coplctl train ... --mode lora)")
+    backbone = backbone_info(method)
+    adapters, rest, spec = _split_state(method)
+    config = _lora_config(method, backbone["base_model_name_or_path"], backbone["revision"], spec)
+    from importlib.metadata import version
+
+    sidecar = {"coplctl_version": version("coplctl"), "method": method.registry_name,
+               "config": dataclasses.asdict(method.config), "sizes": method.sizes(), "users": method.user_ids,
+               "backbone": backbone, "text_format": "Human: {prompt}\n\nAssistant: {response}",
+               "pooling": "mean over real tokens" if backbone["kind"] == "encoder" else "last real token (right padding)",
+               "mole": spec, "tensors": sorted(rest)}
+    training = _read_optional(run / "training.json")
+    evaluation = _read_optional(run / "evaluation.json")
+    with atomic_dir(out, overwrite=force, marker=ADAPTER_CONFIG, kind="peft export") as tmp:
+        (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        save_file({k: v.contiguous() for k, v in adapters.items()}, str(tmp / ADAPTER_WEIGHTS),
+                  metadata={"format": "pt"})
+        save_file({k: v.contiguous() for k, v in rest.items()}, str(tmp / SIDECAR_WEIGHTS), metadata={"format": "pt"})
+        (tmp / SIDECAR).write_text(json.dumps(sidecar, indent=2) + "\n")
+        from coplctl.model_card import model_card
+
+        (tmp / "README.md").write_text(model_card(sidecar, config, training, evaluation, run))
+    return {"run": str(run), "out": str(out), "format": "peft", "method": method.registry_name,
+            "peft_type": config["peft_type"], "adapter_tensors": len(adapters), "sidecar_tensors": len(rest),
+            "users": len(method.user_ids), "backbone": backbone}
+
+
+def _read_optional(path: Path) -> dict | None:
+    from coplctl.files import read_json
+
+    return read_json(path, what="run file") if path.is_file() else None
+
+
+def load_peft(directory: str | Path, model: torch.nn.Module):
+    """``model`` (the base transformers model) with the export's adapters, loaded through peft.
+
+    A plain LoRA export is ``PeftModel.from_pretrained``; a CoPL MoLE export is built from its LoRA config
+    with the experts registered as a peft custom module, and its weights loaded with peft's
+    ``set_peft_model_state_dict``; any tensor not taken is an error, never a silent drop.
+    """
+    from peft import PeftModel, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from coplctl.files import read_json
+
+    directory = Path(directory)
+    saved = read_json(directory / ADAPTER_CONFIG, what="adapter config")
+    if saved.get("peft_type") != MOLE_PEFT_TYPE:
+        return PeftModel.from_pretrained(model, str(directory))
+    spec = read_json(directory / SIDECAR, what="coplctl sidecar").get("mole")
+    if not isinstance(spec, dict):
+        raise CoplError(f"{directory / SIDECAR} has no 'mole' settings for this MoLE adapter")
+    peft_model = PeftModel(model, mole_lora_config(saved, spec))
+    result = set_peft_model_state_dict(peft_model, load_file(str(directory / ADAPTER_WEIGHTS)))
+    missing = [k for k in result.missing_keys if "lora_" in k]
+    if result.unexpected_keys or missing:
+        raise CoplError(f"{directory / ADAPTER_WEIGHTS} does not match its MoLE layers (unexpected "
+                        f"{result.unexpected_keys[:3]}, missing {missing[:3]})")
+    return peft_model.eval()
+
+
+def push_to_hub(directory: str | Path, repo_id: str, *, private: bool = False) -> str:
+    """Upload an export folder to the Hugging Face hub; returns the repo URL. Needs a token and network."""
+    from huggingface_hub import HfApi, get_token
+
+    token = get_token()
+    if not token:
+        raise CoplError("--push-to-hub needs a Hugging Face token: run `hf auth login` or set HF_TOKEN "
+                        f"(the export is in {directory})")
+    api = HfApi(token=token)
+    try:
+        url = api.create_repo(repo_id, private=private, exist_ok=True)
+        api.upload_folder(repo_id=repo_id, folder_path=str(directory), commit_message="coplctl export")
+    except Exception as e:  # network, permissions, bad id: one line, the export stays on disk
+        raise CoplError(f"could not push {directory} to the hub as {repo_id} ({type(e).__name__}: "
+                        f"{str(e).strip().splitlines()[0][:200] if str(e).strip() else 'no detail'}); "
+                        f"the export is in {directory}") from None
+    return str(url)

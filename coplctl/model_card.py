@@ -1,0 +1,84 @@
+"""The model card (README.md) of an exported run: what it is, how to load it, data, metrics, backbone."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def _pct(value) -> str:
+    return f"{100 * value:.2f}" if isinstance(value, (int, float)) and value == value else "n/a"
+
+
+def _front_matter(sidecar: dict, config: dict) -> str:
+    base = sidecar["backbone"]["base_model_name_or_path"]
+    lines = ["---", "library_name: peft", "tags:", "- reward-model", "- personalized-reward", "- coplctl",
+             f"- {sidecar['method']}"]
+    if not Path(base).is_absolute():  # a hub id: the hub links the card to its base model
+        lines.append(f"base_model: {base}")
+    return "\n".join(lines + ["---", ""])
+
+
+def _loading(sidecar: dict, config: dict) -> str:
+    base = sidecar["backbone"]["base_model_name_or_path"]
+    if sidecar["mole"] is None:
+        load = ("from peft import PeftModel\nfrom transformers import AutoModel\n\n"
+                f"model = PeftModel.from_pretrained(AutoModel.from_pretrained({base!r}), \"THIS_FOLDER\")")
+        note = "A plain LoRA adapter: peft loads it as is."
+    else:
+        load = ("from transformers import AutoModel\n\nfrom coplctl.export import load_peft\nfrom coplctl.mole import "
+                "Routing, mole_routing\nfrom coplctl.peft_mole import mole_layers\n\n"
+                f"model = load_peft(\"THIS_FOLDER\", AutoModel.from_pretrained({base!r}))\n"
+                "# user_table: coplctl_reward.safetensors; rows: coplctl_reward.json's users\n"
+                "with mole_routing(mole_layers(model), Routing(user_table[user_rows], torch.arange(len(user_rows)))):\n"
+                "    hidden = model(input_ids=ids, attention_mask=mask).last_hidden_state")
+        note = ("CoPL's mixture of LoRA experts (`peft_type: COPL_MOLE`): a plain `PeftModel.from_pretrained` "
+                "refuses it, because a LoRA load would drop the experts. `coplctl.export.load_peft` registers "
+                "the experts as a peft custom LoRA module and loads every tensor (needs `pip install coplctl`).")
+    return (f"{note}\n\n```python\n{load}\n```\n\n"
+            f"Reward: `head(pool(hidden))`, with text formatted as `{json.dumps(sidecar['text_format'])}`, "
+            f"pooling the {sidecar['pooling']}, and the reward head and user parameters from "
+            "`coplctl_reward.safetensors` (names as in the coplctl run). `coplctl_reward.json` lists the users "
+            "in row order and the method's full config.\n")
+
+
+def model_card(sidecar: dict, config: dict, training: dict | None, evaluation: dict | None, run: Path) -> str:
+    """README.md text of an export."""
+    b = sidecar["backbone"]
+    parts = [_front_matter(sidecar, config), f"# {sidecar['method']} personalized reward model (coplctl)\n",
+             f"A personalized reward model r(user, prompt, response) trained with coplctl "
+             f"{sidecar['coplctl_version']} (method `{sidecar['method']}`), exported from `{run}` "
+             f"for {len(sidecar['users'])} users.\n", "## Loading\n", _loading(sidecar, config), "## Backbone\n",
+             f"- name: `{b['name']}`", f"- base model: `{b['base_model_name_or_path']}`",
+             f"- revision: `{b['revision'] or 'not recorded (a local path)'}`"]
+    if b.get("package"):
+        parts.append(f"- shipped by the PyPI package `{b['package']}`")
+    parts += [f"- max length: {b['max_length']} tokens, {b['kind']}",
+              f"- adapters: `{config['peft_type']}`, rank {config['r']}, alpha {config['lora_alpha']}, "
+              f"targets {', '.join(config['target_modules'] if isinstance(config['target_modules'], list) else [str(config['target_modules'])])}",
+              ""]
+    parts.append("## Data\n")
+    if training:
+        meta = training.get("data_meta") or {}
+        parts += [f"- dataset: `{training.get('data')}`", f"- source: {meta.get('source')}, variant: "
+                  f"{meta.get('variant')}, annotations: {meta.get('annotations')}, seed: {meta.get('seed')}"]
+        counts = meta.get("counts") or {}
+        if counts:
+            parts.append("- counts: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+        parts.append(f"- training seed: {training.get('seed')}")
+    else:
+        parts.append("- not recorded (the run has no training.json)")
+    parts += ["", "## Metrics\n"]
+    metrics = (training or {}).get("metrics") or {}
+    if metrics:
+        parts.append(f"- best validation pair accuracy: {_pct(metrics.get('valid_accuracy'))} "
+                     f"(epoch {metrics.get('best_epoch')}, {metrics.get('steps')} optimizer steps)")
+    if evaluation:
+        for who in ("seen", "unseen"):
+            res = (evaluation.get("metrics") or {}).get(who) or {}
+            if isinstance(res, dict) and "accuracy" in res:
+                parts.append(f"- {who} users' test accuracy: {_pct(res.get('accuracy'))} on `{evaluation.get('data')}`")
+    if not metrics and not evaluation:
+        parts.append("- none recorded")
+    parts += ["", "## Training config\n", "```json", json.dumps(sidecar["config"], indent=2, sort_keys=True), "```", ""]
+    return "\n".join(parts)

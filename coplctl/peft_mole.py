@@ -1,0 +1,82 @@
+"""CoPL's mixture of LoRA experts as a peft custom LoRA module (``LoraConfig._register_custom_module``).
+
+An exported CoPL run (``coplctl export --format peft``) is loaded into a plain transformers model
+with peft's own machinery: each target ``nn.Linear`` becomes a :class:`peft.tuners.lora.Linear` whose
+standard ``lora_A`` / ``lora_B`` are CoPL's shared expert (same scaling, alpha / rank), plus
+``lora_mole``, the gate and the M experts (:class:`PeftExperts`), computed by the same code as
+:class:`coplctl.mole.MoLELinear`. As there, the user embedding reaches the layers as the forward
+argument ``routing`` (:func:`coplctl.mole.mole_routing`); a layer called without it refuses.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from coplctl.mole import ExpertGate, Routing, make_gate
+
+#: ``peft_type`` of an exported MoLE adapter's ``adapter_config.json``. peft does not know it, so a plain
+#: ``PeftModel.from_pretrained`` refuses the folder (a LoRA load would silently drop the experts);
+#: :func:`mole_lora_config` turns it back into a LoRA config with the custom module registered.
+MOLE_PEFT_TYPE = "COPL_MOLE"
+
+
+class PeftExperts(ExpertGate, nn.Module):
+    """The gate and experts of one exported MoLE layer (parameter names as in ``MoLELinear``)."""
+
+    def __init__(self, d_in: int, d_out: int, *, user_dim: int, experts: int, rank: int, alpha: float,
+                 gate_hidden: int, temperature: float, top_k: int, name: str = ""):
+        super().__init__()
+        self.name, self.scale, self.temperature, self.top_k = name, alpha / rank, temperature, top_k
+        self.expert_a = nn.Parameter(torch.empty(experts, rank, d_in))  # initialised as MoLELinear's
+        self.expert_b = nn.Parameter(torch.zeros(experts, d_out, rank))
+        for a in self.expert_a.data:
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+        self.gate = make_gate(user_dim, gate_hidden, experts)
+
+    def forward(self, h, routing: Routing):
+        return self.mix(h, routing)
+
+
+def mole_layer_class(spec: dict) -> type:
+    """A peft LoRA layer class with CoPL's experts of ``spec`` (user_dim, experts, rank, alpha, gate_hidden,
+    temperature, top_k): the value to register for ``nn.Linear``."""
+    from peft.tuners.lora.layer import Linear
+
+    class MoLELoraLinear(Linear):
+        adapter_layer_names = Linear.adapter_layer_names + ("lora_mole",)
+
+        def update_layer(self, adapter_name: str, *args, **kwargs):
+            if "lora_mole" not in self._modules:  # peft calls this from __init__, before any attribute of ours
+                self.lora_mole = nn.ModuleDict()
+            self.lora_mole[adapter_name] = PeftExperts(self.in_features, self.out_features, **spec)
+            return super().update_layer(adapter_name, *args, **kwargs)  # also moves it to the base's device
+
+        def forward(self, x, *args, routing: Routing | None = None, **kwargs):
+            if routing is None:
+                raise RuntimeError("a CoPL MoLE layer was called without a user: wrap the call in "
+                                   "coplctl.mole.mole_routing(mole_layers(model), Routing(user_embeddings, rows))")
+            out = super().forward(x, *args, **kwargs)  # base layer + shared expert (standard LoRA)
+            for name in self.active_adapters:
+                if name in self.lora_mole and not self.disable_adapters:
+                    out = out + self.lora_mole[name](self.lora_dropout[name](x), routing).to(out.dtype)
+            return out
+
+    return MoLELoraLinear
+
+
+def mole_lora_config(saved: dict, spec: dict):
+    """A ``LoraConfig`` from an exported MoLE ``adapter_config.json`` (as a dict), with the custom module."""
+    from peft import LoraConfig
+
+    fields = {k: v for k, v in saved.items() if k != "peft_type"}
+    config = LoraConfig(**{k: v for k, v in fields.items() if k in LoraConfig.__dataclass_fields__})
+    config._register_custom_module({nn.Linear: mole_layer_class(spec)})
+    return config
+
+
+def mole_layers(model: nn.Module) -> list[nn.Module]:
+    """The MoLE layers of a model loaded from an exported CoPL adapter, for :func:`coplctl.mole.mole_routing`."""
+    return [m for m in model.modules() if hasattr(m, "lora_mole")]

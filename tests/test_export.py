@@ -1,0 +1,166 @@
+"""`coplctl export --format peft`: adapters that peft loads with the run's exact rewards; CoPL's experts
+through a registered peft custom module, refused by a plain peft load; the model card; hub push errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from coplctl.data import load
+from coplctl.evaluate import score_frame
+from coplctl.reward import load_method
+
+pytest.importorskip("peft")
+# the tiny runs' gates may route every user to one expert (the weights still differ per user)
+pytestmark = pytest.mark.filterwarnings("ignore:MoLE layer .* routes:UserWarning")
+
+
+@pytest.fixture(scope="module")
+def tiny_lm(micro_dir, tmp_path_factory):
+    from tiny_models import build_tiny_gemma
+
+    ds = load(micro_dir)
+    return build_tiny_gemma(tmp_path_factory.mktemp("lm") / "tiny-gemma",
+                            [f"{p} {t}" for p, t in zip(ds.responses.prompt, ds.responses.text)])
+
+
+def _train(method, micro_dir, tiny_lm, tmp_path_factory, **options):
+    from coplctl.registry import METHODS
+
+    run = tmp_path_factory.mktemp("runs") / method
+    m = METHODS.get(method)(mode="lora", backbone=str(tiny_lm), max_length=64, batch_size=8, epochs=1, **options)
+    m.fit(load(micro_dir), seed=0, progress=False)
+    m.save(run)
+    return run
+
+
+@pytest.fixture(scope="module")
+def uniform_run(micro_dir, tiny_lm, tmp_path_factory):
+    return _train("uniform", micro_dir, tiny_lm, tmp_path_factory, lora_rank=4)
+
+
+@pytest.fixture(scope="module")
+def copl_run(micro_dir, tiny_lm, tmp_path_factory):
+    return _train("copl", micro_dir, tiny_lm, tmp_path_factory, gcf_overrides={"dim": 8, "epochs": 20}, experts=3,
+                  rank=4)
+
+
+def _requests(ds, users):
+    rows = ds.responses.head(len(users))
+    return [{"user": u, "prompt": p, "response": t} for u, p, t in zip(users, rows.prompt, rows.text)]
+
+
+def _peft_rewards(model, export, tiny_lm, requests, *, user_table=None, users=None):
+    """The reward as the model card says: head(pool(hidden)), text formatted, last real token pooled."""
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    from coplctl.mole import Routing, mole_routing
+    from coplctl.peft_mole import mole_layers
+
+    side = json.loads((export / "coplctl_reward.json").read_text())
+    head = load_file(str(export / "coplctl_reward.safetensors"))
+    tok = AutoTokenizer.from_pretrained(tiny_lm)
+    tok.padding_side = "right"
+    texts = [side["text_format"].format(prompt=r["prompt"], response=r["response"]) for r in requests]
+    enc = tok(texts, padding=True, truncation=True, max_length=side["backbone"]["max_length"], return_tensors="pt")
+    with torch.no_grad():
+        if user_table is None:
+            hidden = model(**enc).last_hidden_state
+        else:
+            rows = torch.tensor([side["users"].index(r["user"]) for r in requests])
+            with mole_routing(mole_layers(model), Routing(head[user_table][rows], torch.arange(len(rows)))):
+                hidden = model(**enc).last_hidden_state
+        pooled = hidden[torch.arange(len(texts)), enc["attention_mask"].sum(1) - 1]
+        return (pooled.float() @ head["head.weight"].T + head["head.bias"]).squeeze(-1)
+
+
+def _cli(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "coplctl", *args], capture_output=True, text=True, env=env)
+
+
+def test_a_baseline_loads_with_plain_peft_and_gives_the_runs_rewards(uniform_run, micro_dir, tiny_lm, tmp_path):
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModel
+
+    from coplctl.export import export_peft
+
+    out = tmp_path / "export"
+    summary = export_peft(uniform_run, out)
+    assert summary["peft_type"] == "LORA" and summary["sidecar_tensors"] == 2  # head weight and bias
+    model = PeftModel.from_pretrained(AutoModel.from_pretrained(tiny_lm), str(out)).eval()
+    method = load_method(uniform_run)
+    ours = {n: p for n, p in method.net.named_parameters() if "lora_" in n}
+    theirs = {n: p for n, p in model.named_parameters() if "lora_" in n}
+    assert len(ours) == len(theirs) == len(load_file(str(out / "adapter_model.safetensors")))
+    for name, p in ours.items():  # encoder.lm.X.lora_A.default.weight == base_model.model.X.lora_A.default.weight
+        assert torch.equal(theirs["base_model.model." + name.removeprefix("encoder.lm.")], p)
+    ds = load(micro_dir)
+    req = _requests(ds, ds.user_ids("seen")[:4])
+    expected = method.score([r["user"] for r in req], score_frame(req))
+    torch.testing.assert_close(_peft_rewards(model, out, tiny_lm, req), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_copl_experts_load_as_a_peft_custom_module_and_a_plain_load_refuses(copl_run, micro_dir, tiny_lm, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModel
+
+    from coplctl.export import export_peft, load_peft
+    from coplctl.peft_mole import mole_layers
+
+    out = tmp_path / "export"
+    summary = export_peft(copl_run, out)
+    assert summary["peft_type"] == "COPL_MOLE"
+    with pytest.raises(Exception, match="COPL_MOLE"):  # never a silent load without the experts
+        PeftModel.from_pretrained(AutoModel.from_pretrained(tiny_lm), str(out))
+    model = load_peft(out, AutoModel.from_pretrained(tiny_lm))
+    assert len(mole_layers(model)) == 4  # q_proj and v_proj of the tiny Gemma's two layers
+    with pytest.raises(RuntimeError, match="without a user"):
+        model(input_ids=torch.tensor([[2, 5, 6]]))
+    method = load_method(copl_run)
+    ds = load(micro_dir)
+    users = ds.user_ids("seen")
+    req = _requests(ds, [users[0], users[-1], users[1], users[0]])
+    req += [{**req[0], "user": u} for u in users[1:4]]  # one response, three users: the gates tell them apart
+    expected = method.score([r["user"] for r in req], score_frame(req))
+    got = _peft_rewards(model, out, tiny_lm, req, user_table="user_table")
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    assert len(set(got[-3:].tolist())) == 3
+
+
+def test_export_cli_writes_a_model_card_and_refuses_what_it_cannot_do(copl_run, micro_dir, tmp_path):
+    out = tmp_path / "export"
+    res = _cli("export", str(copl_run), "--format", "peft", "--out", str(out), "--json")
+    assert res.returncode == 0, res.stderr[-2000:]
+    summary = json.loads(res.stdout)
+    assert summary["method"] == "copl" and summary["users"] == len(load(micro_dir).user_ids("seen"))
+    card = (out / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: peft") and "coplctl.export.load_peft" in card
+    assert str(json.loads((out / "coplctl_reward.json").read_text())["backbone"]["base_model_name_or_path"]) in card
+    again = _cli("export", str(copl_run), "--out", str(out))
+    assert again.returncode == 1 and "already exists" in again.stderr and "Traceback" not in again.stderr
+    bad = _cli("export", str(copl_run), "--out", str(tmp_path / "x"), "--format", "gguf")
+    assert bad.returncode == 1 and "peft" in bad.stderr and not (tmp_path / "x").exists()
+    env = {k: v for k, v in os.environ.items() if k != "HF_TOKEN"} | {"HF_HOME": str(tmp_path / "hf")}
+    push = _cli("export", str(copl_run), "--out", str(tmp_path / "p"), "--push-to-hub", "me/x", env=env)
+    assert push.returncode == 1 and "token" in push.stderr and "Traceback" not in push.stderr
+    assert (tmp_path / "p" / "adapter_config.json").exists()  # the export itself is kept
+    inside = _cli("export", str(copl_run), "--out", str(copl_run / "export"))
+    assert inside.returncode == 1 and "Traceback" not in inside.stderr
+
+
+def test_a_frozen_mode_run_is_refused_with_the_reason(micro_dir, tiny_lm, tmp_path):
+    from coplctl.registry import METHODS
+
+    run = tmp_path / "run"
+    m = METHODS.get("uniform")(mode="frozen", backbone=str(tiny_lm), max_length=64, epochs=1)
+    m.fit(load(micro_dir), seed=0, progress=False)
+    m.save(run)
+    res = _cli("export", str(run), "--out", str(tmp_path / "out"))
+    assert res.returncode == 1 and "lora-mode" in res.stderr and "Traceback" not in res.stderr
