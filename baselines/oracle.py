@@ -42,6 +42,10 @@ class OracleNet(PairScorer):
             one LoRA adapter per group, named ``group0``, ``group1`` ... (:func:`group_adapters`).
     """
 
+    #: a batch without some group's users leaves that group's adapter (or trunk) and head without gradient:
+    #: DDP must look for unused parameters (:func:`coplctl.trainer.make_accelerator`)
+    unused_parameters = True
+
     def __init__(self, groups: int, group_of_row: torch.Tensor, encoders: list[ResponseEncoder],
                  weight_of_row: torch.Tensor | None = None):
         super().__init__()

@@ -68,6 +68,13 @@ class VPLNet(nn.Module):
         self.context = context  # training only: (features, pair endpoints, pairs per user)
         self.beta, self.anneal_steps, self.step = beta, max(1, anneal_steps), 0
 
+    def get_extra_state(self) -> dict:
+        """The annealing step, saved with a training checkpoint (:mod:`coplctl.resume`)."""
+        return {"step": self.step}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.step = int(state["step"])
+
     def encode(self, feats: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(μ, log σ²) from context pair features (B, K, 2F) with a validity mask (B, K)."""
         x = self.pair_mlp(feats)

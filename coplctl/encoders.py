@@ -12,6 +12,7 @@ method's head turns into rewards.
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass
 
 import pandas as pd
@@ -115,6 +116,54 @@ class ResponseEncoder(nn.Module):
         mask = torch.cat([mask[:, :1], torch.ones_like(mask[:, :1]), mask[:, 1:]], dim=1)
         hidden = self.lm(inputs_embeds=emb, attention_mask=mask).last_hidden_state
         return self._pool(hidden, mask)
+
+
+    def enable_checkpointing(self) -> None:
+        """Gradient (activation) checkpointing in the LM (``lora`` mode): each layer's activations are
+        recomputed in the backward pass instead of kept, trading compute for memory; the numbers stay the
+        same. Non-reentrant (``use_reentrant=False``), so gradients reach adapters in a frozen LM; the forward
+        pre-hooks active when a layer ran (MoLE's per-call user routing) are active again when it is recomputed."""
+        if self.mode != "lora":
+            raise ValueError("gradient checkpointing needs lora mode (frozen mode runs no language model in training)")
+        kwargs = {"use_reentrant": False, "context_fn": functools.partial(_replay_pre_hooks, self.lm)}
+        if getattr(self.lm.config, "use_cache", False):  # no KV cache is read here; transformers would warn
+            self.lm.config.use_cache = False
+        try:
+            if hasattr(self.lm, "activation_checkpointing_enable"):  # transformers 5 (the old name warns there)
+                self.lm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            else:
+                self.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        except ValueError as e:  # "X does not support gradient checkpointing"
+            from coplctl.errors import CoplError
+
+            raise CoplError(f"gradient_checkpointing: {e}") from None
+
+
+def checkpointing_enabled(lm: nn.Module) -> bool:
+    """Whether a transformers model has gradient (activation) checkpointing on."""
+    flag = getattr(type(lm), "is_activation_checkpointing", None)
+    return bool(lm.is_activation_checkpointing if flag is not None else getattr(lm, "is_gradient_checkpointing", False))
+
+
+def _replay_pre_hooks(model: nn.Module):
+    """``context_fn`` of :func:`torch.utils.checkpoint.checkpoint`: a checkpointed layer is recomputed during
+    the backward pass, after the forward's per-call hooks were removed (:func:`coplctl.mole.mole_routing`
+    passes the user routing to MoLE layers for one forward call only). The recompute context puts the
+    forward pre-hooks that were registered when the layer first ran back for its duration."""
+    active = [(m, list(m._forward_pre_hooks.items()), set(m._forward_pre_hooks_with_kwargs))
+              for m in model.modules() if m._forward_pre_hooks]
+
+    @contextlib.contextmanager
+    def recompute():
+        handles = [m.register_forward_pre_hook(hook, with_kwargs=key in kw) for m, hooks, kw in active
+                   for key, hook in hooks if key not in m._forward_pre_hooks]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    return contextlib.nullcontext(), recompute()
 
 
 class RewardHead(nn.Linear):

@@ -133,7 +133,16 @@ class NeuralMethod(RewardMethod):
             bar = lambda done, total: stderr_console().print(f"embedded {done:,}/{total:,} new response texts")  # noqa: E731
         return build_inputs(self.backbone, responses, self.config.mode, progress=bar)
 
-    def fit(self, data, backbone=None, *, seed: int = 0, work_dir: Path | None = None, progress: bool = True) -> dict:
+    def fit(self, data, backbone=None, *, seed: int = 0, work_dir: Path | None = None, progress: bool = True,
+            report_to: str = "none") -> dict:
+        """Train (see :meth:`RewardMethod.fit`). With a ``work_dir`` the training state is checkpointed there
+        and an interrupted fit of the same data, config and seed resumes; ``report_to``: an experiment
+        tracker (:mod:`coplctl.tracking`) logging under ``work_dir/logs``."""
+        from coplctl.tracking import check_tracker
+
+        check_tracker(report_to)  # before any work
+        if report_to != "none" and work_dir is None:
+            raise CoplError(f"report_to {report_to}: the tracker's files need a work_dir")
         state = distributed_state(self.config)
         torch.manual_seed(seed)
         self.backbone = backbone or self.load_backbone()
@@ -148,7 +157,8 @@ class NeuralMethod(RewardMethod):
         valid = data.split("valid")
         valid = valid[valid["user_id"].isin(self.user_index)]
         metrics = train_pairs(self.net, inputs, train, self.pair_tensors(valid, data.responses), self.config,
-                              seed=seed, progress=progress, label=self.registry_name, lr_groups=self.lr_groups())
+                              seed=seed, progress=progress, label=self.registry_name, lr_groups=self.lr_groups(),
+                              work_dir=work_dir, report_to=report_to)
         return metrics
 
     def score(self, user_ids: Sequence[str], responses: pd.DataFrame) -> torch.Tensor:

@@ -5,20 +5,20 @@ validation pairs (paper Appendix C.2)."""
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated
 
 import torch
 from torch import nn
 
 from coplctl.config import AT_LEAST_1, FRACTION, NON_NEGATIVE, OneOf, check_fields
-from coplctl.encoders import MODES, ResponseInputs
+from coplctl.encoders import MODES, ResponseEncoder, ResponseInputs
 from coplctl.errors import CoplError, Diverged
-from coplctl.progress import Bar
+from coplctl.progress import Bar, stderr_console
 from coplctl.optim import bt_loss, cosine_with_warmup
 
 #: Defaults that depend on the mode: the paper's LLM settings for ``lora``, a small trunk's for ``frozen``.
@@ -67,9 +67,20 @@ class TrainConfig:
     ``--gradient_accumulation_steps``, else 1). The effective batch is ``batch_size × grad_accum × processes``."""
     device: Annotated[str, OneOf("auto", "cpu", "cuda")] = "auto"
     """``auto``, ``cpu`` or ``cuda``; under ``accelerate launch`` the launcher decides."""
+    gradient_checkpointing: bool = False
+    """``lora`` mode: recompute the LM's activations in the backward pass instead of keeping them (much less
+    memory for about one more forward pass a step, the same numbers; transformers' non-reentrant
+    checkpointing). Refused in ``frozen`` mode, which runs no LM while training."""
+    checkpoint_every: Annotated[int, NON_NEGATIVE] = 0
+    """When training has a work directory (``coplctl train``, benchmarks): save the training state every
+    this many optimizer steps, besides each epoch's end (0 = at epoch ends only), so that a killed run
+    resumes there when started again (the paper's single lora-mode epoch has no other boundary)."""
 
     def __post_init__(self):
         check_fields(self, type(self).__name__.removesuffix("Config") or "method")  # types, ranges, choices
+        if self.gradient_checkpointing and self.mode != "lora":
+            raise CoplError(f"gradient_checkpointing needs mode lora: {self.mode} mode trains small nets on cached "
+                            f"features and runs no language model while training")
 
     def get(self, key: str):
         value = getattr(self, key)
@@ -87,7 +98,11 @@ def distributed_state(cfg: TrainConfig):
     return PartialState(cpu=use_cpu(cfg))
 
 
-def make_accelerator(cfg: TrainConfig):
+def make_accelerator(cfg: TrainConfig, *, find_unused: bool = False, log_with: str = "none", log_dir=None):
+    """The Accelerator of one training run. ``find_unused``: some trained parameters may get no gradient in
+    a step (a net says so with a true ``unused_parameters`` attribute), so DDP must look for them; asking
+    for it otherwise costs a graph walk per step and makes torch warn. ``log_with``: a tracker
+    (:mod:`coplctl.tracking`) writing under ``log_dir``."""
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, GradientAccumulationPlugin
 
@@ -95,10 +110,13 @@ def make_accelerator(cfg: TrainConfig):
     # config or the launcher's settings (:func:`launcher_precision`, :func:`grad_accum_steps`), not by
     # accelerate, whose process-wide state cannot change them between two methods trained in one process
     # (a benchmark); the plugin stops it from also dividing the loss by the launcher's accumulation steps.
-    # Top-1 routing leaves some experts without gradient in a step: DDP must allow unused parameters.
+    # MoLE's top-k routing needs no find_unused: it gathers experts by a one-hot product, so every expert
+    # is in the graph (with a zero gradient when no sample picked it).
+    tracking = {} if log_with == "none" else {"log_with": log_with, "project_dir": str(log_dir)}
     return Accelerator(mixed_precision="no", cpu=use_cpu(cfg),
                        gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=1),
-                       kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+                       kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=find_unused)],
+                       **tracking)
 
 
 def trainable_state(net: nn.Module) -> dict[str, torch.Tensor]:
@@ -200,27 +218,52 @@ def param_groups(net: nn.Module, lr: float, rates: dict[str, float] | None = Non
     return [{"params": ps, "lr": rate} for rate, ps in groups.items() if ps or rate == lr]
 
 
+def enable_checkpointing(net: nn.Module) -> None:
+    """Gradient checkpointing in every ``lora``-mode response encoder of ``net`` (see ``gradient_checkpointing``)."""
+    encoders = [m for m in net.modules() if isinstance(m, ResponseEncoder) and m.mode == "lora"]
+    if not encoders:
+        raise CoplError("gradient_checkpointing: this net runs no language model while training")
+    for encoder in encoders:
+        encoder.enable_checkpointing()
+
+
 def train_pairs(net: nn.Module, inputs: ResponseInputs, train: tuple, valid: tuple, cfg: TrainConfig, *,
                 seed: int = 0, progress: bool = True, label: str = "train",
-                lr_groups: dict[str, float] | None = None) -> dict:
+                lr_groups: dict[str, float] | None = None, work_dir: str | Path | None = None,
+                report_to: str = "none") -> dict:
     """Train ``net`` (forward(users, chosen batch, rejected batch, *extra) -> (r⁺, r⁻, aux loss)) on pairs.
 
     ``train`` is (user rows, chosen rows, rejected rows, *extra columns) and ``valid`` (user rows,
     chosen rows, rejected rows) tensors. ``lr_groups`` gives parameters their own learning rate
     (:func:`param_groups`; the schedule scales every rate alike). The epoch with the best validation
-    accuracy is kept. Returns metrics.
+    accuracy is kept. With a ``work_dir``, the training state is saved there at each epoch's end and every
+    ``cfg.checkpoint_every`` optimizer steps, and the same run started again resumes from it with the same
+    result as without the interruption (:mod:`coplctl.resume`). ``report_to``: an experiment tracker
+    (:mod:`coplctl.tracking`; its files go to ``work_dir/logs``). Returns metrics.
     """
     from accelerate.utils import set_seed
 
-    acc = make_accelerator(cfg)
+    from coplctl import resume, tracking
+
+    tracking.check_tracker(report_to)
+    work = Path(work_dir) if work_dir is not None else None
+    if report_to != "none" and work is None:
+        raise CoplError(f"report_to {report_to}: the tracker's files need a work directory")
+    if cfg.gradient_checkpointing:
+        enable_checkpointing(net)
+    acc = make_accelerator(cfg, find_unused=bool(getattr(net, "unused_parameters", False)), log_with=report_to,
+                           log_dir=work / "logs" if work is not None else None)
     set_seed(seed)
     lr, epochs, batch_size = cfg.get("lr"), cfg.get("epochs"), cfg.get("batch_size")
     accum, precision = grad_accum_steps(cfg), launcher_precision(cfg.mixed_precision)
+    stamp = None if work is None else resume.fingerprint(
+        trainable_state(net), inputs, train, valid, cfg, seed=seed, label=label, lr_groups=lr_groups or {},
+        accum=accum, precision=precision, processes=acc.num_processes)
     params = [p for p in net.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(param_groups(net, lr, lr_groups), lr=lr, weight_decay=cfg.weight_decay)
     data = torch.utils.data.TensorDataset(*train)
-    loader = torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=True,
-                                         generator=torch.Generator().manual_seed(seed))
+    shuffle = torch.Generator().manual_seed(seed)
+    loader = torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=True, generator=shuffle)
     net, opt, loader = acc.prepare(net, opt, loader)
     updates = -(-len(loader) // accum)  # optimizer steps per epoch: the last one may sum fewer batches
     sched = cosine_with_warmup(opt, max(1, epochs * updates), cfg.warmup_ratio)
@@ -229,13 +272,39 @@ def train_pairs(net: nn.Module, inputs: ResponseInputs, train: tuple, valid: tup
     keep = torch.randperm(len(valid[0]), generator=g)[: cfg.eval_pairs]
     valid = tuple(t[keep] for t in valid)
     model = acc.unwrap_model(net)
-    history, best, best_acc, best_epoch = [], None, -1.0, 0
-    bar = Bar(progress and acc.is_main_process, epochs * len(loader), label)
+    path = work / resume.STATE_FILE if work is not None else None
+    found = path and resume.load(path, stamp, restore_weights=lambda w: load_trainable_state(model, w), model=model,
+                                 optimizer=opt, scheduler=sched, scaler=scaler, generator=shuffle)
+    state, rng = found or (resume.Progress(), None)  # rng: the global random states to restore, once there
+    if found and progress and acc.is_main_process:
+        stderr_console().print(f"{label}: resuming after epoch {state.epoch}" + (f", batch {state.batch}" if state.batch
+                               else "") + f" ({path})", highlight=False, soft_wrap=True)
+    if report_to != "none":
+        (work / "logs").mkdir(parents=True, exist_ok=True)
+        acc.init_trackers(tracking.PROJECT, tracking.tracker_config(cfg, seed=seed, method=label),
+                          init_kwargs=tracking.init_kwargs(report_to, work / "logs", label))
+
+    def checkpoint(loader_rng: torch.Tensor) -> None:
+        if path is not None and acc.is_main_process:
+            resume.save(path, stamp, state, weights=trainable_state(model), model=model, optimizer=opt,
+                        scheduler=sched, scaler=scaler, loader_rng=loader_rng)
+
+    bar = Bar(progress and acc.is_main_process, epochs * len(loader), label,
+              completed=state.epoch * len(loader) + state.batch)
     try:
-        for epoch in range(epochs):
+        for epoch in range(state.epoch, epochs):
             net.train()
-            total, n = 0.0, 0
+            skip, epoch_rng = state.batch, shuffle.get_state()  # the shuffle's state before this epoch's draw
+            if rng is not None and not skip:  # resumed at an epoch boundary: restore before the shuffle draws
+                resume.restore_rng(rng)
+                rng = None
+            window = []  # losses of the batches summed into the next optimizer step
             for i, (u, c, r, *extra) in enumerate(loader):  # extra columns (e.g. VPL's pair ids) go to the net
+                if i < skip:  # resumed within the epoch: these batches were trained before the interruption
+                    continue
+                if rng is not None:  # resumed within the epoch: restore where the interrupted run saved them
+                    resume.restore_rng(rng)
+                    rng = None
                 last = (i + 1) % accum == 0 or i + 1 == len(loader)  # this batch ends an optimizer step
                 share = accum if i < len(loader) - len(loader) % accum else len(loader) % accum
                 with contextlib.nullcontext() if last else acc.no_sync(net):  # DDP: sync only on the step
@@ -245,9 +314,12 @@ def train_pairs(net: nn.Module, inputs: ResponseInputs, train: tuple, valid: tup
                     value = (acc.reduce(loss.detach(), "sum") if acc.num_processes > 1 else loss).item()
                     if not math.isfinite(value):  # every process sees the same sum, so all stop together
                         raise Diverged(f"{label}: the training loss became {value} at epoch {epoch + 1}, step "
-                                       f"{n + 1} (lr {lr:g}); lower the learning rate")
+                                       f"{state.n + 1} (lr {lr:g}); lower the learning rate")
                     acc.backward(loss / share if scaler is None else scaler.scale(loss / share))
+                state.total, state.n = state.total + value / acc.num_processes, state.n + 1
+                window.append(value / acc.num_processes)
                 if last:
+                    step_lr = opt.param_groups[0]["lr"]
                     if scaler is not None:
                         scaler.unscale_(opt)
                     if cfg.grad_clip:
@@ -259,19 +331,37 @@ def train_pairs(net: nn.Module, inputs: ResponseInputs, train: tuple, valid: tup
                         scaler.update()
                     sched.step()
                     opt.zero_grad(set_to_none=True)
-                total, n = total + value / acc.num_processes, n + 1
-                bar.update(advance=1, info=f"epoch {epoch + 1}/{epochs} loss {total / n:.4f}")
+                    state.steps += 1
+                    acc.log({"train/loss": sum(window) / len(window), "lr": step_lr}, step=state.steps)
+                    window = []
+                    if cfg.checkpoint_every and state.steps % cfg.checkpoint_every == 0 and i + 1 < len(loader):
+                        state.batch = i + 1
+                        checkpoint(epoch_rng)
+                bar.update(advance=1, info=f"epoch {epoch + 1}/{epochs} loss {state.total / state.n:.4f}")
             valid_acc = row_accuracy(model, inputs, *valid)
-            history.append({"epoch": epoch + 1, "loss": total / max(n, 1), "valid_accuracy": valid_acc})
-            if valid_acc > best_acc or best is None or math.isnan(valid_acc):  # no valid pairs: keep the last
-                best_acc, best, best_epoch = valid_acc, copy.deepcopy(trainable_state(model)), epoch + 1
+            loss = state.total / max(state.n, 1)
+            state.history.append({"epoch": epoch + 1, "loss": loss, "valid_accuracy": valid_acc})
+            if valid_acc > state.best_acc or state.best is None or math.isnan(valid_acc):  # no valid pairs: the last
+                state.best_acc, state.best, state.best_epoch = valid_acc, trainable_state(model), epoch + 1
+            state.epoch, state.batch, state.total, state.n = epoch + 1, 0, 0.0, 0
+            acc.log({"train/epoch_loss": loss, "valid/accuracy": valid_acc, "epoch": epoch + 1}, step=state.steps)
+            checkpoint(shuffle.get_state())
+    except KeyboardInterrupt:
+        if path is None or not path.exists():
+            raise
+        raise CoplError(f"{label}: interrupted; run the same command again to resume from the last checkpoint "
+                        f"({path})") from None
     finally:
         bar.close()
-    load_trainable_state(model, best)
+        tracking.finish(acc)
+    if rng is not None:  # resumed after the last epoch: leave the random streams where the full run did
+        resume.restore_rng(rng)
+    load_trainable_state(model, state.best)
     acc.wait_for_everyone()
-    return {"history": history, "best_epoch": best_epoch, "valid_accuracy": best_acc,
+    return {"history": state.history, "best_epoch": state.best_epoch, "valid_accuracy": state.best_acc,
             "steps": epochs * updates, "grad_accum": accum, "mixed_precision": precision,
-            "processes": acc.num_processes, "lr": lr, "lr_groups": dict(lr_groups or {})}
+            "processes": acc.num_processes, "lr": lr, "lr_groups": dict(lr_groups or {}),
+            "resumed_from": state.resumed_from}
 
 
 def optimize_rows(params: list[nn.Parameter], loss_fn: Callable[[torch.Tensor], torch.Tensor], n_items: int, *,

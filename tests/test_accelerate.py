@@ -3,10 +3,16 @@ gradient scaler), set in the config or by `accelerate launch` through its enviro
 
 from __future__ import annotations
 
+import re
+import subprocess
+import sys
+import warnings
+
+import pytest
 import torch
 from torch import nn
 
-from coplctl.encoders import ResponseInputs
+from coplctl.encoders import ResponseEncoder, ResponseInputs
 from coplctl.trainer import TrainConfig, train_pairs, trainable_state
 
 
@@ -70,3 +76,89 @@ def test_fp16_trains_with_a_gradient_scaler():
     assert metrics["mixed_precision"] == "fp16" and all(torch.isfinite(v).all() for v in state.values())
     assert [h["loss"] for h in metrics["history"]] != [h["loss"] for h in m_plain["history"]]
     assert same(plain, state, atol=0.02)  # the scaler's unscaled steps: the same training at fp16's precision
+
+
+@pytest.fixture(scope="module")
+def tiny_gemma(micro_dir, tmp_path_factory):
+    from tiny_models import build_tiny_gemma
+
+    from coplctl.data import load
+
+    ds = load(micro_dir)
+    return build_tiny_gemma(tmp_path_factory.mktemp("gemma") / "tiny",
+                            [f"{p} {t}" for p, t in zip(ds.responses.prompt, ds.responses.text)])
+
+
+@pytest.mark.parametrize("name, options", [
+    ("copl", {"gcf_overrides": {"dim": 8, "epochs": 20}, "gate_noise": 0.5}),  # MoLE routing, noisy gates
+    ("i2e", {}),  # a user token fed as input embeddings
+])
+def test_gradient_checkpointing_trains_the_same_numbers(name, options, micro_dir, tiny_gemma, capfd):
+    from coplctl.cli.common import parse_sets
+    from coplctl.data import load
+    from coplctl.encoders import checkpointing_enabled
+    from coplctl.registry import METHODS
+    from coplctl.reward import make_config
+
+    cls, ds = METHODS.get(name), load(micro_dir)
+    runs = []
+    for sets in ([], ["gradient_checkpointing=true"]):  # what `coplctl train ... --set` passes
+        settings = {"mode": "lora", "backbone": str(tiny_gemma), "epochs": 2, "batch_size": 8, "max_length": 96,
+                    **options, **parse_sets(sets)}
+        method = cls(make_config(cls.Config, settings))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", FutureWarning)  # no deprecated transformers name
+            metrics = method.fit(ds, seed=0, progress=False)
+        lms = [m.lm for m in method.net.modules() if isinstance(m, ResponseEncoder)]
+        assert lms and all(checkpointing_enabled(lm) == bool(sets) for lm in lms)
+        runs.append(metrics)
+    plain, checkpointed = ([h["loss"] for h in m["history"]] for m in runs)
+    assert torch.allclose(torch.tensor(plain), torch.tensor(checkpointed))
+    assert runs[0]["valid_accuracy"] == runs[1]["valid_accuracy"]
+    assert "use_cache" not in capfd.readouterr().err  # transformers' notice: the cache is off, never read
+
+
+def test_gradient_checkpointing_is_refused_in_frozen_mode(micro_dir, tmp_path, capsys):
+    from coplctl.cli import main
+
+    argv = ["train", "uniform", "--data", str(micro_dir), "--out", str(tmp_path / "run")]
+    assert main([*argv, "--set", "gradient_checkpointing=true"]) == 1
+    assert "gradient_checkpointing needs mode lora" in capsys.readouterr().err
+    assert main([*argv, "--report-to", "mlflow"]) == 1
+    assert "unknown tracker 'mlflow'" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+#: torch's C++ warnings ("[rank0]:[W1202 05:53:43 reducer.cpp:1529] Warning: ...") and Python warnings
+#: raised in torch's or transformers' code ("/torch/...py:12: UserWarning: ..."); not the launcher's notice
+#: that its default port is taken (tests running side by side)
+WARNING = re.compile(r"^(\[rank\d+\]:)?\[W\d{4} |/(torch|transformers)/\S+:\d+: \w*Warning: ", re.M)
+
+
+def test_two_processes_leak_no_ddp_warning(micro_dir, tmp_path):
+    """DDP looks for unused parameters only for a net that says it may leave some (Oracle's per-group models;
+    not MoLE, which gathers its experts by a one-hot product); asking for it otherwise makes torch warn on
+    every process. CoPL's two-process run is checked in tests/test_copl.py."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "-m", "coplctl", "train", "uniform", "--data", str(micro_dir), "--out", str(tmp_path / "run"), "--epochs", "2"]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert not WARNING.findall(res.stderr), res.stderr[-3000:]
+
+
+def test_ddp_looks_for_unused_parameters_only_when_a_net_asks(monkeypatch):
+    import coplctl.trainer
+
+    real, asked = coplctl.trainer.make_accelerator, []
+
+    def spy(cfg, **kw):
+        acc = real(cfg, **kw)
+        asked.append(acc.ddp_handler.find_unused_parameters)
+        return acc
+
+    monkeypatch.setattr(coplctl.trainer, "make_accelerator", spy)
+    fit(batch_size=32)
+    monkeypatch.setattr(Pairwise, "unused_parameters", True, raising=False)  # e.g. experts routed by indexing
+    fit(batch_size=32)
+    assert asked == [False, True]

@@ -194,6 +194,9 @@ def test_train_evaluate_score_commands_and_two_processes(micro_dir, tmp_path):
            "--set", "gcf_overrides={dim: 8, epochs: 20}"]
     res = subprocess.run(cmd, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-3000:]
+    from test_accelerate import WARNING
+
+    assert not WARNING.findall(res.stderr), res.stderr[-3000:]  # e.g. DDP's find_unused_parameters notice
     assert json.loads((run / "training.json").read_text())["metrics"]["processes"] == 2
     ds = load(micro_dir)
     req = _requests(ds, tmp_path / "req.jsonl")

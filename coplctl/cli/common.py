@@ -50,6 +50,10 @@ Seed = Annotated[int, typer.Option("--seed", min=0, max=2**32 - 1,
 Force = Annotated[bool, typer.Option("--force", help="Replace the output if it already exists.")]
 Json = Annotated[bool, typer.Option(
     "--json", help="Print the result as one JSON document on stdout instead of tables (logs stay on stderr).")]
+ReportTo = Annotated[str, typer.Option(
+    "--report-to", metavar="<none|tensorboard|wandb>",
+    help="Experiment tracker for the training loss, learning rate and validation accuracy (needs the tracker's "
+         "package: pip install 'coplctl[tensorboard]'). TensorBoard event files end up in the run's logs/ folder.")]
 RewardRun = Annotated[Path, typer.Argument(metavar="RUN", help="A run from coplctl train.", show_default=False)]
 
 

@@ -9,8 +9,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from coplctl.cli.common import (Backbone, Data, Epochs, Force, Json, Lr, Mode, Out, RewardRun, Seed, Sets, err,
-                                examples, out, parse_sets, print_json)
+from coplctl.cli.common import (Backbone, Data, Epochs, Force, Json, Lr, Mode, Out, ReportTo, RewardRun, Seed, Sets,
+                                err, examples, out, parse_sets, print_json)
 
 app = typer.Typer()  # top-level commands: coplctl train, evaluate, score
 
@@ -20,6 +20,9 @@ app = typer.Typer()  # top-level commands: coplctl train, evaluate, score
     "coplctl train copl --data data/uf-p-4-avg --backbone gemma-2b-it --mode lora --out runs/copl-2b",
     "coplctl train copl --data data/sim --out runs/no-mole --set mole=false",
     "coplctl train uniform --data data/sim-uf-p-2-all --out runs/uniform --json | jq .metrics.valid_accuracy",
+    "coplctl train copl --data data/sim --out runs/copl --report-to tensorboard && tensorboard --logdir runs/copl/logs",
+    "coplctl train copl --data data/uf-p-2-all --backbone gemma-2b-it --mode lora --out runs/copl-2b "
+    "--set gradient_checkpointing=true --set checkpoint_every=200",
     "accelerate launch --multi_gpu --num_processes 4 -m coplctl train copl --data data/uf-p-4-avg "
     "--backbone gemma-7b-it --mode lora --out runs/copl-7b"))
 def train(
@@ -33,19 +36,26 @@ def train(
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", min=1, help="Pairs per step.")] = None,
     sets: Sets = None,
     seed: Seed = 0,
+    report_to: ReportTo = "none",
     force: Force = False,
     as_json: Json = False,
 ) -> None:
     """Train a reward method on a dataset's seen users and save the run.
 
     The run directory is --out; --json prints it with what training.json records (method, data, seed, metrics).
+    Work in progress (CoPL's GCF, the training state at each epoch's end and every checkpoint_every steps)
+    is kept beside it in .OUT.work: the same command, run again after a crash or kill, resumes from there
+    (--force starts over); it is deleted once the run is saved.
     """
     from coplctl.atomic import atomic_write_text, check_output, refuse_overlap
     from coplctl.data import load
+    from coplctl.errors import CoplError
     from coplctl.registry import METHODS
     from coplctl.reward import make_config
+    from coplctl.tracking import check_tracker
     from coplctl.trainer import distributed_state
 
+    check_tracker(report_to)
     cls = METHODS.get(method)
     overrides = {k: v for k, v in {"backbone": backbone, "mode": mode, "epochs": epochs, "lr": lr,
                                    "batch_size": batch_size}.items() if v is not None}
@@ -58,10 +68,15 @@ def train(
     if force:
         shutil.rmtree(work, ignore_errors=True)
     model = cls(cfg)
+    tracked = {"report_to": report_to} if report_to != "none" else {}
+    if tracked and not _accepts(model.fit, "report_to"):
+        raise CoplError(f"method {method} does not support --report-to (its fit takes no report_to)")
     state = distributed_state(cfg)
-    metrics = model.fit(ds, seed=seed, work_dir=work)
+    metrics = model.fit(ds, seed=seed, work_dir=work, **tracked)
     if state.is_main_process:
         model.save(out_dir, overwrite=True)
+        if (work / "logs").is_dir():  # the tracker's files, kept in the work dir while training (resumable)
+            shutil.move(str(work / "logs"), str(out_dir / "logs"))
         info = {"method": method, "data": str(data), "seed": seed, "metrics": metrics,
                 "data_meta": {k: ds.meta.get(k) for k in ("source", "variant", "annotations", "seed", "counts")}}
         atomic_write_text(out_dir / "training.json", json.dumps(info, indent=2) + "\n")
@@ -74,6 +89,13 @@ def train(
         err.print(f"wrote {out_dir}. Next: coplctl evaluate {out_dir} --data {data}", highlight=False,
                   soft_wrap=True)
     state.wait_for_everyone()
+
+
+def _accepts(fn, name: str) -> bool:
+    import inspect
+
+    params = inspect.signature(fn).parameters.values()
+    return any(p.name == name or p.kind is p.VAR_KEYWORD for p in params)
 
 
 @app.command("evaluate", epilog=examples("coplctl evaluate runs/copl --data data/sim-uf-p-2-all",
