@@ -12,6 +12,12 @@ Given a trained GCF and a new user u* with a few pairs D_u* over graph responses
 - ``optimize``: a free embedding fitted by the GCF's BT loss on D_u*, everything else frozen
   (Table 4, "User Opt.").
 
+Beyond the paper, a pair on a response outside the graph can still be used: given a
+:class:`coplctl.placement.Placement` (CoPL places such responses by their frozen-backbone features), a
+placed response scores with the GCF embedding the placement gives it and, when chosen, reaches seen
+users through the positive edges of its nearest graph responses. The report counts each
+user's pairs ``pairs_in_graph``, ``pairs_placed`` and ``pairs_outside_graph`` (those left out).
+
 Only the scores actually needed are computed (neighbours × the user's pairs), never a dense
 users × responses matrix. A user with no k-hop neighbour falls back, explicitly, to the weighted
 (or plain) mean over *all* seen users; the fallback is counted and reported per user.
@@ -35,6 +41,7 @@ import torch.nn.functional as F
 from coplctl.config import ADAPTATIONS, AT_LEAST_1, NON_NEGATIVE, POSITIVE, OneOf, Range, check_fields
 from coplctl.errors import CoplError
 from coplctl.graph.run import GCFRun
+from coplctl.placement import Placement
 
 USER_BLOCK = 512  # new users whose k-hop neighbourhoods are found together
 CHUNK_ELEMENTS = 1 << 23  # floats of the padded (users × neighbours × (d + pairs)) batches
@@ -139,40 +146,51 @@ class _Hops:
         return rows, cols
 
 
-def adapt_users(run: GCFRun, pairs: pd.DataFrame, cfg: AdaptConfig | None = None) -> Adapted:
+def adapt_users(run: GCFRun, pairs: pd.DataFrame, cfg: AdaptConfig | None = None, *,
+                placement: Placement | None = None) -> Adapted:
     """Adapt every user of ``pairs`` (user_id, chosen_id, rejected_id).
 
-    Pairs over responses the graph does not know are left out and counted per user; a user left
-    with no pair gets the fallback.
+    A pair over responses the graph knows is used as the paper does; one over a response of
+    ``placement`` (beyond the paper) through its nearest graph responses. Other pairs are left out and
+    counted per user; a user left with no pair gets the fallback.
     """
     cfg = cfg or AdaptConfig()
     g = run.graph
     codes, uniques = pd.factorize(pairs["user_id"], sort=False)  # users in order of first appearance
     user_ids = uniques.tolist()
-    n = len(user_ids)
+    n, nr = len(user_ids), g.num_responses
     known = pd.Index(g.response_ids)
     c = known.get_indexer(pairs["chosen_id"])  # -1: a response the graph does not know
     r = known.get_indexer(pairs["rejected_id"])
+    in_graph = (c >= 0) & (r >= 0)
+    E_u, E_r = run.user_emb, run.response_emb
+    if placement is not None and len(placement.ids):  # placed responses: nodes nr, nr + 1, ... after the graph's
+        ids = pd.Index(placement.ids)
+        ec, er = ids.get_indexer(pairs["chosen_id"]), ids.get_indexer(pairs["rejected_id"])
+        c = np.where(c >= 0, c, np.where(ec >= 0, nr + ec, -1))
+        r = np.where(r >= 0, r, np.where(er >= 0, nr + er, -1))
+        E_r = torch.cat([E_r, placement.embedding(E_r)])
     inside = (c >= 0) & (r >= 0)
     pu, pc, pr = codes[inside].astype(np.int64), c[inside].astype(np.int64), r[inside].astype(np.int64)
-    used = np.bincount(pu, minlength=n)
-    outside = np.bincount(codes[~inside], minlength=n)
-    per_user = {u: {"pairs_used": int(k), "pairs_outside_graph": int(o)}
-                for u, k, o in zip(user_ids, used.tolist(), outside.tolist())}
-    E_u, E_r = run.user_emb, run.response_emb
+    counts = {name: np.bincount(codes[mask], minlength=n).tolist() for name, mask in
+              (("pairs_in_graph", in_graph), ("pairs_placed", inside & ~in_graph), ("pairs_outside_graph", ~inside))}
+    per_user = {u: {"pairs_used": counts["pairs_in_graph"][i] + counts["pairs_placed"][i],
+                    **{name: v[i] for name, v in counts.items()}} for i, u in enumerate(user_ids)}
 
     if cfg.method == "optimize":
         raw = _optimize(E_u, E_r, torch.from_numpy(pu), torch.from_numpy(pc), torch.from_numpy(pr), n, cfg)
         emb = run.export(raw)
         fallback = 0
     else:
-        raw, emb, neighbours = _neighbour_means(run, pu, pc, pr, n, cfg)
+        raw, emb, neighbours = _neighbour_means(run, E_r, pu, pc, pr, n, cfg, placement)
         fallback = int((neighbours == 0).sum())
         for u, k in zip(user_ids, neighbours.tolist()):
             per_user[u].update(neighbours=k, fallback=k == 0)
     report = {
         "method": cfg.method, "hops": cfg.hops, "temperature": cfg.temperature,
-        "users": len(user_ids), "pairs": int(inside.sum()), "pairs_outside_graph": int((~inside).sum()),
+        "users": len(user_ids), "pairs": int(inside.sum()), "pairs_in_graph": int(in_graph.sum()),
+        "pairs_placed": int((inside & ~in_graph).sum()), "pairs_outside_graph": int((~inside).sum()),
+        "placement": None if placement is None else {"k": placement.k, "responses": len(placement.ids)},
         "fallback_users": fallback,
         "fallback": "weighted mean over all seen users" if cfg.method == "weighted" else
                     "mean over all seen users" if cfg.method == "average" else None,
@@ -181,9 +199,12 @@ def adapt_users(run: GCFRun, pairs: pd.DataFrame, cfg: AdaptConfig | None = None
     return Adapted(user_ids, emb, raw, report)
 
 
-def _neighbour_means(run: GCFRun, pu, pc, pr, n: int, cfg: AdaptConfig):
-    """Weighted (or plain) means of each new user's k-hop neighbours: (raw, exported, neighbour counts)."""
-    E_u, E_r, X = run.user_emb, run.response_emb, run.exported_user_emb
+def _neighbour_means(run: GCFRun, E_r, pu, pc, pr, n: int, cfg: AdaptConfig, placement: Placement | None = None):
+    """Weighted (or plain) means of each new user's k-hop neighbours: (raw, exported, neighbour counts).
+
+    ``E_r`` holds the graph's response embeddings, then those of ``placement``'s responses, whose
+    positive edges go through their nearest graph responses."""
+    E_u, X = run.user_emb, run.exported_user_emb
     order = np.argsort(pu, kind="stable")  # pairs by user, each user's pairs in file order
     pu, pc, pr = pu[order], pc[order], pr[order]
     p_ptr = np.zeros(n + 1, dtype=np.int64)
@@ -193,11 +214,17 @@ def _neighbour_means(run: GCFRun, pu, pc, pr, n: int, cfg: AdaptConfig):
     delta = S_r[torch.from_numpy(pc)] - S_r[torch.from_numpy(pr)]  # (pairs, d), by user
     raw, emb = E_u.new_zeros(n, E_u.shape[1]), X.new_zeros(n, X.shape[1])
     counts = np.zeros(n, dtype=np.int64)
-    hops, seen = _Hops(run, cfg.hops), run.graph.num_users
+    hops, seen, nr = _Hops(run, cfg.hops), run.graph.num_users, run.graph.num_responses
     width = E_u.shape[1] + X.shape[1] + int(np.diff(p_ptr).max(initial=0)) + 1  # floats per (user, neighbour)
     for lo in range(0, n, USER_BLOCK):
         hi = min(n, lo + USER_BLOCK)
-        rows, cols = hops(pu[p_ptr[lo]:p_ptr[hi]], pc[p_ptr[lo]:p_ptr[hi]])
+        bu, bc = pu[p_ptr[lo]:p_ptr[hi]], pc[p_ptr[lo]:p_ptr[hi]]
+        if placement is not None and (bc >= nr).any():  # a placed chosen response: edges via its nearest
+            moved = bc >= nr
+            near = placement.nearest.numpy()[bc[moved] - nr]
+            bu = np.concatenate([bu[~moved], np.repeat(bu[moved], near.shape[1])])
+            bc = np.concatenate([bc[~moved], near.ravel()])
+        rows, cols = hops(bu, bc)
         per = np.bincount(rows - lo, minlength=hi - lo)
         counts[lo:hi] = per
         e_ptr = np.zeros(hi - lo + 1, dtype=np.int64)

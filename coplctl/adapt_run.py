@@ -5,11 +5,16 @@
 - A reward-model run (``coplctl train``) gives a new run with the users added, plus ``summary.json``.
 
 New users come from a user file (:func:`coplctl.data.userfile.read_user_file`) or from a dataset's unseen
-users (their fewshot pairs); a user the run already has is never replaced.
+users (their fewshot pairs); a user the run already has is never replaced. A reward-model run also takes
+responses it has never seen, given by prompt and text: its backbone scores them, and CoPL places them
+next to their nearest graph responses (:mod:`coplctl.placement`, beyond the paper); ``in_graph_only``
+turns both off, as before this existed.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 from collections.abc import Collection
 from pathlib import Path
@@ -31,12 +36,14 @@ MARKER, KIND = "summary.json", "coplctl adapt output"
 
 
 def new_user_pairs(responses: pd.DataFrame | None, *, user_file: Path | None = None, data: Path | None = None,
-                   skip_invalid: bool = False, seen_users: Collection[str] = ()
+                   skip_invalid: bool = False, seen_users: Collection[str] = (), new_responses: bool = False
                    ) -> tuple[UserFile, PreferenceDataset | None]:
-    """The pairs to adapt, from ``user_file`` (over ``responses``) or from the fewshot pairs of dataset
-    ``data``, and the dataset (None for a user file). Seen users are an error, or skipped and reported."""
+    """The pairs to adapt, from ``user_file`` (over ``responses``; ``new_responses``: texts it lacks become
+    new responses) or from the fewshot pairs of dataset ``data``, and the dataset (None for a user file).
+    Seen users are an error, or skipped and reported."""
     if data is None:
-        return read_user_file(user_file, responses, skip_invalid=skip_invalid, seen_users=seen_users), None
+        return read_user_file(user_file, responses, skip_invalid=skip_invalid, seen_users=seen_users,
+                              new_responses=new_responses), None
     ds = load(data)
     pairs = ds.split("fewshot")
     clash = list(dict.fromkeys(u for u in pairs["user_id"] if u in seen_users))
@@ -82,17 +89,42 @@ def write_adapted_graph(out: Path, adapted: Adapted, summary: dict, *, force: bo
 
 
 def adapt_model_run(model: Path, out: Path, *, user_file: Path | None = None, data: Path | None = None,
-                    skip_invalid: bool = False, force: bool = False) -> dict:
+                    skip_invalid: bool = False, force: bool = False, in_graph_only: bool = False) -> dict:
     """Adapt new users into reward-model run ``model`` as its method's config says, save the result as the
-    run ``out`` and its ``summary.json``; returns the summary."""
+    run ``out`` and its ``summary.json``; returns the summary.
+
+    A user file may name responses the run has never seen by prompt and text (``new_responses`` of the
+    summary counts them); ``in_graph_only`` refuses those and has CoPL use only pairs over its graph's
+    responses (no nearest-neighbour placement), as adaptation did before placement existed."""
     method = load_method(model)
     uf, ds = new_user_pairs(method.responses, user_file=user_file, data=data, skip_invalid=skip_invalid,
-                            seen_users=set(getattr(method, "user_ids", ())))
-    report = method.adapt(uf.pairs, method.responses if ds is None else ds.responses)
+                            seen_users=set(getattr(method, "user_ids", ())), new_responses=not in_graph_only)
+    responses = method.responses if ds is None else ds.responses
+    if len(uf.new_responses):
+        responses = pd.concat([responses[["response_id", "prompt", "text"]], uf.new_responses], ignore_index=True)
+    with placement_off(method) if in_graph_only else contextlib.nullcontext():
+        report = method.adapt(uf.pairs, responses)
+    per_user = getattr(method, "adapted_per_user", None)  # CoPL: each user's pairs in graph, placed, left out
     method.save(out, overwrite=force)
     summary = {**report, "model": str(model), "user_file": str(user_file) if user_file else None,
-               "data": str(data) if data else None, "pairs_unusable": len(uf.skipped_lines),
+               "data": str(data) if data else None, "in_graph_only": in_graph_only,
+               "new_responses": len(uf.new_responses), "pairs_unusable": len(uf.skipped_lines),
                "skipped_lines": uf.skipped_lines, "skipped_users": uf.skipped_users}
+    if per_user is not None:
+        summary["per_user"] = per_user
     summary.setdefault("users", report.get("users"))
     atomic_write_text(out / MARKER, json.dumps(summary, indent=2, default=str) + "\n")
     return summary
+
+
+@contextlib.contextmanager
+def placement_off(method):
+    """``method`` adapting from in-graph pairs only: CoPL's ``place_k`` set to 0 for the block (its config
+    is restored after, so a saved run keeps its own)."""
+    config = method.config
+    if getattr(config, "place_k", 0):
+        method.config = dataclasses.replace(config, place_k=0)
+    try:
+        yield method
+    finally:
+        method.config = config

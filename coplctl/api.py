@@ -95,15 +95,20 @@ class RewardModel:
 
     def adapt(self, pairs: pd.DataFrame | Sequence[dict]) -> dict:
         """Add new users from their annotations: records (or a frame) with ``user``, ``chosen``, ``rejected``
-        (a response of the run's graph, by id or exact text) and optionally ``prompt``, as a user file's
-        lines. Returns the method's report; a problem names the record (row, from 0)."""
+        (a response of the run by id or exact text, or with ``prompt`` any new text) and optionally
+        ``prompt``, as a user file's lines. Returns the method's report; a problem names the record (row,
+        from 0)."""
         from coplctl.data.userfile import user_pairs
+        from coplctl.features import in_memory
 
         records = pairs.to_dict("records") if isinstance(pairs, pd.DataFrame) else list(pairs)
-        uf = user_pairs(enumerate(records), self.method.responses, source="pairs", unit="row",
-                        seen_users=set(self.users))
-        with _own_rng():
-            return self.method.adapt(uf.pairs.drop(columns="line"), self.method.responses)
+        responses = self.method.responses
+        uf = user_pairs(enumerate(records), responses, source="pairs", unit="row", seen_users=set(self.users),
+                        new_responses=True)
+        if len(uf.new_responses):
+            responses = pd.concat([responses[["response_id", "prompt", "text"]], uf.new_responses], ignore_index=True)
+        with _own_rng(), in_memory(self._memory):  # new texts' features stay in memory, as reward's do
+            return self.method.adapt(uf.pairs.drop(columns="line"), responses)
 
 
 def load(run: str | Path, *, cache_texts: int = 50_000) -> RewardModel:

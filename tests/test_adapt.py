@@ -264,8 +264,8 @@ def test_vectorised_adaptation_matches_the_per_user_reference(run, tiny_dir, met
     assert got.user_ids == list(dict.fromkeys(pairs["user_id"]))
     assert [got.report["per_user"][u]["neighbours"] for u in got.user_ids] == counts
     assert got.report["fallback_users"] == counts.count(0) == 2  # "lonely" and "outside"
-    assert got.report["per_user"]["outside"] == {"pairs_used": 0, "pairs_outside_graph": 1, "neighbours": 0,
-                                                 "fallback": True}
+    assert got.report["per_user"]["outside"] == {"pairs_used": 0, "pairs_in_graph": 0, "pairs_placed": 0,
+                                                 "pairs_outside_graph": 1, "neighbours": 0, "fallback": True}
     torch.testing.assert_close(got.raw, raw, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(got.embeddings, emb, rtol=1e-5, atol=1e-6)
 

@@ -18,7 +18,7 @@ LAYERS = {
     "coplctl.graph": 2,
     "coplctl.backbone": 3, "coplctl.features": 3, "coplctl.encoders": 3, "coplctl.mole": 3, "coplctl.peft_mole": 3, "coplctl.reward": 3,
     "coplctl.trainer": 3, "coplctl.neural": 3, "coplctl.adapt": 3, "coplctl.evaluate": 3, "coplctl.plots": 3,
-    "coplctl.adapt_run": 3, "coplctl.resume": 3, "coplctl.tracking": 3,
+    "coplctl.adapt_run": 3, "coplctl.resume": 3, "coplctl.tracking": 3, "coplctl.placement": 3,
     "coplctl.copl": 4, "coplctl.baselines": 4,
     "coplctl.bench": 5, "coplctl.api": 5, "coplctl.integrations": 5, "coplctl.serve": 5,
     "coplctl.export": 5, "coplctl.model_card": 5,

@@ -19,6 +19,7 @@ Method = Enum("Method", {m: m for m in ADAPTATIONS}, type=str)
 @app.command("adapt", epilog=examples(
     "coplctl adapt --model runs/gcf --user-file new_users.jsonl --out runs/new_users",
     "coplctl adapt --model runs/copl --user-file new_users.jsonl --out runs/copl-plus   # then coplctl score",
+    "coplctl adapt --model runs/copl --user-file new_users.jsonl --out runs/copl-graph --in-graph-only",
     "coplctl adapt --model runs/gcf --user-file new_users.jsonl --out runs/naive --method average",
     "coplctl adapt --model runs/gcf --user-file messy.jsonl --out runs/new --skip-invalid",
     "coplctl adapt --model runs/gcf --data data/sim-uf-p-4-avg --out runs/unseen",
@@ -30,8 +31,9 @@ def adapt(
     out_dir: Out,
     user_file: Annotated[Optional[Path], typer.Option(
         "--user-file", "-u", show_default=False,
-        help='JSONL, one annotation per line: {"user": ..., "chosen": id or text, "rejected": id or text}; '
-             'both responses answer one prompt, and users are new to the run.')]
+        help='JSONL, one annotation per line: {"user": ..., "chosen": id or text, "rejected": id or text, '
+             '"prompt": ...}; both responses answer one prompt, and users are new to the run. For a reward-model '
+             'run a text it does not know, with "prompt", is a new response.')]
     = None,
     data: MaybeData = None,
     method: Annotated[Optional[Method], typer.Option(
@@ -42,6 +44,10 @@ def adapt(
         "--hops", show_default="2", help="Graph runs: k, an even number of hops (paper: 2).")] = None,
     temperature: Annotated[Optional[float], typer.Option(
         "--temperature", show_default="0.07", help="Graph runs: κ (paper: 0.07).")] = None,
+    in_graph_only: Annotated[bool, typer.Option(
+        "--in-graph-only",
+        help="Reward-model runs: refuse new response texts, and have CoPL use only pairs over its graph's "
+             "responses (no nearest-neighbour placement), as the paper does. Graph runs always do.")] = False,
     skip_invalid: Annotated[bool, typer.Option(
         "--skip-invalid", help="Skip bad lines and users without a usable pair, and report them.")] = False,
     force: Force = False,
@@ -50,7 +56,9 @@ def adapt(
     """Place new users from a few annotations, in a graph run or a reward-model run.
 
     The annotations come from --user-file, or --data adapts a dataset's unseen users from their fewshot pairs
-    (for a graph run, also reporting accuracy on their held-out valid pairs).
+    (for a graph run, also reporting accuracy on their held-out valid pairs). A reward-model run scores any
+    response with its backbone, so a user file may give responses it has never seen (by text, with "prompt");
+    CoPL places each at its nearest graph responses (beyond the paper; --in-graph-only: not).
     A graph run gives the directory --out with embeddings.safetensors and summary.json; a reward-model run
     gives a new run --out that scores the new users too (coplctl score OUT --user ...). --json prints the
     summary written to OUT/summary.json.
@@ -77,7 +85,7 @@ def adapt(
         cfg = AdaptConfig(**{k: v for k, v in options.items() if v is not None})
         summary = adapt_graph_run(model, out_dir, cfg, **source)
     else:
-        summary = adapt_model_run(model, out_dir, **source)
+        summary = adapt_model_run(model, out_dir, in_graph_only=in_graph_only, **source)
     if as_json:
         print_json(summary)
     else:
@@ -90,9 +98,11 @@ def _print(summary: dict, graph: bool) -> None:
     """The summary's counts as a one-row table on stdout."""
     from rich.table import Table
 
-    row = {"users": summary.get("users"), "pairs": summary.get("pairs"),
-           "unusable": summary["pairs_unusable"] + (summary["pairs_outside_graph"] if graph else 0),
-           "skipped users": len(summary["skipped_users"])}
+    row = {"users": summary.get("users"), "pairs": summary.get("pairs")}
+    if "pairs_placed" in summary:
+        row["placed"] = summary["pairs_placed"]
+    row["unusable"] = summary["pairs_unusable"] + summary.get("pairs_outside_graph", 0)
+    row["skipped users"] = len(summary["skipped_users"])
     if graph:
         row["fallback"] = summary["fallback_users"]
         if "held_out_graph_accuracy" in summary:
