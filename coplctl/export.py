@@ -142,6 +142,12 @@ def export_peft(run: str | Path, out: str | Path, *, force: bool = False) -> dic
         raise CoplError(f"{run} is a {getattr(method.config, 'mode', 'non-neural')}-mode {method.registry_name} run: "
                         f"its reward reads cached backbone features through a trained MLP, not adapters inside the "
                         f"backbone; a peft export needs a lora-mode run (coplctl train ... --mode lora)")
+    encoder = getattr(method.net, "encoder", None)
+    names = set(getattr(getattr(encoder, "lm", None), "peft_config", {}) or {})
+    if not getattr(method.net, "mole", False) and names != {"default"}:
+        raise CoplError(f"{run} is a {method.registry_name} run with {len(names) or 'no'} LoRA adapters "
+                        f"({', '.join(sorted(names)) or 'none'}) in its backbone; a peft export takes one adapter "
+                        f"(Oracle's one adapter per true group is not exported)")
     backbone = backbone_info(method)
     adapters, rest, spec = _split_state(method)
     config = _lora_config(method, backbone["base_model_name_or_path"], backbone["revision"], spec)

@@ -164,3 +164,9 @@ def test_a_frozen_mode_run_is_refused_with_the_reason(micro_dir, tiny_lm, tmp_pa
     m.save(run)
     res = _cli("export", str(run), "--out", str(tmp_path / "out"))
     assert res.returncode == 1 and "lora-mode" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_a_run_with_several_adapters_is_refused(micro_dir, tiny_lm, tmp_path_factory, tmp_path):
+    run = _train("oracle", micro_dir, tiny_lm, tmp_path_factory, lora_rank=2)  # one adapter per true group
+    res = _cli("export", str(run), "--out", str(tmp_path / "out"))
+    assert res.returncode == 1 and "group0" in res.stderr and "Traceback" not in res.stderr
