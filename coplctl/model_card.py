@@ -35,8 +35,11 @@ def _loading(sidecar: dict, config: dict) -> str:
         note = ("CoPL's mixture of LoRA experts (`peft_type: COPL_MOLE`): a plain `PeftModel.from_pretrained` "
                 "refuses it, because a LoRA load would drop the experts. `coplctl.export.load_peft` registers "
                 "the experts as a peft custom LoRA module and loads every tensor (needs `pip install coplctl`).")
+    reward = ("`head(pool(hidden))`" if sidecar["method"] in ("uniform", "copl") else
+              f"computed from `pool(hidden)` as coplctl's `{sidecar['method']}` does (its user parameters, e.g. a "
+              f"user token inserted after the first token, change the hidden states too)")
     return (f"{note}\n\n```python\n{load}\n```\n\n"
-            f"Reward: `head(pool(hidden))`, with text formatted as `{json.dumps(sidecar['text_format'])}`, "
+            f"Reward: {reward}, with text formatted as `{json.dumps(sidecar['text_format'])}`, "
             f"pooling the {sidecar['pooling']}, and the reward head and user parameters from "
             "`coplctl_reward.safetensors` (names as in the coplctl run). `coplctl_reward.json` lists the users "
             "in row order and the method's full config.\n")
