@@ -99,9 +99,7 @@ def adapt_model_run(model: Path, out: Path, *, user_file: Path | None = None, da
     method = load_method(model)
     uf, ds = new_user_pairs(method.responses, user_file=user_file, data=data, skip_invalid=skip_invalid,
                             seen_users=set(getattr(method, "user_ids", ())), new_responses=not in_graph_only)
-    responses = method.responses if ds is None else ds.responses
-    if len(uf.new_responses):
-        responses = pd.concat([responses[["response_id", "prompt", "text"]], uf.new_responses], ignore_index=True)
+    responses = uf.with_new_responses(method.responses if ds is None else ds.responses)
     with placement_off(method) if in_graph_only else contextlib.nullcontext():
         report = method.adapt(uf.pairs, responses)
     per_user = getattr(method, "adapted_per_user", None)  # CoPL: each user's pairs in graph, placed, left out

@@ -102,11 +102,9 @@ class RewardModel:
         from coplctl.features import in_memory
 
         records = pairs.to_dict("records") if isinstance(pairs, pd.DataFrame) else list(pairs)
-        responses = self.method.responses
-        uf = user_pairs(enumerate(records), responses, source="pairs", unit="row", seen_users=set(self.users),
-                        new_responses=True)
-        if len(uf.new_responses):
-            responses = pd.concat([responses[["response_id", "prompt", "text"]], uf.new_responses], ignore_index=True)
+        uf = user_pairs(enumerate(records), self.method.responses, source="pairs", unit="row",
+                        seen_users=set(self.users), new_responses=True)
+        responses = uf.with_new_responses(self.method.responses)
         with _own_rng(), in_memory(self._memory):  # new texts' features stay in memory, as reward's do
             return self.method.adapt(uf.pairs.drop(columns="line"), responses)
 

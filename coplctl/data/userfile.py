@@ -37,6 +37,12 @@ class UserFile:
     #: responses the pairs name that the run does not know (response_id, prompt, text); ``new_responses`` only
     new_responses: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=NEW_COLUMNS))
 
+    def with_new_responses(self, responses: pd.DataFrame) -> pd.DataFrame:
+        """``responses`` (response_id, prompt, text) and, after them, the new responses the pairs name."""
+        if not len(self.new_responses):
+            return responses
+        return pd.concat([responses[NEW_COLUMNS], self.new_responses], ignore_index=True)
+
 
 def _shape(value: str) -> str:
     """A response id's shape: its digit runs replaced by one ``0`` (``r00042`` -> ``r0``)."""
