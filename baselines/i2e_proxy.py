@@ -10,9 +10,9 @@ import pandas as pd
 import torch
 from torch import nn
 
-from coplctl.config import AT_LEAST_1
-from coplctl.neural import BaselineConfig, NeuralMethod, UserVectorNet, baseline_encoder, token_dim
-from coplctl.registry import register_method
+from coplctl.core.config import AT_LEAST_1
+from coplctl.models.neural import BaselineConfig, NeuralMethod, UserVectorNet, baseline_encoder, token_dim
+from coplctl.core.registry import register_method
 
 
 @dataclass

@@ -20,11 +20,11 @@ import pandas as pd
 import torch
 from torch import nn
 
-from coplctl.encoders import ResponseEncoder, RewardHead, default_targets, lora_alpha
-from coplctl.errors import CoplError, DataError
-from coplctl.files import field, read_json
-from coplctl.neural import BaselineConfig, NeuralMethod, PairScorer
-from coplctl.registry import register_method
+from coplctl.models.encoders import ResponseEncoder, RewardHead, default_targets, lora_alpha
+from coplctl.core.errors import CoplError, DataError
+from coplctl.core.files import field, read_json
+from coplctl.models.neural import BaselineConfig, NeuralMethod, PairScorer
+from coplctl.core.registry import register_method
 
 
 @dataclass
@@ -43,7 +43,7 @@ class OracleNet(PairScorer):
     """
 
     #: a batch without some group's users leaves that group's adapter (or trunk) and head without gradient:
-    #: DDP must look for unused parameters (:func:`coplctl.trainer.make_accelerator`)
+    #: DDP must look for unused parameters (:func:`coplctl.models.trainer.make_accelerator`)
     unused_parameters = True
 
     def __init__(self, groups: int, group_of_row: torch.Tensor, encoders: list[ResponseEncoder],

@@ -13,10 +13,10 @@ import pandas as pd
 import torch
 from torch import nn
 
-from coplctl.config import AT_LEAST_1, POSITIVE
-from coplctl.encoders import ResponseEncoder
-from coplctl.neural import BaselineConfig, NeuralMethod, PairScorer, baseline_encoder
-from coplctl.registry import register_method
+from coplctl.core.config import AT_LEAST_1, POSITIVE
+from coplctl.models.encoders import ResponseEncoder
+from coplctl.models.neural import BaselineConfig, NeuralMethod, PairScorer, baseline_encoder
+from coplctl.core.registry import register_method
 
 
 @dataclass

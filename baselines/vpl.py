@@ -17,12 +17,12 @@ import pandas as pd
 import torch
 from torch import nn
 
-from coplctl.config import AT_LEAST_1, NON_NEGATIVE, PROBABILITY
-from coplctl.encoders import ResponseEncoder, RewardHead, adapters_disabled, concat_batches
-from coplctl.features import features
-from coplctl.neural import BaselineConfig, NeuralMethod, baseline_encoder
-from coplctl.trainer import distributed_state
-from coplctl.registry import register_method
+from coplctl.core.config import AT_LEAST_1, NON_NEGATIVE, PROBABILITY
+from coplctl.models.encoders import ResponseEncoder, RewardHead, adapters_disabled, concat_batches
+from coplctl.models.features import features
+from coplctl.models.neural import BaselineConfig, NeuralMethod, baseline_encoder
+from coplctl.models.trainer import distributed_state
+from coplctl.core.registry import register_method
 
 
 @dataclass
@@ -69,7 +69,7 @@ class VPLNet(nn.Module):
         self.beta, self.anneal_steps, self.step = beta, max(1, anneal_steps), 0
 
     def get_extra_state(self) -> dict:
-        """The annealing step, saved with a training checkpoint (:mod:`coplctl.resume`)."""
+        """The annealing step, saved with a training checkpoint (:mod:`coplctl.models.resume`)."""
         return {"step": self.step}
 
     def set_extra_state(self, state: dict) -> None:

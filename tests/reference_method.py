@@ -14,8 +14,8 @@ import pandas as pd
 import torch
 from safetensors.torch import load_file, save_file
 
-from coplctl.registry import register_method
-from coplctl.reward import RewardMethod, bt_loss, pair_accuracy
+from coplctl.core.registry import register_method
+from coplctl.models.reward import RewardMethod, bt_loss, pair_accuracy
 
 
 @dataclass

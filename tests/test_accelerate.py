@@ -12,8 +12,8 @@ import pytest
 import torch
 from torch import nn
 
-from coplctl.encoders import ResponseEncoder, ResponseInputs
-from coplctl.trainer import TrainConfig, train_pairs, trainable_state
+from coplctl.models.encoders import ResponseEncoder, ResponseInputs
+from coplctl.models.trainer import TrainConfig, train_pairs, trainable_state
 
 
 class Pairwise(nn.Module):
@@ -96,9 +96,9 @@ def tiny_gemma(micro_dir, tmp_path_factory):
 def test_gradient_checkpointing_trains_the_same_numbers(name, options, micro_dir, tiny_gemma, capfd):
     from coplctl.cli.common import parse_sets
     from coplctl.data import load
-    from coplctl.encoders import checkpointing_enabled
-    from coplctl.registry import METHODS
-    from coplctl.reward import make_config
+    from coplctl.models.encoders import checkpointing_enabled
+    from coplctl.core.registry import METHODS
+    from coplctl.models.reward import make_config
 
     cls, ds = METHODS.get(name), load(micro_dir)
     runs = []
@@ -148,16 +148,16 @@ def test_two_processes_leak_no_ddp_warning(micro_dir, tmp_path):
 
 
 def test_ddp_looks_for_unused_parameters_only_when_a_net_asks(monkeypatch):
-    import coplctl.trainer
+    import coplctl.models.trainer
 
-    real, asked = coplctl.trainer.make_accelerator, []
+    real, asked = coplctl.models.trainer.make_accelerator, []
 
     def spy(cfg, **kw):
         acc = real(cfg, **kw)
         asked.append(acc.ddp_handler.find_unused_parameters)
         return acc
 
-    monkeypatch.setattr(coplctl.trainer, "make_accelerator", spy)
+    monkeypatch.setattr(coplctl.models.trainer, "make_accelerator", spy)
     fit(batch_size=32)
     monkeypatch.setattr(Pairwise, "unused_parameters", True, raising=False)  # e.g. experts routed by indexing
     fit(batch_size=32)

@@ -10,11 +10,11 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 
-from coplctl.adapt import AdaptConfig, Adapted, adapt_users, graph_accuracy
+from coplctl.copl.adapt import AdaptConfig, Adapted, adapt_users, graph_accuracy
 from coplctl.cli import main
 from coplctl.data import load
 from coplctl.data.userfile import read_user_file
-from coplctl.errors import CoplError, DataError
+from coplctl.core.errors import CoplError, DataError
 from coplctl.graph.run import GCFRun
 from coplctl.graph.train import preset_config, train_gcf
 
@@ -276,7 +276,7 @@ def test_vectorised_adaptation_matches_the_per_user_reference(run, tiny_dir, met
     {"BITMAP_SPARSITY": 10 ** 9},  # neighbours by bitmaps only
 ])
 def test_blocks_chunks_and_neighbour_search_do_not_change_the_numbers(run, tiny_dir, monkeypatch, settings):
-    import coplctl.adapt as adapt_module
+    import coplctl.copl.adapt as adapt_module
 
     pairs = _mixed_pairs(run, tiny_dir)
     for hops in (2, 4):
@@ -395,7 +395,7 @@ def test_seen_users_are_not_replaced(run, tmp_path, capsys):
 
 
 def test_dataset_users_that_are_seen_users_are_refused(run, tiny_dir):
-    from coplctl.adapt_run import new_user_pairs
+    from coplctl.serving.adapt_run import new_user_pairs
 
     unseen = load(tiny_dir).user_ids("unseen")
     with pytest.raises(DataError, match=f"user {unseen[1]!r} is a seen user of the run.*\\(and 1 more\\)"):

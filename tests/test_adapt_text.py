@@ -10,15 +10,15 @@ import pandas as pd
 import pytest
 import torch
 
-from coplctl.adapt import AdaptConfig, adapt_users
+from coplctl.copl.adapt import AdaptConfig, adapt_users
 from coplctl.cli import main
-from coplctl.copl import CoPL
+from coplctl.copl.method import CoPL
 from coplctl.data import load
 from coplctl.data.userfile import read_user_file
-from coplctl.errors import DataError
+from coplctl.core.errors import DataError
 from coplctl.graph.run import GCFRun
-from coplctl.placement import TEMPERATURE, Placement, nearest, place, ridge_map
-from coplctl.reward import load_method
+from coplctl.copl.placement import TEMPERATURE, Placement, nearest, place, ridge_map
+from coplctl.models.reward import load_method
 
 
 @pytest.fixture(scope="module")
@@ -248,8 +248,8 @@ def test_plain_backbone_switches_mole_layers_off_and_back():
     """lora-mode runs have MoLE layers inside the backbone: placement embeds with the plain one."""
     from torch import nn
 
-    from coplctl.mole import MoLELinear, inject_mole
-    from coplctl.placement import plain_backbone
+    from coplctl.copl.mole import MoLELinear, inject_mole
+    from coplctl.copl.placement import plain_backbone
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))

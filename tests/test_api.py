@@ -13,9 +13,9 @@ import torch
 
 import coplctl
 from coplctl.data import load as load_data
-from coplctl.errors import CoplError
-from coplctl.registry import METHODS
-from coplctl.reward import make_config, pair_scores
+from coplctl.core.errors import CoplError
+from coplctl.core.registry import METHODS
+from coplctl.models.reward import make_config, pair_scores
 
 BUILTIN = [e.name for e in METHODS.entries() if e.module.startswith("coplctl.")]
 

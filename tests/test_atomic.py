@@ -10,9 +10,9 @@ import textwrap
 
 import pytest
 
-import coplctl.atomic as atomic
-from coplctl.atomic import atomic_dir, atomic_file, atomic_path, atomic_write_text, locked, remove_stale
-from coplctl.errors import CoplError
+import coplctl.core.atomic as atomic
+from coplctl.core.atomic import atomic_dir, atomic_file, atomic_path, atomic_write_text, locked, remove_stale
+from coplctl.core.errors import CoplError
 
 
 def _old_output(tmp_path):
@@ -190,7 +190,7 @@ def test_a_killed_holder_never_leaves_a_stale_lock(tmp_path):
     lock = tmp_path / ".lock"
     code = textwrap.dedent(f"""
         import sys, time
-        from coplctl.atomic import locked
+        from coplctl.core.atomic import locked
         with locked({str(lock)!r}, "x"):
             print("locked", flush=True)
             time.sleep(60)

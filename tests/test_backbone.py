@@ -7,9 +7,9 @@ import importlib
 import pytest
 import torch
 
-from coplctl.backbone import Backbone, resolve
-from coplctl.errors import CoplError
-from coplctl.features import FeatureCache, features
+from coplctl.models.backbone import Backbone, resolve
+from coplctl.core.errors import CoplError
+from coplctl.models.features import FeatureCache, features
 
 
 def test_paper_backbone_names_are_aliases():

@@ -12,7 +12,7 @@ from coplctl.bench.results import load_results
 from coplctl.bench.spec import SpecError, list_specs, load_spec
 from coplctl.bench.tables import build_tables, to_csv, to_latex, to_markdown
 from coplctl.cli import main
-from coplctl.errors import CoplError
+from coplctl.core.errors import CoplError
 
 
 @pytest.mark.parametrize("path", list_specs(), ids=lambda p: p.stem)
@@ -295,7 +295,7 @@ def _result(root, name="uniform", seed=0, accuracy=0.7):
     ("cut", r"invalid JSON"),
 ])
 def test_damaged_results_are_one_error_naming_the_file(tmp_path, capsys, damage, message):
-    from coplctl.errors import DataError
+    from coplctl.core.errors import DataError
 
     for side in ("base", "cur"):
         _result(tmp_path / side, "uniform")

@@ -10,11 +10,11 @@ import sys
 import pytest
 import torch
 
-from coplctl.copl import CoPL
+from coplctl.copl.method import CoPL
 from coplctl.data import load
-from coplctl.errors import CoplError
-from coplctl.evaluate import evaluate
-from coplctl.reward import load_method, pair_scores
+from coplctl.core.errors import CoplError
+from coplctl.models.evaluate import evaluate
+from coplctl.models.reward import load_method, pair_scores
 
 SMALL_GCF = {"dim": 8, "epochs": 20}
 
@@ -91,7 +91,7 @@ def test_gcf_work_is_not_reused_for_other_data(tiny_dir, micro_dir, tmp_path):
 def test_experts_figure(frozen_copl, tmp_path):
     from PIL import Image
 
-    from coplctl.plots import expert_allocation
+    from coplctl.copl.figures import expert_allocation
     from coplctl.cli import main
 
     method, _, _ = frozen_copl
@@ -203,7 +203,7 @@ def test_train_evaluate_score_commands_and_two_processes(micro_dir, tmp_path):
     from_cli = [json.loads(line)["reward"] for line in _cli("score", str(run), "--input", str(req)).splitlines()]
     method = load_method(run)
     rows = [json.loads(line) for line in req.read_text().splitlines()]
-    from coplctl.evaluate import score_frame
+    from coplctl.models.evaluate import score_frame
 
     in_process = method.score([r["user"] for r in rows], score_frame(rows)).tolist()
     assert from_cli == in_process

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from coplctl.data import PreferenceDataset, load
-from coplctl.errors import CoplError, DataError
+from coplctl.core.errors import CoplError, DataError
 
 
 def _edit(path, table, change):

@@ -7,10 +7,10 @@ import torch
 from conftest import small_protocol
 from safetensors.torch import load_file
 
-from coplctl.copl import CoPL
+from coplctl.copl.method import CoPL
 from coplctl.data.simulate import SimConfig, simulate
 from coplctl.graph.train import preset_config, train_gcf
-from coplctl.reward import pair_scores
+from coplctl.models.reward import pair_scores
 
 
 @pytest.fixture(scope="module")

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from coplctl.data import load
-from coplctl.evaluate import score_frame
-from coplctl.reward import load_method
+from coplctl.models.evaluate import score_frame
+from coplctl.models.reward import load_method
 
 pytest.importorskip("peft")
 # the tiny runs' gates may route every user to one expert (the weights still differ per user)
@@ -30,7 +30,7 @@ def tiny_lm(micro_dir, tmp_path_factory):
 
 
 def _train(method, micro_dir, tiny_lm, tmp_path_factory, **options):
-    from coplctl.registry import METHODS
+    from coplctl.core.registry import METHODS
 
     run = tmp_path_factory.mktemp("runs") / method
     m = METHODS.get(method)(mode="lora", backbone=str(tiny_lm), max_length=64, batch_size=8, epochs=1, **options)
@@ -60,8 +60,8 @@ def _peft_rewards(model, export, tiny_lm, requests, *, user_table=None, users=No
     from safetensors.torch import load_file
     from transformers import AutoTokenizer
 
-    from coplctl.mole import Routing, mole_routing
-    from coplctl.peft_mole import mole_layers
+    from coplctl.copl.mole import Routing, mole_routing
+    from coplctl.copl.peft_mole import mole_layers
 
     side = json.loads((export / "coplctl_reward.json").read_text())
     head = load_file(str(export / "coplctl_reward.safetensors"))
@@ -89,7 +89,7 @@ def test_a_baseline_loads_with_plain_peft_and_gives_the_runs_rewards(uniform_run
     from safetensors.torch import load_file
     from transformers import AutoModel
 
-    from coplctl.export import export_peft
+    from coplctl.serving.export import export_peft
 
     out = tmp_path / "export"
     summary = export_peft(uniform_run, out)
@@ -111,8 +111,8 @@ def test_copl_experts_load_as_a_peft_custom_module_and_a_plain_load_refuses(copl
     from peft import PeftModel
     from transformers import AutoModel
 
-    from coplctl.export import export_peft, load_peft
-    from coplctl.peft_mole import mole_layers
+    from coplctl.serving.export import export_peft, load_peft
+    from coplctl.copl.peft_mole import mole_layers
 
     out = tmp_path / "export"
     summary = export_peft(copl_run, out)
@@ -141,7 +141,7 @@ def test_export_cli_writes_a_model_card_and_refuses_what_it_cannot_do(copl_run, 
     summary = json.loads(res.stdout)
     assert summary["method"] == "copl" and summary["users"] == len(load(micro_dir).user_ids("seen"))
     card = (out / "README.md").read_text()
-    assert card.startswith("---\nlibrary_name: peft") and "coplctl.export.load_peft" in card
+    assert card.startswith("---\nlibrary_name: peft") and "coplctl.serving.export.load_peft" in card
     assert str(json.loads((out / "coplctl_reward.json").read_text())["backbone"]["base_model_name_or_path"]) in card
     again = _cli("export", str(copl_run), "--out", str(out))
     assert again.returncode == 1 and "already exists" in again.stderr and "Traceback" not in again.stderr
@@ -156,7 +156,7 @@ def test_export_cli_writes_a_model_card_and_refuses_what_it_cannot_do(copl_run, 
 
 
 def test_a_frozen_mode_run_is_refused_with_the_reason(micro_dir, tiny_lm, tmp_path):
-    from coplctl.registry import METHODS
+    from coplctl.core.registry import METHODS
 
     run = tmp_path / "run"
     m = METHODS.get("uniform")(mode="frozen", backbone=str(tiny_lm), max_length=64, epochs=1)

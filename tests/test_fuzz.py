@@ -14,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from coplctl.errors import CoplError
+from coplctl.core.errors import CoplError
 
 FUZZ = settings(max_examples=60, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
@@ -75,7 +75,7 @@ def test_user_file_reader(scratch, content, skip):
 @FUZZ
 @given(content=CONTENT)
 def test_score_request_reader(scratch, content):
-    from coplctl.evaluate import read_score_requests
+    from coplctl.models.evaluate import read_score_requests
 
     f = scratch / "requests.jsonl"
     f.write_bytes(content)
@@ -201,7 +201,7 @@ def model_run(micro_dir, tmp_path_factory) -> Path:
 @given(name=st.sampled_from(["method.json", "users.json", "groups.json", "model.safetensors", "responses.parquet"]),
        mutation=MUTATION)
 def test_model_run_loader(model_run, scratch, name, mutation):
-    from coplctl.reward import load_method
+    from coplctl.models.reward import load_method
 
     run = _damaged_copy(model_run, scratch / "model", name, mutation)
     try:

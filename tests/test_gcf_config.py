@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from coplctl.data import load
-from coplctl.errors import CoplError
+from coplctl.core.errors import CoplError
 from coplctl.graph.probe import group_probe, spectral_split
 from coplctl.graph.train import PRESETS, GCFConfig, preset_config
 

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from coplctl.data import load
-from coplctl.errors import CoplError
+from coplctl.core.errors import CoplError
 from coplctl.graph.graph import PreferenceGraph
 from coplctl.graph.model import GCF
 from coplctl.graph.sampling import NeighborSampler
@@ -295,7 +295,7 @@ def test_a_crafted_pickle_checkpoint_is_never_executed(tiny_dir, tmp_path, monke
 
 
 def test_checkpoint_round_trip_keeps_containers_and_tensors(tmp_path):
-    from coplctl.checkpoint import load_checkpoint, save_checkpoint
+    from coplctl.core.checkpoint import load_checkpoint, save_checkpoint
 
     obj = {"state": {0: {"step": torch.tensor(3.0), "m": torch.arange(4)}}, "groups": [{"betas": (0.9, 0.99)}],
            "gen": torch.Generator().manual_seed(1).get_state(), "$tensor": "not a tag", "x": None, "f": 1.5}

@@ -1,5 +1,7 @@
-"""The import graph runs one way: cli → bench → methods → models → graph → data → base. Read from the
-source (every import statement, lazy ones inside functions included), so an arrow back up fails here."""
+"""The import graph runs one way: cli → bench, serving → methods (copl, baselines) → models → graph →
+data → core. Read from the source (every import statement, lazy ones inside functions included), so an
+arrow back up fails here. Layers are folders: every module of the package lives in one, and a new module
+takes its folder's layer without an entry here."""
 
 from __future__ import annotations
 
@@ -10,26 +12,27 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
-#: Layer of every module, by longest matching prefix; a module may import its own layer and those below.
+#: Layer of every sub-package of ``coplctl`` (a folder); a module may import its own layer and those below.
 LAYERS = {
-    "coplctl.errors": 0, "coplctl.files": 0, "coplctl.config": 0, "coplctl.atomic": 0, "coplctl.progress": 0,
-    "coplctl.checkpoint": 0, "coplctl.optim": 0, "coplctl.registry": 0,
+    "coplctl.core": 0,
     "coplctl.data": 1,
     "coplctl.graph": 2,
-    "coplctl.backbone": 3, "coplctl.features": 3, "coplctl.encoders": 3, "coplctl.mole": 3, "coplctl.peft_mole": 3, "coplctl.reward": 3,
-    "coplctl.trainer": 3, "coplctl.neural": 3, "coplctl.adapt": 3, "coplctl.evaluate": 3, "coplctl.plots": 3,
-    "coplctl.adapt_run": 3, "coplctl.resume": 3, "coplctl.tracking": 3, "coplctl.placement": 3,
+    "coplctl.models": 3,
     "coplctl.copl": 4, "coplctl.baselines": 4,
-    "coplctl.bench": 5, "coplctl.api": 5, "coplctl.integrations": 5, "coplctl.serve": 5,
-    "coplctl.export": 5, "coplctl.model_card": 5,
-    "coplctl.cli": 6, "coplctl.__main__": 6,
+    "coplctl.bench": 5, "coplctl.serving": 5,
+    "coplctl.cli": 6,
 }
-NAMES = {0: "base", 1: "data", 2: "graph", 3: "models", 4: "methods", 5: "bench", 6: "cli"}
+NAMES = {0: "core", 1: "data", 2: "graph", 3: "models", 4: "methods", 5: "bench/serving", 6: "cli"}
+ROOT_MODULES = {"coplctl", "coplctl.__main__"}
+"""The only modules outside a layer's folder: the package's ``__init__`` (lazy ``coplctl.load``) and
+``__main__`` (``python -m coplctl``, the CLI)."""
 
 
 def _layer(module: str) -> int | None:
-    match = [p for p in LAYERS if module == p or module.startswith(p + ".")]
-    return LAYERS[max(match, key=len)] if match else None
+    if module == "coplctl.__main__":
+        return LAYERS["coplctl.cli"]
+    folder = ".".join(module.split(".")[:2])
+    return LAYERS.get(folder)
 
 
 #: Installed package name of each source folder (pyproject's package-dir: baselines/ is coplctl.baselines).
@@ -52,12 +55,15 @@ def _imports(path: Path) -> set[str]:
             out.update(a.name for a in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             out.add(node.module)
-            out.update(f"{node.module}.{a.name}" for a in node.names)  # `from coplctl import files`
+            out.update(f"{node.module}.{a.name}" for a in node.names)  # `from coplctl.core import files`
     return {m for m in out if m.split(".")[0] == "coplctl"}
 
 
-def test_every_module_has_a_layer():
-    assert not [m for m in _modules() if m != "coplctl" and _layer(m) is None]
+def test_every_module_lives_in_a_layer_folder():
+    modules = _modules()
+    assert not [m for m in modules if m not in ROOT_MODULES and _layer(m) is None]
+    loose = sorted(m for m, p in modules.items() if m not in ROOT_MODULES and p.parent == ROOT / "coplctl")
+    assert not loose, f"modules at the package root (move them into a layer's folder): {loose}"
 
 
 def test_pyproject_installs_every_package_and_no_top_level_baselines():

@@ -8,12 +8,12 @@ import dataclasses
 import pytest
 import torch
 
-import coplctl.neural
-import coplctl.trainer
+import coplctl.models.neural
+import coplctl.models.trainer
 from coplctl.data import load
-from coplctl.registry import METHODS
-from coplctl.reward import load_method, make_config, pair_scores
-from coplctl.trainer import trainable_state
+from coplctl.core.registry import METHODS
+from coplctl.models.reward import load_method, make_config, pair_scores
+from coplctl.models.trainer import trainable_state
 
 BUILTIN = [e.name for e in METHODS.entries() if e.module.startswith("coplctl.")]
 SMALL = {
@@ -37,13 +37,13 @@ def test_fit_adapt_score_save_load(name, mode, micro_dir, tmp_path, monkeypatch)
     method = cls(make_config(cls.Config, {k: v for k, v in overrides.items() if k in fields}))
 
     snapshots = []
-    real_train = coplctl.neural.train_pairs
+    real_train = coplctl.models.neural.train_pairs
 
     def train_and_watch(net, *args, **kw):
         snapshots.append(trainable_state(net))
         return real_train(net, *args, **kw)
 
-    monkeypatch.setattr(coplctl.neural, "train_pairs", train_and_watch)
+    monkeypatch.setattr(coplctl.models.neural, "train_pairs", train_and_watch)
     metrics = method.fit(ds, work_dir=tmp_path / "work", progress=False)
     after = trainable_state(method.net)
     assert len(metrics["history"]) == method.config.get("epochs")
@@ -98,14 +98,14 @@ def test_per_user_parameters_train_at_their_own_rate(name, overrides, own, micro
     cls = METHODS.get(name)
     method = cls(make_config(cls.Config, {**SMALL["frozen"], "epochs": 1, "lr": 1e-3, "adapt_lr": 0.02, **overrides}))
     seen = []
-    real = coplctl.trainer.param_groups
+    real = coplctl.models.trainer.param_groups
 
     def watch(net, lr, rates=None):
         groups = real(net, lr, rates)
         seen.append({id(p): g["lr"] for g in groups for p in g["params"]})
         return groups
 
-    monkeypatch.setattr(coplctl.trainer, "param_groups", watch)
+    monkeypatch.setattr(coplctl.models.trainer, "param_groups", watch)
     metrics = method.fit(load(micro_dir), progress=False)
     rate = seen[0]
     named = dict(method.net.named_parameters())
@@ -114,19 +114,19 @@ def test_per_user_parameters_train_at_their_own_rate(name, overrides, own, micro
     others = [n for n, p in named.items() if p.requires_grad and n not in own]
     assert others and all(rate[id(named[n])] == 1e-3 for n in others)
     assert metrics["lr_groups"] == own
-    real_rows, adapt_rates = coplctl.neural.optimize_rows, []
+    real_rows, adapt_rates = coplctl.models.neural.optimize_rows, []
 
     def watch_rows(params, loss, n, **kw):
         adapt_rates.append(kw["lr"])
         return real_rows(params, loss, n, **kw)
 
-    monkeypatch.setattr(coplctl.neural, "optimize_rows", watch_rows)
+    monkeypatch.setattr(coplctl.models.neural, "optimize_rows", watch_rows)
     assert method.adapt(load(micro_dir).split("fewshot"), load(micro_dir).responses)["users"] == 2
     assert adapt_rates == [0.02]
 
 
 def test_param_groups_match_whole_name_parts():
-    from coplctl.trainer import param_groups
+    from coplctl.models.trainer import param_groups
 
     net = torch.nn.ModuleDict({"table": torch.nn.Linear(2, 2), "table2": torch.nn.Linear(2, 2)})
     groups = param_groups(net, 1e-3, {"table": 0.1})

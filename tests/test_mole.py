@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from coplctl.mole import (COLLAPSE_SHARE, MoLELinear, Routing, gate_routing, inject_mole, load_balance_loss,
+from coplctl.copl.mole import (COLLAPSE_SHARE, MoLELinear, Routing, gate_routing, inject_mole, load_balance_loss,
                           mole_routing, routing_stats, top1_allocation)
 
 

@@ -1,6 +1,6 @@
 """The progress bar leaves plain lines in a log when stderr is not a terminal."""
 
-from coplctl import progress
+from coplctl.core import progress
 
 
 def test_bar_logs_lines_when_not_a_terminal(monkeypatch, capsys):

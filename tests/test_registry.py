@@ -8,7 +8,7 @@ import textwrap
 
 import pytest
 
-from coplctl.registry import METHODS, Registry, RegistryError, scan_package
+from coplctl.core.registry import METHODS, Registry, RegistryError, scan_package
 
 
 def test_register_get_and_describe():
@@ -40,7 +40,7 @@ def test_lazy_entries_are_listed_without_import_and_imported_on_use(tmp_path, mo
     (pkg / "__init__.py").write_text("")
     (pkg / "alpha.py").write_text(textwrap.dedent('''
         import plugpkg_sentinel  # would fail if this module were imported during listing
-        from coplctl.registry import register_method
+        from coplctl.core.registry import register_method
 
         @register_method("alpha")
         class Alpha:

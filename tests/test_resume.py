@@ -14,11 +14,11 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-import coplctl.trainer
-from coplctl.encoders import ResponseInputs
-from coplctl.errors import CoplError
-from coplctl.resume import STATE_FILE
-from coplctl.trainer import TrainConfig, train_pairs, trainable_state
+import coplctl.models.trainer
+from coplctl.models.encoders import ResponseInputs
+from coplctl.core.errors import CoplError
+from coplctl.models.resume import STATE_FILE
+from coplctl.models.trainer import TrainConfig, train_pairs, trainable_state
 
 
 class Stop(Exception):
@@ -101,7 +101,7 @@ def test_a_damaged_checkpoint_is_one_clear_error(tmp_path):
 
 
 def test_ctrl_c_says_how_to_resume(tmp_path, monkeypatch):
-    real = coplctl.trainer.row_accuracy
+    real = coplctl.models.trainer.row_accuracy
     calls = []
 
     def interrupted(*args, **kw):
@@ -110,7 +110,7 @@ def test_ctrl_c_says_how_to_resume(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(*args, **kw)
 
-    monkeypatch.setattr(coplctl.trainer, "row_accuracy", interrupted)
+    monkeypatch.setattr(coplctl.models.trainer, "row_accuracy", interrupted)
     with pytest.raises(CoplError, match="run the same command again to resume"):
         fit(tmp_path)
     monkeypatch.undo()
@@ -147,13 +147,13 @@ def test_tensorboard_gets_the_loss_learning_rate_and_accuracy(tmp_path):
 
 
 def test_a_missing_tracker_package_is_named_before_training(tmp_path, monkeypatch):
-    import coplctl.tracking
+    import coplctl.models.tracking
 
-    monkeypatch.setitem(coplctl.tracking.TRACKERS, "wandb", ("no_such_package_here",))
+    monkeypatch.setitem(coplctl.models.tracking.TRACKERS, "wandb", ("no_such_package_here",))
     with pytest.raises(CoplError, match=r"pip install 'coplctl\[wandb\]'"):
         train_pairs(Noisy(stop_at=1), None, (), (), TrainConfig(), work_dir=tmp_path, report_to="wandb")
     with pytest.raises(CoplError, match="unknown tracker"):
-        coplctl.tracking.check_tracker("mlflow")
+        coplctl.models.tracking.check_tracker("mlflow")
     with pytest.raises(CoplError, match="needs mode lora"):
         TrainConfig(gradient_checkpointing=True)
 
@@ -163,8 +163,8 @@ def test_coplctl_train_killed_then_run_again_resumes(micro_dir, tmp_path):
     resumes, reports it, moves the TensorBoard logs into the run and deletes the work directory. Its
     model and metrics are those of an uninterrupted run."""
     from coplctl.data import load
-    from coplctl.registry import METHODS
-    from coplctl.reward import make_config
+    from coplctl.core.registry import METHODS
+    from coplctl.models.reward import make_config
 
     has_tb = any(__import__("importlib").util.find_spec(p) for p in ("tensorboard", "tensorboardX"))
     run, work = tmp_path / "run", tmp_path / ".run.work"

@@ -7,8 +7,8 @@ import torch
 from reference_method import ResponseBT
 
 from coplctl.data import load
-from coplctl.errors import CoplError
-from coplctl.reward import bt_loss, load_method, pair_accuracy
+from coplctl.core.errors import CoplError
+from coplctl.models.reward import bt_loss, load_method, pair_accuracy
 
 
 def test_bt_loss_is_stable_and_correct():
@@ -46,7 +46,7 @@ def test_load_of_a_non_method_directory(tmp_path):
 def test_exact_ties_are_wrong_counted_and_noted_in_table_1(tiny_dir):
     from coplctl.bench.tables import build_tables, to_markdown
     from coplctl.data import load
-    from coplctl.evaluate import evaluate
+    from coplctl.models.evaluate import evaluate
 
     ds = load(tiny_dir)
     method = ResponseBT(steps=1, lr=0.0)  # every response keeps score 0: every pair is a tie
@@ -60,7 +60,7 @@ def test_exact_ties_are_wrong_counted_and_noted_in_table_1(tiny_dir):
 
 
 def test_reward_heads_output_fp32_under_bf16_autocast():
-    from coplctl.encoders import RewardHead
+    from coplctl.models.encoders import RewardHead
 
     torch.manual_seed(0)
     head = RewardHead(64, 1)

@@ -8,7 +8,7 @@ import shutil
 import pytest
 
 from coplctl.cli import main
-from coplctl.copl import CoPL
+from coplctl.copl.method import CoPL
 from coplctl.data import load
 
 

@@ -15,7 +15,7 @@ httpx = pytest.importorskip("httpx", reason="httpx is not installed")
 
 @pytest.fixture(scope="module")
 def served(micro_dir, tmp_path_factory):
-    from coplctl.serve import in_background, make_app
+    from coplctl.serving.server import in_background, make_app
 
     run = train("i2e", micro_dir, tmp_path_factory.mktemp("serve") / "run")
     rm = coplctl.load(run)

@@ -8,8 +8,8 @@ import torch
 
 import coplctl
 from coplctl.data import load as load_data
-from coplctl.errors import CoplError
-from coplctl.integrations.trl import reward_function
+from coplctl.core.errors import CoplError
+from coplctl.serving.trl import reward_function
 from test_api import train
 
 

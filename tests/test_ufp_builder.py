@@ -14,7 +14,7 @@ from conftest import small_protocol
 from coplctl.data import load
 from coplctl.data.protocol import ATTRIBUTES, break_ties
 from coplctl.data.ultrafeedback import BuildConfig, _binarize, build_ufp
-from coplctl.errors import CoplError, DataError
+from coplctl.core.errors import CoplError, DataError
 
 
 LONG = "a long answer" + " word" * 40

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from coplctl.data.userfile import read_user_file
-from coplctl.errors import DataError
+from coplctl.core.errors import DataError
 
 RESPONSES = pd.DataFrame({
     "response_id": ["a1", "a2", "b1", "b2", "c1"],

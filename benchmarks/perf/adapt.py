@@ -83,7 +83,7 @@ def main() -> None:
         build(Path(a.work), a.epochs)
         return
 
-    from coplctl.adapt import AdaptConfig, adapt_users
+    from coplctl.copl.adapt import AdaptConfig, adapt_users
     from coplctl.data.userfile import read_user_file
     from coplctl.graph.run import GCFRun
 

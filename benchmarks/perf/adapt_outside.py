@@ -85,7 +85,7 @@ def holdout(data: Path, out: Path) -> None:
 
 
 def _accuracy(method, ds, users) -> tuple[float, int]:
-    from coplctl.reward import pair_scores
+    from coplctl.models.reward import pair_scores
 
     test = ds.split("test")
     test = test[test["user_id"].isin(set(users))]
@@ -95,7 +95,7 @@ def _accuracy(method, ds, users) -> tuple[float, int]:
 
 def accuracy(data: Path, runs: list[Path]) -> None:
     from coplctl.data import load
-    from coplctl.reward import load_method
+    from coplctl.models.reward import load_method
 
     ds = load(data)
     for run in runs:
@@ -109,9 +109,9 @@ def accuracy(data: Path, runs: list[Path]) -> None:
 
 
 def sweep(data: Path, run: Path, user_file: Path, ks: list[int], embedding: str) -> None:
-    from coplctl.adapt_run import new_user_pairs
+    from coplctl.serving.adapt_run import new_user_pairs
     from coplctl.data import load
-    from coplctl.reward import load_method
+    from coplctl.models.reward import load_method
 
     ds = load(data)
     method = load_method(run)

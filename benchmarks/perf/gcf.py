@@ -47,7 +47,7 @@ def worker_train(data: str, out: str, overrides: dict) -> dict:
 def worker_adapt(data: str, run_dir: str) -> dict:
     import torch
 
-    from coplctl.adapt import AdaptConfig, adapt_users, graph_accuracy
+    from coplctl.copl.adapt import AdaptConfig, adapt_users, graph_accuracy
     from coplctl.data import load
     from coplctl.graph.run import GCFRun
 

@@ -30,9 +30,9 @@ def _texts(n: int) -> list[str]:
 
 
 def _models(name: str, rank: int, experts: int):
-    from coplctl.backbone import Backbone
-    from coplctl.encoders import ResponseEncoder, add_lora, default_targets
-    from coplctl.mole import inject_mole
+    from coplctl.models.backbone import Backbone
+    from coplctl.models.encoders import ResponseEncoder, add_lora, default_targets
+    from coplctl.copl.mole import inject_mole
 
     lora_bb = Backbone(name, max_length=512, device="cpu")
     lora = ResponseEncoder("lora", lora_bb)
@@ -65,7 +65,7 @@ def main() -> None:
     a = ap.parse_args()
     torch.manual_seed(0)
 
-    from coplctl.mole import Routing, mole_routing
+    from coplctl.copl.mole import Routing, mole_routing
 
     bb, lora, mole, layers = _models(a.backbone, a.rank, a.experts)
     texts = _texts(4 * a.batch)
@@ -97,7 +97,7 @@ def main() -> None:
         print(f"{label:<9} LoRA {n_seq / tl:7.1f} seq/s   MoLE {n_seq / tm:7.1f} seq/s   "
               f"MoLE/LoRA time ratio {tm / tl:.2f}")
 
-    from coplctl.features import features
+    from coplctl.models.features import features
 
     cache_texts = _texts(a.cache_texts)
     with tempfile.TemporaryDirectory() as root:

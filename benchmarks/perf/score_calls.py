@@ -30,9 +30,9 @@ def main() -> None:
     import coplctl
     from coplctl.data.protocol import ProtocolConfig
     from coplctl.data.simulate import SimConfig, simulate
-    from coplctl.evaluate import score_frame
-    from coplctl.registry import METHODS
-    from coplctl.reward import load_method, make_config
+    from coplctl.models.evaluate import score_frame
+    from coplctl.core.registry import METHODS
+    from coplctl.models.reward import load_method, make_config
 
     run = args.run
     if run is None:

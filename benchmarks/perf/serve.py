@@ -32,9 +32,9 @@ def main() -> None:
     import coplctl
     from coplctl.data.protocol import ProtocolConfig
     from coplctl.data.simulate import SimConfig, simulate
-    from coplctl.registry import METHODS
-    from coplctl.reward import make_config
-    from coplctl.serve import in_background, make_app
+    from coplctl.core.registry import METHODS
+    from coplctl.models.reward import make_config
+    from coplctl.serving.server import in_background, make_app
 
     run = args.run
     if run is None:

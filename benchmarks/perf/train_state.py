@@ -23,21 +23,21 @@ from pathlib import Path
 
 
 def checkpoints(users: int, every: int) -> None:
-    import coplctl.resume
-    from coplctl.copl import CoPL
+    import coplctl.models.resume
+    from coplctl.copl.method import CoPL
     from coplctl.data.protocol import ProtocolConfig
     from coplctl.data.simulate import SimConfig, simulate
 
     ds = simulate(SimConfig(protocol=ProtocolConfig("uf-p-2", "all", users=users, unseen_users=0,
                                                     survey_pairs=max(600, 3 * users)), seed=0))
-    saves, real = [], coplctl.resume.save
+    saves, real = [], coplctl.models.resume.save
 
     def timed(path, *args, **kw):
         t0 = time.perf_counter()
         real(path, *args, **kw)
         saves.append((time.perf_counter() - t0, Path(path).stat().st_size))
 
-    coplctl.resume.save = timed
+    coplctl.models.resume.save = timed
     with tempfile.TemporaryDirectory() as tmp:
         options = {"epochs": 8, "gcf_overrides": {"dim": 32, "epochs": 30}}
         CoPL(**options).fit(ds, seed=0, progress=False, work_dir=Path(tmp) / "warm")  # GCF trained once, features cached
@@ -62,9 +62,9 @@ def step(backbone: str, batch: int, tokens: int, checkpointing: bool) -> dict:
     """One forward + backward of CoPL's lora-mode net on ``batch`` pairs of ``tokens`` tokens."""
     import torch
 
-    from coplctl.backbone import Backbone
-    from coplctl.copl import CoPL
-    from coplctl.trainer import enable_checkpointing
+    from coplctl.models.backbone import Backbone
+    from coplctl.copl.method import CoPL
+    from coplctl.models.trainer import enable_checkpointing
 
     method = CoPL(mode="lora", backbone=backbone, user_embeddings="learned", max_length=tokens)
     method.backbone = Backbone(backbone, max_length=tokens)

@@ -38,7 +38,7 @@ def _group(results: list[Result]) -> dict[tuple[str, str, str], list[float]]:
 
 def compare(baseline: str, current: str, tolerance: float = 1.0) -> tuple[list[dict], bool]:
     """Rows of (spec, name, metric, baseline, current, delta, allowed, status); True if any failed."""
-    from coplctl.errors import CoplError
+    from coplctl.core.errors import CoplError
 
     found = {}
     for label, where in (("baseline", baseline), ("current", current)):

@@ -14,15 +14,15 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, TypedDict
 
-from coplctl.atomic import atomic_write_text
-from coplctl.errors import DataError
-from coplctl.files import read_json
+from coplctl.core.atomic import atomic_write_text
+from coplctl.core.errors import DataError
+from coplctl.core.files import read_json
 
 PACKAGES = ("coplctl", "torch", "transformers", "peft", "accelerate", "torch_geometric", "pandas", "numpy")
 
 
 class Scores(TypedDict, total=False):
-    """Accuracy on one set of test pairs (:func:`coplctl.evaluate.accuracy_table`); None where no pair."""
+    """Accuracy on one set of test pairs (:func:`coplctl.models.evaluate.accuracy_table`); None where no pair."""
 
     accuracy: float | None
     common: float | None
@@ -61,7 +61,7 @@ class Result(TypedDict, total=False):
     run_dir: str
     provenance: dict[str, Any]
     extra: dict[str, Any]
-    """The method's extra experiments by name (:meth:`coplctl.reward.RewardMethod.experiments`)."""
+    """The method's extra experiments by name (:meth:`coplctl.models.reward.RewardMethod.experiments`)."""
     skipped: str
     """Why the job did not run on this dataset (then ``metrics`` is empty)."""
     diverged: str

@@ -11,13 +11,13 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from coplctl.atomic import atomic_write_text, locked
+from coplctl.core.atomic import atomic_write_text, locked
 from coplctl.bench.results import Result, check_result, provenance, result_path, write_result
 from coplctl.bench.search import candidate_path, check_grid, choose, diverged, lr_grid, tag
 from coplctl.bench.spec import BenchmarkSpec, SpecError
-from coplctl.errors import CoplError, DataError, Diverged
-from coplctl.files import read_json
-from coplctl.progress import Bar
+from coplctl.core.errors import CoplError, DataError, Diverged
+from coplctl.core.files import read_json
+from coplctl.core.progress import Bar
 
 LOCK_FILE = ".lock"
 """Held (flock) in OUT/NAME/ while a benchmark runs there."""
@@ -175,7 +175,7 @@ def _search(spec, ds, out: Path, base: Path, state, name: str, method: str, over
 
 def _cannot_run(method: str, ds) -> str | None:
     """Why ``method`` cannot run on ``ds`` (it needs every user's group and some have none), or None."""
-    from coplctl.registry import METHODS
+    from coplctl.core.registry import METHODS
 
     from coplctl.graph.probe import weight_columns
 
@@ -234,8 +234,8 @@ def _settings(spec: BenchmarkSpec, method: str, overrides: dict, backbone, mode)
     """The config a job resolves to: spec backbone/mode (or the overrides of the command line), then
     the spec's overrides — keeping only the fields this method has (``common`` and ``--set`` apply to
     every method that knows the key)."""
-    from coplctl.registry import METHODS
-    from coplctl.reward import make_config
+    from coplctl.core.registry import METHODS
+    from coplctl.models.reward import make_config
 
     cls = METHODS.get(method)
     settings = {"backbone": backbone or spec.backbone, "mode": mode or spec.mode, **_own(spec, method, overrides)}
@@ -245,7 +245,7 @@ def _settings(spec: BenchmarkSpec, method: str, overrides: dict, backbone, mode)
 def _own(spec: BenchmarkSpec, method: str, overrides: dict) -> dict:
     """The overrides that apply to ``method``: a ``common`` key (or the ``lr_grid``) it does not have is for
     other methods."""
-    from coplctl.registry import METHODS
+    from coplctl.core.registry import METHODS
 
     fields = {f.name for f in dataclasses.fields(METHODS.get(method).Config)}
     shared = set(spec.common) | ({"lr"} if spec.lr_grid else set())
@@ -275,8 +275,8 @@ def check_jobs(spec: BenchmarkSpec, backbone=None, mode=None, sets: dict | None 
 
 def _culprit(spec: BenchmarkSpec, i: int, method: str, overrides: dict, backbone, mode, sets: dict) -> str | None:
     """Where the value that a job's config rejects comes from (None when no single value is wrong)."""
-    from coplctl.registry import METHODS
-    from coplctl.reward import make_config
+    from coplctl.core.registry import METHODS
+    from coplctl.models.reward import make_config
 
     cls = METHODS.get(method)
     values = {"backbone": backbone or spec.backbone, "mode": mode or spec.mode, **_own(spec, method, overrides)}
@@ -300,7 +300,7 @@ def _culprit(spec: BenchmarkSpec, i: int, method: str, overrides: dict, backbone
 
 def _check_common(spec: BenchmarkSpec) -> None:
     """A key of ``common`` (or ``--set``) must be an option of at least one of the spec's methods."""
-    from coplctl.registry import METHODS
+    from coplctl.core.registry import METHODS
 
     fields = {f.name for _, m, _ in spec.jobs() for f in dataclasses.fields(METHODS.get(m).Config)}
     for key in spec.common:
@@ -332,16 +332,16 @@ def _pct(result: dict, role: str) -> str:
 def run_job(spec, ds, base: Path, name: str, method_name: str, overrides: dict, seed: int, *,
             backbone=None, mode=None, stage=lambda s: None, tag: str = "") -> dict:
     """Train one (method, seed), save its run, evaluate it, and run the method's extra experiments
-    (:meth:`coplctl.reward.RewardMethod.experiments`) when the job is one of the spec's methods.
+    (:meth:`coplctl.models.reward.RewardMethod.experiments`) when the job is one of the spec's methods.
 
     Under several processes every process trains (training is collective); only the main process
     writes files.
     """
     from accelerate import PartialState
 
-    from coplctl.evaluate import evaluate
-    from coplctl.registry import METHODS
-    from coplctl.reward import ExperimentContext
+    from coplctl.models.evaluate import evaluate
+    from coplctl.core.registry import METHODS
+    from coplctl.models.reward import ExperimentContext
 
     main = PartialState().is_main_process
     cls = METHODS.get(method_name)

@@ -13,7 +13,7 @@ import math
 from pathlib import Path
 
 from coplctl.bench.results import Result
-from coplctl.errors import CoplError
+from coplctl.core.errors import CoplError
 
 
 def lr_grid(overrides: dict) -> list[float] | None:

@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from coplctl.data.protocol import ProtocolConfig
-from coplctl.errors import CoplError, DataError
-from coplctl.files import read_yaml
-from coplctl.registry import paper_methods
+from coplctl.core.errors import CoplError, DataError
+from coplctl.core.files import read_yaml
+from coplctl.core.registry import paper_methods
 
 SPEC_VERSION = 1
 SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
@@ -228,8 +228,8 @@ def find_spec(name_or_path: str) -> Path:
 
 def load_spec(name_or_path: str) -> BenchmarkSpec:
     """Read, merge includes, validate. Method names are checked against the registry."""
-    from coplctl.config import ADAPTATIONS
-    from coplctl.registry import METHODS
+    from coplctl.core.config import ADAPTATIONS
+    from coplctl.core.registry import METHODS
 
     file = find_spec(name_or_path).resolve()
     spec = _check(BenchmarkSpec, _read(file), file, "")

@@ -8,7 +8,7 @@ import statistics
 from dataclasses import dataclass, field
 
 from coplctl.bench.results import Result
-from coplctl.registry import METHODS, method_label, method_sort_key
+from coplctl.core.registry import METHODS, method_label, method_sort_key
 
 SPEC_ORDER = ["uf-p-2-all", "uf-p-2-avg", "uf-p-4-all", "uf-p-4-avg"]
 
@@ -245,8 +245,8 @@ def fewshot_curves(results: list[Result]) -> dict:
 
 def plot_fewshot(curves: dict, out) -> str:
     """Figure 2 as a PNG: one panel per benchmark, one line per hop count."""
-    from coplctl.atomic import atomic_path
-    from coplctl.plots import _pyplot
+    from coplctl.core.atomic import atomic_path
+    from coplctl.copl.figures import _pyplot
 
     plt = _pyplot()
     specs = sorted(curves, key=_spec_key)

@@ -14,7 +14,7 @@ import typer
 
 from coplctl.cli import adapt, bench, data, export, graph, methods, model, plot
 from coplctl.cli.common import err, examples
-from coplctl.errors import CoplError
+from coplctl.core.errors import CoplError
 
 app = typer.Typer(
     name="coplctl",

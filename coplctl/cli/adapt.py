@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from coplctl.cli.common import Force, Json, MaybeData, Out, err, examples, out, print_json
-from coplctl.config import ADAPTATIONS
+from coplctl.core.config import ADAPTATIONS
 
 app = typer.Typer()  # top-level command: coplctl adapt
 
@@ -63,10 +63,10 @@ def adapt(
     gives a new run --out that scores the new users too (coplctl score OUT --user ...). --json prints the
     summary written to OUT/summary.json.
     """
-    from coplctl.adapt import AdaptConfig
-    from coplctl.adapt_run import KIND, MARKER, adapt_graph_run, adapt_model_run
-    from coplctl.atomic import check_output, refuse_overlap
-    from coplctl.errors import CoplError
+    from coplctl.copl.adapt import AdaptConfig
+    from coplctl.serving.adapt_run import KIND, MARKER, adapt_graph_run, adapt_model_run
+    from coplctl.core.atomic import check_output, refuse_overlap
+    from coplctl.core.errors import CoplError
 
     if (user_file is None) == (data is None):
         raise CoplError("give exactly one of --user-file and --data")

@@ -15,7 +15,7 @@ app = typer.Typer()  # top-level commands: coplctl benchmark, report, compare
 
 def _csv(value: Optional[str], option: str, cast=str, what: str = "names") -> Optional[list]:
     """A comma-separated option's items; an empty list or an item ``cast`` rejects is one CoplError."""
-    from coplctl.errors import CoplError
+    from coplctl.core.errors import CoplError
 
     if value is None:
         return None
@@ -152,10 +152,10 @@ def _print_comparison(rows: list[dict], title: str) -> None:
 def _report(results: Path, fmt: str, out_dir: Optional[Path], as_json: bool = False) -> dict:
     """Print the tables of the results in ``fmt`` (unless ``as_json``) and write the report to ``out_dir``;
     returns {"tables": the tables as data, "files": the files written}."""
-    from coplctl.atomic import atomic_write_text
+    from coplctl.core.atomic import atomic_write_text
     from coplctl.bench.results import load_results
     from coplctl.bench.tables import build_tables, fewshot_curves, plot_fewshot, to_csv, to_latex, to_markdown
-    from coplctl.errors import CoplError
+    from coplctl.core.errors import CoplError
 
     render = {"md": to_markdown, "csv": to_csv, "latex": to_latex}
     if fmt not in render:
@@ -199,7 +199,7 @@ def _table_data(t) -> dict:
 
 def _check_report_out(out_dir: Path, found: list[dict]) -> None:
     """``report --out`` is a directory that can be made, and none of the report's files is a results file."""
-    from coplctl.errors import CoplError
+    from coplctl.core.errors import CoplError
 
     if out_dir.exists() and not out_dir.is_dir():
         raise CoplError(f"--out {out_dir} is a file; name a directory for the report")

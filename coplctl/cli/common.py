@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
-from coplctl.progress import stderr_console
+from coplctl.core.progress import stderr_console
 
 #: Tables and results go to stdout; logs, progress and errors to stderr.
 out = Console()
@@ -77,8 +77,8 @@ def parse_sets(sets: list[str]) -> dict:
     """``key=value`` options; values are read as YAML (numbers, true/false, lists, mappings)."""
     import yaml
 
-    from coplctl.errors import CoplError
-    from coplctl.files import yaml_numbers
+    from coplctl.core.errors import CoplError
+    from coplctl.core.files import yaml_numbers
 
     result = {}
     for item in sets:

@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from coplctl.cli.common import DataDir, Force, Json, MaybeOut, Seed, err, examples, out, print_json
-from coplctl.errors import CoplError
+from coplctl.core.errors import CoplError
 
 app = typer.Typer(name="data", help="Create, import and inspect preference datasets (UF-P simulated or real, or your own table).",
                   no_args_is_help=True,
@@ -117,7 +117,7 @@ def simulate(
 
     The dataset directory is --out (default: data/sim-VARIANT-ANNOTATIONS).
     """
-    from coplctl.atomic import check_output
+    from coplctl.core.atomic import check_output
     from coplctl.data.simulate import SimConfig, simulate as run
 
     proto = _protocol(variant, annotations, users, unseen_users, survey_pairs, fewshot_pairs, valid_pairs,
@@ -165,7 +165,7 @@ def build_ufp(
 
     The dataset directory is --out (default: data/ufp-VARIANT-ANNOTATIONS).
     """
-    from coplctl.atomic import check_output, refuse_overlap
+    from coplctl.core.atomic import check_output, refuse_overlap
     from coplctl.data.ultrafeedback import BuildConfig, build_ufp as run
 
     if variant is Variant.tldr:
@@ -217,7 +217,7 @@ def build_personalllm(
 
     The dataset directory is --out (default: data/personalllm-ANNOTATIONS).
     """
-    from coplctl.atomic import check_output, refuse_overlap
+    from coplctl.core.atomic import check_output, refuse_overlap
     from coplctl.data.personalllm import PersonalLLMConfig, build_personalllm as run, plm_protocol
 
     proto = plm_protocol(annotations=annotations.value, users=users, unseen_users=unseen_users, alpha=alpha,
@@ -263,7 +263,7 @@ def build_tldr(
 
     The dataset directory is --out (default: data/tldr-ANNOTATIONS).
     """
-    from coplctl.atomic import check_output, refuse_overlap
+    from coplctl.core.atomic import check_output, refuse_overlap
     from coplctl.data.tldr import TldrConfig, build_tldr as run, tldr_protocol
 
     proto = tldr_protocol(annotations=annotations.value, users=users, unseen_users=unseen_users,
@@ -316,7 +316,7 @@ def import_(
     """Import a flat preference table (one row per judgement: user, prompt, chosen, rejected, maybe a group)
     as a dataset directory: responses deduplicated by (prompt, text), splits by the UF-P protocol's options
     or a split column, every bad row named by its line."""
-    from coplctl.atomic import check_output, refuse_overlap
+    from coplctl.core.atomic import check_output, refuse_overlap
     from coplctl.data.importer import ImportConfig, import_table
 
     explicit = tuple(c for c in (group_column, split_column, controversial_column) if c is not None)

@@ -28,9 +28,9 @@ def export(
     as_json: Json = False,
 ) -> None:
     """Export a lora-mode run as a peft adapter: baselines load with PeftModel.from_pretrained, CoPL's
-    experts with coplctl.export.load_peft (a plain peft load refuses them rather than dropping them)."""
-    from coplctl.errors import CoplError
-    from coplctl.export import FORMATS, export_peft, push_to_hub
+    experts with coplctl.serving.export.load_peft (a plain peft load refuses them rather than dropping them)."""
+    from coplctl.core.errors import CoplError
+    from coplctl.serving.export import FORMATS, export_peft, push_to_hub
 
     if fmt not in FORMATS:
         raise CoplError(f"--format {fmt!r}: the formats are {', '.join(FORMATS)}")

@@ -57,7 +57,7 @@ def train(
     """
     from dataclasses import asdict
 
-    from coplctl.atomic import refuse_overlap
+    from coplctl.core.atomic import refuse_overlap
     from coplctl.data import load
     from coplctl.graph.train import preset_config, train_gcf
 

@@ -15,7 +15,7 @@ def methods(as_json: Json = False) -> None:
     from rich.table import Table
     from rich.text import Text
 
-    from coplctl.registry import METHODS
+    from coplctl.core.registry import METHODS
 
     rows = METHODS.describe()
     if as_json:

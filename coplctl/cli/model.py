@@ -47,13 +47,13 @@ def train(
     is kept beside it in .OUT.work: the same command, run again after a crash or kill, resumes from there
     (--force starts over); it is deleted once the run is saved.
     """
-    from coplctl.atomic import atomic_write_text, check_output, refuse_overlap
+    from coplctl.core.atomic import atomic_write_text, check_output, refuse_overlap
     from coplctl.data import load
-    from coplctl.errors import CoplError
-    from coplctl.registry import METHODS
-    from coplctl.reward import make_config
-    from coplctl.tracking import check_tracker
-    from coplctl.trainer import distributed_state
+    from coplctl.core.errors import CoplError
+    from coplctl.core.registry import METHODS
+    from coplctl.models.reward import make_config
+    from coplctl.models.tracking import check_tracker
+    from coplctl.models.trainer import distributed_state
 
     check_tracker(report_to)
     cls = METHODS.get(method)
@@ -108,11 +108,11 @@ def evaluate(
     as_json: Json = False,
 ) -> None:
     """Seen and unseen users' test accuracy, common vs controversial pairs (writes RUN/evaluation.json)."""
-    from coplctl.atomic import atomic_write_text
+    from coplctl.core.atomic import atomic_write_text
     from coplctl.data import load
-    from coplctl.evaluate import evaluate as run_eval
-    from coplctl.evaluate import render
-    from coplctl.reward import load_method
+    from coplctl.models.evaluate import evaluate as run_eval
+    from coplctl.models.evaluate import render
+    from coplctl.models.reward import load_method
 
     method = load_method(run)
     result = run_eval(method, load(data), fewshot=fewshot)
@@ -141,10 +141,10 @@ def score(
                        "JSONL lines (with --output too, which still gets JSONL).")] = False,
 ) -> None:
     """Reward of a response for a user, or of every line of a JSONL file."""
-    from coplctl.atomic import atomic_write_text
-    from coplctl.errors import CoplError, DataError
-    from coplctl.evaluate import read_score_requests, score_frame
-    from coplctl.reward import load_method
+    from coplctl.core.atomic import atomic_write_text
+    from coplctl.core.errors import CoplError, DataError
+    from coplctl.models.evaluate import read_score_requests, score_frame
+    from coplctl.models.reward import load_method
 
     if input_file is not None and (user, prompt, response) != (None, None, None):
         raise typer.BadParameter("give --input FILE, or --user, --prompt and --response; not both",
@@ -195,14 +195,14 @@ def serve(
 ) -> None:
     """Serve RUN's rewards over HTTP: POST /reward with {"items": [{"user", "prompt", "response"}, ...]};
     GET /health and /info. Needs the serve extra (pip install 'coplctl[serve]')."""
-    from coplctl.api import load
-    from coplctl.errors import CoplError
+    from coplctl.serving.api import load
+    from coplctl.core.errors import CoplError
 
     from importlib.util import find_spec
 
     if find_spec("starlette") is None or find_spec("uvicorn") is None:
         raise CoplError("coplctl serve needs starlette and uvicorn: pip install 'coplctl[serve]'")
-    from coplctl.serve import serve as run_server
+    from coplctl.serving.server import serve as run_server
 
     rm = load(run)
     err.print(f"serving {rm.name} from {run} on http://{host}:{port} (POST /reward, GET /health, GET /info)")

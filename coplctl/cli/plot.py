@@ -32,7 +32,7 @@ def embeddings(
     The figure is written to the PNG file --out (default: RUN/embeddings.png); --json prints its path and the
     users and groups drawn.
     """
-    from coplctl.plots import plot_embeddings
+    from coplctl.copl.figures import plot_embeddings
 
     with err.status("running t-SNE ..."):
         info = plot_embeddings(run, out or run / "embeddings.png", adapted=adapted, max_users=max_users, seed=seed)
@@ -57,7 +57,7 @@ def experts(
     The figure is written to the PNG file --out (default: RUN/experts.png); --json prints its path, the experts
     in use and the routing statistics per layer.
     """
-    from coplctl.plots import plot_experts
+    from coplctl.copl.figures import plot_experts
 
     info = plot_experts(run, out or run / "experts.png", layers=layer)
     if as_json:
@@ -76,7 +76,7 @@ def _print(info: dict, run: Path) -> None:
     """Each layer's routing as a table row on stdout."""
     from rich.table import Table
 
-    from coplctl.mole import COLLAPSE_SHARE
+    from coplctl.copl.mole import COLLAPSE_SHARE
 
     t = Table(title=f"Top-1 routing of {run}'s users per MoLE layer",
               caption=f"MI: mutual information of group and expert (bits; % of H(group)); "

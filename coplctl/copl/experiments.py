@@ -1,5 +1,5 @@
 """The paper's extra experiments on a trained CoPL model, run by a benchmark through
-:meth:`coplctl.reward.RewardMethod.experiments`; each spec section turns one on:
+:meth:`coplctl.models.reward.RewardMethod.experiments`; each spec section turns one on:
 
 - ``gcf`` (always): Table 5, the GCF's train/valid accuracy and group probe;
 - ``adaptation``: Table 4, unseen accuracy for each adaptation method;
@@ -13,9 +13,9 @@ the seen users only, and the model as it was afterwards.
 
 from __future__ import annotations
 
-from coplctl.evaluate import evaluate
-from coplctl.files import read_json
-from coplctl.reward import ExperimentContext, RewardMethod
+from coplctl.models.evaluate import evaluate
+from coplctl.core.files import read_json
+from coplctl.models.reward import ExperimentContext, RewardMethod
 
 
 def run_experiments(copl: RewardMethod, ctx: ExperimentContext) -> dict:
@@ -42,7 +42,7 @@ def run_experiments(copl: RewardMethod, ctx: ExperimentContext) -> dict:
         extra["fewshot_curve"] = curve
     if spec.figures and ctx.main_process:
         ctx.stage("figures")
-        from coplctl.plots import plot_embeddings, plot_experts
+        from coplctl.copl.figures import plot_embeddings, plot_experts
 
         fig = ctx.out_dir / "figures"
         extra["figures"] = {"tsne": plot_embeddings(copl.gcf_dir, fig / f"tsne-seed{ctx.seed}.png",

@@ -20,14 +20,14 @@ import pandas as pd
 import torch
 from torch import nn
 
-from coplctl.config import ADAPTATIONS, AT_LEAST_1, NON_NEGATIVE, POSITIVE, OneOf, Range
-from coplctl.encoders import RewardHead, add_lora, concat_batches, default_targets, lora_alpha
-from coplctl.errors import CoplError
-from coplctl.mole import Routing, gate_routing, inject_mole, load_balance_loss, mole_routing
-from coplctl.neural import NeuralMethod
-from coplctl.placement import EMBEDDINGS, place
-from coplctl.registry import register_method
-from coplctl.trainer import TrainConfig
+from coplctl.core.config import ADAPTATIONS, AT_LEAST_1, NON_NEGATIVE, POSITIVE, OneOf, Range
+from coplctl.models.encoders import RewardHead, add_lora, concat_batches, default_targets, lora_alpha
+from coplctl.core.errors import CoplError
+from coplctl.copl.mole import Routing, gate_routing, inject_mole, load_balance_loss, mole_routing
+from coplctl.models.neural import NeuralMethod
+from coplctl.copl.placement import EMBEDDINGS, place
+from coplctl.core.registry import register_method
+from coplctl.models.trainer import TrainConfig
 
 
 @dataclass
@@ -82,7 +82,7 @@ class CoPLConfig(TrainConfig):
     place_k: Annotated[int, NON_NEGATIVE] = 8
     """Beyond the paper, which adapts from graph responses only: a new user's pair on a response outside
     the GCF graph (a new text, or a response no training pair used) is used by placing that response by
-    its frozen-backbone features centred per prompt (:mod:`coplctl.placement`): its GCF embedding comes
+    its frozen-backbone features centred per prompt (:mod:`coplctl.copl.placement`): its GCF embedding comes
     from ``place_embedding``, and as a chosen response it reaches the seen users who chose any of its
     ``place_k`` nearest graph responses. 0 = the paper (such pairs are dropped and counted as
     ``pairs_outside_graph``; ``coplctl adapt --in-graph-only`` does the same for one adaptation)."""
@@ -91,7 +91,7 @@ class CoPLConfig(TrainConfig):
     centred GCF embeddings, fitted on the graph's responses) or ``neighbours`` (the softmax-weighted mean
     of its ``place_k`` nearest graph responses'). Simulated UF-P-2, pairs held out of the graph, two
     seeds: ridge 73.6 / 75.3% unseen accuracy, neighbours 70.4 / 67.0%, pairs dropped 68.3 / 68.2%, the
-    same users' graph pairs 76.0 / 77.8% (k = 8; k from 2 to 32 within 0.3 points; :mod:`coplctl.placement`)."""
+    same users' graph pairs 76.0 / 77.8% (k = 8; k from 2 to 32 within 0.3 points; :mod:`coplctl.copl.placement`)."""
     adapt_steps: Annotated[int, NON_NEGATIVE] = 50
     """Gradient steps for unseen users when ``user_embeddings="learned"`` (as the baselines, Appendix C.2)."""
     user_lr: Annotated[float, POSITIVE] | None = None
@@ -121,7 +121,7 @@ class CoPLNet(nn.Module):
         user_table: (users, d) user embeddings: GCF embeddings (kept as a buffer) or learnable rows
             (an ``nn.Parameter``, Table 3's w/o GNN embedding).
         encoder: the response encoder.
-        layers: its MoLE layers (:func:`coplctl.mole.inject_mole`) whose gates read the user embedding;
+        layers: its MoLE layers (:func:`coplctl.copl.mole.inject_mole`) whose gates read the user embedding;
             None = w/o MoLE, where ``user_proj`` maps the embedding to the one extra token the encoder reads.
         gate_noise: std of noise on gate logits while training.  load_balance: weight of the balancing loss.
     """
@@ -187,7 +187,7 @@ class CoPL(NeuralMethod):
         import hashlib
         import json
 
-        from coplctl.backbone import cache_root
+        from coplctl.models.backbone import cache_root
         from coplctl.graph.train import preset_config, train_gcf
 
         cfg = preset_config(self.config.gcf_preset, **self.config.gcf_overrides)
@@ -239,15 +239,15 @@ class CoPL(NeuralMethod):
     def fit(self, data, backbone=None, **kwargs) -> dict:
         """Train (see :meth:`NeuralMethod.fit`); with MoLE the metrics also get ``routing``: per layer, the
         seen users' top-1 expert shares and the mutual information of expert and group
-        (:func:`coplctl.mole.routing_stats`), with a warning when a layer sends (nearly) everybody to one expert."""
+        (:func:`coplctl.copl.mole.routing_stats`), with a warning when a layer sends (nearly) everybody to one expert."""
         metrics = super().fit(data, backbone, **kwargs)
         if self.config.mole:
             metrics["routing"] = self.routing_report(data)
         return metrics
 
     def routing_report(self, data, *, warn: bool | None = None) -> dict:
-        """:func:`coplctl.mole.gate_routing` of the seen users' table, grouped by the dataset's groups."""
-        from coplctl.trainer import distributed_state
+        """:func:`coplctl.copl.mole.gate_routing` of the seen users' table, grouped by the dataset's groups."""
+        from coplctl.models.trainer import distributed_state
 
         group_of = dict(zip(data.users["user_id"], data.users["group"]))
         groups = [group_of.get(u) for u in self.user_ids]
@@ -264,7 +264,7 @@ class CoPL(NeuralMethod):
         c = self.config
         new = list(dict.fromkeys(pairs["user_id"]))
         if c.user_embeddings == "gcf":
-            from coplctl.adapt import AdaptConfig, adapt_users
+            from coplctl.copl.adapt import AdaptConfig, adapt_users
             from coplctl.graph.run import GCFRun
 
             if self.gcf_dir is None:

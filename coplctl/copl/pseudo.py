@@ -50,12 +50,12 @@ def _sample(survey: pd.DataFrame, ds, users: list[str], k: int, rng) -> pd.DataF
 
 
 def pseudo_label_experiments(copl, ctx) -> dict:
-    """Table 6 for a trained CoPL model (``ctx``: a :class:`coplctl.reward.ExperimentContext` whose spec
+    """Table 6 for a trained CoPL model (``ctx``: a :class:`coplctl.models.reward.ExperimentContext` whose spec
     has a ``pseudo_labels`` section)."""
-    from coplctl.evaluate import accuracy_table, evaluate
+    from coplctl.models.evaluate import accuracy_table, evaluate
     from coplctl.graph.run import GCFRun
-    from coplctl.registry import METHODS
-    from coplctl.reward import make_config, pair_scores
+    from coplctl.core.registry import METHODS
+    from coplctl.models.reward import make_config, pair_scores
 
     ds, seed, settings, pl = ctx.data, ctx.seed, ctx.settings, ctx.spec.pseudo_labels
     run = GCFRun(copl.gcf_dir)

@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from coplctl.atomic import atomic_dir
-from coplctl.errors import DataError
-from coplctl.files import read_json, read_parquet
+from coplctl.core.atomic import atomic_dir
+from coplctl.core.errors import DataError
+from coplctl.core.files import read_json, read_parquet
 
 FORMAT_VERSION = 1
 #: How a backbone reads a response (paper §5; the same for every method and backbone).

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from coplctl.errors import CoplError, DataError
+from coplctl.core.errors import CoplError, DataError
 
 if TYPE_CHECKING:
     from coplctl.data.importer import ImportConfig
@@ -49,7 +49,7 @@ class _Table:
 def _jsonl(path: Path, wanted: list[str]) -> tuple[dict, np.ndarray, list[str]]:
     """Line by line with Python's parser: exact line numbers, strings kept as written (Arrow's reader
     turns date-like strings into timestamps, big integers into floats and crashes on some lines)."""
-    from coplctl.files import jsonl_records
+    from coplctl.core.files import jsonl_records
 
     cols: dict[str, list] = {c: [] for c in dict.fromkeys(wanted)}
     lines, available = [], {}
@@ -93,7 +93,7 @@ def read_table(source: str, cfg: ImportConfig) -> _Table:
                 raise DataError(path, "holds no rows (one JSON object per line)")
             return _Table(path, _present(path, cols, cfg, available), lines)
         if path.suffix == ".json":
-            from coplctl.files import read_json
+            from coplctl.core.files import read_json
 
             data = read_json(path, what="JSON table", expect=list)
             if not data:

@@ -33,7 +33,7 @@ import pandas as pd
 from coplctl.data.dataset import SPLITS, PreferenceDataset
 from coplctl.data.flat import flags, ids, prompts_of, read_table, texts_of
 from coplctl.data.ultrafeedback import sha256
-from coplctl.errors import CoplError, DataError
+from coplctl.core.errors import CoplError, DataError
 
 
 @dataclass

@@ -32,7 +32,7 @@ from coplctl.data.dataset import PreferenceDataset
 from coplctl.data.protocol import ProtocolConfig, assign_users, break_ties
 from coplctl.data.ultrafeedback import (assemble, input_files, length_filter, location, hub_dataset,
                                         read_records, sha256)
-from coplctl.errors import CoplError, DataError
+from coplctl.core.errors import CoplError, DataError
 
 PLM_HUB_ID = "namkoong-lab/PersonalLLM"
 #: The authors' four of PersonalLLM's ten reward models.

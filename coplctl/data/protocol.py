@@ -40,8 +40,8 @@ from typing import Annotated
 import numpy as np
 import pandas as pd
 
-from coplctl.config import AT_LEAST_1, NON_NEGATIVE, POSITIVE, OneOf, Range, check_fields
-from coplctl.errors import CoplError
+from coplctl.core.config import AT_LEAST_1, NON_NEGATIVE, POSITIVE, OneOf, Range, check_fields
+from coplctl.core.errors import CoplError
 
 #: Preference groups = UltraFeedback attributes, in the order UF-P uses them.
 ATTRIBUTES = ("helpfulness", "honesty", "instruction_following", "truthfulness")

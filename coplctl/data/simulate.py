@@ -28,7 +28,7 @@ from typing import Annotated
 import numpy as np
 import pandas as pd
 
-from coplctl.config import PROBABILITY, Range, check_fields
+from coplctl.core.config import PROBABILITY, Range, check_fields
 from coplctl.data.dataset import PreferenceDataset
 from coplctl.data.protocol import ATTRIBUTES, ProtocolConfig, assign_users, break_ties, controversial
 

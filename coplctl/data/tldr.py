@@ -38,7 +38,7 @@ from coplctl.data.dataset import PreferenceDataset
 from coplctl.data.protocol import LENGTH_GROUPS, ProtocolConfig, assign_users
 from coplctl.data.ultrafeedback import (assemble, input_files, length_filter, location, hub_dataset,
                                         read_records, sha256)
-from coplctl.errors import CoplError, DataError
+from coplctl.core.errors import CoplError, DataError
 
 TLDR_HUB_ID = "openai/summarize_from_feedback"
 _SPLITS = {"train": "train", "valid1": "validation", "valid2": "validation", "validation": "validation"}

@@ -42,8 +42,8 @@ import pandas as pd
 
 from coplctl.data.dataset import TEXT_FORMAT, PreferenceDataset
 from coplctl.data.protocol import ATTRIBUTES, ProtocolConfig, assign_users, break_ties
-from coplctl.errors import CoplError, DataError
-from coplctl.files import jsonl_records, read_json
+from coplctl.core.errors import CoplError, DataError
+from coplctl.core.files import jsonl_records, read_json
 
 UF_HUB_ID = "openbmb/UltraFeedback"
 CLEANED_HUB_ID = "argilla/ultrafeedback-binarized-preferences-cleaned"

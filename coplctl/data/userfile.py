@@ -22,8 +22,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from coplctl.errors import DataError
-from coplctl.files import parse_json, read_text
+from coplctl.core.errors import DataError
+from coplctl.core.files import parse_json, read_text
 
 
 NEW_COLUMNS = ["response_id", "prompt", "text"]

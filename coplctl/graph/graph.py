@@ -25,8 +25,8 @@ from torch_geometric import EdgeIndex
 from torch_geometric.utils import coalesce, degree, dropout_edge, to_torch_csr_tensor
 from torch_geometric.utils import spmm as pyg_spmm
 
-from coplctl.atomic import atomic_path, atomic_write_text
-from coplctl.errors import CoplError, DataError
+from coplctl.core.atomic import atomic_path, atomic_write_text
+from coplctl.core.errors import CoplError, DataError
 
 
 @dataclass(frozen=True, eq=False)
@@ -235,7 +235,7 @@ class PreferenceGraph:
     @classmethod
     def load(cls, directory: Path) -> "PreferenceGraph":
         """Read what :meth:`save` wrote; any damage is one DataError naming the file and the problem."""
-        from coplctl import files
+        from coplctl.core import files
 
         tfile, jfile = directory / "graph.safetensors", directory / "graph.json"
         t, ids = files.read_safetensors(tfile, "graph file"), files.read_json(jfile, what="graph file")

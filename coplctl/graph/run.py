@@ -8,8 +8,8 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from coplctl.errors import CoplError, DataError
-from coplctl.files import field, read_json, read_parquet, read_safetensors
+from coplctl.core.errors import CoplError, DataError
+from coplctl.core.files import field, read_json, read_parquet, read_safetensors
 from coplctl.graph.graph import PreferenceGraph
 from coplctl.graph.model import VARIANTS
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import torch
 
-from coplctl.checkpoint import load_checkpoint, save_checkpoint
-from coplctl.errors import CoplError
+from coplctl.core.checkpoint import load_checkpoint, save_checkpoint
+from coplctl.core.errors import CoplError
 from coplctl.graph.model import GCF
 
 CHECKPOINT = "checkpoint.safetensors"  # tensors + JSON metadata: never unpickled

@@ -15,16 +15,16 @@ from typing import Annotated
 
 import torch
 
-from coplctl.atomic import atomic_path, atomic_write_text, check_replaceable, remove_stale
-from coplctl.config import AT_LEAST_1, FRACTION, NON_NEGATIVE, POSITIVE, OneOf, check_fields
-from coplctl.errors import CoplError
+from coplctl.core.atomic import atomic_path, atomic_write_text, check_replaceable, remove_stale
+from coplctl.core.config import AT_LEAST_1, FRACTION, NON_NEGATIVE, POSITIVE, OneOf, check_fields
+from coplctl.core.errors import CoplError
 from coplctl.graph.graph import Adjacency, PreferenceGraph
 from coplctl.graph.model import VARIANTS, GCF
 from coplctl.graph.probe import group_probe, weight_columns, weight_probe
 from coplctl.graph.sampling import NeighborSampler
 from coplctl.graph.state import CHECKPOINT, TrainingRun
-from coplctl.progress import Bar
-from coplctl.optim import bt_loss, cosine_with_warmup, resolve_device
+from coplctl.core.progress import Bar
+from coplctl.core.optim import bt_loss, cosine_with_warmup, resolve_device
 
 
 @dataclass

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from coplctl.errors import CoplError
+from coplctl.core.errors import CoplError
 
 
 @contextmanager
@@ -51,7 +51,7 @@ class RewardModel:
     """A saved run loaded for scoring (see the module docstring); build it with :func:`load`."""
 
     def __init__(self, method, run: Path, cache_texts: int = 50_000):
-        from coplctl.features import MemoryStore
+        from coplctl.models.features import MemoryStore
 
         self.method, self.run = method, run
         self._memory = MemoryStore(cache_texts)
@@ -70,8 +70,8 @@ class RewardModel:
                *, batch_size: int = 256) -> np.ndarray:
         """Rewards of ``responses[i]`` to ``prompts[i]`` for ``users[i]`` (a single user or prompt applies to
         every response), as float32, in batches of ``batch_size``."""
-        from coplctl.evaluate import score_frame
-        from coplctl.features import in_memory
+        from coplctl.models.evaluate import score_frame
+        from coplctl.models.features import in_memory
 
         if batch_size < 1:
             raise CoplError(f"batch_size must be at least 1, not {batch_size}")
@@ -99,7 +99,7 @@ class RewardModel:
         ``prompt``, as a user file's lines. Returns the method's report; a problem names the record (row,
         from 0)."""
         from coplctl.data.userfile import user_pairs
-        from coplctl.features import in_memory
+        from coplctl.models.features import in_memory
 
         records = pairs.to_dict("records") if isinstance(pairs, pd.DataFrame) else list(pairs)
         uf = user_pairs(enumerate(records), self.method.responses, source="pairs", unit="row",
@@ -111,7 +111,7 @@ class RewardModel:
 
 def load(run: str | Path, *, cache_texts: int = 50_000) -> RewardModel:
     """Load the run directory ``run`` (``coplctl train`` / ``adapt`` / a benchmark's ``runs/...``)."""
-    from coplctl.reward import load_method
+    from coplctl.models.reward import load_method
 
     with _own_rng():
         method = load_method(run)

@@ -24,7 +24,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from coplctl.errors import CoplError
+from coplctl.core.errors import CoplError
 
 _STALE = re.compile(r"(?:tmp|old)-(\d+)-[a-z0-9_]+")
 

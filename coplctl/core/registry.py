@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Generic, TypeVar
 
-from coplctl.errors import CoplError
+from coplctl.core.errors import CoplError
 
 T = TypeVar("T")
 
@@ -183,7 +183,7 @@ METHODS: Registry = Registry("method", discover=_discover_methods)
 
 def register_method(name: str, description: str | None = None, *, label: str | None = None,
                     order: int | None = None):
-    """Class decorator registering a :class:`coplctl.reward.RewardMethod` under ``name``.
+    """Class decorator registering a :class:`coplctl.models.reward.RewardMethod` under ``name``.
 
     ``label``: its name in tables (default: ``name``). ``order``: its place among the paper's methods
     (Table 1's rows, a spec's default ``methods``); methods without one come after, by name. Both must be

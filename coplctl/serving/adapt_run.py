@@ -7,7 +7,7 @@
 New users come from a user file (:func:`coplctl.data.userfile.read_user_file`) or from a dataset's unseen
 users (their fewshot pairs); a user the run already has is never replaced. A reward-model run also takes
 responses it has never seen, given by prompt and text: its backbone scores them, and CoPL places them
-next to their nearest graph responses (:mod:`coplctl.placement`, beyond the paper); ``in_graph_only``
+next to their nearest graph responses (:mod:`coplctl.copl.placement`, beyond the paper); ``in_graph_only``
 turns both off, as before this existed.
 """
 
@@ -23,13 +23,13 @@ import pandas as pd
 
 from safetensors.torch import save_file
 
-from coplctl.adapt import AdaptConfig, Adapted, adapt_users, graph_accuracy
-from coplctl.atomic import atomic_dir, atomic_path, atomic_write_text
+from coplctl.copl.adapt import AdaptConfig, Adapted, adapt_users, graph_accuracy
+from coplctl.core.atomic import atomic_dir, atomic_path, atomic_write_text
 from coplctl.data import PreferenceDataset, load
 from coplctl.data.userfile import UserFile, read_user_file, seen_user_problem
-from coplctl.errors import DataError
+from coplctl.core.errors import DataError
 from coplctl.graph.run import GCFRun
-from coplctl.reward import load_method
+from coplctl.models.reward import load_method
 
 #: The file that marks a directory as adapt's output (what --force may replace), and its kind in errors.
 MARKER, KIND = "summary.json", "coplctl adapt output"

@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from coplctl.atomic import atomic_path
-from coplctl.backbone import Backbone, cache_root
+from coplctl.core.atomic import atomic_path
+from coplctl.models.backbone import Backbone, cache_root
 
 SHARD_TEXTS = 4096  # texts per shard written (and per progress step)
 

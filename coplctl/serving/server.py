@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from importlib.metadata import version
 
-from coplctl.errors import CoplError
+from coplctl.core.errors import CoplError
 
 
 class _Problem(Exception):
@@ -52,7 +52,7 @@ def _items(body: bytes, max_batch: int) -> tuple[list[str], list[str], list[str]
 
 
 def make_app(rm, *, max_batch: int = 1024, max_body_bytes: int = 8 << 20):
-    """The ASGI application serving ``rm`` (a :class:`coplctl.api.RewardModel`)."""
+    """The ASGI application serving ``rm`` (a :class:`coplctl.serving.api.RewardModel`)."""
     from starlette.applications import Starlette
     from starlette.concurrency import run_in_threadpool
     from starlette.requests import Request

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from coplctl.reward import RewardMethod, pair_scores
+from coplctl.models.reward import RewardMethod, pair_scores
 
 
 def accuracy_table(correct: np.ndarray, controversial: np.ndarray, ties: np.ndarray | None = None) -> dict:
@@ -65,8 +65,8 @@ def score_frame(rows: list[dict]) -> pd.DataFrame:
 
 def read_score_requests(path: str | Path) -> tuple[list[dict], list[int]]:
     """Requests of a `score --input` JSONL file and their line numbers; any bad line is one DataError."""
-    from coplctl.errors import DataError
-    from coplctl.files import parse_json, read_text
+    from coplctl.core.errors import DataError
+    from coplctl.core.files import parse_json, read_text
 
     path = Path(path)
     rows, lines = [], []

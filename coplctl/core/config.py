@@ -16,7 +16,7 @@ import math
 import types
 import typing
 
-from coplctl.errors import CoplError
+from coplctl.core.errors import CoplError
 
 
 @dataclasses.dataclass(frozen=True)

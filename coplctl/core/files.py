@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
-from coplctl.errors import DataError
+from coplctl.core.errors import DataError
 
 if TYPE_CHECKING:
     import torch

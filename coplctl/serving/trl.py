@@ -1,6 +1,6 @@
 """A coplctl run as a TRL reward function (``GRPOTrainer(reward_funcs=[...])``, RLOO and the like).
 
-    from coplctl.integrations.trl import reward_function
+    from coplctl.serving.trl import reward_function
     trainer = GRPOTrainer(model=policy, reward_funcs=[reward_function("runs/copl", user_column="user_id")],
                           train_dataset=prompts_with_a_user_id_column, ...)
 
@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from coplctl.errors import CoplError
+from coplctl.core.errors import CoplError
 
 
 def _prompt(value) -> str:
@@ -43,7 +43,7 @@ def reward_function(run: str | Path, user_column: str = "user_id", *, cache_text
                     batch_size: int = 256) -> Callable[..., list[float]]:
     """A callable ``(prompts, completions, **columns) -> list[float]`` scoring each completion for the user
     in ``columns[user_column]``, named ``coplctl_<method>`` (TRL logs rewards under a function's name)."""
-    from coplctl.api import load
+    from coplctl.serving.api import load
 
     rm = load(run, cache_texts=cache_texts)
 

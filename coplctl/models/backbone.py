@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 
 from coplctl.data.dataset import TEXT_FORMAT
-from coplctl.errors import CoplError
-from coplctl.optim import resolve_device
+from coplctl.core.errors import CoplError
+from coplctl.core.optim import resolve_device
 
 #: Short names users type for the paper's backbones.
 ALIASES = {"gemma-2b-it": "google/gemma-2b-it", "gemma-7b-it": "google/gemma-7b-it"}
@@ -71,7 +71,7 @@ def _gemma_270m_dir() -> Path:
     pkg = _import_embedded("gemma-3-270m")
     from transformers import AutoModel, AutoTokenizer
 
-    from coplctl.atomic import atomic_dir
+    from coplctl.core.atomic import atomic_dir
 
     gguf = pkg.assemble(cache_root() / "backbones" / pkg.MODEL_NAME)
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)

@@ -13,7 +13,7 @@ Given a trained GCF and a new user u* with a few pairs D_u* over graph responses
   (Table 4, "User Opt.").
 
 Beyond the paper, a pair on a response outside the graph can still be used: given a
-:class:`coplctl.placement.Placement` (CoPL places such responses by their frozen-backbone features), a
+:class:`coplctl.copl.placement.Placement` (CoPL places such responses by their frozen-backbone features), a
 placed response scores with the GCF embedding the placement gives it and, when chosen, reaches seen
 users through the positive edges of its nearest graph responses. The report counts each
 user's pairs ``pairs_in_graph``, ``pairs_placed`` and ``pairs_outside_graph`` (those left out).
@@ -38,10 +38,10 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from coplctl.config import ADAPTATIONS, AT_LEAST_1, NON_NEGATIVE, POSITIVE, OneOf, Range, check_fields
-from coplctl.errors import CoplError
+from coplctl.core.config import ADAPTATIONS, AT_LEAST_1, NON_NEGATIVE, POSITIVE, OneOf, Range, check_fields
+from coplctl.core.errors import CoplError
 from coplctl.graph.run import GCFRun
-from coplctl.placement import Placement
+from coplctl.copl.placement import Placement
 
 USER_BLOCK = 512  # new users whose k-hop neighbourhoods are found together
 CHUNK_ELEMENTS = 1 << 23  # floats of the padded (users × neighbours × (d + pairs)) batches

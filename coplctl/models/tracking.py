@@ -14,7 +14,7 @@ import dataclasses
 import json
 from importlib.util import find_spec
 
-from coplctl.errors import CoplError
+from coplctl.core.errors import CoplError
 
 #: ``--report-to`` choices and the packages each needs (any one of them).
 TRACKERS = {"none": (), "tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",)}

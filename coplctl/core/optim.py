@@ -1,13 +1,13 @@
 """Training pieces shared by the GCF trainer and the reward-model trainer: the Bradley-Terry loss,
 the warmup + cosine schedule and device resolution. torch is imported inside the functions, so
-importing this module (e.g. through ``coplctl.reward``) stays cheap."""
+importing this module (e.g. through ``coplctl.models.reward``) stays cheap."""
 
 from __future__ import annotations
 
 import math
 from typing import TYPE_CHECKING
 
-from coplctl.errors import CoplError
+from coplctl.core.errors import CoplError
 
 if TYPE_CHECKING:
     import torch

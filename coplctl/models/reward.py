@@ -17,9 +17,9 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 import pandas as pd
 
-from coplctl.atomic import atomic_dir
-from coplctl.errors import CoplError
-from coplctl.optim import bt_loss
+from coplctl.core.atomic import atomic_dir
+from coplctl.core.errors import CoplError
+from coplctl.core.optim import bt_loss
 
 if TYPE_CHECKING:
     import torch
@@ -82,7 +82,7 @@ class RewardMethod(ABC):
             work_dir: Path | None = None) -> dict:
         """Train on the seen users' ``train`` pairs (``valid`` pairs for model selection); return metrics.
 
-        ``backbone`` is a loaded :class:`coplctl.backbone.Backbone` to share between methods (None:
+        ``backbone`` is a loaded :class:`coplctl.models.backbone.Backbone` to share between methods (None:
         load the configured one). ``work_dir`` keeps resumable intermediate work (e.g. CoPL's GCF).
         """
 
@@ -145,9 +145,9 @@ def make_config(config_cls: type, overrides: dict, *, owner: str = "method") -> 
 
 def load_method(directory: str | Path) -> RewardMethod:
     """Rebuild a saved method in a new process (its class comes from the registry)."""
-    from coplctl.registry import METHODS
+    from coplctl.core.registry import METHODS
 
-    from coplctl.files import field, read_json
+    from coplctl.core.files import field, read_json
 
     directory = Path(directory)
     info_path = directory / METHOD_FILE

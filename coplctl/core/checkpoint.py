@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 
-from coplctl.atomic import atomic_path
-from coplctl.errors import DataError
+from coplctl.core.atomic import atomic_path
+from coplctl.core.errors import DataError
 
 _TAGS = ("$tensor", "$tuple", "$items")
 
@@ -58,7 +58,7 @@ def save_checkpoint(path: str | Path, obj: Any) -> None:
     tensors: dict[str, torch.Tensor] = {}
     tree = json.dumps(_encode(obj, tensors))
     with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={"coplctl.checkpoint": tree})
+        save_file(tensors, str(tmp), metadata={"coplctl.core.checkpoint": tree})
 
 
 def load_checkpoint(path: str | Path) -> Any:
@@ -68,12 +68,12 @@ def load_checkpoint(path: str | Path) -> Any:
     path = Path(path)
     try:
         with safe_open(str(path), framework="pt") as f:
-            tree = (f.metadata() or {}).get("coplctl.checkpoint")
+            tree = (f.metadata() or {}).get("coplctl.core.checkpoint")
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:  # safetensors raises its own error type for every kind of damage
         raise DataError(path, f"is not a readable checkpoint ({str(e).strip()[:200]}); delete it to start over") from None
     if tree is None:
-        raise DataError(path, "is not a coplctl checkpoint (no coplctl.checkpoint metadata); delete it to start over")
+        raise DataError(path, "is not a coplctl checkpoint (no coplctl.core.checkpoint metadata); delete it to start over")
     try:
         return _decode(json.loads(tree), tensors)
     except (ValueError, KeyError, TypeError, RecursionError) as e:

@@ -21,14 +21,14 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from coplctl.config import AT_LEAST_1, NON_NEGATIVE, POSITIVE
-from coplctl.atomic import atomic_path
-from coplctl.backbone import Backbone
-from coplctl.encoders import ResponseEncoder, RewardHead, add_lora, build_inputs, concat_batches, lora_alpha
-from coplctl.errors import CoplError, DataError
-from coplctl.files import field, read_json, read_parquet, read_safetensors, read_user_ids
-from coplctl.reward import METHOD_FILE, RewardMethod, bt_loss
-from coplctl.trainer import (TrainConfig, autocast, distributed_state, fp32_trainable, load_trainable_state,
+from coplctl.core.config import AT_LEAST_1, NON_NEGATIVE, POSITIVE
+from coplctl.core.atomic import atomic_path
+from coplctl.models.backbone import Backbone
+from coplctl.models.encoders import ResponseEncoder, RewardHead, add_lora, build_inputs, concat_batches, lora_alpha
+from coplctl.core.errors import CoplError, DataError
+from coplctl.core.files import field, read_json, read_parquet, read_safetensors, read_user_ids
+from coplctl.models.reward import METHOD_FILE, RewardMethod, bt_loss
+from coplctl.models.trainer import (TrainConfig, autocast, distributed_state, fp32_trainable, load_trainable_state,
                              optimize_rows, rewards, train_pairs, trainable_state)
 
 
@@ -37,7 +37,7 @@ USER_LR_LORA = 1e-2
 
 
 class NeuralMethod(RewardMethod):
-    """A reward method trained with :func:`coplctl.trainer.train_pairs` on a response encoder."""
+    """A reward method trained with :func:`coplctl.models.trainer.train_pairs` on a response encoder."""
 
     Config = TrainConfig
     #: False for methods whose reward ignores the user (Uniform): any user id is accepted
@@ -128,7 +128,7 @@ class NeuralMethod(RewardMethod):
     def inputs(self, responses: pd.DataFrame, progress: bool = False):
         bar = None
         if progress:
-            from coplctl.progress import stderr_console
+            from coplctl.core.progress import stderr_console
 
             bar = lambda done, total: stderr_console().print(f"embedded {done:,}/{total:,} new response texts")  # noqa: E731
         return build_inputs(self.backbone, responses, self.config.mode, progress=bar)
@@ -137,8 +137,8 @@ class NeuralMethod(RewardMethod):
             report_to: str = "none") -> dict:
         """Train (see :meth:`RewardMethod.fit`). With a ``work_dir`` the training state is checkpointed there
         and an interrupted fit of the same data, config and seed resumes; ``report_to``: an experiment
-        tracker (:mod:`coplctl.tracking`) logging under ``work_dir/logs``."""
-        from coplctl.tracking import check_tracker
+        tracker (:mod:`coplctl.models.tracking`) logging under ``work_dir/logs``."""
+        from coplctl.models.tracking import check_tracker
 
         check_tracker(report_to)  # before any work
         if report_to != "none" and work_dir is None:

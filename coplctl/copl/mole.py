@@ -49,7 +49,7 @@ class Routing:
 class ExpertGate:
     """The gate and the experts of a MoLE layer: ``expert_a`` (M, n, d_in), ``expert_b`` (M, d_out, n),
     ``gate`` (the MLP on the user embedding), ``scale``, ``temperature``, ``top_k`` and ``name``, set by
-    the module that mixes this in (:class:`MoLELinear` here, :class:`coplctl.peft_mole.PeftExperts` in an
+    the module that mixes this in (:class:`MoLELinear` here, :class:`coplctl.copl.peft_mole.PeftExperts` in an
     exported peft adapter), so both compute the same rewards."""
 
     @property
@@ -203,7 +203,7 @@ def routing_stats(allocation: Mapping[str, Sequence[int]], groups: Sequence | No
 
     Args:
         allocation: layer name → expert of each user (as from :func:`top1_allocation` or
-            ``coplctl.plots.expert_allocation(...)["layers"]``).
+            ``coplctl.copl.figures.expert_allocation(...)["layers"]``).
         groups: each user's preference group, same order; None / NaN where unknown (or no groups at all).
         num_experts: M (default: largest expert index + 1).
 

@@ -1,4 +1,4 @@
-"""Resumable reward-model training: what :func:`coplctl.trainer.train_pairs` holds between two optimizer
+"""Resumable reward-model training: what :func:`coplctl.models.trainer.train_pairs` holds between two optimizer
 steps, saved in the run's work directory and restored exactly (bit-identical on CPU).
 
 Why not accelerate's ``Accelerator.save_state`` / ``load_state``: it writes the optimizer, scheduler and
@@ -7,7 +7,7 @@ scaler states and every process's random states with ``torch.save`` (``optimizer
 unpickles a file, not even through ``weights_only=True``'s allowlisting unpickler (which accelerate widens
 with numpy's globals), so that a crafted work directory can at worst be rejected, never run code. It would
 also save the whole model, frozen backbone included (gigabytes for gemma-7b), where only the trained
-parameters change. Everything therefore goes through :mod:`coplctl.checkpoint`: one safetensors file,
+parameters change. Everything therefore goes through :mod:`coplctl.core.checkpoint`: one safetensors file,
 tensors plus JSON metadata.
 
 A fingerprint of the training data, the inputs, the starting weights, the config and the seed guards the
@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from coplctl.checkpoint import load_checkpoint, save_checkpoint
-from coplctl.errors import CoplError
+from coplctl.core.checkpoint import load_checkpoint, save_checkpoint
+from coplctl.core.errors import CoplError
 
 #: The training state in ``work_dir`` (one file; rewritten atomically at each checkpoint).
 STATE_FILE = "train-state.safetensors"

@@ -7,7 +7,7 @@ The folder holds
   ``AutoModel.from_pretrained(base_model_name_or_path)`` and gives exactly the run's hidden states.
   CoPL's mixture of LoRA experts is ``peft_type: "COPL_MOLE"``: a plain peft load refuses it (a LoRA load
   would silently drop the experts); :func:`load_peft` loads it with the experts registered as a peft
-  custom module (:mod:`coplctl.peft_mole`).
+  custom module (:mod:`coplctl.copl.peft_mole`).
 - ``coplctl_reward.safetensors`` and ``coplctl_reward.json``, the sidecar: every other trained tensor
   (the reward head, user tables, gates outside the backbone ...) with the run's names, the users in row
   order, the method and its config, the text format and pooling. The reward is
@@ -23,9 +23,9 @@ from pathlib import Path
 
 import torch
 
-from coplctl.atomic import atomic_dir, refuse_overlap
-from coplctl.errors import CoplError
-from coplctl.peft_mole import MOLE_PEFT_TYPE, mole_lora_config
+from coplctl.core.atomic import atomic_dir, refuse_overlap
+from coplctl.core.errors import CoplError
+from coplctl.copl.peft_mole import MOLE_PEFT_TYPE, mole_lora_config
 
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 SIDECAR, SIDECAR_WEIGHTS = "coplctl_reward.json", "coplctl_reward.safetensors"
@@ -53,7 +53,7 @@ def backbone_info(method) -> dict:
     """Name, loadable id or path, revision and package of the run's backbone."""
     from importlib.metadata import PackageNotFoundError, version
 
-    from coplctl.backbone import EMBEDDED, resolve
+    from coplctl.models.backbone import EMBEDDED, resolve
 
     name = method.config.backbone
     source, _ = resolve(name)
@@ -70,7 +70,7 @@ def backbone_info(method) -> dict:
 
 def _split_state(method) -> tuple[dict, dict, dict | None]:
     """(adapter tensors in peft's checkpoint names, the other trained tensors, MoLE spec or None)."""
-    from coplctl.trainer import trainable_state
+    from coplctl.models.trainer import trainable_state
 
     state = trainable_state(method.net)
     adapters, rest = {}, {}
@@ -133,7 +133,7 @@ def export_peft(run: str | Path, out: str | Path, *, force: bool = False) -> dic
     """Write RUN (a lora-mode run) as a peft adapter folder at OUT; returns a summary."""
     from safetensors.torch import save_file
 
-    from coplctl.reward import load_method
+    from coplctl.models.reward import load_method
 
     run, out = Path(run), Path(out)
     refuse_overlap(out, {"the run": run})
@@ -166,7 +166,7 @@ def export_peft(run: str | Path, out: str | Path, *, force: bool = False) -> dic
                   metadata={"format": "pt"})
         save_file({k: v.contiguous() for k, v in rest.items()}, str(tmp / SIDECAR_WEIGHTS), metadata={"format": "pt"})
         (tmp / SIDECAR).write_text(json.dumps(sidecar, indent=2) + "\n")
-        from coplctl.model_card import model_card
+        from coplctl.serving.model_card import model_card
 
         (tmp / "README.md").write_text(model_card(sidecar, config, training, evaluation, run))
     return {"run": str(run), "out": str(out), "format": "peft", "method": method.registry_name,
@@ -175,7 +175,7 @@ def export_peft(run: str | Path, out: str | Path, *, force: bool = False) -> dic
 
 
 def _read_optional(path: Path) -> dict | None:
-    from coplctl.files import read_json
+    from coplctl.core.files import read_json
 
     return read_json(path, what="run file") if path.is_file() else None
 
@@ -190,7 +190,7 @@ def load_peft(directory: str | Path, model: torch.nn.Module):
     from peft import PeftModel, set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    from coplctl.files import read_json
+    from coplctl.core.files import read_json
 
     directory = Path(directory)
     saved = read_json(directory / ADAPTER_CONFIG, what="adapter config")

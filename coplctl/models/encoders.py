@@ -1,7 +1,7 @@
 """Response encoders for the two modes every method supports.
 
 - ``frozen``: the backbone embeds each unique response text once (cached on disk, see
-  :mod:`coplctl.features`); a small trunk (MLP) trained on top maps features to a hidden vector.
+  :mod:`coplctl.models.features`); a small trunk (MLP) trained on top maps features to a hidden vector.
 - ``lora``: the backbone reads the tokens with trainable adapters inside (the paper's setting).
 
 Either way an encoder maps a batch of responses (plus, optionally, one extra vector per sample:
@@ -19,7 +19,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from coplctl.backbone import Backbone
+from coplctl.models.backbone import Backbone
 
 MODES = ("frozen", "lora")
 
@@ -59,7 +59,7 @@ def build_inputs(backbone: Backbone, responses: pd.DataFrame, mode: str, *, prog
     """Inputs for ``responses`` (prompt, text): cached frozen features, or token ids."""
     texts = [backbone.format(p, r) for p, r in zip(responses["prompt"], responses["text"])]
     if mode == "frozen":
-        from coplctl.features import features
+        from coplctl.models.features import features
 
         return ResponseInputs("frozen", features=features(backbone, texts, batch_size=batch_size, progress=progress))
     enc = backbone.tokenizer(texts, truncation=True, max_length=backbone.max_length)
@@ -134,7 +134,7 @@ class ResponseEncoder(nn.Module):
             else:
                 self.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         except ValueError as e:  # "X does not support gradient checkpointing"
-            from coplctl.errors import CoplError
+            from coplctl.core.errors import CoplError
 
             raise CoplError(f"gradient_checkpointing: {e}") from None
 
@@ -147,7 +147,7 @@ def checkpointing_enabled(lm: nn.Module) -> bool:
 
 def _replay_pre_hooks(model: nn.Module):
     """``context_fn`` of :func:`torch.utils.checkpoint.checkpoint`: a checkpointed layer is recomputed during
-    the backward pass, after the forward's per-call hooks were removed (:func:`coplctl.mole.mole_routing`
+    the backward pass, after the forward's per-call hooks were removed (:func:`coplctl.copl.mole.mole_routing`
     passes the user routing to MoLE layers for one forward call only). The recompute context puts the
     forward pre-hooks that were registered when the layer first ran back for its duration."""
     active = [(m, list(m._forward_pre_hooks.items()), set(m._forward_pre_hooks_with_kwargs))

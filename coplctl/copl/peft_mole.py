@@ -4,8 +4,8 @@ An exported CoPL run (``coplctl export --format peft``) is loaded into a plain t
 with peft's own machinery: each target ``nn.Linear`` becomes a :class:`peft.tuners.lora.Linear` whose
 standard ``lora_A`` / ``lora_B`` are CoPL's shared expert (same scaling, alpha / rank), plus
 ``lora_mole``, the gate and the M experts (:class:`PeftExperts`), computed by the same code as
-:class:`coplctl.mole.MoLELinear`. As there, the user embedding reaches the layers as the forward
-argument ``routing`` (:func:`coplctl.mole.mole_routing`); a layer called without it refuses.
+:class:`coplctl.copl.mole.MoLELinear`. As there, the user embedding reaches the layers as the forward
+argument ``routing`` (:func:`coplctl.copl.mole.mole_routing`); a layer called without it refuses.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import math
 import torch
 from torch import nn
 
-from coplctl.mole import ExpertGate, Routing, make_gate
+from coplctl.copl.mole import ExpertGate, Routing, make_gate
 
 #: ``peft_type`` of an exported MoLE adapter's ``adapter_config.json``. peft does not know it, so a plain
 #: ``PeftModel.from_pretrained`` refuses the folder (a LoRA load would silently drop the experts);
@@ -57,7 +57,7 @@ def mole_layer_class(spec: dict) -> type:
         def forward(self, x, *args, routing: Routing | None = None, **kwargs):
             if routing is None:
                 raise RuntimeError("a CoPL MoLE layer was called without a user: wrap the call in "
-                                   "coplctl.mole.mole_routing(mole_layers(model), Routing(user_embeddings, rows))")
+                                   "coplctl.copl.mole.mole_routing(mole_layers(model), Routing(user_embeddings, rows))")
             out = super().forward(x, *args, **kwargs)  # base layer + shared expert (standard LoRA)
             for name in self.active_adapters:
                 if name in self.lora_mole and not self.disable_adapters:
@@ -78,5 +78,5 @@ def mole_lora_config(saved: dict, spec: dict):
 
 
 def mole_layers(model: nn.Module) -> list[nn.Module]:
-    """The MoLE layers of a model loaded from an exported CoPL adapter, for :func:`coplctl.mole.mole_routing`."""
+    """The MoLE layers of a model loaded from an exported CoPL adapter, for :func:`coplctl.copl.mole.mole_routing`."""
     return [m for m in model.modules() if hasattr(m, "lora_mole")]

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from coplctl.atomic import atomic_path
+from coplctl.core.atomic import atomic_path
 
 
 def _pyplot():
@@ -36,7 +36,7 @@ def plot_embeddings(run_dir: str | Path, out: str | Path, *, adapted: str | Path
     """
     from sklearn.manifold import TSNE
 
-    from coplctl.files import read_adapted
+    from coplctl.core.files import read_adapted
 
     from coplctl.graph.run import GCFRun
 
@@ -99,8 +99,8 @@ def expert_allocation(run_dir: str | Path) -> dict:
     """
     import torch
 
-    from coplctl.errors import CoplError, DataError
-    from coplctl.files import read_parquet, read_safetensors, read_user_ids
+    from coplctl.core.errors import CoplError, DataError
+    from coplctl.core.files import read_parquet, read_safetensors, read_user_ids
 
     run_dir = Path(run_dir)
     for name in ("model.safetensors", "users.json"):
@@ -144,16 +144,16 @@ def plot_experts(run_dir: str | Path, out: str | Path, *, layers: list[int] | No
     """Users per expert and group at each MoLE layer (paper Figure 3), as a PNG grid of bar charts.
 
     Each panel's title gives the layer's mutual information between group and expert and marks a
-    collapsed layer (:func:`coplctl.mole.routing_stats`); so does the returned ``routing``.
+    collapsed layer (:func:`coplctl.copl.mole.routing_stats`); so does the returned ``routing``.
     """
-    from coplctl.mole import routing_stats
+    from coplctl.copl.mole import routing_stats
 
     alloc = expert_allocation(run_dir)
     names = list(alloc["layers"])
     if layers:
         bad = [i for i in layers if not 0 <= i < len(names)]
         if bad:
-            from coplctl.errors import CoplError
+            from coplctl.core.errors import CoplError
 
             raise CoplError(f"--layer {bad[0]} does not exist: {run_dir} has MoLE layers 0-{len(names) - 1}")
         names = [names[i] for i in layers]

@@ -4,7 +4,7 @@ CoPL's adaptation (§4.3) reads a new user's pairs through the graph: the GCF em
 responses (for γ) and the positive edges of the chosen one (for the k-hop neighbours). The paper only
 adapts from responses that are graph nodes; a pair on any other response is dropped. Here a response
 outside the graph, given by its prompt and text, is embedded with the run's frozen backbone (the pooled
-features of :mod:`coplctl.features`, cached on disk like training's) and placed by those features,
+features of :mod:`coplctl.models.features`, cached on disk like training's) and placed by those features,
 *centred per prompt*: a response's features minus the mean over the graph's responses to its prompt
 (if the graph has none, over the placed responses to it). Raw features mostly tell a prompt's topic,
 which says nothing of a preference; what sets a response apart from the other answers to its prompt
@@ -101,8 +101,8 @@ def ridge_map(x: torch.Tensor, y: torch.Tensor, ridge: float = RIDGE) -> torch.T
 def plain_backbone(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
     """Run ``model`` as the frozen backbone: peft adapters off and MoLE layers replaced by their base
     linear layers (lora-mode runs inject both into the backbone itself)."""
-    from coplctl.encoders import adapters_disabled
-    from coplctl.mole import MoLELinear
+    from coplctl.models.encoders import adapters_disabled
+    from coplctl.copl.mole import MoLELinear
 
     swapped = []
     for name, module in list(model.named_modules()):
@@ -121,7 +121,7 @@ def plain_backbone(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
 
 def backbone_features(backbone, responses: pd.DataFrame) -> torch.Tensor:
     """Pooled frozen-backbone features of ``responses`` (prompt, text), from the feature cache."""
-    from coplctl.features import features
+    from coplctl.models.features import features
 
     texts = [backbone.format(p, t) for p, t in zip(responses["prompt"], responses["text"])]
     with plain_backbone(backbone.model):

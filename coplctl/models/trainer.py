@@ -15,11 +15,11 @@ from typing import Annotated
 import torch
 from torch import nn
 
-from coplctl.config import AT_LEAST_1, FRACTION, NON_NEGATIVE, OneOf, check_fields
-from coplctl.encoders import MODES, ResponseEncoder, ResponseInputs
-from coplctl.errors import CoplError, Diverged
-from coplctl.progress import Bar, stderr_console
-from coplctl.optim import bt_loss, cosine_with_warmup
+from coplctl.core.config import AT_LEAST_1, FRACTION, NON_NEGATIVE, OneOf, check_fields
+from coplctl.models.encoders import MODES, ResponseEncoder, ResponseInputs
+from coplctl.core.errors import CoplError, Diverged
+from coplctl.core.progress import Bar, stderr_console
+from coplctl.core.optim import bt_loss, cosine_with_warmup
 
 #: Defaults that depend on the mode: the paper's LLM settings for ``lora``, a small trunk's for ``frozen``.
 MODE_DEFAULTS = {
@@ -102,7 +102,7 @@ def make_accelerator(cfg: TrainConfig, *, find_unused: bool = False, log_with: s
     """The Accelerator of one training run. ``find_unused``: some trained parameters may get no gradient in
     a step (a net says so with a true ``unused_parameters`` attribute), so DDP must look for them; asking
     for it otherwise costs a graph walk per step and makes torch warn. ``log_with``: a tracker
-    (:mod:`coplctl.tracking`) writing under ``log_dir``."""
+    (:mod:`coplctl.models.tracking`) writing under ``log_dir``."""
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, GradientAccumulationPlugin
 
@@ -238,12 +238,12 @@ def train_pairs(net: nn.Module, inputs: ResponseInputs, train: tuple, valid: tup
     (:func:`param_groups`; the schedule scales every rate alike). The epoch with the best validation
     accuracy is kept. With a ``work_dir``, the training state is saved there at each epoch's end and every
     ``cfg.checkpoint_every`` optimizer steps, and the same run started again resumes from it with the same
-    result as without the interruption (:mod:`coplctl.resume`). ``report_to``: an experiment tracker
-    (:mod:`coplctl.tracking`; its files go to ``work_dir/logs``). Returns metrics.
+    result as without the interruption (:mod:`coplctl.models.resume`). ``report_to``: an experiment tracker
+    (:mod:`coplctl.models.tracking`; its files go to ``work_dir/logs``). Returns metrics.
     """
     from accelerate.utils import set_seed
 
-    from coplctl import resume, tracking
+    from coplctl.models import resume, tracking
 
     tracking.check_tracker(report_to)
     work = Path(work_dir) if work_dir is not None else None

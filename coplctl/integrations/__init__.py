@@ -1,1 +1,0 @@
-"""Adapters that plug a coplctl reward into other libraries' trainers (``coplctl.integrations.trl``)."""
