@@ -18,11 +18,11 @@ import torch
 from torch import nn
 
 from coplctl.core.config import AT_LEAST_1, NON_NEGATIVE, PROBABILITY
+from coplctl.core.registry import register_method
 from coplctl.models.encoders import ResponseEncoder, RewardHead, adapters_disabled, concat_batches
 from coplctl.models.features import features
 from coplctl.models.neural import BaselineConfig, NeuralMethod, baseline_encoder
-from coplctl.models.trainer import distributed_state
-from coplctl.core.registry import register_method
+from coplctl.models.train_config import distributed_state
 
 
 @dataclass

@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 from coplctl.models.encoders import ResponseEncoder, ResponseInputs
-from coplctl.models.trainer import TrainConfig, train_pairs, trainable_state
+from coplctl.models.train_config import TrainConfig
+from coplctl.models.trainer import train_pairs, trainable_state
 
 
 class Pairwise(nn.Module):
@@ -95,9 +96,9 @@ def tiny_gemma(micro_dir, tmp_path_factory):
 ])
 def test_gradient_checkpointing_trains_the_same_numbers(name, options, micro_dir, tiny_gemma, capfd):
     from coplctl.cli.common import parse_sets
+    from coplctl.core.registry import METHODS
     from coplctl.data import load
     from coplctl.models.encoders import checkpointing_enabled
-    from coplctl.core.registry import METHODS
     from coplctl.models.reward import make_config
 
     cls, ds = METHODS.get(name), load(micro_dir)

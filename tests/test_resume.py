@@ -15,10 +15,11 @@ from safetensors.torch import load_file
 from torch import nn
 
 import coplctl.models.trainer
-from coplctl.models.encoders import ResponseInputs
 from coplctl.core.errors import CoplError
+from coplctl.models.encoders import ResponseInputs
 from coplctl.models.resume import STATE_FILE
-from coplctl.models.trainer import TrainConfig, train_pairs, trainable_state
+from coplctl.models.train_config import TrainConfig
+from coplctl.models.trainer import train_pairs, trainable_state
 
 
 class Stop(Exception):
@@ -162,8 +163,8 @@ def test_coplctl_train_killed_then_run_again_resumes(micro_dir, tmp_path):
     """A real SIGKILL of `coplctl train` once its first checkpoint is on disk; the same command run again
     resumes, reports it, moves the TensorBoard logs into the run and deletes the work directory. Its
     model and metrics are those of an uninterrupted run."""
-    from coplctl.data import load
     from coplctl.core.registry import METHODS
+    from coplctl.data import load
     from coplctl.models.reward import make_config
 
     has_tb = any(__import__("importlib").util.find_spec(p) for p in ("tensorboard", "tensorboardX"))

@@ -196,7 +196,7 @@ def test_validation_prompts_hold_the_valid_pairs_apart_from_everything_trained_o
 
 def test_mixture_users_label_by_their_weighted_ratings_and_have_no_group(tmp_path):
     from coplctl.cli import main
-    from coplctl.graph.probe import weight_columns
+    from coplctl.data.dataset import weight_columns
 
     path = tmp_path / "mix"
     assert main(["data", "simulate", "--variant", "uf-p-4", "--annotations", "all", "--preferences", "mixture",

@@ -78,6 +78,28 @@ def _protocol(variant, annotations, users, unseen_users, survey_pairs, fewshot_p
                           preferences=preferences.value, alpha=alpha)
 
 
+def _build(path: Path, inputs: dict[str, str], status: str, make, *, force: bool, as_json: bool,
+           note_dropped: bool = False) -> None:
+    """What every data command does around its builder ``make`` (a callable returning the dataset): refuse
+    an output over one of its ``inputs`` ({what: path}), refuse an existing dataset without --force (before
+    any work), build under a status line, save atomically, then say what was written (and warn)."""
+    from coplctl.core.atomic import check_output, refuse_overlap
+
+    if inputs:
+        refuse_overlap(path, inputs)
+    check_output(path, force=force, marker="meta.json", kind="dataset")
+    with err.status(status):
+        ds = make()
+        ds.save(path, overwrite=force)
+    stats = ds.meta.get("filter_stats") or {}
+    if stats.get("warning"):
+        err.print(f"warning: {stats['warning']}", style="yellow")
+    dropped = {k: v for k, v in stats.items() if k.startswith("dropped") and v} if note_dropped else {}
+    if dropped:
+        err.print("note: " + ", ".join(f"{k.replace('_', ' ')}: {v:,}" for k, v in dropped.items()), style="yellow")
+    _report(ds, path, as_json)
+
+
 def _report(ds, path: Path, as_json: bool = False) -> None:
     """What a build wrote, on stderr; with --json also its path, counts and dropped counts on stdout."""
     c = ds.meta["counts"]
@@ -117,18 +139,15 @@ def simulate(
 
     The dataset directory is --out (default: data/sim-VARIANT-ANNOTATIONS).
     """
-    from coplctl.core.atomic import check_output
-    from coplctl.data.simulate import SimConfig, simulate as run
+    from coplctl.data.simulate import SimConfig
+    from coplctl.data.simulate import simulate as run
 
     proto = _protocol(variant, annotations, users, unseen_users, survey_pairs, fewshot_pairs, valid_pairs,
                       valid_prompt_fraction, preferences, alpha)
     mix = "-mixture" if preferences is Preferences.mixture else ""
     path = out_dir or Path("data") / f"sim-{variant.value}-{annotations.value}{mix}"
-    check_output(path, force=force, marker="meta.json", kind="dataset")  # before the work, not after
-    with err.status("simulating UF-P ..."):
-        ds = run(SimConfig(protocol=proto, seed=seed, cue_fidelity=cue_fidelity))
-        ds.save(path, overwrite=force)
-    _report(ds, path, as_json)
+    _build(path, {}, "simulating UF-P ...", lambda: run(SimConfig(protocol=proto, seed=seed, cue_fidelity=cue_fidelity)),
+           force=force, as_json=as_json)
 
 
 @app.command("build-ufp", epilog=examples(
@@ -165,26 +184,19 @@ def build_ufp(
 
     The dataset directory is --out (default: data/ufp-VARIANT-ANNOTATIONS).
     """
-    from coplctl.core.atomic import check_output, refuse_overlap
-    from coplctl.data.ultrafeedback import BuildConfig, build_ufp as run
+    from coplctl.data.ultrafeedback import BuildConfig
+    from coplctl.data.ultrafeedback import build_ufp as run
 
     if variant is Variant.tldr:
         raise CoplError("--variant tldr is not UltraFeedback: build TL;DR with coplctl data build-tldr")
     proto = _protocol(variant, annotations, users, unseen_users, survey_pairs, fewshot_pairs, valid_pairs,
                       valid_prompt_fraction, preferences, alpha)
     path = out_dir or Path("data") / f"ufp-{variant.value}-{annotations.value}"
-    refuse_overlap(path, {"the UltraFeedback copy": ultrafeedback, "the cleaned set": cleaned})
-    check_output(path, force=force, marker="meta.json", kind="dataset")
     cfg = BuildConfig(protocol=proto, seed=seed, ultrafeedback=ultrafeedback,
                       cleaned=None if cleaned.lower() == "none" else cleaned,
                       tokenizer=tokenizer, max_tokens=max_tokens)
-    with err.status("building UF-P from UltraFeedback ..."):
-        ds = run(cfg)
-        ds.save(path, overwrite=force)
-    warning = ds.meta["filter_stats"].get("warning")
-    if warning:
-        err.print(f"warning: {warning}", style="yellow")
-    _report(ds, path, as_json)
+    _build(path, {"the UltraFeedback copy": ultrafeedback, "the cleaned set": cleaned},
+           "building UF-P from UltraFeedback ...", lambda: run(cfg), force=force, as_json=as_json)
 
 
 @app.command("build-personalllm", epilog=examples(
@@ -217,22 +229,18 @@ def build_personalllm(
 
     The dataset directory is --out (default: data/personalllm-ANNOTATIONS).
     """
-    from coplctl.core.atomic import check_output, refuse_overlap
-    from coplctl.data.personalllm import PersonalLLMConfig, build_personalllm as run, plm_protocol
+    from coplctl.data.personalllm import PersonalLLMConfig, plm_protocol
+    from coplctl.data.personalllm import build_personalllm as run
 
     proto = plm_protocol(annotations=annotations.value, users=users, unseen_users=unseen_users, alpha=alpha,
                          fewshot_pairs=fewshot_pairs, test_pairs=test_pairs, unseen_test_pairs=unseen_test_pairs,
                          valid_prompt_fraction=valid_prompt_fraction)
     path = out_dir or Path("data") / f"personalllm-{annotations.value}"
-    refuse_overlap(path, {"the PersonalLLM copy": personalllm})
-    check_output(path, force=force, marker="meta.json", kind="dataset")
     models = tuple(m.strip() for m in reward_models.split(",") if m.strip())
     cfg = PersonalLLMConfig(protocol=proto, seed=seed, source=personalllm, reward_models=models,
                             tokenizer=tokenizer, max_tokens=max_tokens)
-    with err.status("building PersonalLLM preference data ..."):
-        ds = run(cfg)
-        ds.save(path, overwrite=force)
-    _report(ds, path, as_json)
+    _build(path, {"the PersonalLLM copy": personalllm}, "building PersonalLLM preference data ...", lambda: run(cfg),
+           force=force, as_json=as_json)
 
 
 @app.command("build-tldr", epilog=examples(
@@ -263,19 +271,15 @@ def build_tldr(
 
     The dataset directory is --out (default: data/tldr-ANNOTATIONS).
     """
-    from coplctl.core.atomic import check_output, refuse_overlap
-    from coplctl.data.tldr import TldrConfig, build_tldr as run, tldr_protocol
+    from coplctl.data.tldr import TldrConfig, tldr_protocol
+    from coplctl.data.tldr import build_tldr as run
 
     proto = tldr_protocol(annotations=annotations.value, users=users, unseen_users=unseen_users,
                           fewshot_pairs=fewshot_pairs, test_pairs=test_pairs, unseen_test_pairs=unseen_test_pairs)
     path = out_dir or Path("data") / f"tldr-{annotations.value}"
-    refuse_overlap(path, {"the TL;DR copy": tldr})
-    check_output(path, force=force, marker="meta.json", kind="dataset")
     cfg = TldrConfig(protocol=proto, seed=seed, source=tldr, workers=workers, tokenizer=tokenizer, max_tokens=max_tokens)
-    with err.status("building TL;DR preference data ..."):
-        ds = run(cfg)
-        ds.save(path, overwrite=force)
-    _report(ds, path, as_json)
+    _build(path, {"the TL;DR copy": tldr}, "building TL;DR preference data ...", lambda: run(cfg), force=force,
+           as_json=as_json)
 
 
 @app.command("import", epilog=examples(
@@ -316,7 +320,6 @@ def import_(
     """Import a flat preference table (one row per judgement: user, prompt, chosen, rejected, maybe a group)
     as a dataset directory: responses deduplicated by (prompt, text), splits by the UF-P protocol's options
     or a split column, every bad row named by its line."""
-    from coplctl.core.atomic import check_output, refuse_overlap
     from coplctl.data.importer import ImportConfig, import_table
 
     explicit = tuple(c for c in (group_column, split_column, controversial_column) if c is not None)
@@ -326,15 +329,8 @@ def import_(
                        test_prompt_fraction=test_prompt_fraction, valid_prompt_fraction=valid_prompt_fraction,
                        valid_pairs=valid_pairs, unseen_users=unseen_users, fewshot_pairs=fewshot_pairs,
                        seed=seed, hub_split=hub_split, required=explicit)
-    refuse_overlap(out_dir, {"the input table": source})
-    check_output(out_dir, force=force, marker="meta.json", kind="dataset")
-    with err.status(f"importing {source} ..."):
-        ds = import_table(source, cfg)
-        ds.save(out_dir, overwrite=force)
-    dropped = {k: v for k, v in ds.meta["filter_stats"].items() if k.startswith("dropped") and v}
-    if dropped:
-        err.print("note: " + ", ".join(f"{k.replace('_', ' ')}: {v:,}" for k, v in dropped.items()), style="yellow")
-    _report(ds, out_dir, as_json)
+    _build(out_dir, {"the input table": source}, f"importing {source} ...", lambda: import_table(source, cfg),
+           force=force, as_json=as_json, note_dropped=True)
 
 
 @app.command("inspect", epilog=examples("coplctl data inspect data/sim-uf-p-4-avg",

@@ -9,8 +9,25 @@ from typing import Annotated, Optional
 
 import typer
 
-from coplctl.cli.common import (Backbone, Data, Epochs, Force, Json, Lr, Mode, Out, ReportTo, RewardRun, Seed, Sets,
-                                err, examples, out, parse_sets, print_json)
+from coplctl.cli.common import (
+    Backbone,
+    Data,
+    Epochs,
+    Force,
+    Json,
+    Lr,
+    Mode,
+    Out,
+    ReportTo,
+    RewardRun,
+    Seed,
+    Sets,
+    err,
+    examples,
+    out,
+    parse_sets,
+    print_json,
+)
 
 app = typer.Typer()  # top-level commands: coplctl train, evaluate, score
 
@@ -48,12 +65,12 @@ def train(
     (--force starts over); it is deleted once the run is saved.
     """
     from coplctl.core.atomic import atomic_write_text, check_output, refuse_overlap
-    from coplctl.data import load
     from coplctl.core.errors import CoplError
     from coplctl.core.registry import METHODS
+    from coplctl.data import load
     from coplctl.models.reward import make_config
     from coplctl.models.tracking import check_tracker
-    from coplctl.models.trainer import distributed_state
+    from coplctl.models.train_config import distributed_state
 
     check_tracker(report_to)
     cls = METHODS.get(method)
@@ -195,10 +212,10 @@ def serve(
 ) -> None:
     """Serve RUN's rewards over HTTP: POST /reward with {"items": [{"user", "prompt", "response"}, ...]};
     GET /health and /info. Needs the serve extra (pip install 'coplctl[serve]')."""
-    from coplctl.serving.api import load
-    from coplctl.core.errors import CoplError
-
     from importlib.util import find_spec
+
+    from coplctl.core.errors import CoplError
+    from coplctl.serving.api import load
 
     if find_spec("starlette") is None or find_spec("uvicorn") is None:
         raise CoplError("coplctl serve needs starlette and uvicorn: pip install 'coplctl[serve]'")

@@ -78,6 +78,16 @@ class PreferenceDataset:
         return self.path
 
 
+WEIGHT_PREFIX = "weight_"
+"""Mixture users (``preferences: mixture``) have no group: users.parquet holds their weight over each
+attribute in a column ``weight_<attribute>``."""
+
+
+def weight_columns(users: pd.DataFrame) -> list[str]:
+    """The ``weight_*`` columns of mixture users, in order; [] for group users."""
+    return [c for c in users.columns if c.startswith(WEIGHT_PREFIX)]
+
+
 def unordered(a: pd.Series, b: pd.Series) -> tuple[pd.Series, pd.Series]:
     """The two response ids of pairs in a fixed order, so that a ≻ b and b ≻ a share one key."""
     return a.where(a < b, b), b.where(a < b, a)

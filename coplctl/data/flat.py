@@ -10,17 +10,34 @@ Every check names the file and the line (JSONL; CSV when no cell spans lines) or
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from coplctl.core.errors import CoplError, DataError
 
-if TYPE_CHECKING:
-    from coplctl.data.importer import ImportConfig
-
 SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+
+
+@dataclass
+class Columns:
+    """Which columns of the table hold what (defaults as ``coplctl data import``'s options)."""
+
+    user_column: str = "user"
+    prompt_column: str = "prompt"
+    chosen_column: str = "chosen"
+    rejected_column: str = "rejected"
+    group_column: str = "group"
+    """Optional: read when the table has it (an explicitly named column must exist)."""
+    split_column: str = "split"
+    """Optional: when present, the splits are taken from it instead of the import's protocol."""
+    controversial_column: str = "controversial"
+    """Optional: true/false per row; else derived from the groups."""
+    hub_split: str = "train"
+    """Split of a hub dataset to read."""
+    required: tuple[str, ...] = ()
+    """Optional columns the user named explicitly (then they must exist)."""
 
 
 # ---- reading -------------------------------------------------------------------------------------------
@@ -71,7 +88,7 @@ def _nonblank_lines(path: Path) -> np.ndarray:
         return np.asarray([n for n, line in enumerate(fh, 1) if line.strip()])
 
 
-def read_table(source: str, cfg: ImportConfig) -> _Table:
+def read_table(source: str, cfg: Columns) -> _Table:
     """The columns the import uses, from a local file or a hub dataset."""
     if not source.strip():
         raise CoplError("FILE_OR_HUB_ID is empty: name a .jsonl, .json, .csv or .parquet file or a hub dataset id")
@@ -130,7 +147,7 @@ def _arrow_columns(arrow, names: list[str]) -> dict:
     return {c: arrow.column(c).to_pylist() for c in dict.fromkeys(names) if c in arrow.column_names}
 
 
-def _present(path: Path, cols: dict, cfg: ImportConfig, available: list[str]) -> dict:
+def _present(path: Path, cols: dict, cfg: Columns, available: list[str]) -> dict:
     """Drop absent optional columns; a missing required one is an error listing the table's columns."""
     required = [cfg.user_column, cfg.chosen_column, cfg.rejected_column, *cfg.required]
     found = {c: v for c, v in cols.items() if c in available}
@@ -142,7 +159,7 @@ def _present(path: Path, cols: dict, cfg: ImportConfig, available: list[str]) ->
     return found
 
 
-def _hub_table(repo_id: str, cfg: ImportConfig, names: list[str]) -> _Table:
+def _hub_table(repo_id: str, cfg: Columns, names: list[str]) -> _Table:
     from coplctl.data.ultrafeedback import hub_dataset
 
     arrow = hub_dataset(repo_id, split=cfg.hub_split).data.table
@@ -199,7 +216,7 @@ def texts_of(t: _Table, column: str, what: str) -> tuple[np.ndarray, list]:
     return texts, before
 
 
-def prompts_of(t: _Table, cfg: ImportConfig, chosen_before: list) -> np.ndarray:
+def prompts_of(t: _Table, cfg: Columns, chosen_before: list) -> np.ndarray:
     if cfg.prompt_column in t.columns:
         values = t.columns[cfg.prompt_column]
         t.fail(f"this row has no field {cfg.prompt_column}", [v is _MISSING for v in values])

@@ -30,26 +30,17 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from coplctl.data.dataset import SPLITS, PreferenceDataset
-from coplctl.data.flat import flags, ids, prompts_of, read_table, texts_of
-from coplctl.data.ultrafeedback import sha256
 from coplctl.core.errors import CoplError, DataError
+from coplctl.data.dataset import SPLITS, PreferenceDataset
+from coplctl.data.flat import Columns, flags, ids, prompts_of, read_table, texts_of
+from coplctl.data.ultrafeedback import sha256
 
 
 @dataclass
-class ImportConfig:
-    """Column names and the split protocol of ``coplctl data import`` (defaults as UF-P's, paper §5.1)."""
+class ImportConfig(Columns):
+    """Column names (:class:`coplctl.data.flat.Columns`) and the split protocol of ``coplctl data import``
+    (defaults as UF-P's, paper §5.1)."""
 
-    user_column: str = "user"
-    prompt_column: str = "prompt"
-    chosen_column: str = "chosen"
-    rejected_column: str = "rejected"
-    group_column: str = "group"
-    """Optional: read when the table has it (an explicitly named column must exist)."""
-    split_column: str = "split"
-    """Optional: when present, the splits are taken from it instead of the protocol below."""
-    controversial_column: str = "controversial"
-    """Optional: true/false per row; else derived from the groups (see the module docstring)."""
     test_prompt_fraction: float = 0.1
     """Share of prompts held out; all judgements on them are test pairs (paper: 10%)."""
     valid_prompt_fraction: float = 0.0
@@ -61,10 +52,6 @@ class ImportConfig:
     fewshot_pairs: int = 8
     """Few-shot pairs of each unseen user (paper: 8 for two groups, 16 for four)."""
     seed: int = 0
-    hub_split: str = "train"
-    """Split of a hub dataset to read."""
-    required: tuple[str, ...] = ()
-    """Optional columns the user named explicitly (then they must exist)."""
 
     def __post_init__(self):
         if not 0 < self.test_prompt_fraction < 1 or not 0 <= self.valid_prompt_fraction < 1 \
@@ -85,6 +72,42 @@ _DEFAULTS = {f: ImportConfig.__dataclass_fields__[f].default for f in _PROTOCOL_
 def import_table(source: str, cfg: ImportConfig) -> PreferenceDataset:
     """Read, check and split a flat preference table (see the module docstring)."""
     t = read_table(source, cfg)
+    user, chosen, rejected, prompt, group = _checked_rows(t, cfg)
+    j = _Judgements(user, chosen, rejected, prompt)
+    split, proto_stats = _splits(t, cfg, j)
+    keep, unseen, dropped = _kept(t, cfg, j, split)
+    controversial = (flags(t, cfg.controversial_column) if cfg.controversial_column in t.columns
+                     else _disputed(j.lo, j.hi, j.c == j.lo, group.to_numpy(), keep))
+    used_users = np.unique(j.ucode[keep])
+    used = np.unique(np.concatenate([j.c[keep], j.r[keep]]))
+    width = len(str(len(used) - 1))
+    rid = np.empty(len(j.keys), dtype=object)
+    rid[used] = [f"r{i:0{width}d}" for i in range(len(used))]
+    responses = pd.DataFrame({"response_id": rid[used], "prompt": j.prompts[j.keys[used] // len(j.texts)],
+                              "text": j.texts[j.keys[used] % len(j.texts)]})
+    groups_of = group.groupby(user).transform("first").groupby(j.ucode).first().reindex(used_users)
+    users = pd.DataFrame({"user_id": j.user_ids[used_users], "group": groups_of.to_numpy(dtype=object),
+                          "role": np.where(unseen[used_users], "unseen", "seen")})
+    users["group"] = users["group"].where(users["group"].notna(), None)
+    pairs = pd.DataFrame({"user_id": j.user_ids[j.ucode[keep]], "chosen_id": rid[j.c[keep]],
+                          "rejected_id": rid[j.r[keep]], "split": split[keep].astype(str),
+                          "controversial": controversial[keep]})
+    local = Path(source).expanduser()
+    meta = {
+        "source": "import",
+        "groups": sorted(users["group"].dropna().unique().tolist()),
+        "seed": cfg.seed,
+        "inputs": {"table": source, "sha256": sha256(local) if local.exists() else None},
+        "protocol": {k: v for k, v in asdict(cfg).items()
+                     if k != "required" and not (k in _PROTOCOL_OPTIONS and cfg.split_column in t.columns)},
+        "protocol_stats": proto_stats,
+        "filter_stats": {"rows": len(t), **j.stats, "dropped_users_without_train_pairs": dropped},
+    }
+    return PreferenceDataset(responses, users, pairs, meta)
+
+
+def _checked_rows(t, cfg: ImportConfig):
+    """User, chosen, rejected, prompt (texts) and group of every row; the first bad row is one error."""
     n = len(t)
     if n == 0:
         raise DataError(t.file, "holds no rows")
@@ -101,77 +124,63 @@ def import_table(source: str, cfg: ImportConfig) -> PreferenceDataset:
     first_group = group.groupby(user).transform("first")  # per user, the first non-null group
     t.fail("this user was given another group on an earlier row (one group per user)",
            group.notna() & (group != first_group))
-    stats = {"rows": n}
+    return user, chosen, rejected, prompt, group
 
-    # responses, deduplicated by (prompt, text)
-    pcode, prompts = pd.factorize(np.concatenate([prompt, prompt]))
-    tcode, texts = pd.factorize(np.concatenate([chosen, rejected]))
-    rcode, keys = pd.factorize(pcode.astype(np.int64) * len(texts) + tcode)
-    c, r, pcode = rcode[:n], rcode[n:], pcode[:n]
-    lo, hi = np.minimum(c, r), np.maximum(c, r)
-    ucode, user_ids = pd.factorize(user)
-    judged = pd.DataFrame({"u": ucode, "lo": lo, "hi": hi, "lo_won": c == lo})
-    repeated = judged[["u", "lo", "hi"]].duplicated().to_numpy()
-    first_won = judged.groupby(["u", "lo", "hi"])["lo_won"].transform("first").to_numpy()
-    contradicting = repeated & (first_won != judged["lo_won"].to_numpy())
-    stats["dropped_repeated_judgements"] = int((repeated & ~contradicting).sum())
-    stats["dropped_contradicting_judgements"] = int(contradicting.sum())
 
-    if cfg.split_column in t.columns:
-        ignored = [f"--{f.replace('_', '-')}" for f in _PROTOCOL_OPTIONS if getattr(cfg, f) != _DEFAULTS[f]]
-        if ignored:
-            raise CoplError(f"{t.file}: the table's column {cfg.split_column} gives the splits, so "
-                            f"{', '.join(ignored)} would be ignored; drop the option(s), or remove the column to split "
-                            f"by the protocol")
-        split = np.asarray([s.strip().lower() if isinstance(s, str) else s for s in t.columns[cfg.split_column]],
-                           dtype=object)
-        t.fail(f"split (column {cfg.split_column}) must be one of " + ", ".join(SPLITS), ~pd.Series(split).isin(SPLITS))
-        proto_stats = {"splits": "from column " + cfg.split_column}
-    else:
-        split, proto_stats = _protocol_splits(ucode, pcode, ~repeated, cfg)
-    keep = ~repeated
-    unseen = np.zeros(len(user_ids), dtype=bool)
-    unseen[ucode[keep & (split == "fewshot")]] = True
+class _Judgements:
+    """The rows as codes: responses deduplicated by (prompt, text), users, and repeated judgements."""
+
+    def __init__(self, user, chosen, rejected, prompt):
+        n = len(user)
+        pcode, self.prompts = pd.factorize(np.concatenate([prompt, prompt]))
+        tcode, self.texts = pd.factorize(np.concatenate([chosen, rejected]))
+        rcode, self.keys = pd.factorize(pcode.astype(np.int64) * len(self.texts) + tcode)
+        self.c, self.r, self.pcode = rcode[:n], rcode[n:], pcode[:n]
+        self.lo, self.hi = np.minimum(self.c, self.r), np.maximum(self.c, self.r)
+        self.ucode, self.user_ids = pd.factorize(user)
+        judged = pd.DataFrame({"u": self.ucode, "lo": self.lo, "hi": self.hi, "lo_won": self.c == self.lo})
+        self.repeated = judged[["u", "lo", "hi"]].duplicated().to_numpy()
+        first_won = judged.groupby(["u", "lo", "hi"])["lo_won"].transform("first").to_numpy()
+        contradicting = self.repeated & (first_won != judged["lo_won"].to_numpy())
+        self.stats = {"dropped_repeated_judgements": int((self.repeated & ~contradicting).sum()),
+                      "dropped_contradicting_judgements": int(contradicting.sum())}
+
+
+def _splits(t, cfg: ImportConfig, j: _Judgements):
+    """Each row's split: from the split column, or by the protocol's options (never both)."""
+    if cfg.split_column not in t.columns:
+        return _protocol_splits(j.ucode, j.pcode, ~j.repeated, cfg)
+    ignored = [f"--{f.replace('_', '-')}" for f in _PROTOCOL_OPTIONS if getattr(cfg, f) != _DEFAULTS[f]]
+    if ignored:
+        raise CoplError(f"{t.file}: the table's column {cfg.split_column} gives the splits, so "
+                        f"{', '.join(ignored)} would be ignored; drop the option(s), or remove the column to split "
+                        f"by the protocol")
+    split = np.asarray([s.strip().lower() if isinstance(s, str) else s for s in t.columns[cfg.split_column]],
+                       dtype=object)
+    t.fail(f"split (column {cfg.split_column}) must be one of " + ", ".join(SPLITS), ~pd.Series(split).isin(SPLITS))
+    return split, {"splits": "from column " + cfg.split_column}
+
+
+def _kept(t, cfg: ImportConfig, j: _Judgements, split: np.ndarray):
+    """Rows kept (not repeated, of a user with train or few-shot pairs), unseen users, and the number of
+    seen users dropped for want of a train pair."""
+    keep = ~j.repeated
+    n_users = len(j.user_ids)
+    unseen = np.zeros(n_users, dtype=bool)
+    unseen[j.ucode[keep & (split == "fewshot")]] = True
     t.fail("a user with fewshot pairs (unseen) also has train pairs here (seen): a user is one or the other",
-           keep & unseen[ucode] & (split == "train"))
-    has_train = np.zeros(len(user_ids), dtype=bool)
-    has_train[ucode[keep & (split == "train")]] = True
+           keep & unseen[j.ucode] & (split == "train"))
+    has_train = np.zeros(n_users, dtype=bool)
+    has_train[j.ucode[keep & (split == "train")]] = True
     orphan = ~unseen & ~has_train
     if cfg.split_column in t.columns:
         t.fail(f"this user has no train pair (split column {cfg.split_column}): a seen user needs train pairs, "
-               f"an unseen user fewshot pairs", keep & orphan[ucode])
-    stats["dropped_users_without_train_pairs"] = int((orphan & np.isin(np.arange(len(user_ids)), ucode[keep])).sum())
-    keep &= ~orphan[ucode]
+               f"an unseen user fewshot pairs", keep & orphan[j.ucode])
+    dropped = int((orphan & np.isin(np.arange(n_users), j.ucode[keep])).sum())
+    keep &= ~orphan[j.ucode]
     if not (keep & (split == "train")).any():
         raise CoplError(f"{t.file}: no train pair is left; use more rows or a lower --test-prompt-fraction")
-
-    controversial = (flags(t, cfg.controversial_column) if cfg.controversial_column in t.columns
-                     else _disputed(lo, hi, c == lo, group.to_numpy(), keep))
-    used_users = np.unique(ucode[keep])
-    used = np.unique(np.concatenate([c[keep], r[keep]]))
-    width = len(str(len(used) - 1))
-    rid = np.empty(len(keys), dtype=object)
-    rid[used] = [f"r{i:0{width}d}" for i in range(len(used))]
-    responses = pd.DataFrame({"response_id": rid[used], "prompt": prompts[keys[used] // len(texts)],
-                              "text": texts[keys[used] % len(texts)]})
-    groups_of = first_group.groupby(ucode).first().reindex(used_users)
-    users = pd.DataFrame({"user_id": user_ids[used_users], "group": groups_of.to_numpy(dtype=object),
-                          "role": np.where(unseen[used_users], "unseen", "seen")})
-    users["group"] = users["group"].where(users["group"].notna(), None)
-    pairs = pd.DataFrame({"user_id": user_ids[ucode[keep]], "chosen_id": rid[c[keep]], "rejected_id": rid[r[keep]],
-                          "split": split[keep].astype(str), "controversial": controversial[keep]})
-    local = Path(source).expanduser()
-    meta = {
-        "source": "import",
-        "groups": sorted(users["group"].dropna().unique().tolist()),
-        "seed": cfg.seed,
-        "inputs": {"table": source, "sha256": sha256(local) if local.exists() else None},
-        "protocol": {k: v for k, v in asdict(cfg).items()
-                     if k != "required" and not (k in _PROTOCOL_OPTIONS and cfg.split_column in t.columns)},
-        "protocol_stats": proto_stats,
-        "filter_stats": stats,
-    }
-    return PreferenceDataset(responses, users, pairs, meta)
+    return keep, unseen, dropped
 
 
 def _protocol_splits(ucode: np.ndarray, pcode: np.ndarray, keep: np.ndarray, cfg: ImportConfig):

@@ -6,7 +6,6 @@ import pandas as pd
 
 from coplctl.data.dataset import ROLES, SPLITS, PreferenceDataset, unordered
 
-
 #: Building stages in pipeline order (meta.json stores its keys sorted); unknown keys follow.
 STAGES = ("rows", "dropped_repeated_judgements", "dropped_contradicting_judgements",
           "prompts_read", "dropped_empty_or_duplicate_responses",

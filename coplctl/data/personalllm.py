@@ -28,11 +28,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from coplctl.core.errors import CoplError, DataError
 from coplctl.data.dataset import PreferenceDataset
 from coplctl.data.protocol import ProtocolConfig, assign_users, break_ties
-from coplctl.data.ultrafeedback import (assemble, input_files, length_filter, location, hub_dataset,
-                                        read_records, sha256)
-from coplctl.core.errors import CoplError, DataError
+from coplctl.data.ultrafeedback import assemble, hub_dataset, input_files, length_filter, location, read_records, sha256
 
 PLM_HUB_ID = "namkoong-lab/PersonalLLM"
 #: The authors' four of PersonalLLM's ten reward models.

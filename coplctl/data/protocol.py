@@ -42,6 +42,7 @@ import pandas as pd
 
 from coplctl.core.config import AT_LEAST_1, NON_NEGATIVE, POSITIVE, OneOf, Range, check_fields
 from coplctl.core.errors import CoplError
+from coplctl.data.dataset import WEIGHT_PREFIX
 
 #: Preference groups = UltraFeedback attributes, in the order UF-P uses them.
 ATTRIBUTES = ("helpfulness", "honesty", "instruction_following", "truthfulness")
@@ -177,7 +178,6 @@ def assign_users(prompt: np.ndarray, a: np.ndarray, b: np.ndarray, labels: np.nd
     if labels.shape != (len(a), len(names)):
         raise ValueError(f"labels must have shape ({len(a)}, {len(names)}), got {labels.shape}")
     groups = cfg.groups if cfg.preferences == "groups" or attributes is None else names
-    n_groups = len(groups)
     group_cols = [names.index(g) for g in groups]
     kept = np.flatnonzero(controversial(labels) if kept is None else kept)  # the filter, before splitting
     is_contr = controversial(labels[:, group_cols])  # the variant's own groups disagree
@@ -185,125 +185,148 @@ def assign_users(prompt: np.ndarray, a: np.ndarray, b: np.ndarray, labels: np.nd
     margins = sign if margins is None else np.asarray(margins, dtype=np.float64)[:, group_cols]
     labels = labels[:, group_cols]
 
-    prompts = np.unique(prompt[kept])
-    if len(prompts) < 2:
-        raise CoplError(f"only {len(prompts)} prompts have a pair on which the four attributes disagree; "
-                        f"use more prompts")
-    if test_prompts is None:
-        n_test_prompts = min(len(prompts) - 1, max(1, int(round(cfg.test_prompt_fraction * len(prompts)))))
-        test_prompts = rng.choice(prompts, size=n_test_prompts, replace=False)
+    pools = _Pools(prompt, kept, cfg, rng, test_prompts)
+    draw = _Draw(cfg, pools, len(groups), rng)
+    if cfg.preferences == "mixture":  # the weighted margin; the coins decide where it is exactly zero
+        weights = np.random.default_rng(rng.integers(2**63)).dirichlet(np.full(len(groups), cfg.alpha), draw.n_users)
+        w = weights[draw.user_idx]
+        score = (w * margins[draw.cand_idx]).sum(1)
+        prefers_a = np.where(score != 0, score > 0, (w * sign[draw.cand_idx]).sum(1) > 0)
+        is_contr = np.zeros(len(a), dtype=bool)
+        is_contr[kept] = split_by_users(weights[:cfg.users], margins[kept], sign[kept], 1 / len(groups))
     else:
-        test_prompts = np.intersect1d(prompts, test_prompts)
-        n_test_prompts = len(test_prompts)
-    in_test = np.isin(prompt[kept], test_prompts)
-    in_valid = np.zeros_like(in_test)
-    if cfg.valid_prompt_fraction:
-        rest = np.setdiff1d(prompts, test_prompts)
-        n_valid_prompts = min(len(rest) - 1, max(1, int(round(cfg.valid_prompt_fraction * len(prompts)))))
-        in_valid = np.isin(prompt[kept], rng.choice(rest, size=n_valid_prompts, replace=False))
+        weights = None
+        prefers_a = labels[draw.cand_idx, draw.group_of_user[draw.user_idx]]
+    users, pairs = _frames(cfg, groups, draw, weights, prefers_a, a, b, is_contr)
+    return users, pairs, pools.stats(len(a), is_contr, draw)
 
-    survey = kept[~in_test & ~in_valid]
-    available = len(survey)
-    if cfg.survey_pairs and available > cfg.survey_pairs:
-        survey = np.sort(rng.choice(survey, size=cfg.survey_pairs, replace=False))
-    test_pool = kept[in_test]
-    valid_pool = kept[in_valid] if cfg.valid_prompt_fraction else None
 
-    need_survey = max(cfg.max_annotations, cfg.fewshot_pairs + cfg.unseen_valid_pairs)
-    if len(survey) < need_survey:
-        raise CoplError(f"only {len(survey)} survey pairs are available, fewer than the "
-                        f"{need_survey} one user needs; use more prompts")
-    if len(test_pool) < max(cfg.test_pairs, cfg.unseen_test_pairs if cfg.unseen_users else 0):
-        raise CoplError(f"only {len(test_pool)} test-pool pairs are available, fewer than one user needs "
-                        f"(test_pairs {cfg.test_pairs}, unseen_test_pairs {cfg.unseen_test_pairs}); lower them "
-                        f"(--test-pairs, --unseen-test-pairs) or use more test prompts")
-    valid_need = max(cfg.valid_pairs, cfg.unseen_valid_pairs if cfg.unseen_users else 0)
-    if valid_pool is not None and len(valid_pool) < valid_need:
-        raise CoplError(f"only {len(valid_pool)} pairs lie on the validation prompts, fewer than one user needs; "
-                        f"raise valid_prompt_fraction or use more prompts")
+class _Pools:
+    """The kept pairs split into the survey (subsampled to ``survey_pairs``), the test pool and, with
+    ``valid_prompt_fraction``, the validation pool: by prompt, drawn from ``rng``; too small a pool for one
+    user is one error."""
 
-    n_seen, n_unseen = cfg.users, cfg.unseen_users
-    seen_group = _even_groups(n_seen, n_groups, rng)
-    unseen_group = _even_groups(n_unseen, n_groups, rng)
-    if cfg.annotations == "all":
-        counts = np.full(n_seen, cfg.per_user)
-    else:
-        counts = rng.integers(1, 2 * cfg.per_user, size=n_seen)  # 1 .. 2n-1 inclusive, mean n
-    held_out = np.where(counts >= cfg.per_user, cfg.valid_pairs, 0)
+    def __init__(self, prompt: np.ndarray, kept: np.ndarray, cfg: ProtocolConfig, rng: np.random.Generator,
+                 test_prompts: np.ndarray | None):
+        self.kept = kept
+        self.prompts = np.unique(prompt[kept])
+        if len(self.prompts) < 2:
+            raise CoplError(f"only {len(self.prompts)} prompts have a pair on which the four attributes disagree; "
+                            f"use more prompts")
+        if test_prompts is None:
+            n_test = min(len(self.prompts) - 1, max(1, int(round(cfg.test_prompt_fraction * len(self.prompts)))))
+            test_prompts = rng.choice(self.prompts, size=n_test, replace=False)
+        else:
+            test_prompts = np.intersect1d(self.prompts, test_prompts)
+        self.n_test_prompts = len(test_prompts)
+        in_test = np.isin(prompt[kept], test_prompts)
+        in_valid = np.zeros_like(in_test)
+        if cfg.valid_prompt_fraction:
+            rest = np.setdiff1d(self.prompts, test_prompts)
+            n_valid = min(len(rest) - 1, max(1, int(round(cfg.valid_prompt_fraction * len(self.prompts)))))
+            in_valid = np.isin(prompt[kept], rng.choice(rest, size=n_valid, replace=False))
+        survey = kept[~in_test & ~in_valid]
+        self.available = len(survey)
+        if cfg.survey_pairs and self.available > cfg.survey_pairs:
+            survey = np.sort(rng.choice(survey, size=cfg.survey_pairs, replace=False))
+        self.survey, self.test = survey, kept[in_test]
+        self.valid = kept[in_valid] if cfg.valid_prompt_fraction else None
+        self._check(cfg)
 
-    user_idx, cand_idx, split_code = [], [], []
+    def _check(self, cfg: ProtocolConfig) -> None:
+        need_survey = max(cfg.max_annotations, cfg.fewshot_pairs + cfg.unseen_valid_pairs)
+        if len(self.survey) < need_survey:
+            raise CoplError(f"only {len(self.survey)} survey pairs are available, fewer than the "
+                            f"{need_survey} one user needs; use more prompts")
+        if len(self.test) < max(cfg.test_pairs, cfg.unseen_test_pairs if cfg.unseen_users else 0):
+            raise CoplError(f"only {len(self.test)} test-pool pairs are available, fewer than one user needs "
+                            f"(test_pairs {cfg.test_pairs}, unseen_test_pairs {cfg.unseen_test_pairs}); lower them "
+                            f"(--test-pairs, --unseen-test-pairs) or use more test prompts")
+        valid_need = max(cfg.valid_pairs, cfg.unseen_valid_pairs if cfg.unseen_users else 0)
+        if self.valid is not None and len(self.valid) < valid_need:
+            raise CoplError(f"only {len(self.valid)} pairs lie on the validation prompts, fewer than one user needs; "
+                            f"raise valid_prompt_fraction or use more prompts")
 
-    def take(user: int, pool: np.ndarray, sizes: list[tuple[int, int]]) -> None:
-        total = sum(k for _, k in sizes)
-        picked = pool[rng.choice(len(pool), size=total, replace=False)]
+    def stats(self, candidates: int, is_contr: np.ndarray, draw: "_Draw") -> dict:
+        out = {
+            "candidate_pairs": int(candidates),
+            "kept_pairs": int(len(self.kept)),  # by the filter: the attributes disagree, or the source's own
+            "prompts": int(len(self.prompts)),
+            "test_prompts": int(self.n_test_prompts),
+            "survey_pairs_available": int(self.available),
+            "survey_pairs": int(len(self.survey)),
+            "survey_controversial_share": round(float(is_contr[self.survey].mean()), 4),
+            "test_pool_pairs": int(len(self.test)),
+            "test_pool_controversial_share": round(float(is_contr[self.test].mean()), 4),
+            "seen_annotations": int(draw.counts.sum()),
+            "seen_valid_pairs": int(draw.held_out.sum()),
+        }
+        if self.valid is not None:
+            out["valid_pool_pairs"] = int(len(self.valid))
+        return out
+
+
+class _Draw:
+    """Every user's group and pairs, drawn from the pools: seen users annotate ``counts`` survey pairs (one
+    held out for validation when they have enough) and get test pairs; unseen users get few-shot,
+    validation and test pairs. ``user_idx``, ``cand_idx`` and ``split_code`` (0 train, 1 valid, 2 test,
+    3 fewshot) list the annotations."""
+
+    def __init__(self, cfg: ProtocolConfig, pools: _Pools, n_groups: int, rng: np.random.Generator):
+        n_seen, n_unseen = cfg.users, cfg.unseen_users
+        self.n_users = n_seen + n_unseen
+        self.group_of_user = np.concatenate([_even_groups(n_seen, n_groups, rng), _even_groups(n_unseen, n_groups, rng)])
+        if cfg.annotations == "all":
+            self.counts = np.full(n_seen, cfg.per_user)
+        else:
+            self.counts = rng.integers(1, 2 * cfg.per_user, size=n_seen)  # 1 .. 2n-1 inclusive, mean n
+        self.held_out = np.where(self.counts >= cfg.per_user, cfg.valid_pairs, 0)
+        self._pools, self._rng = pools, rng
+        self._parts: tuple[list, list, list] = ([], [], [])
+        for u in range(n_seen):
+            self._take_valid(u, [(0, int(self.counts[u] - self.held_out[u]))], int(self.held_out[u]))
+            self._take(u, pools.test, [(2, cfg.test_pairs)])
+        for j in range(n_unseen):
+            self._take_valid(n_seen + j, [(3, cfg.fewshot_pairs)], cfg.unseen_valid_pairs)
+            self._take(n_seen + j, pools.test, [(2, cfg.unseen_test_pairs)])
+        self.user_idx, self.cand_idx, self.split_code = (np.concatenate(part) for part in self._parts)
+
+    def _take(self, user: int, pool: np.ndarray, sizes: list[tuple[int, int]]) -> None:
+        users, cands, codes = self._parts
+        picked = pool[self._rng.choice(len(pool), size=sum(k for _, k in sizes), replace=False)]
         start = 0
         for code, k in sizes:
-            cand_idx.append(picked[start:start + k])
-            user_idx.append(np.full(k, user))
-            split_code.append(np.full(k, code))
+            cands.append(picked[start:start + k])
+            users.append(np.full(k, user))
+            codes.append(np.full(k, code))
             start += k
 
-    def take_valid(user: int, own: list[tuple[int, int]], valid: int) -> None:
-        if valid_pool is None:  # the authors': from the survey pool, with the user's own pairs
-            take(user, survey, own + [(1, valid)])
+    def _take_valid(self, user: int, own: list[tuple[int, int]], valid: int) -> None:
+        if self._pools.valid is None:  # the authors': from the survey pool, with the user's own pairs
+            self._take(user, self._pools.survey, own + [(1, valid)])
         else:
-            take(user, survey, own)
-            take(user, valid_pool, [(1, valid)])
+            self._take(user, self._pools.survey, own)
+            self._take(user, self._pools.valid, [(1, valid)])
 
-    for u in range(n_seen):
-        take_valid(u, [(0, int(counts[u] - held_out[u]))], int(held_out[u]))
-        take(u, test_pool, [(2, cfg.test_pairs)])
-    for j in range(n_unseen):
-        u = n_seen + j
-        take_valid(u, [(3, cfg.fewshot_pairs)], cfg.unseen_valid_pairs)
-        take(u, test_pool, [(2, cfg.unseen_test_pairs)])
 
-    user_idx = np.concatenate(user_idx)
-    cand_idx = np.concatenate(cand_idx)
-    split_code = np.concatenate(split_code)
-    group_of_user = np.concatenate([seen_group, unseen_group])
-    if cfg.preferences == "mixture":  # the weighted margin; the coins decide where it is exactly zero
-        weights = np.random.default_rng(rng.integers(2**63)).dirichlet(np.full(n_groups, cfg.alpha),
-                                                                      n_seen + n_unseen)
-        w = weights[user_idx]
-        score = (w * margins[cand_idx]).sum(1)
-        prefers_a = np.where(score != 0, score > 0, (w * sign[cand_idx]).sum(1) > 0)
-        is_contr = np.zeros(len(a), dtype=bool)
-        is_contr[kept] = split_by_users(weights[:n_seen], margins[kept], sign[kept], 1 / n_groups)
-    else:
-        prefers_a = labels[cand_idx, group_of_user[user_idx]]
-    width = len(str(n_seen + n_unseen - 1))
-    user_ids = np.array([f"u{i:0{width}d}" for i in range(n_seen + n_unseen)])
-
+def _frames(cfg: ProtocolConfig, groups, draw: _Draw, weights, prefers_a, a, b, is_contr):
+    """The users and pairs tables of the drawn annotations (chosen/rejected as response indices)."""
+    width = len(str(draw.n_users - 1))
+    user_ids = np.array([f"u{i:0{width}d}" for i in range(draw.n_users)])
     users = pd.DataFrame({
         "user_id": user_ids,
-        "group": np.asarray(groups, dtype=object)[group_of_user],
-        "role": np.where(np.arange(n_seen + n_unseen) < n_seen, "seen", "unseen"),
+        "group": np.asarray(groups, dtype=object)[draw.group_of_user],
+        "role": np.where(np.arange(draw.n_users) < cfg.users, "seen", "unseen"),
     })
-    if cfg.preferences == "mixture":
+    if weights is not None:
         users["group"] = None
         for k, g in enumerate(groups):
-            users[f"weight_{g}"] = weights[:, k]
+            users[f"{WEIGHT_PREFIX}{g}"] = weights[:, k]
     pairs = pd.DataFrame({
-        "user_id": user_ids[user_idx],
-        "chosen": np.where(prefers_a, a[cand_idx], b[cand_idx]),
-        "rejected": np.where(prefers_a, b[cand_idx], a[cand_idx]),
-        "split": np.asarray(["train", "valid", "test", "fewshot"])[split_code],
-        "controversial": is_contr[cand_idx],
+        "user_id": user_ids[draw.user_idx],
+        "chosen": np.where(prefers_a, a[draw.cand_idx], b[draw.cand_idx]),
+        "rejected": np.where(prefers_a, b[draw.cand_idx], a[draw.cand_idx]),
+        "split": np.asarray(["train", "valid", "test", "fewshot"])[draw.split_code],
+        "controversial": is_contr[draw.cand_idx],
     })
-    stats = {
-        "candidate_pairs": int(len(a)),
-        "kept_pairs": int(len(kept)),  # by the filter: the attributes disagree, or the source's own
-        "prompts": int(len(prompts)),
-        "test_prompts": int(n_test_prompts),
-        "survey_pairs_available": int(available),
-        "survey_pairs": int(len(survey)),
-        "survey_controversial_share": round(float(is_contr[survey].mean()), 4),
-        "test_pool_pairs": int(len(test_pool)),
-        "test_pool_controversial_share": round(float(is_contr[test_pool].mean()), 4),
-        "seen_annotations": int(counts.sum()),
-        "seen_valid_pairs": int(held_out.sum()),
-    }
-    if valid_pool is not None:
-        stats["valid_pool_pairs"] = int(len(valid_pool))
-    return users, pairs, stats
+    return users, pairs

@@ -34,11 +34,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from coplctl.core.errors import CoplError, DataError
 from coplctl.data.dataset import PreferenceDataset
 from coplctl.data.protocol import LENGTH_GROUPS, ProtocolConfig, assign_users
-from coplctl.data.ultrafeedback import (assemble, input_files, length_filter, location, hub_dataset,
-                                        read_records, sha256)
-from coplctl.core.errors import CoplError, DataError
+from coplctl.data.ultrafeedback import assemble, hub_dataset, input_files, length_filter, location, read_records, sha256
 
 TLDR_HUB_ID = "openai/summarize_from_feedback"
 _SPLITS = {"train": "train", "valid1": "validation", "valid2": "validation", "validation": "validation"}

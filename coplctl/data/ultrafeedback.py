@@ -40,10 +40,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from coplctl.data.dataset import TEXT_FORMAT, PreferenceDataset
-from coplctl.data.protocol import ATTRIBUTES, ProtocolConfig, assign_users, break_ties
 from coplctl.core.errors import CoplError, DataError
 from coplctl.core.files import jsonl_records, read_json
+from coplctl.data.dataset import TEXT_FORMAT, PreferenceDataset
+from coplctl.data.protocol import ATTRIBUTES, ProtocolConfig, assign_users, break_ties
 
 UF_HUB_ID = "openbmb/UltraFeedback"
 CLEANED_HUB_ID = "argilla/ultrafeedback-binarized-preferences-cleaned"

@@ -25,7 +25,6 @@ import pandas as pd
 from coplctl.core.errors import DataError
 from coplctl.core.files import parse_json, read_text
 
-
 NEW_COLUMNS = ["response_id", "prompt", "text"]
 
 

@@ -53,11 +53,6 @@ def group_probe(embeddings, groups, *, folds: int = 5, seed: int = 0) -> float |
     return float(cross_val_score(clf, x, y, cv=cv).mean())
 
 
-def weight_columns(users: pd.DataFrame) -> list[str]:
-    """The ``weight_*`` columns of mixture users (``preferences: mixture``), in order; [] for group users."""
-    return [c for c in users.columns if c.startswith("weight_")]
-
-
 def weight_probe(embeddings, weights, *, folds: int = 5, seed: int = 0) -> float | None:
     """For users with mixed preferences instead of groups: 5-fold cross-validated R² of a ridge regression
     that predicts each user's attribute weights from its embedding (0: no better than the mean weights;

@@ -18,13 +18,14 @@ import torch
 from coplctl.core.atomic import atomic_path, atomic_write_text, check_replaceable, remove_stale
 from coplctl.core.config import AT_LEAST_1, FRACTION, NON_NEGATIVE, POSITIVE, OneOf, check_fields
 from coplctl.core.errors import CoplError
+from coplctl.core.optim import bt_loss, cosine_with_warmup, resolve_device
+from coplctl.core.progress import Bar
+from coplctl.data.dataset import weight_columns
 from coplctl.graph.graph import Adjacency, PreferenceGraph
-from coplctl.graph.model import VARIANTS, GCF
-from coplctl.graph.probe import group_probe, weight_columns, weight_probe
+from coplctl.graph.model import GCF, VARIANTS
+from coplctl.graph.probe import group_probe, weight_probe
 from coplctl.graph.sampling import NeighborSampler
 from coplctl.graph.state import CHECKPOINT, TrainingRun
-from coplctl.core.progress import Bar
-from coplctl.core.optim import bt_loss, cosine_with_warmup, resolve_device
 
 
 @dataclass

@@ -11,26 +11,25 @@ from __future__ import annotations
 
 import json
 from abc import abstractmethod
-from dataclasses import dataclass
-from typing import Annotated
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
 
 import pandas as pd
 import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from coplctl.core.config import AT_LEAST_1, NON_NEGATIVE, POSITIVE
 from coplctl.core.atomic import atomic_path
-from coplctl.models.backbone import Backbone
-from coplctl.models.encoders import ResponseEncoder, RewardHead, add_lora, build_inputs, concat_batches, lora_alpha
+from coplctl.core.config import AT_LEAST_1, NON_NEGATIVE, POSITIVE
 from coplctl.core.errors import CoplError, DataError
 from coplctl.core.files import field, read_json, read_parquet, read_safetensors, read_user_ids
+from coplctl.models.backbone import Backbone
+from coplctl.models.encoders import ResponseEncoder, RewardHead, add_lora, build_inputs, concat_batches, lora_alpha
 from coplctl.models.reward import METHOD_FILE, RewardMethod, bt_loss
-from coplctl.models.trainer import (TrainConfig, autocast, distributed_state, fp32_trainable, load_trainable_state,
-                             optimize_rows, rewards, train_pairs, trainable_state)
-
+from coplctl.models.train_config import TrainConfig, autocast, distributed_state, fp32_trainable
+from coplctl.models.trainer import load_trainable_state, optimize_rows, rewards, train_pairs, trainable_state
 
 #: Default rate of per-user parameters in lora mode (see BaselineConfig.user_lr).
 USER_LR_LORA = 1e-2
