@@ -11,8 +11,8 @@ import pandas as pd
 import torch
 from torch import nn
 
-from coplctl.models.neural import BaselineConfig, NeuralMethod, UserVectorNet, baseline_encoder, token_dim
 from coplctl.core.registry import register_method
+from coplctl.models.neural import BaselineConfig, NeuralMethod, UserVectorNet, baseline_encoder, token_dim
 
 
 @dataclass

@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 from coplctl.core.config import AT_LEAST_1
-from coplctl.models.neural import BaselineConfig, NeuralMethod, UserVectorNet, baseline_encoder, token_dim
 from coplctl.core.registry import register_method
+from coplctl.models.neural import BaselineConfig, NeuralMethod, UserVectorNet, baseline_encoder, token_dim
 
 
 @dataclass

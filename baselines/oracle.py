@@ -20,11 +20,12 @@ import pandas as pd
 import torch
 from torch import nn
 
-from coplctl.models.encoders import ResponseEncoder, RewardHead, default_targets, lora_alpha
 from coplctl.core.errors import CoplError, DataError
 from coplctl.core.files import field, read_json
-from coplctl.models.neural import BaselineConfig, NeuralMethod, PairScorer
 from coplctl.core.registry import register_method
+from coplctl.data.dataset import WEIGHT_PREFIX, weight_columns
+from coplctl.models.encoders import ResponseEncoder, RewardHead, default_targets, lora_alpha
+from coplctl.models.neural import BaselineConfig, NeuralMethod, PairScorer
 
 
 @dataclass
@@ -43,7 +44,7 @@ class OracleNet(PairScorer):
     """
 
     #: a batch without some group's users leaves that group's adapter (or trunk) and head without gradient:
-    #: DDP must look for unused parameters (:func:`coplctl.models.trainer.make_accelerator`)
+    #: DDP must look for unused parameters (:func:`coplctl.models.train_config.make_accelerator`)
     unused_parameters = True
 
     def __init__(self, groups: int, group_of_row: torch.Tensor, encoders: list[ResponseEncoder],
@@ -101,21 +102,32 @@ def group_adapters(encoder: ResponseEncoder, groups: int, rank: int, alpha: floa
                                     encoder.lm, adapter_name=f"group{k}")
 
 
-@register_method("oracle", label="Oracle", order=0)
+def _mixture_weights(users) -> list[str]:
+    """The weight columns of mixture users (no groups, every weight known), or []: the oracle scores them
+    by their true weights over one model per attribute."""
+    columns = weight_columns(users)
+    return columns if columns and users["group"].isna().all() and users[columns].notna().all().all() else []
+
+
+@register_method("oracle", label="Oracle", order=0, upper_bound=True)
 class Oracle(NeuralMethod):
     """Oracle: one Uniform model per true preference group; each user is scored by its group's model (mixture
     users: by their true weights over one model per attribute)."""
 
     Config = OracleConfig
-    needs_groups = True
+
+    @classmethod
+    def cannot_run(cls, data) -> str | None:
+        """Without every user's group (and without mixture users' true weights instead), there is no oracle."""
+        if data.users["group"].isna().any() and not _mixture_weights(data.users):
+            return "needs every user's preference group, and the dataset does not give them all"
+        return None
 
     def prepare(self, data, *, seed: int, work_dir: Path | None) -> dict[str, int]:
-        from coplctl.graph.probe import weight_columns
-
         users = data.users
-        columns = weight_columns(users)
-        if columns and users["group"].isna().all() and users[columns].notna().all().all():
-            self.groups = [c.removeprefix("weight_") for c in columns]
+        columns = _mixture_weights(users)
+        if columns:
+            self.groups = [c.removeprefix(WEIGHT_PREFIX) for c in columns]
             self.weight_of = {u: [float(x) for x in row] for u, row in zip(users["user_id"], users[columns].to_numpy())}
             self.group_of = {}
             self.user_ids = data.user_ids("seen")

@@ -14,9 +14,9 @@ import torch
 from torch import nn
 
 from coplctl.core.config import AT_LEAST_1, POSITIVE
+from coplctl.core.registry import register_method
 from coplctl.models.encoders import ResponseEncoder
 from coplctl.models.neural import BaselineConfig, NeuralMethod, PairScorer, baseline_encoder
-from coplctl.core.registry import register_method
 
 
 @dataclass

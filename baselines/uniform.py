@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from coplctl.models.neural import BaselineConfig, NeuralMethod, UserVectorNet, baseline_encoder
 from coplctl.core.registry import register_method
+from coplctl.models.neural import BaselineConfig, NeuralMethod, UserVectorNet, baseline_encoder
 
 
 @dataclass

@@ -10,11 +10,11 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 
-from coplctl.copl.adapt import AdaptConfig, Adapted, adapt_users, graph_accuracy
 from coplctl.cli import main
+from coplctl.copl.adapt import AdaptConfig, Adapted, adapt_users, graph_accuracy
+from coplctl.core.errors import CoplError, DataError
 from coplctl.data import load
 from coplctl.data.userfile import read_user_file
-from coplctl.core.errors import CoplError, DataError
 from coplctl.graph.run import GCFRun
 from coplctl.graph.train import preset_config, train_gcf
 

@@ -10,14 +10,14 @@ import pandas as pd
 import pytest
 import torch
 
-from coplctl.copl.adapt import AdaptConfig, adapt_users
 from coplctl.cli import main
+from coplctl.copl.adapt import AdaptConfig, adapt_users
 from coplctl.copl.method import CoPL
+from coplctl.copl.placement import TEMPERATURE, Placement, nearest, place, ridge_map
+from coplctl.core.errors import DataError
 from coplctl.data import load
 from coplctl.data.userfile import read_user_file
-from coplctl.core.errors import DataError
 from coplctl.graph.run import GCFRun
-from coplctl.copl.placement import TEMPERATURE, Placement, nearest, place, ridge_map
 from coplctl.models.reward import load_method
 
 

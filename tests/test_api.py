@@ -12,9 +12,9 @@ import pytest
 import torch
 
 import coplctl
-from coplctl.data import load as load_data
 from coplctl.core.errors import CoplError
 from coplctl.core.registry import METHODS
+from coplctl.data import load as load_data
 from coplctl.models.reward import make_config, pair_scores
 
 BUILTIN = [e.name for e in METHODS.entries() if e.module.startswith("coplctl.")]

@@ -7,8 +7,8 @@ import importlib
 import pytest
 import torch
 
-from coplctl.models.backbone import Backbone, resolve
 from coplctl.core.errors import CoplError
+from coplctl.models.backbone import Backbone, resolve
 from coplctl.models.features import FeatureCache, features
 
 

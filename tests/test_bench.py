@@ -9,7 +9,7 @@ import pytest
 
 import coplctl.bench.runner as runner
 from coplctl.bench.results import load_results
-from coplctl.bench.spec import SpecError, list_specs, load_spec
+from coplctl.bench.spec import SpecError, experiment_options, list_specs, load_spec
 from coplctl.bench.tables import build_tables, to_csv, to_latex, to_markdown
 from coplctl.cli import main
 from coplctl.core.errors import CoplError
@@ -26,8 +26,9 @@ def test_every_shipped_spec_loads_and_validates(path):
 def test_include_merges_and_overrides():
     twin = load_spec("sim-uf-p-4-avg")
     assert (twin.data.variant, twin.data.annotations, twin.data.source) == ("uf-p-4", "avg", "simulated")
-    assert twin.adaptation == ["weighted", "average", "optimize"] and twin.ablations == []
-    assert twin.fewshot_curve.hops == [2, 4] and twin.pseudo_labels is None
+    copl = experiment_options(twin, "copl")
+    assert copl.adaptation_variants == ["weighted", "average", "optimize"] and twin.ablations == []
+    assert copl.fewshot_curve.hops == [2, 4] and copl.pseudo_labels is None
     assert [a.name for a in load_spec("sim-uf-p-4-all").ablations][0] == "copl-without-gnn"
 
 
@@ -69,6 +70,65 @@ def test_invalid_specs_name_the_file_and_key(tmp_path, body, message):
         load_spec(str(_write(tmp_path, body)))
 
 
+@pytest.mark.parametrize("body, message", [
+    ("version: 1\nname: x\nadaptation: [weighted]\n",
+     r"bad.yaml: adaptation is one of method copl's experiments now: write it as experiments: \{copl: \{adaptation_variants: ...\}\}"),
+    ("version: 1\nname: x\nfewshot_curve: {shots: [1]}\n",
+     r"bad.yaml: fewshot_curve is one of method copl's experiments now: write it as experiments: \{copl: \{fewshot_curve: ...\}\}"),
+    ("version: 1\nname: x\nfigures: false\n", r"experiments: \{copl: \{run_figures: ...\}\}"),
+    ("version: 1\nname: x\nexperiments: {copl: {adaptation_variants: [best]}}\n",
+     r"bad.yaml: experiments.copl: adaptation_variants entries are weighted, average, optimize, not 'best'"),
+    ("version: 1\nname: x\nexperiments: {copl: {run_figures: maybe}}\n", r"bad.yaml: experiments.copl.run_figures must be bool"),
+    ("version: 1\nname: x\nexperiments: {copl: {figure: false}}\n",
+     r"bad.yaml: unknown key experiments.copl.figure \(did you mean 'run_figures'\?\)"),
+    ("version: 1\nname: x\nexperiments: {copl: {fewshot_curve: {shots: 2}}}\n",
+     r"bad.yaml: experiments.copl.fewshot_curve.shots must be a list"),
+    ("version: 1\nname: x\nexperiments: {uniform: {}}\n", r"bad.yaml: experiments.uniform: method uniform has no experiments"),
+    ("version: 1\nname: x\nexperiments: {cpol: {}}\n", r"bad.yaml: unknown method 'cpol' \(did you mean 'copl'\?\)"),
+    ("version: 1\nname: x\nexperiments: [copl]\n", r"bad.yaml: experiments must be a mapping"),
+])
+def test_methods_own_their_experiments_and_old_keys_say_where_they_moved(tmp_path, body, message):
+    with pytest.raises(SpecError, match=message):
+        load_spec(str(_write(tmp_path, body)))
+
+
+def test_bench_names_no_method_and_no_experiment_key():
+    """The runner, results, tables and comparison know no method: every method-specific piece (experiments,
+    their tables, figures and compared metrics, whether a method can run) comes through the method's hooks."""
+    import dataclasses
+    import re
+    from pathlib import Path
+
+    from coplctl.core.registry import METHODS, method_label
+
+    words = set()
+    for name in METHODS.names():
+        words |= {name, method_label(name)}
+        options = METHODS.get(name).Experiments
+        words |= {f.name for f in dataclasses.fields(options)} if options is not None else set()
+    bench = Path(runner.__file__).parent
+    found = [f"{f.name}:{n}: {w}" for f in sorted(bench.glob("*.py"))
+             for n, line in enumerate(f.read_text().splitlines(), 1)
+             for w in sorted(words) if re.search(rf"(?<![\w-]){re.escape(w)}(?![\w-])", line, re.IGNORECASE)]
+    assert not found, found
+    assert "copl" in words and "adaptation_variants" in words  # the check sees what it must
+
+
+def test_the_runner_leaves_the_callers_spec_alone_and_stamps_provenance_once(tmp_path, monkeypatch):
+    spec = load_spec(str(_write(tmp_path, TINY.format(extra=""), "tiny.yaml")))
+    spec.methods, spec.experiments, spec.seeds = ["uniform"], {}, [0, 1]
+    before = json.dumps(__import__("dataclasses").asdict(spec), sort_keys=True)
+    calls = []
+    real = runner.provenance
+    monkeypatch.setattr(runner, "provenance", lambda path: calls.append(path) or real(path))
+    runner.run_benchmark(spec, tmp_path / "out", progress=False, sets={"epochs": 1})
+    assert json.dumps(__import__("dataclasses").asdict(spec), sort_keys=True) == before  # no --set leaked into it
+    assert len(calls) == 1  # one data hash and one git call for the whole benchmark
+    results = load_results(tmp_path / "out")
+    assert len(results) == 2 and {r["config"]["epochs"] for r in results} == {1}
+    assert results[0]["provenance"]["data_hash"] == results[1]["provenance"]["data_hash"]
+
+
 def test_spec_files_that_are_not_utf8_are_one_error(tmp_path):
     f = tmp_path / "bad.yaml"
     f.write_bytes("version: 1\nname: x\n".encode("utf-16"))
@@ -87,9 +147,11 @@ methods: [uniform, copl]
 seeds: [0]
 common: {{epochs: 2}}
 overrides: {{copl: {{gcf_overrides: {{dim: 8, epochs: 30}}}}{extra}}}
-adaptation: [weighted, average]
-fewshot_curve: {{shots: [1, 4], hops: [2, 4]}}
-figures: false
+experiments:
+  copl:
+    adaptation_variants: [weighted, average]
+    fewshot_curve: {{shots: [1, 4], hops: [2, 4]}}
+    run_figures: false
 """
 
 
@@ -98,11 +160,11 @@ def test_interrupted_benchmark_resumes_without_redoing_finished_runs(tmp_path, m
     real = runner.run_job
     calls = []
 
-    def interrupt_second(spec, ds, base, name, *a, **kw):
-        calls.append(name)
+    def interrupt_second(run, job, *a, **kw):
+        calls.append(job.name)
         if len(calls) == 2:
             raise KeyboardInterrupt  # Ctrl-C while the second model trains
-        return real(spec, ds, base, name, *a, **kw)
+        return real(run, job, *a, **kw)
 
     monkeypatch.setattr(runner, "run_job", interrupt_second)
     with pytest.raises(KeyboardInterrupt):
@@ -127,10 +189,10 @@ def test_interrupted_benchmark_resumes_without_redoing_finished_runs(tmp_path, m
 
 def test_compare_fails_on_a_deliberately_worsened_method(tmp_path, capsys):
     good = load_spec(str(_write(tmp_path, TINY.format(extra=""), "tiny.yaml")))
-    good.methods, good.adaptation, good.fewshot_curve = ["uniform"], [], None
+    good.methods, good.experiments = ["uniform"], {}
     runner.run_benchmark(good, tmp_path / "base", progress=False)
     worse = load_spec(str(_write(tmp_path, TINY.format(extra=", uniform: {lr: 0.0}"), "tiny.yaml")))
-    worse.methods, worse.adaptation, worse.fewshot_curve = ["uniform"], [], None  # lr 0: it learns nothing
+    worse.methods, worse.experiments = ["uniform"], {}  # lr 0: it learns nothing
     runner.run_benchmark(worse, tmp_path / "cur", progress=False)
 
     assert main(["compare", str(tmp_path / "base"), str(tmp_path / "base")]) == 0
@@ -148,7 +210,7 @@ def test_compare_fails_on_a_deliberately_worsened_method(tmp_path, capsys):
 
 
 def test_pseudo_labels_and_report_in_every_format(tmp_path, capsys):
-    text = TINY.format(extra="") + "pseudo_labels: {pairs_per_user: 2, users_per_group: 1, pairs_per_specific_user: 40}\n"
+    text = TINY.format(extra="") + "    pseudo_labels: {pairs_per_user: 2, users_per_group: 1, pairs_per_specific_user: 40}\n"
     spec = load_spec(str(_write(tmp_path, text, "tiny.yaml")))
     spec.methods = ["copl"]
     runner.run_benchmark(spec, tmp_path / "res", progress=False)
@@ -173,7 +235,7 @@ def test_real_data_spec_without_data_says_how_to_build_it(tmp_path, monkeypatch)
 
 def test_finished_results_are_reused_only_with_the_same_settings(tmp_path):
     spec = load_spec(str(_write(tmp_path, TINY.format(extra=""), "tiny.yaml")))
-    spec.methods, spec.adaptation, spec.fewshot_curve = ["uniform"], [], None
+    spec.methods, spec.experiments = ["uniform"], {}
     runner.run_benchmark(spec, tmp_path / "out", progress=False)
     with pytest.raises(CoplError, match=r"produced with other settings \(epochs: 2 -> 3\)"):
         spec.common["epochs"] = 3
@@ -210,11 +272,11 @@ def _no_work(*a, **k):
 @pytest.mark.parametrize("change, message", [
     (("epochs: 2", "epochs: abc"), r"tiny.yaml: common.epochs: .*whole number, got 'abc'"),
     (("{gcf_overrides", "{lr: fast, gcf_overrides"), r"tiny.yaml: overrides.copl.lr: .*number, got 'fast'"),
-    (("figures: false", "figures: false\nablations: [{name: no-mole, method: copl, overrides: {mole: maybe}}]"),
+    (("run_figures: false", "run_figures: false\nablations: [{name: no-mole, method: copl, overrides: {mole: maybe}}]"),
      r"tiny.yaml: ablations\[0\].overrides.mole: .*true or false, got 'maybe'"),
-    (("figures: false", "figures: false\nmode: lorra"), r"tiny.yaml: mode: .*lorra"),
-    (("figures: false", "figures: false\nseeds: [-1]"), r"tiny.yaml: seeds: -1 is out of range"),
-    (("figures: false", "figures: false\ndata: {users: 0}"), r"tiny.yaml: data: protocol option users: 0"),
+    (("run_figures: false", "run_figures: false\nmode: lorra"), r"tiny.yaml: mode: .*lorra"),
+    (("run_figures: false", "run_figures: false\nseeds: [-1]"), r"tiny.yaml: seeds: -1 is out of range"),
+    (("run_figures: false", "run_figures: false\ndata: {users: 0}"), r"tiny.yaml: data: protocol option users: 0"),
 ])
 def test_wrong_config_values_stop_the_benchmark_before_any_work(tmp_path, monkeypatch, change, message):
     monkeypatch.setattr(runner, "prepare_data", _no_work)
@@ -350,7 +412,7 @@ def test_your_own_dataset_directory_runs_through_benchmark_and_report(micro_dir,
         seeds: [0]
         common: {{epochs: 1}}
         overrides: {{copl: {{gcf_overrides: {{dim: 8, epochs: 10}}}}}}
-        figures: false
+        experiments: {{copl: {{run_figures: false}}}}
         """), "mine.yaml")
     assert main(["benchmark", str(spec), "--out", str(tmp_path / "out")]) == 0
     results = {r["name"]: r for r in load_results(tmp_path / "out")}
@@ -397,7 +459,7 @@ def test_lr_grid_keeps_the_best_validation_candidate_and_resumes_per_candidate(t
 
 
 def test_bad_lr_grids_are_one_error(tmp_path, capsys):
-    spec = _write(tmp_path, TINY.format(extra="").replace("figures: false", "figures: false\nlr_grid: [1e-4, 1e-4]"),
+    spec = _write(tmp_path, TINY.format(extra="").replace("run_figures: false", "run_figures: false\nlr_grid: [1e-4, 1e-4]"),
                   "tiny.yaml")
     assert main(["benchmark", str(spec), "--out", str(tmp_path / "out")]) == 1
     assert "repeats a value" in capsys.readouterr().err

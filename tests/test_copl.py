@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from coplctl.copl.method import CoPL
-from coplctl.data import load
 from coplctl.core.errors import CoplError
+from coplctl.data import load
 from coplctl.models.evaluate import evaluate
 from coplctl.models.reward import load_method, pair_scores
 
@@ -91,8 +91,8 @@ def test_gcf_work_is_not_reused_for_other_data(tiny_dir, micro_dir, tmp_path):
 def test_experts_figure(frozen_copl, tmp_path):
     from PIL import Image
 
-    from coplctl.copl.figures import expert_allocation
     from coplctl.cli import main
+    from coplctl.copl.figures import expert_allocation
 
     method, _, _ = frozen_copl
     method.save(tmp_path / "run")

@@ -7,8 +7,8 @@ import json
 import pandas as pd
 import pytest
 
-from coplctl.data import PreferenceDataset, load
 from coplctl.core.errors import CoplError, DataError
+from coplctl.data import PreferenceDataset, load
 
 
 def _edit(path, table, change):

@@ -111,8 +111,8 @@ def test_copl_experts_load_as_a_peft_custom_module_and_a_plain_load_refuses(copl
     from peft import PeftModel
     from transformers import AutoModel
 
-    from coplctl.serving.export import export_peft, load_peft
     from coplctl.copl.peft_mole import mole_layers
+    from coplctl.serving.export import export_peft, load_peft
 
     out = tmp_path / "export"
     summary = export_peft(copl_run, out)

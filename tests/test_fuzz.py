@@ -89,6 +89,7 @@ def test_score_request_reader(scratch, content):
 
 SPEC_KEYS = st.sampled_from(["name", "description", "include", "data", "methods", "seeds", "common", "overrides",
                              "ablations", "tables", "figures", "fewshot", "pseudo_labels", "source", "variant",
+                             "experiments", "adaptation_variants", "fewshot_curve", "run_figures", "adaptation",
                              "users", "epochs", "lr", "mode", "backbone", "copl", "uniform", "x"])
 SPEC_VALUE = st.recursive(SCALAR, lambda inner: st.one_of(st.lists(inner, max_size=3),
                                                           st.dictionaries(SPEC_KEYS, inner, max_size=4)), max_leaves=10)
@@ -113,7 +114,7 @@ def test_spec_loader(scratch, text, utf16):
     spec.jobs()
 
 
-RESULT = st.fixed_dictionaries({"spec": TEXT, "name": TEXT, "seed": SCALAR},
+RESULT = st.fixed_dictionaries({"spec": TEXT, "name": st.one_of(TEXT, st.sampled_from(["copl", "oracle"])), "seed": SCALAR},
                                optional={"metrics": VALUE, "extra": VALUE, "config": VALUE, "method": TEXT})
 
 

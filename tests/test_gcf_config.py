@@ -9,8 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from coplctl.data import load
 from coplctl.core.errors import CoplError
+from coplctl.data import load
 from coplctl.graph.probe import group_probe, spectral_split
 from coplctl.graph.train import PRESETS, GCFConfig, preset_config
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from coplctl.data import load
 from coplctl.core.errors import CoplError
+from coplctl.data import load
 from coplctl.graph.graph import PreferenceGraph
 from coplctl.graph.model import GCF
 from coplctl.graph.sampling import NeighborSampler

@@ -218,7 +218,6 @@ def test_an_imported_table_runs_through_benchmark_and_report(micro_dir, tmp_path
         methods: [oracle, uniform, i2e]
         seeds: [0]
         common: {{epochs: 1}}
-        figures: false
         """))
     assert main(["benchmark", str(spec), "--out", str(tmp_path / "out")]) == 0
     results = {r["name"]: r for r in load_results(tmp_path / "out")}

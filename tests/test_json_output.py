@@ -102,8 +102,10 @@ def test_data_simulate_and_import(tiny_dir, tmp_path, capsys):
 
 
 def test_data_builders(tmp_path, capsys):
-    from test_personalllm import ARGS as PLM_ARGS, plm_table
-    from test_tldr import ARGS as TLDR_ARGS, WORKERS, comparisons
+    from test_personalllm import ARGS as PLM_ARGS
+    from test_personalllm import plm_table
+    from test_tldr import ARGS as TLDR_ARGS
+    from test_tldr import WORKERS, comparisons
     from test_ufp_builder import write_fixture
 
     (tmp_path / "tldr").mkdir()
@@ -132,7 +134,7 @@ def test_data_builders(tmp_path, capsys):
 def test_benchmark_report_and_compare(micro_dir, tmp_path, capsys):
     spec = tmp_path / "micro.yaml"
     spec.write_text(f"version: 1\nname: micro\ndata: {{source: directory, path: {micro_dir}}}\nmethods: [uniform]\n"
-                    "seeds: [0]\ncommon: {epochs: 1}\nadaptation: []\nfigures: false\n")
+                    "seeds: [0]\ncommon: {epochs: 1}\n")
     res = tmp_path / "res"
     ran = _json(capsys, "benchmark", str(spec), "--out", str(res))
     result = res / "micro" / "results" / "uniform" / "seed0.json"

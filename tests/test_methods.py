@@ -10,8 +10,8 @@ import torch
 
 import coplctl.models.neural
 import coplctl.models.trainer
-from coplctl.data import load
 from coplctl.core.registry import METHODS
+from coplctl.data import load
 from coplctl.models.reward import load_method, make_config, pair_scores
 from coplctl.models.trainer import trainable_state
 
@@ -139,17 +139,16 @@ def test_oracle_scores_mixture_users_by_their_true_weights(tmp_path):
     weights times theirs; unseen users come with their weights; the runner no longer skips the oracle."""
     from conftest import small_protocol
 
-    from coplctl.bench.runner import _cannot_run
     from coplctl.data.simulate import SimConfig, simulate
 
     ds = simulate(SimConfig(protocol=small_protocol(variant="uf-p-4", preferences="mixture", users=60,
                                                     unseen_users=4, survey_pairs=300), seed=2))
     ds.save(tmp_path / "mix")
     ds = load(tmp_path / "mix")
-    assert _cannot_run("oracle", ds) is None
-    assert _cannot_run("oracle", type(ds)(ds.responses, ds.users.drop(columns=[c for c in ds.users if c.startswith("weight_")]),
-                                          ds.pairs, ds.meta)) is not None
     cls = METHODS.get("oracle")
+    assert cls.cannot_run(ds) is None
+    unweighted = ds.users.drop(columns=[c for c in ds.users if c.startswith("weight_")])
+    assert "preference group" in cls.cannot_run(type(ds)(ds.responses, unweighted, ds.pairs, ds.meta))
     method = cls(make_config(cls.Config, {**SMALL["frozen"], "epochs": 1}))
     method.fit(ds, progress=False)
     assert method.groups == ["helpfulness", "honesty", "instruction_following", "truthfulness"]

@@ -6,8 +6,8 @@ import pytest
 import torch
 from reference_method import ResponseBT
 
-from coplctl.data import load
 from coplctl.core.errors import CoplError
+from coplctl.data import load
 from coplctl.models.reward import bt_loss, load_method, pair_accuracy
 
 

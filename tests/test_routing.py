@@ -31,8 +31,8 @@ def test_training_json_has_routing_per_mole_layer(copl_run, micro_dir):
 
 
 def test_experts_command_prints_top_share_and_mi(copl_run, tmp_path, capsys):
-    from coplctl.copl.figures import plot_experts
     from coplctl.cli import main
+    from coplctl.copl.figures import plot_experts
 
     assert main(["plot", "experts", str(copl_run), "--out", str(tmp_path / "e.png")]) == 0
     printed = capsys.readouterr().out

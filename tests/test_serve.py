@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from test_api import train
 
 import coplctl
 from coplctl.data import load as load_data
-from test_api import train
 
 uvicorn = pytest.importorskip("uvicorn", reason="the serve extra is not installed (pip install 'coplctl[serve]')")
 httpx = pytest.importorskip("httpx", reason="httpx is not installed")

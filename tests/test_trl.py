@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from test_api import train
 
 import coplctl
-from coplctl.data import load as load_data
 from coplctl.core.errors import CoplError
+from coplctl.data import load as load_data
 from coplctl.serving.trl import reward_function
-from test_api import train
 
 
 @pytest.fixture(scope="module")

@@ -11,11 +11,10 @@ import pandas as pd
 import pytest
 from conftest import small_protocol
 
+from coplctl.core.errors import CoplError, DataError
 from coplctl.data import load
 from coplctl.data.protocol import ATTRIBUTES, break_ties
 from coplctl.data.ultrafeedback import BuildConfig, _binarize, build_ufp
-from coplctl.core.errors import CoplError, DataError
-
 
 LONG = "a long answer" + " word" * 40
 MISSING = "an answer UltraFeedback never had"

@@ -8,8 +8,8 @@ import re
 import pandas as pd
 import pytest
 
-from coplctl.data.userfile import read_user_file
 from coplctl.core.errors import DataError
+from coplctl.data.userfile import read_user_file
 
 RESPONSES = pd.DataFrame({
     "response_id": ["a1", "a2", "b1", "b2", "c1"],

@@ -109,9 +109,9 @@ def accuracy(data: Path, runs: list[Path]) -> None:
 
 
 def sweep(data: Path, run: Path, user_file: Path, ks: list[int], embedding: str) -> None:
-    from coplctl.serving.adapt_run import new_user_pairs
     from coplctl.data import load
     from coplctl.models.reward import load_method
+    from coplctl.serving.adapt_run import new_user_pairs
 
     ds = load(data)
     method = load_method(run)

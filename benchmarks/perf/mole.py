@@ -30,9 +30,9 @@ def _texts(n: int) -> list[str]:
 
 
 def _models(name: str, rank: int, experts: int):
+    from coplctl.copl.mole import inject_mole
     from coplctl.models.backbone import Backbone
     from coplctl.models.encoders import ResponseEncoder, add_lora, default_targets
-    from coplctl.copl.mole import inject_mole
 
     lora_bb = Backbone(name, max_length=512, device="cpu")
     lora = ResponseEncoder("lora", lora_bb)

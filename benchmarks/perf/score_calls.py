@@ -28,10 +28,10 @@ def main() -> None:
     os.environ.setdefault("COPLCTL_CACHE", str(tmp / "cache"))  # a private cache: shards counted from zero
 
     import coplctl
+    from coplctl.core.registry import METHODS
     from coplctl.data.protocol import ProtocolConfig
     from coplctl.data.simulate import SimConfig, simulate
     from coplctl.models.evaluate import score_frame
-    from coplctl.core.registry import METHODS
     from coplctl.models.reward import load_method, make_config
 
     run = args.run

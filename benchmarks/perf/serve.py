@@ -30,9 +30,9 @@ def main() -> None:
     import httpx
 
     import coplctl
+    from coplctl.core.registry import METHODS
     from coplctl.data.protocol import ProtocolConfig
     from coplctl.data.simulate import SimConfig, simulate
-    from coplctl.core.registry import METHODS
     from coplctl.models.reward import make_config
     from coplctl.serving.server import in_background, make_app
 

@@ -62,8 +62,8 @@ def step(backbone: str, batch: int, tokens: int, checkpointing: bool) -> dict:
     """One forward + backward of CoPL's lora-mode net on ``batch`` pairs of ``tokens`` tokens."""
     import torch
 
-    from coplctl.models.backbone import Backbone
     from coplctl.copl.method import CoPL
+    from coplctl.models.backbone import Backbone
     from coplctl.models.trainer import enable_checkpointing
 
     method = CoPL(mode="lora", backbone=backbone, user_embeddings="learned", max_length=tokens)

@@ -6,25 +6,24 @@ from __future__ import annotations
 import statistics
 
 from coplctl.bench.results import Result, load_results
+from coplctl.core.registry import METHODS
 
 ROLES = ("seen", "unseen")
 KEYS = ("accuracy", "common", "controversial")
 
 
 def flatten(result: Result) -> dict[str, float]:
-    """Comparable metrics of one result, in points (0-100)."""
+    """Comparable metrics of one result, in points (0-100): test accuracy by role, then what the method
+    watches in its own experiments' ``extra`` (:meth:`coplctl.models.reward.RewardMethod.compared_metrics`)."""
     out = {}
     for role in ROLES:
         for key in KEYS:
             v = (result["metrics"].get(role) or {}).get(key)
             if v is not None:
                 out[f"{role}.{key}"] = 100 * v
-    extra = result.get("extra") or {}
-    if (extra.get("gcf") or {}).get("valid_accuracy") is not None:
-        out["gcf.valid_accuracy"] = 100 * extra["gcf"]["valid_accuracy"]
-    for variant, m in (extra.get("adaptation") or {}).items():
-        if m and m.get("accuracy") is not None:
-            out[f"adaptation.{variant}"] = 100 * m["accuracy"]
+    method = result.get("method") or result["name"]
+    if result.get("extra") and method in METHODS:
+        out.update(METHODS.get(method).compared_metrics(result))
     return out
 
 

@@ -16,7 +16,7 @@ from typing import Any, TypedDict
 
 from coplctl.core.atomic import atomic_write_text
 from coplctl.core.errors import DataError
-from coplctl.core.files import read_json
+from coplctl.core.files import check_type, read_json
 
 PACKAGES = ("coplctl", "torch", "transformers", "peft", "accelerate", "torch_geometric", "pandas", "numpy")
 
@@ -100,59 +100,39 @@ def load_results(root: str | Path) -> list[Result]:
 _NUMBER = (int, float)
 
 
-def _need(value, types: tuple, f: Path, key: str, optional: bool = True):
-    if value is None and optional:
-        return value
-    if isinstance(value, bool) and bool not in types or not isinstance(value, types):
-        want = {(dict,): "a JSON object", (str,): "text", (int,): "a whole number"}.get(types, "a number")
-        got = "null" if value is None else {str: "text", list: "a list", dict: "a JSON object", bool: "true or false",
-                                            int: "a whole number", float: "a number"}.get(type(value), "another type")
-        raise DataError(f, f"key {key!r} must be {want}{' or null' if optional else ''}, not {got}")
-    return value
-
-
-def _scores(block, f: Path, key: str, keys=("accuracy", "common", "controversial", "controversial_pairs", "ties")) -> None:
-    """A metrics block: a mapping (or null) whose named entries are numbers (or null)."""
-    if _need(block, (dict,), f, key) is not None:
-        for k in keys:
-            _need(block.get(k), _NUMBER, f, f"{key}.{k}")
+def _scores(block, f: Path, key: str) -> None:
+    """A metrics block: a mapping (or null) whose entries are numbers (or null)."""
+    if check_type(block, dict, f, key, nullable=True) is not None:
+        for k in ("accuracy", "common", "controversial", "controversial_pairs", "ties"):
+            check_type(block.get(k), _NUMBER, f, f"{key}.{k}", nullable=True)
 
 
 def check_result(data: dict, f: Path) -> Result:
-    """``data`` if it has the shape of a results file (what tables and comparisons read), else DataError."""
+    """``data`` if it has the shape of a results file (what tables and comparisons read), else DataError.
+    What a method's experiments stored under ``extra`` is checked by that method
+    (:meth:`coplctl.models.reward.RewardMethod.check_extra`), when it is registered here."""
+    from coplctl.core.registry import METHODS
+
     for key, types in (("spec", (str,)), ("name", (str,)), ("seed", (int,)), ("metrics", (dict,))):
         if key not in data:
             raise DataError(f, f"missing key {key!r}; not a coplctl results file")
-        _need(data[key], types, f, key, optional=False)
+        check_type(data[key], types, f, key)
     for role, block in data["metrics"].items():
         _scores(block, f, f"metrics.{role}")
-    _need(data.get("skipped"), (str,), f, "skipped")
-    _need(data.get("diverged"), (str,), f, "diverged")
-    search = _need(data.get("lr_search"), (dict,), f, "lr_search")
+    for key in ("method", "skipped", "diverged"):
+        check_type(data.get(key), str, f, key, nullable=True)
+    search = check_type(data.get("lr_search"), dict, f, "lr_search", nullable=True)
     if search is not None:
         grid = search.get("grid")
         if not isinstance(grid, list) or not grid:
             raise DataError(f, "key 'lr_search.grid' must be a non-empty list of numbers")
         for i, v in enumerate(grid):
-            _need(v, _NUMBER, f, f"lr_search.grid[{i}]", optional=False)
-        _need(search.get("chosen"), _NUMBER, f, "lr_search.chosen", optional=False)
-    extra = _need(data.get("extra"), (dict,), f, "extra")
-    if not extra:
-        return data
-    gcf = _need(extra.get("gcf"), (dict,), f, "extra.gcf")
-    _scores(gcf, f, "extra.gcf", ("valid_accuracy", "train_accuracy", "group_probe", "weight_probe"))
-    for variant, block in (_need(extra.get("adaptation"), (dict,), f, "extra.adaptation") or {}).items():
-        _scores(block, f, f"extra.adaptation.{variant}")
-    for hops, points in (_need(extra.get("fewshot_curve"), (dict,), f, "extra.fewshot_curve") or {}).items():
-        for shots, v in (_need(points, (dict,), f, f"extra.fewshot_curve.{hops}") or {}).items():
-            if not (hops.isdigit() and shots.isdigit()):
-                raise DataError(f, f"key 'extra.fewshot_curve.{hops}.{shots}': hops and shots must be whole numbers")
-            _need(v, _NUMBER, f, f"extra.fewshot_curve.{hops}.{shots}")
-    pseudo = _need(extra.get("pseudo_labels"), (dict,), f, "extra.pseudo_labels")
-    for k in ("pseudo_label", "user_specific"):
-        _scores((pseudo or {}).get(k), f, f"extra.pseudo_labels.{k}", ("accuracy",))
-    for kind, path in (_need(extra.get("figures"), (dict,), f, "extra.figures") or {}).items():
-        _need(path, (str,), f, f"extra.figures.{kind}")
+            check_type(v, _NUMBER, f, f"lr_search.grid[{i}]")
+        check_type(search.get("chosen"), _NUMBER, f, "lr_search.chosen")
+    extra = check_type(data.get("extra"), dict, f, "extra", nullable=True)
+    method = data.get("method") or data["name"]
+    if extra and method in METHODS:
+        METHODS.get(method).check_extra(extra, f)
     return data
 
 

@@ -1,5 +1,10 @@
 """The benchmark runner: every (method, seed) of a spec trained, evaluated and stored as one results
-JSON; finished runs are skipped, so an interrupted benchmark resumes where it stopped."""
+JSON; finished runs are skipped, so an interrupted benchmark resumes where it stopped.
+
+Each job's config is resolved once, before any work (:func:`resolve_jobs`); a run carries one
+:class:`Benchmark` context (spec, data, output directory, processes, provenance computed once). The
+runner knows no method: a method says itself when it cannot run on a dataset
+(:meth:`~coplctl.models.reward.RewardMethod.cannot_run`) and runs its own experiments."""
 
 from __future__ import annotations
 
@@ -8,13 +13,16 @@ import dataclasses
 import json
 import shutil
 import time
-from dataclasses import asdict
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
-from coplctl.core.atomic import atomic_write_text, locked
+from coplctl.bench.data import data_record, prepare_data
 from coplctl.bench.results import Result, check_result, provenance, result_path, write_result
 from coplctl.bench.search import candidate_path, check_grid, choose, diverged, lr_grid, tag
-from coplctl.bench.spec import BenchmarkSpec, SpecError
+from coplctl.bench.spec import BenchmarkSpec, SpecError, experiment_options
+from coplctl.core.atomic import atomic_write_text, locked
 from coplctl.core.errors import CoplError, DataError, Diverged
 from coplctl.core.files import read_json
 from coplctl.core.progress import Bar
@@ -22,48 +30,57 @@ from coplctl.core.progress import Bar
 LOCK_FILE = ".lock"
 """Held (flock) in OUT/NAME/ while a benchmark runs there."""
 
-HOW_TO_BUILD = (
-    "{path} does not exist. Build it from UltraFeedback first: download openbmb/UltraFeedback and "
-    "argilla/ultrafeedback-binarized-preferences-cleaned (e.g. `huggingface-cli download --repo-type dataset "
-    "openbmb/UltraFeedback --local-dir ~/data/UltraFeedback`), then `coplctl data build-ufp --variant {variant} "
-    "--annotations {annotations} --ultrafeedback ~/data/UltraFeedback --cleaned ~/data/uf-cleaned --out {path}`; "
-    "or run the simulated twin, `coplctl benchmark sim-{variant}-{annotations}`."
-)
+@dataclass
+class Job:
+    """One method or ablation of a spec, its config resolved once (:func:`resolve_jobs`)."""
+
+    name: str
+    """Its results' name: the method's, or the ablation's."""
+    method: str
+    """The registered method."""
+    settings: dict
+    """The resolved config (as a mapping); a searched job's ``lr`` holds its grid."""
+    candidates: dict[float, dict] = field(default_factory=dict)
+    """A searched job: the resolved config at each learning rate of the grid, in grid order."""
+    ablation: bool = False
+    """Ablations are compared on the standard evaluation only; methods also run their own experiments."""
+    options: Any = None
+    """The method's own experiment options in this spec (:func:`coplctl.bench.spec.experiment_options`)."""
 
 
-def prepare_data(spec: BenchmarkSpec, base: Path, force: bool = False):
-    """The spec's dataset: generated once for simulated specs, read from data.path for real ones."""
-    from coplctl.data import load
+@dataclass
+class Benchmark:
+    """What every job of one benchmark run shares."""
 
-    d = spec.data
-    if d.source == "directory":
-        path = Path(d.path)
-        if not path.is_dir():
-            raise CoplError(f"{spec.path or spec.name}: data.path {path} is not a dataset directory"
-                            + ("" if path.exists() else " (it does not exist)"))
-        return load(path)
-    if d.source == "ultrafeedback":
-        path = Path(d.path)
-        if not path.exists():
-            raise CoplError(HOW_TO_BUILD.format(path=path, variant=d.variant, annotations=d.annotations))
-        ds = load(path)
-        if (ds.meta.get("variant"), ds.meta.get("annotations")) != (d.variant, d.annotations):
-            raise CoplError(f"{path} holds {ds.meta.get('variant')}-{ds.meta.get('annotations')}, but the spec "
-                            f"{spec.name} expects {d.variant}-{d.annotations}")
-        return ds
-    from coplctl.data.simulate import SimConfig, simulate
+    spec: BenchmarkSpec
+    data: Any
+    """The dataset (:class:`coplctl.data.dataset.PreferenceDataset`)."""
+    out: Path
+    state: Any
+    """accelerate's ``PartialState``: every process trains, the main one writes."""
+    force: bool = False
+    provenance: dict = field(default_factory=dict)
+    """Package versions, git commit, data hash, hardware, command: computed once per benchmark."""
+    record: dict = field(default_factory=dict)
+    """What the results say of the data (:func:`data_record`)."""
 
-    path = base / "data"
-    proto = d.protocol()
-    if (path / "meta.json").exists():
-        ds = load(path)
-        if ds.meta.get("protocol") == asdict(proto) and ds.meta.get("seed") == d.seed:
-            return ds
-        if not force:
-            raise CoplError(f"{path} was simulated with other settings than the spec's data section; results "
-                            f"there are stale: use another --out, or --force to regenerate and rerun everything")
-    simulate(SimConfig(protocol=proto, seed=d.seed)).save(path, overwrite=True)
-    return load(path)
+    @property
+    def base(self) -> Path:
+        return self.out / self.spec.name
+
+    def work_dir(self, job: Job, seed: int, tag: str = "") -> Path:
+        return self.base / "work" / f"{job.name}-seed{seed}{tag}"
+
+    def bare(self, job: Job, seed: int, settings: dict) -> Result:
+        """A job's result without metrics: what it was and on which data."""
+        spec = self.spec
+        return {"spec": spec.name, "spec_version": spec.version, "spec_file": spec.path, "name": job.name,
+                "method": job.method, "seed": seed, "config": settings, "metrics": {}, "data": self.record,
+                "provenance": self.stamp()}
+
+    def stamp(self) -> dict:
+        """The benchmark's provenance, with the time this result was made."""
+        return {**self.provenance, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
 def run_benchmark(spec: BenchmarkSpec, out: str | Path, *, names: list[str] | None = None,
@@ -71,22 +88,21 @@ def run_benchmark(spec: BenchmarkSpec, out: str | Path, *, names: list[str] | No
                   force: bool = False, progress: bool = True, log=None, sets: dict | None = None) -> dict:
     """Run the spec's jobs not finished yet; returns {"done": [...], "skipped": [...]} result paths.
 
-    ``sets`` (``--set``) joins the spec's ``common``. Every job's config is checked before any work
-    starts, and ``OUT/NAME`` is locked for the run: a second benchmark of the same spec into the same
-    directory stops at once instead of removing the first one's work.
+    ``sets`` (``--set``) joins the spec's ``common`` (in a copy: the caller's spec is left as it is).
+    Every job's config is checked before any work starts, and ``OUT/NAME`` is locked for the run: a
+    second benchmark of the same spec into the same directory stops at once instead of removing the first
+    one's work.
     """
     import torch
     from accelerate import PartialState
 
-    out = Path(out)
-    base = out / spec.name
-    spec.common.update(sets or {})
+    spec = dataclasses.replace(spec, common={**spec.common, **(sets or {})})
     _check_common(spec)
     known = [j[0] for j in spec.jobs()]
     unknown = [n for n in names or [] if n not in known]
     if unknown:
         raise CoplError(f"{unknown[0]!r} is not a method or ablation of {spec.name} (it has: {', '.join(known)})")
-    settings = check_jobs(spec, backbone, mode, sets or {})
+    jobs = [j for j in resolve_jobs(spec, backbone, mode, sets or {}) if not names or j.name in names]
     where = spec.path or spec.name
     seeds_key = "--seeds" if seeds is not None else f"{where}: seeds"
     seeds = list(dict.fromkeys(seeds if seeds is not None else spec.seeds))
@@ -96,52 +112,48 @@ def run_benchmark(spec: BenchmarkSpec, out: str | Path, *, names: list[str] | No
         if not 0 <= seed < 2**32:
             raise SpecError(f"{key}: {seed} is out of range (0 .. 2**32 - 1)")
     state = PartialState(cpu=not torch.cuda.is_available())
+    out = Path(out)
     with contextlib.ExitStack() as lock:
-        _lock(state, lock, out, base, spec.name)
+        _lock(state, lock, out, out / spec.name, spec.name)
         with state.main_process_first():
-            ds = prepare_data(spec, base, force)
-        return _run(spec, state, ds, out, base, names, seeds, settings, backbone, mode, force, progress, log)
+            ds = prepare_data(spec, out / spec.name, force)
+        run = Benchmark(spec, ds, out, state, force, provenance(ds.path), data_record(spec, ds))
+        return _run(run, jobs, seeds, progress, log)
 
 
-def _run(spec, state, ds, out, base, names, seeds, settings, backbone, mode, force, progress, log) -> dict:
-    jobs = [j for j in spec.jobs() if not names or j[0] in names]
+def _run(run: Benchmark, jobs: list[Job], seeds: list[int], progress: bool, log) -> dict:
+    from coplctl.core.registry import METHODS
+
     todo, skipped = [], []
-    for name, method, overrides in jobs:
+    for job in jobs:
         for seed in seeds:
-            path = result_path(out, spec.name, name, seed)
-            if path.exists() and not force:
-                _check_same(path, settings[name])
+            path = result_path(run.out, run.spec.name, job.name, seed)
+            if path.exists() and not run.force:
+                _check_same(path, job.settings)
                 skipped.append(path)
             else:
-                todo.append((name, method, overrides, seed, path))
-    if state.is_main_process:
-        atomic_write_text(base / "spec.json", json.dumps(asdict(spec), indent=2) + "\n")
-    bar = Bar(progress and state.is_main_process, len(todo), spec.name)
+                todo.append((job, seed, path))
+    main = run.state.is_main_process
+    if main:
+        atomic_write_text(run.base / "spec.json", json.dumps(asdict(run.spec), indent=2) + "\n")
+    bar = Bar(progress and main, len(todo), run.spec.name)
     done = []
     try:
-        for i, (name, method, overrides, seed, path) in enumerate(todo):
-            stage = lambda s, n=name, k=seed, i=i: bar.update(completed=i, info=f"{n} seed {k}: {s}")  # noqa: E731
-            reason, grid = _cannot_run(method, ds), lr_grid(_own(spec, method, overrides))
+        for i, (job, seed, path) in enumerate(todo):
+            stage = lambda s, n=job.name, k=seed, i=i: bar.update(completed=i, info=f"{n} seed {k}: {s}")  # noqa: E731
+            reason = METHODS.get(job.method).cannot_run(run.data)
             if reason:
-                result = _skipped(spec, ds, name, method, seed, settings[name], reason)
-            elif grid:
-                result = _search(spec, ds, out, base, state, name, method, overrides, seed, grid, force,
-                                 backbone=backbone, mode=mode, stage=stage)
+                result = {**run.bare(job, seed, job.settings), "skipped": reason}
+            elif job.candidates:
+                result = _search(run, job, seed, stage)
             else:
-                result = run_job(spec, ds, base, name, method, overrides, seed, backbone=backbone, mode=mode,
-                                 stage=stage)
-            if state.is_main_process:
+                result = run_job(run, job, seed, stage=stage)
+            if main:
                 write_result(path, result)
-                shutil.rmtree(base / "work" / f"{name}-seed{seed}", ignore_errors=True)
-                if (base / "work").is_dir() and not any((base / "work").iterdir()):
-                    (base / "work").rmdir()
-                if log and reason:
-                    log(f"{name} seed {seed}: skipped ({reason})")
-                elif log:
-                    chosen = f", lr {result['lr_search']['chosen']:g} chosen" if result.get("lr_search") else ""
-                    log(f"{name} seed {seed}: seen {_pct(result, 'seen')}, unseen {_pct(result, 'unseen')} "
-                        f"({result['timing']['fit_seconds']:.0f} s to train{chosen})")
-            state.wait_for_everyone()
+                _clean(run, job, seed)
+                if log:
+                    log(_summary(job, seed, result, reason))
+            run.state.wait_for_everyone()
             done.append(str(path))
     finally:
         bar.update(completed=len(done))
@@ -149,61 +161,42 @@ def _run(spec, state, ds, out, base, names, seeds, settings, backbone, mode, for
     return {"done": done, "skipped": [str(p) for p in skipped]}
 
 
-def _search(spec, ds, out: Path, base: Path, state, name: str, method: str, overrides: dict, seed: int,
-            grid: list[float], force: bool, *, backbone, mode, stage) -> Result:
-    """Train the job at each learning rate of ``grid`` (candidates already stored are reused when their
+def _clean(run: Benchmark, job: Job, seed: int, tag: str = "") -> None:
+    """Remove a finished job's work directory (and ``work/`` once empty)."""
+    shutil.rmtree(run.work_dir(job, seed, tag), ignore_errors=True)
+    work = run.base / "work"
+    if not tag and work.is_dir() and not any(work.iterdir()):
+        work.rmdir()
+
+
+def _summary(job: Job, seed: int, result: Result, reason: str | None) -> str:
+    if reason:
+        return f"{job.name} seed {seed}: skipped ({reason})"
+    chosen = f", lr {result['lr_search']['chosen']:g} chosen" if result.get("lr_search") else ""
+    return (f"{job.name} seed {seed}: seen {_pct(result, 'seen')}, unseen {_pct(result, 'unseen')} "
+            f"({result['timing']['fit_seconds']:.0f} s to train{chosen})")
+
+
+def _search(run: Benchmark, job: Job, seed: int, stage: Callable[[str], None]) -> Result:
+    """Train the job at each learning rate of its grid (candidates already stored are reused when their
     settings match), and keep the one with the best validation accuracy (:mod:`coplctl.bench.search`)."""
     found = {}
-    for lr in grid:
-        path, own = candidate_path(out, spec.name, name, seed, lr), {**overrides, "lr": lr}
-        if path.exists() and not force:
-            _check_same(path, _settings(spec, method, own, backbone, mode))
+    for lr, settings in job.candidates.items():
+        path = candidate_path(run.out, run.spec.name, job.name, seed, lr)
+        if path.exists() and not run.force:
+            _check_same(path, settings)
             found[lr] = check_result(read_json(path, what="results file"), path)
             continue
         try:
-            found[lr] = run_job(spec, ds, base, name, method, own, seed, backbone=backbone, mode=mode, tag=tag(lr),
+            found[lr] = run_job(run, job, seed, settings=settings, tag=tag(lr),
                                 stage=lambda s, lr=lr: stage(f"lr {lr:g}: {s}"))
         except Diverged as e:
-            settings = _settings(spec, method, own, backbone, mode)
-            found[lr] = diverged(_bare(spec, ds, name, method, seed, settings), str(e))
-        if state.is_main_process:
+            found[lr] = diverged(run.bare(job, seed, settings), str(e))
+        if run.state.is_main_process:
             write_result(path, found[lr])
-            shutil.rmtree(base / "work" / f"{name}-seed{seed}{tag(lr)}", ignore_errors=True)
-        state.wait_for_everyone()
-    return choose(grid, found)
-
-
-def _cannot_run(method: str, ds) -> str | None:
-    """Why ``method`` cannot run on ``ds`` (it needs every user's group and some have none), or None."""
-    from coplctl.core.registry import METHODS
-
-    from coplctl.graph.probe import weight_columns
-
-    mixture = weight_columns(ds.users) and ds.users["group"].isna().all()  # the oracle knows their weights
-    if getattr(METHODS.get(method), "needs_groups", False) and ds.users["group"].isna().any() and not mixture:
-        return "needs every user's preference group, and the dataset does not give them all"
-    return None
-
-
-def _bare(spec, ds, name: str, method: str, seed: int, settings: dict) -> Result:
-    """A job's result without metrics: what it was and on which data."""
-    return {"spec": spec.name, "spec_version": spec.version, "spec_file": spec.path, "name": name, "method": method,
-            "seed": seed, "config": settings, "metrics": {}, "data": data_record(spec, ds),
-            "provenance": provenance(ds.path)}
-
-
-def _skipped(spec, ds, name: str, method: str, seed: int, settings: dict, reason: str) -> Result:
-    """The result of a job that cannot run on this dataset: no metrics, the reason (tables note it)."""
-    return {**_bare(spec, ds, name, method, seed, settings), "skipped": reason}  # type: ignore[return-value]
-
-
-def data_record(spec, ds) -> dict:
-    """What the results say of the data: the spec's data section for simulated data (its protocol), the
-    source and path otherwise; and always the dataset's own counts (its hash is in the provenance)."""
-    d = spec.data
-    own = asdict(d) if d.source == "simulated" else {
-        "source": d.source, "path": d.path, "variant": ds.meta.get("variant"), "annotations": ds.meta.get("annotations")}
-    return {**own, "counts": ds.counts()}
+            _clean(run, job, seed, tag(lr))
+        run.state.wait_for_everyone()
+    return choose(list(job.candidates), found)
 
 
 def _lock(state, stack: contextlib.ExitStack, out: Path, base: Path, name: str) -> None:
@@ -253,23 +246,26 @@ def _own(spec: BenchmarkSpec, method: str, overrides: dict) -> dict:
             if k in fields or k not in shared or k in spec.overrides.get(method, {})}
 
 
-def check_jobs(spec: BenchmarkSpec, backbone=None, mode=None, sets: dict | None = None) -> dict[str, dict]:
-    """{job name: resolved config} of every method and ablation of the spec, built before any work so a
-    wrong value stops the run at once; the error names the spec file and the key that holds the value."""
-    out = {}
+def resolve_jobs(spec: BenchmarkSpec, backbone=None, mode=None, sets: dict | None = None) -> list[Job]:
+    """Every method and ablation of the spec with its config resolved, once and before any work, so a wrong
+    value stops the run at once; the error names the spec file and the key that holds the value."""
+    out = []
     for i, (name, method, overrides) in enumerate(spec.jobs()):
         try:
             grid = lr_grid(_own(spec, method, overrides))
             if grid is None:
-                out[name] = _settings(spec, method, overrides, backbone, mode)
+                job = Job(name, method, _settings(spec, method, overrides, backbone, mode))
             else:  # every candidate's config, checked now; the job's settings hold the grid
                 check_grid(grid, f"method {name}")
-                out[name] = {**[_settings(spec, method, {**overrides, "lr": lr}, backbone, mode) for lr in grid][0],
-                             "lr": grid}
+                candidates = {lr: _settings(spec, method, {**overrides, "lr": lr}, backbone, mode) for lr in grid}
+                job = Job(name, method, {**candidates[grid[0]], "lr": grid}, candidates)
         except CoplError as e:
             key = _culprit(spec, i, method, overrides, backbone, mode, sets or {})
             where = key if key and key.startswith("--") else f"{spec.path or spec.name}: {key or f'method {name}'}"
             raise SpecError(f"{where}: {e}") from None
+        job.ablation = i >= len(spec.methods)
+        job.options = None if job.ablation else experiment_options(spec, method)
+        out.append(job)
     return out
 
 
@@ -329,47 +325,43 @@ def _pct(result: dict, role: str) -> str:
     return "-" if not m or m["accuracy"] is None else f"{100 * m['accuracy']:.2f}"
 
 
-def run_job(spec, ds, base: Path, name: str, method_name: str, overrides: dict, seed: int, *,
-            backbone=None, mode=None, stage=lambda s: None, tag: str = "") -> dict:
-    """Train one (method, seed), save its run, evaluate it, and run the method's extra experiments
-    (:meth:`coplctl.models.reward.RewardMethod.experiments`) when the job is one of the spec's methods.
+def run_job(run: Benchmark, job: Job, seed: int, *, settings: dict | None = None, tag: str = "",
+            stage: Callable[[str], None] = lambda s: None) -> Result:
+    """Train one (method, seed) with ``settings`` (default: the job's), save its run, evaluate it, and
+    run the method's own experiments (:meth:`coplctl.models.reward.RewardMethod.experiments`) when the
+    job is one of the spec's methods.
 
     Under several processes every process trains (training is collective); only the main process
     writes files.
     """
-    from accelerate import PartialState
-
-    from coplctl.models.evaluate import evaluate
     from coplctl.core.registry import METHODS
+    from coplctl.models.evaluate import evaluate
     from coplctl.models.reward import ExperimentContext
 
-    main = PartialState().is_main_process
-    cls = METHODS.get(method_name)
-    settings = _settings(spec, method_name, overrides, backbone, mode)
+    main = run.state.is_main_process
+    settings = settings or job.settings
+    cls = METHODS.get(job.method)
     method = cls(cls.Config(**settings))
     stage("train")
     t0 = time.perf_counter()
-    training = method.fit(ds, seed=seed, work_dir=base / "work" / f"{name}-seed{seed}{tag}", progress=False)
+    training = method.fit(run.data, seed=seed, work_dir=run.work_dir(job, seed, tag), progress=False)
     fit_seconds = time.perf_counter() - t0
-    run_dir = base / "runs" / name / f"seed{seed}{tag}"
+    run_dir = run.base / "runs" / job.name / f"seed{seed}{tag}"
     if main:
         method.save(run_dir)
-    PartialState().wait_for_everyone()
+    run.state.wait_for_everyone()
     stage("evaluate")
     t0 = time.perf_counter()
-    ev = evaluate(method, ds)
+    ev = evaluate(method, run.data)
     result: Result = {
-        "spec": spec.name, "spec_version": spec.version, "spec_file": spec.path, "name": name,
-        "method": method_name, "seed": seed, "backbone": settings["backbone"], "mode": settings["mode"],
-        "data": data_record(spec, ds),
-        "config": asdict(method.config), "metrics": ev["metrics"], "adaptation": ev.get("adaptation"),
-        "training": dict(training),
+        **run.bare(job, seed, asdict(method.config)), "backbone": settings["backbone"], "mode": settings["mode"],
+        "metrics": ev["metrics"], "adaptation": ev.get("adaptation"), "training": dict(training),
         "timing": {"fit_seconds": round(fit_seconds, 2), "evaluate_seconds": round(time.perf_counter() - t0, 2)},
-        "run_dir": str(run_dir), "provenance": provenance(ds.path),
+        "run_dir": str(run_dir),
     }
-    if name in spec.methods:  # ablations are compared on the standard evaluation only
-        extra = method.experiments(ExperimentContext(data=ds, spec=spec, settings=settings, seed=seed,
-                                                     run_dir=run_dir, out_dir=base, main_process=main, stage=stage))
+    if not job.ablation:
+        extra = method.experiments(ExperimentContext(data=run.data, options=job.options, settings=settings, seed=seed,
+                                                     run_dir=run_dir, out_dir=run.base, main_process=main, stage=stage))
         if extra:
             result["extra"] = extra
     return result

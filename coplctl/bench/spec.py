@@ -15,10 +15,10 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from coplctl.data.protocol import ProtocolConfig
 from coplctl.core.errors import CoplError, DataError
 from coplctl.core.files import read_yaml
 from coplctl.core.registry import paper_methods
+from coplctl.data.protocol import ProtocolConfig
 
 SPEC_VERSION = 1
 SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
@@ -39,7 +39,8 @@ class DataSpec(ProtocolConfig):
     source: str = "simulated"
     """``simulated`` (coplctl data simulate), ``ultrafeedback`` (built beforehand with coplctl data build-ufp)
     or ``directory`` (any valid dataset directory, e.g. your own data: groups and controversial flags are
-    taken from it; methods that need every user's group, Oracle, are skipped with a note when it has none)."""
+    taken from it; a method that cannot run on it, e.g. one that needs every user's group, is skipped with a
+    note)."""
     seed: int = 0
     """Seed of the data (simulation and user protocol), distinct from the methods' seeds."""
     path: str | None = None
@@ -52,7 +53,7 @@ class DataSpec(ProtocolConfig):
 
 @dataclass
 class Ablation:
-    """A named variant of a method (Table 3), e.g. CoPL without MoLE."""
+    """A named variant of a method (Table 3): the method with a few config fields changed."""
 
     name: str
     """Its name in results and tables."""
@@ -63,30 +64,8 @@ class Ablation:
 
 
 @dataclass
-class FewshotCurve:
-    """Figure 2: CoPL's unseen accuracy against the number of few-shot annotations, per hop count."""
-
-    shots: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])
-    """Few-shot annotations given to each unseen user (the first ones of its fewshot pairs)."""
-    hops: list[int] = field(default_factory=lambda: [2, 4])
-    """k of the k-hop adaptation (paper: 2 and 4)."""
-
-
-@dataclass
-class PseudoLabels:
-    """Table 6: reward models trained on GCF pseudo-labels."""
-
-    pairs_per_user: int = 16
-    """Extra survey pairs per seen user, labelled by the GCF, added to CoPL's training pairs."""
-    users_per_group: int = 10
-    """Users per group that get their own Uniform model trained on pseudo-labels (paper: 10)."""
-    pairs_per_specific_user: int = 2000
-    """Pseudo-labelled survey pairs each of those user-specific models is trained on."""
-
-
-@dataclass
 class BenchmarkSpec:
-    """One benchmark: data, methods, backbone and mode, seeds, and the paper's extra experiments."""
+    """One benchmark: data, methods, backbone and mode, seeds, ablations, and the methods' own experiments."""
 
     version: int
     """Spec format version (1)."""
@@ -114,14 +93,10 @@ class BenchmarkSpec:
     kept per (method, seed). A list as a method's ``lr`` override searches that method alone."""
     ablations: list[Ablation] = field(default_factory=list)
     """Table 3: named variants of methods."""
-    adaptation: list[str] = field(default_factory=list)
-    """Table 4: CoPL's unseen-user adaptation variants to evaluate (weighted, average, optimize)."""
-    fewshot_curve: FewshotCurve | None = None
-    """Figure 2 (None: skip)."""
-    pseudo_labels: PseudoLabels | None = None
-    """Table 6 (None: skip)."""
-    figures: bool = True
-    """Draw the t-SNE of user embeddings and the expert allocation of each CoPL run."""
+    experiments: dict = field(default_factory=dict)
+    """Methods' own experiments, ``{method: {option: value}}``: each method's section is checked against its
+    :attr:`~coplctl.models.reward.RewardMethod.Experiments` dataclass (its defaults apply where a method has
+    no section), and the method runs them after its standard evaluation. The README lists each method's."""
     path: str | None = None
     """The file the spec was read from (set by the loader)."""
 
@@ -227,28 +202,65 @@ def find_spec(name_or_path: str) -> Path:
 
 
 def load_spec(name_or_path: str) -> BenchmarkSpec:
-    """Read, merge includes, validate. Method names are checked against the registry."""
-    from coplctl.core.config import ADAPTATIONS
+    """Read, merge includes, validate. Method names are checked against the registry, and each method's
+    experiments against its own dataclass."""
     from coplctl.core.registry import METHODS
 
     file = find_spec(name_or_path).resolve()
-    spec = _check(BenchmarkSpec, _read(file), file, "")
+    raw = _read(file)
+    _moved_keys(raw, file)
+    spec = _check(BenchmarkSpec, raw, file, "")
     if spec.version != SPEC_VERSION:
         raise SpecError(f"{file}: version is {spec.version}; this coplctl reads spec version {SPEC_VERSION}")
     _check_names(spec, file)
-    for m in spec.methods + [a.method for a in spec.ablations] + list(spec.overrides):
+    for m in spec.methods + [a.method for a in spec.ablations] + list(spec.overrides) + list(spec.experiments):
         if m not in METHODS:
             close = difflib.get_close_matches(str(m), METHODS.names(), n=1)
             raise SpecError(f"{file}: unknown method {m!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-    for a in spec.adaptation:
-        if a not in ADAPTATIONS:
-            raise SpecError(f"{file}: adaptation entries are {', '.join(ADAPTATIONS)}, not {a!r}")
+    spec.experiments = {m: _experiments(m, block, file) for m, block in spec.experiments.items()}
     if spec.data.source not in ("simulated", "ultrafeedback", "directory"):
         raise SpecError(f"{file}: data.source must be simulated, ultrafeedback or directory")
     if spec.data.source != "simulated" and not spec.data.path:
         raise SpecError(f"{file}: data.path is required when data.source is {spec.data.source}")
     spec.path = str(file)
     return spec
+
+
+def _experiments(method: str, block, file: Path):
+    """A method's ``experiments`` section, checked against its own dataclass."""
+    from coplctl.core.registry import METHODS
+
+    options = METHODS.get(method).Experiments
+    if options is None:
+        raise SpecError(f"{file}: experiments.{method}: method {method} has no experiments of its own")
+    return _check(options, block if block is not None else {}, file, f"experiments.{method}")
+
+
+def experiment_options(spec: BenchmarkSpec, method: str):
+    """The options of ``method``'s own experiments in ``spec``: its checked section, else its defaults
+    (None for a method without experiments)."""
+    from coplctl.core.registry import METHODS
+
+    if method in spec.experiments:
+        return spec.experiments[method]
+    options = METHODS.get(method).Experiments
+    return options() if options is not None else None
+
+
+def _moved_keys(raw: dict, file: Path) -> None:
+    """Spec files from before methods owned their experiments set them at the top level: such a key is one
+    error saying where it goes now (found among every registered method's experiment options)."""
+    from coplctl.core.registry import METHODS
+
+    known = {f.name for f in dataclasses.fields(BenchmarkSpec)}
+    for key in [k for k in raw if k not in known and isinstance(k, str)]:
+        for method in METHODS.names():
+            options = METHODS.get(method).Experiments
+            names = [f.name for f in dataclasses.fields(options)] if options is not None else []
+            match = key if key in names else next(iter(difflib.get_close_matches(key, names, n=1)), None)
+            if match:
+                raise SpecError(f"{file}: {key} is one of method {method}'s experiments now: write it as "
+                                f"experiments: {{{method}: {{{match}: ...}}}}")
 
 
 def _check_names(spec: BenchmarkSpec, file: Path) -> None:

@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from coplctl.cli.common import Force, Json, MaybeData, Out, err, examples, out, print_json
-from coplctl.core.config import ADAPTATIONS
+from coplctl.copl import ADAPTATIONS
 
 app = typer.Typer()  # top-level command: coplctl adapt
 
@@ -64,9 +64,9 @@ def adapt(
     summary written to OUT/summary.json.
     """
     from coplctl.copl.adapt import AdaptConfig
-    from coplctl.serving.adapt_run import KIND, MARKER, adapt_graph_run, adapt_model_run
     from coplctl.core.atomic import check_output, refuse_overlap
     from coplctl.core.errors import CoplError
+    from coplctl.serving.adapt_run import KIND, MARKER, adapt_graph_run, adapt_model_run
 
     if (user_file is None) == (data is None):
         raise CoplError("give exactly one of --user-file and --data")

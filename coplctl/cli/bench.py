@@ -7,8 +7,20 @@ from typing import Annotated, Optional
 
 import typer
 
-from coplctl.cli.common import (Backbone, Force, Json, MaybeOut, Mode, Out, Sets, err, examples, out, parse_sets,
-                                print_json)
+from coplctl.cli.common import (
+    Backbone,
+    Force,
+    Json,
+    MaybeOut,
+    Mode,
+    Out,
+    Sets,
+    err,
+    examples,
+    out,
+    parse_sets,
+    print_json,
+)
 
 app = typer.Typer()  # top-level commands: coplctl benchmark, report, compare
 
@@ -94,10 +106,10 @@ def report(
     out_path: MaybeOut = None,
     as_json: Json = False,
 ) -> None:
-    """Render the paper's tables (and Figure 2) from stored results only.
+    """Render the paper's tables (and the methods' figures) from stored results only.
 
-    The tables are printed in --format; --out also writes every format, Figure 2 and figure links into
-    that directory. --json prints the tables as data instead (each cell's mean, std and per-seed values, in
+    The tables are printed in --format; --out also writes every format, the figures (CoPL's Figure 2) and
+    figure links into that directory. --json prints the tables as data instead (each cell's mean, std and per-seed values, in
     points) with the files --out wrote.
     """
     report = _report(results, fmt, out_path, as_json)
@@ -152,9 +164,9 @@ def _print_comparison(rows: list[dict], title: str) -> None:
 def _report(results: Path, fmt: str, out_dir: Optional[Path], as_json: bool = False) -> dict:
     """Print the tables of the results in ``fmt`` (unless ``as_json``) and write the report to ``out_dir``;
     returns {"tables": the tables as data, "files": the files written}."""
-    from coplctl.core.atomic import atomic_write_text
     from coplctl.bench.results import load_results
-    from coplctl.bench.tables import build_tables, fewshot_curves, plot_fewshot, to_csv, to_latex, to_markdown
+    from coplctl.bench.tables import build_report, to_csv, to_latex, to_markdown
+    from coplctl.core.atomic import atomic_write_text
     from coplctl.core.errors import CoplError
 
     render = {"md": to_markdown, "csv": to_csv, "latex": to_latex}
@@ -163,9 +175,9 @@ def _report(results: Path, fmt: str, out_dir: Optional[Path], as_json: bool = Fa
     found = load_results(results)
     if not found:
         raise CoplError(f"no results under {results} (run coplctl benchmark first)")
+    tables, own = build_report(found)
     if out_dir is not None:
-        _check_report_out(out_dir, found)
-    tables = build_tables(found)
+        _check_report_out(out_dir, found, [f.name for f in own.figures])
     if not as_json:
         typer.echo("\n".join(render[fmt](t) for t in tables))
     report = {"tables": [_table_data(t) for t in tables], "files": []}
@@ -174,18 +186,17 @@ def _report(results: Path, fmt: str, out_dir: Optional[Path], as_json: bool = Fa
     for name, fn in render.items():
         report["files"].append(out_dir / f"tables.{'tex' if name == 'latex' else name}")
         atomic_write_text(report["files"][-1], "\n".join(fn(t) for t in tables))
-    curves = fewshot_curves(found)
     lines = []
-    if curves:
-        report["files"].append(Path(plot_fewshot(curves, out_dir / "figure2.png")))
-        lines.append(f"![Figure 2]({report['files'][-1].name})")
-    for r in found:
-        for kind, path in ((r.get("extra") or {}).get("figures") or {}).items():
-            lines.append(f"- {r['spec']} seed {r['seed']} {kind}: {path}")
+    for figure in own.figures:
+        figure.draw(out_dir / figure.name)
+        report["files"].append(out_dir / figure.name)
+        lines.append(f"![{figure.title}]({figure.name})")
+    lines += own.links
     if lines:
         report["files"].append(out_dir / "figures.md")
         atomic_write_text(report["files"][-1], "\n".join(lines) + "\n")
-    err.print(f"wrote {out_dir}/tables.md, tables.csv, tables.tex" + (" and figure2.png" if curves else ""))
+    drawn = " and ".join(f.name for f in own.figures)
+    err.print(f"wrote {out_dir}/tables.md, tables.csv, tables.tex" + (f" and {drawn}" if drawn else ""))
     return report
 
 
@@ -197,14 +208,14 @@ def _table_data(t) -> dict:
             "rows": [{"row": label, "cells": dict(zip(t.columns, map(cell, cells)))} for label, cells in t.rows]}
 
 
-def _check_report_out(out_dir: Path, found: list[dict]) -> None:
+def _check_report_out(out_dir: Path, found: list[dict], figures: list[str]) -> None:
     """``report --out`` is a directory that can be made, and none of the report's files is a results file."""
     from coplctl.core.errors import CoplError
 
     if out_dir.exists() and not out_dir.is_dir():
         raise CoplError(f"--out {out_dir} is a file; name a directory for the report")
     inputs = {Path(r["_file"]).resolve() for r in found}
-    for name in ("tables.md", "tables.csv", "tables.tex", "figure2.png", "figures.md"):
+    for name in ("tables.md", "tables.csv", "tables.tex", "figures.md", *figures):
         if (out_dir / name).resolve() in inputs:
             raise CoplError(f"--out {out_dir} would replace the results file {out_dir / name}; choose another --out")
     try:

@@ -7,7 +7,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from coplctl.cli.common import Json, MaybeOut, Seed, err, examples, out as stdout, print_json
+from coplctl.cli.common import Json, MaybeOut, Seed, err, examples, print_json
+from coplctl.cli.common import out as stdout
 
 app = typer.Typer(name="plot", help="Draw the paper's figures (PNG).", no_args_is_help=True,
                   epilog=examples("coplctl plot embeddings runs/gcf --adapted runs/new_users",

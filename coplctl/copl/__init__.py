@@ -11,3 +11,8 @@
 
 The graph and its training (GCF, §4.1) are a layer of their own below the reward models: :mod:`coplctl.graph`.
 """
+
+ADAPTATIONS = ("weighted", "average", "optimize")
+"""The ways of placing a new user (paper Table 4: CoPL, Naive Avg., User Opt.): the one list that
+adaptation options, spec entries and command-line choices read (here, so that the CLI reads it without
+importing torch)."""

@@ -38,10 +38,11 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from coplctl.core.config import ADAPTATIONS, AT_LEAST_1, NON_NEGATIVE, POSITIVE, OneOf, Range, check_fields
+from coplctl.copl import ADAPTATIONS
+from coplctl.copl.placement import Placement
+from coplctl.core.config import AT_LEAST_1, NON_NEGATIVE, POSITIVE, OneOf, Range, check_fields
 from coplctl.core.errors import CoplError
 from coplctl.graph.run import GCFRun
-from coplctl.copl.placement import Placement
 
 USER_BLOCK = 512  # new users whose k-hop neighbourhoods are found together
 CHUNK_ELEMENTS = 1 << 23  # floats of the padded (users × neighbours × (d + pairs)) batches

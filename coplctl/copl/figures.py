@@ -1,4 +1,6 @@
-"""Figures of the paper: t-SNE of user embeddings coloured by group (Figures 1 and 4)."""
+"""CoPL's figures: t-SNE of user embeddings coloured by group (paper Figures 1 and 4) and the expert
+each group's users route to per MoLE layer (Figure 3); Figure 2 is drawn from stored results by
+:mod:`coplctl.copl.report`."""
 
 from __future__ import annotations
 
@@ -16,6 +18,13 @@ def _pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def savefig(fig, out: str | Path) -> None:
+    """Write ``fig`` as a PNG at ``out`` (atomically) and release it."""
+    with atomic_path(Path(out)) as tmp:
+        fig.savefig(tmp, format="png")
+    _pyplot().close(fig)
 
 
 def _stratified(groups: np.ndarray, limit: int, rng: np.random.Generator) -> np.ndarray:
@@ -37,7 +46,6 @@ def plot_embeddings(run_dir: str | Path, out: str | Path, *, adapted: str | Path
     from sklearn.manifold import TSNE
 
     from coplctl.core.files import read_adapted
-
     from coplctl.graph.run import GCFRun
 
     run = GCFRun(run_dir)
@@ -78,9 +86,7 @@ def plot_embeddings(run_dir: str | Path, out: str | Path, *, adapted: str | Path
     ax.legend(markerscale=3, fontsize=8, loc="best")
     fig.tight_layout()
     out = Path(out)
-    with atomic_path(out) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
+    savefig(fig, out)
     return {"seen": int((~is_new).sum()), "adapted": int(is_new.sum()), "groups": names, "path": str(out)}
 
 
@@ -184,8 +190,6 @@ def plot_experts(run_dir: str | Path, out: str | Path, *, layers: list[int] | No
     fig.supxlabel("expert")
     fig.supylabel("users")
     fig.tight_layout()
-    with atomic_path(Path(out)) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
+    savefig(fig, out)
     used = {n: sorted(set(alloc["layers"][n])) for n in names}
     return {"path": str(out), "layers": len(names), "experts_used": used, "routing": stats}

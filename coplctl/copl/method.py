@@ -20,14 +20,16 @@ import pandas as pd
 import torch
 from torch import nn
 
-from coplctl.core.config import ADAPTATIONS, AT_LEAST_1, NON_NEGATIVE, POSITIVE, OneOf, Range
-from coplctl.models.encoders import RewardHead, add_lora, concat_batches, default_targets, lora_alpha
-from coplctl.core.errors import CoplError
+from coplctl.copl import ADAPTATIONS, report
+from coplctl.copl.experiments import CoPLExperiments
 from coplctl.copl.mole import Routing, gate_routing, inject_mole, load_balance_loss, mole_routing
-from coplctl.models.neural import NeuralMethod
 from coplctl.copl.placement import EMBEDDINGS, place
+from coplctl.core.config import AT_LEAST_1, NON_NEGATIVE, POSITIVE, OneOf, Range
+from coplctl.core.errors import CoplError
 from coplctl.core.registry import register_method
-from coplctl.models.trainer import TrainConfig
+from coplctl.models.encoders import RewardHead, add_lora, concat_batches, default_targets, lora_alpha
+from coplctl.models.neural import NeuralMethod
+from coplctl.models.train_config import TrainConfig
 
 
 @dataclass
@@ -167,6 +169,7 @@ class CoPL(NeuralMethod):
     """CoPL: graph collaborative filtering user embeddings gating a mixture of LoRA experts (EMNLP 2025)."""
 
     Config = CoPLConfig
+    Experiments = CoPLExperiments
 
     def prepare(self, data, *, seed: int, work_dir: Path | None) -> dict[str, int]:
         c = self.config
@@ -175,11 +178,27 @@ class CoPL(NeuralMethod):
             return {"user_dim": c.learned_dim, "seen_users": len(self.user_ids)}
         from coplctl.graph.run import GCFRun
 
+        self._gcf = None, None  # (re)trained below: read it afresh
         self.gcf_dir = GCFRun(c.gcf_run).path if c.gcf_run else self._train_gcf(data, seed, work_dir)
-        run = GCFRun(self.gcf_dir)
+        run = self.gcf
         self.user_ids = list(run.graph.user_ids)
         self._gcf_table = run.exported_user_emb.clone()
         return {"user_dim": self._gcf_table.shape[1], "seen_users": len(self.user_ids)}
+
+    @property
+    def gcf(self):
+        """The :class:`coplctl.graph.run.GCFRun` of ``gcf_dir``, read once (again only if ``gcf_dir`` changes):
+        every adaptation of this model reads it."""
+        from coplctl.graph.run import GCFRun
+
+        if self.gcf_dir is None:
+            raise CoplError("this CoPL run places new users with its GCF, but it has no gcf/ directory "
+                            "(copy the GCF run it was trained with into RUN/gcf, or retrain)")
+        where, run = getattr(self, "_gcf", (None, None))
+        if where != Path(self.gcf_dir):
+            where, run = Path(self.gcf_dir), GCFRun(self.gcf_dir)
+            self._gcf = where, run
+        return run
 
     def _train_gcf(self, data, seed: int, work_dir: Path | None) -> Path:
         """Train the GCF in ``work_dir/gcf`` — or reuse / resume the one there if it was made from the
@@ -187,8 +206,8 @@ class CoPL(NeuralMethod):
         import hashlib
         import json
 
-        from coplctl.models.backbone import cache_root
         from coplctl.graph.train import preset_config, train_gcf
+        from coplctl.models.backbone import cache_root
 
         cfg = preset_config(self.config.gcf_preset, **self.config.gcf_overrides)
         pairs = data.split("train")[["user_id", "chosen_id", "rejected_id"]]
@@ -247,7 +266,7 @@ class CoPL(NeuralMethod):
 
     def routing_report(self, data, *, warn: bool | None = None) -> dict:
         """:func:`coplctl.copl.mole.gate_routing` of the seen users' table, grouped by the dataset's groups."""
-        from coplctl.models.trainer import distributed_state
+        from coplctl.models.train_config import distributed_state
 
         group_of = dict(zip(data.users["user_id"], data.users["group"]))
         groups = [group_of.get(u) for u in self.user_ids]
@@ -265,12 +284,8 @@ class CoPL(NeuralMethod):
         new = list(dict.fromkeys(pairs["user_id"]))
         if c.user_embeddings == "gcf":
             from coplctl.copl.adapt import AdaptConfig, adapt_users
-            from coplctl.graph.run import GCFRun
 
-            if self.gcf_dir is None:
-                raise CoplError("this CoPL run places new users with its GCF, but it has no gcf/ directory "
-                                "(copy the GCF run it was trained with into RUN/gcf, or retrain)")
-            run = GCFRun(self.gcf_dir)
+            run = self.gcf
             placement = (place(self.backbone, run, pairs, responses, c.place_k, c.place_embedding)
                          if c.place_k else None)
             adapted = adapt_users(run, pairs, AdaptConfig(method=c.adaptation, hops=c.hops,
@@ -287,10 +302,23 @@ class CoPL(NeuralMethod):
         return {"user_table": self.user_rate()} if self.config.user_embeddings == "learned" else {}
 
     def experiments(self, ctx) -> dict:
-        """Tables 4-6 and Figure 2, as the spec asks (:mod:`coplctl.copl.experiments`)."""
+        """Tables 4-6 and Figure 2, as the spec's ``experiments.copl`` asks (:mod:`coplctl.copl.experiments`)."""
         from coplctl.copl.experiments import run_experiments
 
         return run_experiments(self, ctx) if self.config.user_embeddings == "gcf" else {}
+
+    @classmethod
+    def check_extra(cls, extra: dict, file: Path) -> None:
+        report.check_extra(extra, file)
+
+    @classmethod
+    def report(cls, results: list[dict]):
+        """Tables 4-6, Figure 2 and links to each run's figures (:mod:`coplctl.copl.report`)."""
+        return report.report(cls.registry_name, results)
+
+    @classmethod
+    def compared_metrics(cls, result: dict) -> dict[str, float]:
+        return report.compared_metrics(result)
 
     @contextlib.contextmanager
     def variant(self, **changes) -> Iterator["CoPL"]:

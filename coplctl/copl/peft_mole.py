@@ -80,3 +80,63 @@ def mole_lora_config(saved: dict, spec: dict):
 def mole_layers(model: nn.Module) -> list[nn.Module]:
     """The MoLE layers of a model loaded from an exported CoPL adapter, for :func:`coplctl.copl.mole.mole_routing`."""
     return [m for m in model.modules() if hasattr(m, "lora_mole")]
+
+
+#: a MoLE layer's tensor (run name suffix) → its name in the peft layer (shared expert = standard LoRA)
+_PEFT_NAMES = {"shared_a.weight": "lora_A.default.weight", "shared_b.weight": "lora_B.default.weight",
+               "expert_a": "lora_mole.default.expert_a", "expert_b": "lora_mole.default.expert_b"}
+
+
+def mole_adapters(method, tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict]:
+    """A lora-mode CoPL run's tensors inside the backbone (``base_model.model.<module path>`` names) as this
+    custom module's (gate, experts; the shared expert as standard LoRA, zeros without one), and the
+    module's settings (for :func:`mole_lora_config`)."""
+    from coplctl.core.errors import CoplError
+
+    adapters = {}
+    for path, value in tensors.items():
+        head, gate, tail = path.rpartition(".gate.")
+        if gate:
+            adapters[f"{head}.lora_mole.default.gate.{tail}"] = value
+            continue
+        renamed = next((path[: -len(old)] + new for old, new in _PEFT_NAMES.items() if path.endswith("." + old)), None)
+        if renamed is None:
+            raise CoplError(f"cannot export tensor {path}: not part of a MoLE layer")
+        adapters[renamed] = value
+    c, layers = method.config, method.net.layers
+    spec = {"user_dim": int(method.net.user_table.shape[1]), "experts": c.experts, "rank": c.rank,
+            "alpha": layers[0].scale * c.rank, "gate_hidden": c.gate_hidden, "temperature": c.gate_temperature,
+            "top_k": c.top_k}
+    if not c.shared_expert:  # the peft layer always has the standard LoRA pair: a zero one adds nothing
+        for layer in layers:
+            base = "base_model.model." + layer.name.removeprefix("lm.")
+            adapters[f"{base}.lora_A.default.weight"] = torch.zeros(c.rank, layer.base.in_features)
+            adapters[f"{base}.lora_B.default.weight"] = torch.zeros(layer.base.out_features, c.rank)
+    return adapters, spec
+
+
+def mole_export_config(method, spec: dict):
+    """The ``LoraConfig`` an exported CoPL run's ``adapter_config.json`` is written from (its ``peft_type``
+    then becomes :data:`MOLE_PEFT_TYPE`)."""
+    from peft import LoraConfig
+
+    targets = [layer.name.rsplit(".", 1)[-1] for layer in method.net.layers]
+    return LoraConfig(r=method.config.rank, lora_alpha=spec["alpha"], target_modules=targets)
+
+
+def load_mole(model: nn.Module, saved: dict, spec: dict, weights) -> nn.Module:
+    """``model`` (the base transformers model) with an exported CoPL adapter: built from its LoRA config
+    (``saved``, the adapter_config.json) with this custom module registered, weights loaded with peft's
+    ``set_peft_model_state_dict``; any tensor not taken is an error, never a silent drop."""
+    from peft import PeftModel, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from coplctl.core.errors import CoplError
+
+    peft_model = PeftModel(model, mole_lora_config(saved, spec))
+    result = set_peft_model_state_dict(peft_model, load_file(str(weights)))
+    missing = [k for k in result.missing_keys if "lora_" in k]
+    if result.unexpected_keys or missing:
+        raise CoplError(f"{weights} does not match its MoLE layers (unexpected {result.unexpected_keys[:3]}, "
+                        f"missing {missing[:3]})")
+    return peft_model.eval()

@@ -101,8 +101,8 @@ def ridge_map(x: torch.Tensor, y: torch.Tensor, ridge: float = RIDGE) -> torch.T
 def plain_backbone(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
     """Run ``model`` as the frozen backbone: peft adapters off and MoLE layers replaced by their base
     linear layers (lora-mode runs inject both into the backbone itself)."""
-    from coplctl.models.encoders import adapters_disabled
     from coplctl.copl.mole import MoLELinear
+    from coplctl.models.encoders import adapters_disabled
 
     swapped = []
     for name, module in list(model.named_modules()):

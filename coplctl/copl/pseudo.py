@@ -50,15 +50,14 @@ def _sample(survey: pd.DataFrame, ds, users: list[str], k: int, rng) -> pd.DataF
 
 
 def pseudo_label_experiments(copl, ctx) -> dict:
-    """Table 6 for a trained CoPL model (``ctx``: a :class:`coplctl.models.reward.ExperimentContext` whose spec
-    has a ``pseudo_labels`` section)."""
-    from coplctl.models.evaluate import accuracy_table, evaluate
-    from coplctl.graph.run import GCFRun
+    """Table 6 for a trained CoPL model (``ctx``: a :class:`coplctl.models.reward.ExperimentContext` whose
+    options have a ``pseudo_labels`` section)."""
     from coplctl.core.registry import METHODS
+    from coplctl.models.evaluate import accuracy_table, evaluate
     from coplctl.models.reward import make_config, pair_scores
 
-    ds, seed, settings, pl = ctx.data, ctx.seed, ctx.settings, ctx.spec.pseudo_labels
-    run = GCFRun(copl.gcf_dir)
+    ds, seed, settings, pl = ctx.data, ctx.seed, ctx.settings, ctx.options.pseudo_labels
+    run = copl.gcf
     rng = np.random.default_rng(seed)
     survey = _survey(ds)
     survey = survey[survey.a.isin(run.graph.response_index) & survey.b.isin(run.graph.response_index)]

@@ -50,10 +50,6 @@ AT_LEAST_1 = Range(min=1)
 FRACTION = Range(min=0, max=1, max_open=True)  # a share in [0, 1)
 PROBABILITY = Range(min=0, max=1)
 
-ADAPTATIONS = ("weighted", "average", "optimize")
-"""The ways of placing a new user (paper Table 4: CoPL, Naive Avg., User Opt.): the one list that
-adaptation options, spec entries and command-line choices read."""
-
 
 @dataclasses.dataclass(frozen=True)
 class OneOf:

@@ -123,11 +123,19 @@ def field(mapping: dict, key: str, expect: type | tuple[type, ...], path: str | 
     """``mapping[key]`` checked to exist and have type ``expect`` (bools are not numbers)."""
     if key not in mapping:
         raise DataError(path, f"missing key {key!r}")
-    value = mapping[key]
+    return check_type(mapping[key], expect, path, key)
+
+
+def check_type(value: Any, expect: type | tuple[type, ...], path: str | Path, key: str, *,
+               nullable: bool = False) -> Any:
+    """``value``, the content of ``key`` in ``path``, checked to have type ``expect`` (bools are not
+    numbers), or to be null when ``nullable``; else one DataError naming the file and the key."""
     types = expect if isinstance(expect, tuple) else (expect,)
+    if value is None and nullable:
+        return value
     if isinstance(value, bool) and bool not in types or not isinstance(value, types):
-        want = " or ".join(_TYPE_NAMES.get(t, t.__name__) for t in types)
-        raise DataError(path, f"key {key!r} must be {want}, not {_describe(value)}")
+        want = "a number" if {int, float} <= set(types) else " or ".join(_TYPE_NAMES.get(t, t.__name__) for t in types)
+        raise DataError(path, f"key {key!r} must be {want}{' or null' if nullable else ''}, not {_describe(value)}")
     return value
 
 

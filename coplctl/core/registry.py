@@ -182,14 +182,17 @@ METHODS: Registry = Registry("method", discover=_discover_methods)
 
 
 def register_method(name: str, description: str | None = None, *, label: str | None = None,
-                    order: int | None = None):
+                    order: int | None = None, upper_bound: bool = False):
     """Class decorator registering a :class:`coplctl.models.reward.RewardMethod` under ``name``.
 
     ``label``: its name in tables (default: ``name``). ``order``: its place among the paper's methods
-    (Table 1's rows, a spec's default ``methods``); methods without one come after, by name. Both must be
-    literal constants: they are read from the source without importing the method.
+    (Table 1's rows, a spec's default ``methods``); methods without one come after, by name.
+    ``upper_bound``: the method knows what the others must learn (the paper's Oracle, given the true
+    groups): tables never mark it best. All must be literal constants: they are read from the source
+    without importing the method.
     """
-    info = {k: v for k, v in (("label", label), ("order", order)) if v is not None}
+    info = {k: v for k, v in (("label", label), ("order", order), ("upper_bound", upper_bound or None))
+            if v is not None}
     return METHODS.register(name, description, **info)
 
 

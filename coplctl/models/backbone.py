@@ -21,9 +21,9 @@ from pathlib import Path
 
 import torch
 
-from coplctl.data.dataset import TEXT_FORMAT
 from coplctl.core.errors import CoplError
 from coplctl.core.optim import resolve_device
+from coplctl.data.dataset import TEXT_FORMAT
 
 #: Short names users type for the paper's backbones.
 ALIASES = {"gemma-2b-it": "google/gemma-2b-it", "gemma-7b-it": "google/gemma-7b-it"}

@@ -24,6 +24,7 @@ from coplctl.core.optim import bt_loss
 if TYPE_CHECKING:
     import torch
 
+    from coplctl.core.tables import ReportPart
     from coplctl.data.dataset import PreferenceDataset
 
 __all__ = ["METHOD_FILE", "ExperimentContext", "RewardMethod", "bt_loss", "load_method", "make_config", "pair_accuracy", "pair_scores"]
@@ -37,8 +38,9 @@ class ExperimentContext:
 
     data: "PreferenceDataset"
     """The benchmark's dataset."""
-    spec: Any
-    """The :class:`coplctl.bench.spec.BenchmarkSpec`: its sections say which experiments to run."""
+    options: Any
+    """The method's :attr:`RewardMethod.Experiments`, as the spec's ``experiments.<method>`` set them (its
+    defaults where the spec has no such section)."""
     settings: dict
     """The job's resolved config, as a mapping (what the method was built from)."""
     seed: int
@@ -63,9 +65,10 @@ class RewardMethod(ABC):
 
     Config: ClassVar[type] = None  # type: ignore[assignment]
     registry_name: ClassVar[str] = ""
-    #: True for methods that need every user's preference group (Oracle): a benchmark on data without
-    #: them skips the method with a note instead of failing
-    needs_groups: ClassVar[bool] = False
+    Experiments: ClassVar[type | None] = None
+    """The method's own benchmark experiments (e.g. CoPL's Tables 4-6): a dataclass whose fields a spec sets
+    under ``experiments: {<method>: {...}}``, checked against it like every spec section; None: the
+    method has none. :meth:`experiments` gets the checked instance (or its defaults) as ``ctx.options``."""
 
     def __init__(self, config: Any = None, **overrides: Any):
         if config is None:
@@ -105,12 +108,38 @@ class RewardMethod(ABC):
     def load_state(self, directory: Path) -> None:
         """Restore what :meth:`save_state` wrote."""
 
+    @classmethod
+    def cannot_run(cls, data: "PreferenceDataset") -> str | None:
+        """Why the method cannot run on ``data`` (e.g. it needs every user's group and some have none), or
+        None. A benchmark skips such a method with this reason as a note instead of failing."""
+        return None
+
     def experiments(self, ctx: ExperimentContext) -> dict[str, Any]:
         """Named extra evaluations a benchmark stores under its results' ``extra`` (default: none).
 
         Called after training and the standard evaluation of each of a spec's methods (not its
-        ablations). Each value must be JSON-able. The method must come back in the state it was in.
+        ablations), with the spec's options for them in ``ctx.options``. Each value must be JSON-able.
+        The method must come back in the state it was in.
         """
+        return {}
+
+    @classmethod
+    def check_extra(cls, extra: dict, file: Path) -> None:
+        """Check that the ``extra`` of a stored result has the shape :meth:`report` and
+        :meth:`compared_metrics` read; raise :class:`coplctl.core.errors.DataError` naming the file and key."""
+
+    @classmethod
+    def report(cls, results: list[dict]) -> "ReportPart":
+        """The method's own part of a report (tables after the standard ones, figures), built from stored
+        results only: every result of the report is given, its own carry their ``extra``. Called when
+        some result of the method holds an ``extra``."""
+        from coplctl.core.tables import ReportPart
+
+        return ReportPart()
+
+    @classmethod
+    def compared_metrics(cls, result: dict) -> dict[str, float]:
+        """Metrics of its ``extra`` (points, 0-100) that `coplctl compare` checks for regressions, by name."""
         return {}
 
     def sizes(self) -> dict[str, int]:
@@ -145,9 +174,8 @@ def make_config(config_cls: type, overrides: dict, *, owner: str = "method") -> 
 
 def load_method(directory: str | Path) -> RewardMethod:
     """Rebuild a saved method in a new process (its class comes from the registry)."""
-    from coplctl.core.registry import METHODS
-
     from coplctl.core.files import field, read_json
+    from coplctl.core.registry import METHODS
 
     directory = Path(directory)
     info_path = directory / METHOD_FILE

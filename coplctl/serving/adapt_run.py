@@ -20,14 +20,13 @@ from collections.abc import Collection
 from pathlib import Path
 
 import pandas as pd
-
 from safetensors.torch import save_file
 
 from coplctl.copl.adapt import AdaptConfig, Adapted, adapt_users, graph_accuracy
 from coplctl.core.atomic import atomic_dir, atomic_path, atomic_write_text
+from coplctl.core.errors import DataError
 from coplctl.data import PreferenceDataset, load
 from coplctl.data.userfile import UserFile, read_user_file, seen_user_problem
-from coplctl.core.errors import DataError
 from coplctl.graph.run import GCFRun
 from coplctl.models.reward import load_method
 

@@ -23,16 +23,13 @@ from pathlib import Path
 
 import torch
 
+from coplctl.copl.peft_mole import MOLE_PEFT_TYPE, load_mole, mole_adapters, mole_export_config
 from coplctl.core.atomic import atomic_dir, refuse_overlap
 from coplctl.core.errors import CoplError
-from coplctl.copl.peft_mole import MOLE_PEFT_TYPE, mole_lora_config
 
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 SIDECAR, SIDECAR_WEIGHTS = "coplctl_reward.json", "coplctl_reward.safetensors"
 FORMATS = ("peft",)
-#: a MoLE layer's tensor (run name suffix) → its name in the peft layer (shared expert = standard LoRA)
-_MOLE_NAMES = {"shared_a.weight": "lora_A.default.weight", "shared_b.weight": "lora_B.default.weight",
-               "expert_a": "lora_mole.default.expert_a", "expert_b": "lora_mole.default.expert_b"}
 
 
 def _revision(source: str) -> str | None:
@@ -69,57 +66,28 @@ def backbone_info(method) -> dict:
 
 
 def _split_state(method) -> tuple[dict, dict, dict | None]:
-    """(adapter tensors in peft's checkpoint names, the other trained tensors, MoLE spec or None)."""
-    from coplctl.models.trainer import trainable_state
-
-    state = trainable_state(method.net)
-    adapters, rest = {}, {}
-    layers = getattr(method.net, "layers", None) if getattr(method.net, "mole", False) else None
-    for name, value in state.items():
-        if not name.startswith("encoder.lm."):
-            rest[name] = value
-            continue
-        path = "base_model.model." + name.removeprefix("encoder.lm.")
-        if layers is not None:
-            head, gate, tail = path.rpartition(".gate.")
-            if gate:
-                adapters[f"{head}.lora_mole.default.gate.{tail}"] = value
-                continue
-            renamed = next((path[: -len(old)] + new for old, new in _MOLE_NAMES.items() if path.endswith("." + old)),
-                           None)
-            if renamed is None:
-                raise CoplError(f"cannot export tensor {name}: not part of a MoLE layer")
-            adapters[renamed] = value
-        else:
-            adapters[path] = value
-    spec = None
-    if layers is not None:
-        c, first = method.config, layers[0]
-        spec = {"user_dim": int(method.net.user_table.shape[1]), "experts": c.experts, "rank": c.rank,
-                "alpha": first.scale * c.rank, "gate_hidden": c.gate_hidden, "temperature": c.gate_temperature,
-                "top_k": c.top_k}
-        if not c.shared_expert:  # the peft layer always has the standard LoRA pair: a zero one adds nothing
-            for layer in layers:
-                base = "base_model.model." + layer.name.removeprefix("lm.")
-                adapters[f"{base}.lora_A.default.weight"] = torch.zeros(c.rank, layer.base.in_features)
-                adapters[f"{base}.lora_B.default.weight"] = torch.zeros(layer.base.out_features, c.rank)
+    """(adapter tensors in peft's checkpoint names, the other trained tensors, MoLE spec or None). CoPL's
+    experts become its peft custom module's tensors (:func:`coplctl.copl.peft_mole.mole_adapters`)."""
     from peft.tuners.lora import LoraModel
 
+    from coplctl.models.trainer import trainable_state
+
+    adapters, rest = {}, {}
+    for name, value in trainable_state(method.net).items():
+        if name.startswith("encoder.lm."):
+            adapters["base_model.model." + name.removeprefix("encoder.lm.")] = value
+        else:
+            rest[name] = value
+    spec = None
+    if getattr(method.net, "mole", False):
+        adapters, spec = mole_adapters(method, adapters)
     # the names peft saves and loads: the model's, less the adapter name where peft removes it
     return {LoraModel._remove_adapter_name_from_key(k, "default"): v for k, v in adapters.items()}, rest, spec
 
 
 def _lora_config(method, source: str, revision: str | None, spec: dict | None) -> dict:
     """The adapter_config.json of the run's adapters, as a dict."""
-    lm = method.net.encoder.lm
-    if spec is None:
-        cfg = lm.peft_config["default"]
-    else:
-        from peft import LoraConfig
-
-        c = method.config
-        cfg = LoraConfig(r=c.rank, lora_alpha=spec["alpha"], target_modules=[layer.name.rsplit(".", 1)[-1]
-                                                                            for layer in method.net.layers])
+    cfg = method.net.encoder.lm.peft_config["default"] if spec is None else mole_export_config(method, spec)
     cfg = dataclasses.replace(cfg, base_model_name_or_path=source, revision=revision, inference_mode=True)
     out = cfg.to_dict()
     out["target_modules"] = sorted(out["target_modules"]) if isinstance(out["target_modules"], (set, list)) \
@@ -184,11 +152,10 @@ def load_peft(directory: str | Path, model: torch.nn.Module):
     """``model`` (the base transformers model) with the export's adapters, loaded through peft.
 
     A plain LoRA export is ``PeftModel.from_pretrained``; a CoPL MoLE export is built from its LoRA config
-    with the experts registered as a peft custom module, and its weights loaded with peft's
-    ``set_peft_model_state_dict``; any tensor not taken is an error, never a silent drop.
+    with the experts registered as a peft custom module (:func:`coplctl.copl.peft_mole.load_mole`); any
+    tensor not taken is an error, never a silent drop.
     """
-    from peft import PeftModel, set_peft_model_state_dict
-    from safetensors.torch import load_file
+    from peft import PeftModel
 
     from coplctl.core.files import read_json
 
@@ -199,13 +166,7 @@ def load_peft(directory: str | Path, model: torch.nn.Module):
     spec = read_json(directory / SIDECAR, what="coplctl sidecar").get("mole")
     if not isinstance(spec, dict):
         raise CoplError(f"{directory / SIDECAR} has no 'mole' settings for this MoLE adapter")
-    peft_model = PeftModel(model, mole_lora_config(saved, spec))
-    result = set_peft_model_state_dict(peft_model, load_file(str(directory / ADAPTER_WEIGHTS)))
-    missing = [k for k in result.missing_keys if "lora_" in k]
-    if result.unexpected_keys or missing:
-        raise CoplError(f"{directory / ADAPTER_WEIGHTS} does not match its MoLE layers (unexpected "
-                        f"{result.unexpected_keys[:3]}, missing {missing[:3]})")
-    return peft_model.eval()
+    return load_mole(model, saved, spec, directory / ADAPTER_WEIGHTS)
 
 
 def push_to_hub(directory: str | Path, repo_id: str, *, private: bool = False) -> str:

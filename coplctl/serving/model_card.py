@@ -26,15 +26,16 @@ def _loading(sidecar: dict, config: dict) -> str:
                 f"model = PeftModel.from_pretrained(AutoModel.from_pretrained({base!r}), \"THIS_FOLDER\")")
         note = "A plain LoRA adapter: peft loads it as is."
     else:
-        load = ("from transformers import AutoModel\n\nfrom coplctl.serving.export import load_peft\nfrom coplctl.copl.mole import "
-                "Routing, mole_routing\nfrom coplctl.copl.peft_mole import mole_layers\n\n"
+        load = ("from transformers import AutoModel\n\nfrom coplctl.copl.mole import Routing, mole_routing\n"
+                "from coplctl.copl.peft_mole import mole_layers\nfrom coplctl.serving.export import load_peft\n\n"
                 f"model = load_peft(\"THIS_FOLDER\", AutoModel.from_pretrained({base!r}))\n"
                 "# user_table: coplctl_reward.safetensors; rows: coplctl_reward.json's users\n"
                 "with mole_routing(mole_layers(model), Routing(user_table[user_rows], torch.arange(len(user_rows)))):\n"
                 "    hidden = model(input_ids=ids, attention_mask=mask).last_hidden_state")
         note = ("CoPL's mixture of LoRA experts (`peft_type: COPL_MOLE`): a plain `PeftModel.from_pretrained` "
-                "refuses it, because a LoRA load would drop the experts. `coplctl.serving.export.load_peft` registers "
-                "the experts as a peft custom LoRA module and loads every tensor (needs `pip install coplctl`).")
+                "refuses it, because a LoRA load would drop the experts. `coplctl.serving.export.load_peft` "
+                "registers the experts as a peft custom LoRA module and loads every tensor (needs `pip install "
+                "coplctl`).")
     reward = ("`head(pool(hidden))`" if sidecar["method"] in ("uniform", "copl") else
               f"computed from `pool(hidden)` as coplctl's `{sidecar['method']}` does (its user parameters, e.g. a "
               f"user token inserted after the first token, change the hidden states too)")
