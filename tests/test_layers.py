@@ -71,9 +71,10 @@ def test_pyproject_installs_every_package_and_no_top_level_baselines():
 
     setup = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
     packages = {m for m, p in _modules().items() if p.name == "__init__.py"}
-    assert set(setup["packages"]) == packages
-    assert setup["package-dir"] == {"coplctl.baselines": "baselines"}
-    assert not any(p.split(".")[0] == "baselines" for p in setup["packages"])
+    assert set(setup["packages"]) == packages | {"coplctl.specs"}  # the specs: data, no code
+    assert setup["package-dir"] == {"coplctl.baselines": "baselines", "coplctl.specs": "benchmarks"}
+    assert setup["package-data"] == {"coplctl.specs": ["*.yaml"]}
+    assert not any(p.split(".")[0] in ("baselines", "benchmarks") for p in setup["packages"])
 
 
 def test_baselines_import_as_coplctl_baselines():

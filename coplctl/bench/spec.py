@@ -2,7 +2,7 @@
 
 A spec may ``include:`` another (a path relative to its own file) and override a few keys; mappings
 merge recursively, everything else is replaced. A spec named on the command line is looked up in
-``./benchmarks/`` and then in the ``benchmarks/`` directory next to this package (a clone's).
+``./benchmarks/`` and then among the specs shipped with coplctl (:func:`search_dirs`).
 """
 
 from __future__ import annotations
@@ -185,7 +185,15 @@ def _read(file: Path, seen: tuple[Path, ...] = ()) -> dict:
 
 
 def search_dirs() -> list[Path]:
-    return [Path.cwd() / "benchmarks", Path(__file__).resolve().parents[2] / "benchmarks"]
+    """Where a spec named on the command line is looked up: ``./benchmarks/`` (your own specs, first), then
+    the specs shipped with coplctl: ``coplctl/specs/`` in an installed wheel (the repository's
+    ``benchmarks/*.yaml``, mapped in as package data when the wheel is built), else the ``benchmarks/``
+    folder of the checkout this package runs from."""
+    package = Path(__file__).resolve().parents[1]
+    shipped = package / "specs"
+    if not shipped.is_dir():
+        shipped = package.parent / "benchmarks"
+    return list(dict.fromkeys([Path.cwd() / "benchmarks", shipped]))
 
 
 def find_spec(name_or_path: str) -> Path:
