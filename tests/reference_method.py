@@ -32,7 +32,7 @@ class ResponseBT(RewardMethod):
 
     Config = ResponseBTConfig
 
-    def fit(self, data, backbone=None, *, seed: int = 0, work_dir=None) -> dict:
+    def fit(self, data, backbone=None, *, seed: int = 0, work_dir=None, progress: bool = True) -> dict:
         torch.manual_seed(seed)
         self.ids = data.responses["response_id"].tolist()
         index = {r: i for i, r in enumerate(self.ids)}

@@ -54,6 +54,23 @@ def test_frozen_mode_fit_adapt_score_save_load(frozen_copl, tmp_path):
     assert all((a == b).all() for a, b in zip(before, after))
 
 
+def test_a_fitted_copl_reads_its_gcf_run_once(frozen_copl, monkeypatch):
+    import coplctl.graph.run as gcf_run
+
+    method, _, ds = frozen_copl
+    reads = []
+    real = gcf_run.GCFRun.__init__
+    monkeypatch.setattr(gcf_run.GCFRun, "__init__", lambda self, d: reads.append(d) or real(self, d))
+    for variant in ("weighted", "average", "weighted"):  # as a benchmark's adaptation experiments do
+        with method.variant(adaptation=variant) as m:
+            evaluate(m, ds, roles=("unseen",))
+    assert reads == []  # read when the model was fitted, not again per adaptation
+    method.gcf_dir = type(method.gcf_dir)(str(method.gcf_dir))  # the same place: still no read
+    with method.variant() as m:
+        m.adapt(ds.split("fewshot"), ds.responses)
+    assert reads == []
+
+
 def test_unknown_user_is_a_clear_error(frozen_copl):
     method, _, ds = frozen_copl
     with pytest.raises(CoplError, match="unknown user 'nobody'.*coplctl adapt"):

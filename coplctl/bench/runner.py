@@ -231,8 +231,15 @@ def _settings(spec: BenchmarkSpec, method: str, overrides: dict, backbone, mode)
     from coplctl.models.reward import make_config
 
     cls = METHODS.get(method)
-    settings = {"backbone": backbone or spec.backbone, "mode": mode or spec.mode, **_own(spec, method, overrides)}
+    settings = {**_placement(cls, spec, backbone, mode), **_own(spec, method, overrides)}
     return asdict(make_config(cls.Config, settings, owner=f"{spec.name}: method {method}"))
+
+
+def _placement(cls, spec: BenchmarkSpec, backbone, mode) -> dict:
+    """The spec's backbone and mode (or the command line's), for a method whose config has them (a method
+    without a backbone, e.g. one scoring responses by id, runs as it is)."""
+    fields = {f.name for f in dataclasses.fields(cls.Config)}
+    return {k: v for k, v in (("backbone", backbone or spec.backbone), ("mode", mode or spec.mode)) if k in fields}
 
 
 def _own(spec: BenchmarkSpec, method: str, overrides: dict) -> dict:
@@ -275,7 +282,7 @@ def _culprit(spec: BenchmarkSpec, i: int, method: str, overrides: dict, backbone
     from coplctl.models.reward import make_config
 
     cls = METHODS.get(method)
-    values = {"backbone": backbone or spec.backbone, "mode": mode or spec.mode, **_own(spec, method, overrides)}
+    values = {**_placement(cls, spec, backbone, mode), **_own(spec, method, overrides)}
     for key, value in values.items():
         try:
             make_config(cls.Config, {key: value})
@@ -354,7 +361,7 @@ def run_job(run: Benchmark, job: Job, seed: int, *, settings: dict | None = None
     t0 = time.perf_counter()
     ev = evaluate(method, run.data)
     result: Result = {
-        **run.bare(job, seed, asdict(method.config)), "backbone": settings["backbone"], "mode": settings["mode"],
+        **run.bare(job, seed, asdict(method.config)), "backbone": settings.get("backbone"), "mode": settings.get("mode"),
         "metrics": ev["metrics"], "adaptation": ev.get("adaptation"), "training": dict(training),
         "timing": {"fit_seconds": round(fit_seconds, 2), "evaluate_seconds": round(time.perf_counter() - t0, 2)},
         "run_dir": str(run_dir),

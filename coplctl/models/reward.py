@@ -82,11 +82,12 @@ class RewardMethod(ABC):
 
     @abstractmethod
     def fit(self, data: "PreferenceDataset", backbone: Any = None, *, seed: int = 0,
-            work_dir: Path | None = None) -> dict:
+            work_dir: Path | None = None, progress: bool = True) -> dict:
         """Train on the seen users' ``train`` pairs (``valid`` pairs for model selection); return metrics.
 
         ``backbone`` is a loaded :class:`coplctl.models.backbone.Backbone` to share between methods (None:
         load the configured one). ``work_dir`` keeps resumable intermediate work (e.g. CoPL's GCF).
+        ``progress``: show training progress (a benchmark passes False and shows its own).
         """
 
     @abstractmethod
