@@ -6,17 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from coplctl.copl.mole import (
-    COLLAPSE_SHARE,
-    MoLELinear,
-    Routing,
-    gate_routing,
-    inject_mole,
-    load_balance_loss,
-    mole_routing,
-    routing_stats,
-    top1_allocation,
-)
+from coplctl.copl.mole import (COLLAPSE_SHARE, MoLELinear, Routing, gate_routing, inject_mole, load_balance_loss,
+                               mole_routing, routing_stats, top1_allocation)
 
 
 def _layer(top_k=1, shared=True, seed=0):

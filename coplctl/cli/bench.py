@@ -7,20 +7,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from coplctl.cli.common import (
-    Backbone,
-    Force,
-    Json,
-    MaybeOut,
-    Mode,
-    Out,
-    Sets,
-    err,
-    examples,
-    out,
-    parse_sets,
-    print_json,
-)
+from coplctl.cli.common import (Backbone, Force, Json, MaybeOut, Mode, Out, Sets, err, examples, out, parse_sets,
+                                print_json)
 
 app = typer.Typer()  # top-level commands: coplctl benchmark, report, compare
 

@@ -7,21 +7,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from coplctl.cli.common import (
-    Data,
-    Epochs,
-    Force,
-    Json,
-    Lr,
-    Out,
-    Seed,
-    Sets,
-    err,
-    examples,
-    out,
-    parse_sets,
-    print_json,
-)
+from coplctl.cli.common import (Data, Epochs, Force, Json, Lr, Out, Seed, Sets, err, examples, out, parse_sets,
+                                print_json)
 
 app = typer.Typer(name="graph", help="Learn user embeddings on the user–response preference graph (CoPL §4.1).",
                   no_args_is_help=True,

@@ -9,25 +9,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from coplctl.cli.common import (
-    Backbone,
-    Data,
-    Epochs,
-    Force,
-    Json,
-    Lr,
-    Mode,
-    Out,
-    ReportTo,
-    RewardRun,
-    Seed,
-    Sets,
-    err,
-    examples,
-    out,
-    parse_sets,
-    print_json,
-)
+from coplctl.cli.common import (Backbone, Data, Epochs, Force, Json, Lr, Mode, Out, ReportTo, RewardRun, Seed, Sets,
+                                err, examples, out, parse_sets, print_json)
 
 app = typer.Typer()  # top-level commands: coplctl train, evaluate, score
 
