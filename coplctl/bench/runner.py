@@ -30,6 +30,7 @@ from coplctl.core.progress import Bar
 LOCK_FILE = ".lock"
 """Held (flock) in OUT/NAME/ while a benchmark runs there."""
 
+
 @dataclass
 class Job:
     """One method or ablation of a spec, its config resolved once (:func:`resolve_jobs`)."""

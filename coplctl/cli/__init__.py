@@ -31,6 +31,8 @@ app = typer.Typer(
     add_completion=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
+
+
 def _version(value: bool) -> None:
     if value:
         from importlib.metadata import version

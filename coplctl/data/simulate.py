@@ -177,6 +177,7 @@ class SimConfig:
     def __post_init__(self):
         check_fields(self, "simulator")  # types, ranges
 
+
 def _ratings(n: int, rng: np.random.Generator, rho: float) -> np.ndarray:
     """Correlated 1-5 ratings, shape (n, 4): latent Gaussians cut at each attribute's marginal quantiles."""
     from statistics import NormalDist

@@ -99,6 +99,7 @@ class GCFConfig:
         if self.holdout and self.sampler == "neighbor":
             raise CoplError("GCF option holdout works with the full-graph sampler only")
 
+
 PRESETS = {
     "cpu": {},
     "paper": {"dim": 512, "lr": 1e-4, "batch_size": 1024, "epochs": 300},

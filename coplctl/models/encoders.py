@@ -117,7 +117,6 @@ class ResponseEncoder(nn.Module):
         hidden = self.lm(inputs_embeds=emb, attention_mask=mask).last_hidden_state
         return self._pool(hidden, mask)
 
-
     def enable_checkpointing(self) -> None:
         """Gradient (activation) checkpointing in the LM (``lora`` mode): each layer's activations are
         recomputed in the backward pass instead of kept, trading compute for memory; the numbers stay the
