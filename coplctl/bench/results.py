@@ -16,7 +16,8 @@ from typing import Any, TypedDict
 
 from coplctl.core.atomic import atomic_write_text
 from coplctl.core.errors import DataError
-from coplctl.core.files import check_type, read_json
+from coplctl.core.files import check_numbers, check_type, read_json
+from coplctl.core.tables import SCORES
 
 PACKAGES = ("coplctl", "torch", "transformers", "peft", "accelerate", "torch_geometric", "pandas", "numpy")
 
@@ -100,13 +101,6 @@ def load_results(root: str | Path) -> list[Result]:
 _NUMBER = (int, float)
 
 
-def _scores(block, f: Path, key: str) -> None:
-    """A metrics block: a mapping (or null) whose entries are numbers (or null)."""
-    if check_type(block, dict, f, key, nullable=True) is not None:
-        for k in ("accuracy", "common", "controversial", "controversial_pairs", "ties"):
-            check_type(block.get(k), _NUMBER, f, f"{key}.{k}", nullable=True)
-
-
 def check_result(data: dict, f: Path) -> Result:
     """``data`` if it has the shape of a results file (what tables and comparisons read), else DataError.
     What a method's experiments stored under ``extra`` is checked by that method
@@ -118,7 +112,7 @@ def check_result(data: dict, f: Path) -> Result:
             raise DataError(f, f"missing key {key!r}; not a coplctl results file")
         check_type(data[key], types, f, key)
     for role, block in data["metrics"].items():
-        _scores(block, f, f"metrics.{role}")
+        check_numbers(block, f, f"metrics.{role}", SCORES)
     for key in ("method", "skipped", "diverged"):
         check_type(data.get(key), str, f, key, nullable=True)
     search = check_type(data.get("lr_search"), dict, f, "lr_search", nullable=True)

@@ -20,7 +20,8 @@ import pandas as pd
 import torch
 from torch import nn
 
-from coplctl.copl import ADAPTATIONS, report
+from coplctl.copl import ADAPTATIONS
+from coplctl.copl import report as tables
 from coplctl.copl.experiments import CoPLExperiments
 from coplctl.copl.mole import Routing, gate_routing, inject_mole, load_balance_loss, mole_routing
 from coplctl.copl.placement import EMBEDDINGS, place
@@ -309,16 +310,16 @@ class CoPL(NeuralMethod):
 
     @classmethod
     def check_extra(cls, extra: dict, file: Path) -> None:
-        report.check_extra(extra, file)
+        tables.check_extra(extra, file)
 
     @classmethod
     def report(cls, results: list[dict]):
         """Tables 4-6, Figure 2 and links to each run's figures (:mod:`coplctl.copl.report`)."""
-        return report.report(cls.registry_name, results)
+        return tables.report(cls.registry_name, results)
 
     @classmethod
     def compared_metrics(cls, result: dict) -> dict[str, float]:
-        return report.compared_metrics(result)
+        return tables.compared_metrics(result)
 
     @contextlib.contextmanager
     def variant(self, **changes) -> Iterator["CoPL"]:

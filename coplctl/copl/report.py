@@ -10,40 +10,31 @@ import statistics
 from pathlib import Path
 
 from coplctl.core.errors import DataError
-from coplctl.core.files import check_type
-from coplctl.core.tables import Figure, ReportPart, collect, grid, metric, spec_key, upper_bounds
+from coplctl.core.files import check_numbers, check_type
+from coplctl.core.registry import method_label
+from coplctl.core.tables import SCORES, Figure, ReportPart, collect, grid, metric, spec_key, upper_bounds
 
 VARIANTS = {"weighted": "CoPL", "average": "Naive Avg.", "optimize": "User Opt."}
 """Table 4's rows: adaptation method -> the paper's row name."""
-
-_NUMBER = (int, float)
-
 
 def _need(value, types: tuple, f: Path, key: str):
     return check_type(value, types, f, key, nullable=True)
 
 
-def _scores(block, f: Path, key: str, keys=("accuracy", "common", "controversial", "controversial_pairs", "ties")):
-    """A metrics block: a mapping (or null) whose named entries are numbers (or null)."""
-    if _need(block, (dict,), f, key) is not None:
-        for k in keys:
-            _need(block.get(k), _NUMBER, f, f"{key}.{k}")
-
-
 def check_extra(extra: dict, f: Path) -> None:
     """``extra`` has the shape this module reads; else one DataError naming the file and the key."""
     gcf = _need(extra.get("gcf"), (dict,), f, "extra.gcf")
-    _scores(gcf, f, "extra.gcf", ("valid_accuracy", "train_accuracy", "group_probe", "weight_probe"))
+    check_numbers(gcf, f, "extra.gcf", ("valid_accuracy", "train_accuracy", "group_probe", "weight_probe"))
     for variant, block in (_need(extra.get("adaptation"), (dict,), f, "extra.adaptation") or {}).items():
-        _scores(block, f, f"extra.adaptation.{variant}")
+        check_numbers(block, f, f"extra.adaptation.{variant}", SCORES)
     for hops, points in (_need(extra.get("fewshot_curve"), (dict,), f, "extra.fewshot_curve") or {}).items():
         for shots, v in (_need(points, (dict,), f, f"extra.fewshot_curve.{hops}") or {}).items():
             if not (hops.isdigit() and shots.isdigit()):
                 raise DataError(f, f"key 'extra.fewshot_curve.{hops}.{shots}': hops and shots must be whole numbers")
-            _need(v, _NUMBER, f, f"extra.fewshot_curve.{hops}.{shots}")
+            _need(v, (int, float), f, f"extra.fewshot_curve.{hops}.{shots}")
     pseudo = _need(extra.get("pseudo_labels"), (dict,), f, "extra.pseudo_labels")
     for k in ("pseudo_label", "user_specific"):
-        _scores((pseudo or {}).get(k), f, f"extra.pseudo_labels.{k}", ("accuracy",))
+        check_numbers((pseudo or {}).get(k), f, f"extra.pseudo_labels.{k}", ("accuracy",))
     for kind, path in (_need(extra.get("figures"), (dict,), f, "extra.figures") or {}).items():
         _need(path, (str,), f, f"extra.figures.{kind}")
 
@@ -114,8 +105,6 @@ def _table6(mine: list[dict], results: list[dict]):
     for label, fn in rows.items():
         for (s, _), vals in collect(pseudo, fn).items():
             data[(s, label)] = vals
-    from coplctl.core.registry import method_label
-
     names = ["CoPL", "Pseudo label"]
     for bound in sorted(bounds):
         for (s, _), vals in collect([r for r in results if r["name"] == bound and r["spec"] in specs],

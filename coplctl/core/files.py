@@ -139,6 +139,14 @@ def check_type(value: Any, expect: type | tuple[type, ...], path: str | Path, ke
     return value
 
 
+def check_numbers(block: Any, path: str | Path, key: str, keys: tuple[str, ...]) -> None:
+    """``block``, the content of ``key``: null, or a JSON object whose entries ``keys`` are numbers or null
+    (e.g. a stored metrics block); else one DataError naming the file and the key."""
+    if check_type(block, dict, path, key, nullable=True) is not None:
+        for k in keys:
+            check_type(block.get(k), (int, float), path, f"{key}.{k}", nullable=True)
+
+
 def read_user_ids(path: str | Path) -> list[str]:
     """A JSON list of distinct, non-empty user ids (a run's ``users.json``)."""
     ids = read_json(path, what="user id list", expect=list)

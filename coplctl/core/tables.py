@@ -12,6 +12,9 @@ from pathlib import Path
 
 from coplctl.core.registry import METHODS, method_label, method_sort_key
 
+SCORES = ("accuracy", "common", "controversial", "controversial_pairs", "ties")
+"""The numbers of a stored metrics block (one set of test pairs) that tables and comparisons read."""
+
 SPEC_ORDER = ["uf-p-2-all", "uf-p-2-avg", "uf-p-4-all", "uf-p-4-avg"]
 """The paper's benchmarks, in its column order; simulated twins (``sim-``) follow, then any other spec."""
 
