@@ -10,7 +10,7 @@ import pytest
 import coplctl.bench.runner as runner
 from coplctl.bench.results import load_results
 from coplctl.bench.spec import SpecError, experiment_options, list_specs, load_spec
-from coplctl.bench.tables import build_tables, to_csv, to_latex, to_markdown
+from coplctl.bench.tables import build_report, to_csv, to_latex, to_markdown
 from coplctl.cli import main
 from coplctl.core.errors import CoplError
 
@@ -180,7 +180,7 @@ def test_interrupted_benchmark_resumes_without_redoing_finished_runs(tmp_path, m
     copl = next(r for r in results if r["name"] == "copl")
     assert set(copl["extra"]["adaptation"]) == {"weighted", "average"}
     assert set(copl["extra"]["fewshot_curve"]) == {"2", "4"} and copl["provenance"]["data_hash"]
-    tables = {t.key: t for t in build_tables(results)}
+    tables = {t.key: t for t in build_report(results)[0]}
     assert {"table1-seen", "table1-unseen", "table2-tiny", "table4", "table5"} <= set(tables)
     md = to_markdown(tables["table1-seen"])
     assert "| CoPL |" in md and "| Uniform |" in md and "**" in md

@@ -122,7 +122,7 @@ RESULT = st.fixed_dictionaries({"spec": TEXT, "name": st.one_of(TEXT, st.sampled
 @given(result=st.one_of(RESULT.map(json.dumps), LINE, VALUE.map(json.dumps)))
 def test_results_loader_and_tables(scratch, result):
     from coplctl.bench.results import load_results
-    from coplctl.bench.tables import build_tables
+    from coplctl.bench.tables import build_report
 
     d = scratch / "results" / "spec" / "m"
     shutil.rmtree(scratch / "results", ignore_errors=True)
@@ -130,7 +130,7 @@ def test_results_loader_and_tables(scratch, result):
     (d / "seed0.json").write_text(result, encoding="utf-8", errors="surrogatepass")
     try:
         results = load_results(scratch / "results")
-        build_tables(results)
+        build_report(results)[0]
     except CoplError:
         return
 

@@ -44,7 +44,7 @@ def test_load_of_a_non_method_directory(tmp_path):
 
 
 def test_exact_ties_are_wrong_counted_and_noted_in_table_1(tiny_dir):
-    from coplctl.bench.tables import build_tables, to_markdown
+    from coplctl.bench.tables import build_report, to_markdown
     from coplctl.data import load
     from coplctl.models.evaluate import evaluate
 
@@ -54,7 +54,7 @@ def test_exact_ties_are_wrong_counted_and_noted_in_table_1(tiny_dir):
     seen = evaluate(method, ds)["metrics"]["seen"]
     assert seen["accuracy"] == 0.0 and seen["ties"] == seen["pairs"] > 0
     result = {"spec": "s", "name": "uniform", "seed": 0, "metrics": {"seen": seen}}
-    table = next(t for t in build_tables([result]) if t.key == "table1-seen")
+    table = next(t for t in build_report([result])[0] if t.key == "table1-seen")
     assert table.notes == [f"Uniform on s: {seen['pairs']} tied pairs per seed (scored as wrong)"]
     assert "_Note: Uniform on s:" in to_markdown(table)
 

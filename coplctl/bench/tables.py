@@ -30,11 +30,6 @@ def build_report(results: list[Result]) -> tuple[list[Table], ReportPart]:
     return [t for t in tables if t is not None and t.rows], own
 
 
-def build_tables(results: list[Result]) -> list[Table]:
-    """Every table of the report (:func:`build_report` without figures)."""
-    return build_report(results)[0]
-
-
 def _standard_tables(results: list[Result]) -> list[Table | None]:
     main = [r for r in results if _is_method(r)]
     tables = []
