@@ -286,7 +286,7 @@ def test_blocks_chunks_and_neighbour_search_do_not_change_the_numbers(run, tiny_
                 m.setattr(adapt_module, name, value)
             other = adapt_users(run, pairs, AdaptConfig(hops=hops))
         assert other.report == whole.report
-        torch.testing.assert_close(other.embeddings, whole.embeddings, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(other.embeddings, whole.embeddings, rtol=1e-5, atol=1e-6)  # float sums
 
 
 def test_adaptation_prints_no_sparse_warnings(run, tiny_dir):

@@ -161,6 +161,40 @@ def test_resume_after_interruption_gives_the_same_model(tiny_dir, tmp_path):
     assert torch.equal(a["users"], b["users"]) and torch.equal(a["responses"], b["responses"])
 
 
+@pytest.mark.parametrize("batch_size", [0, 300])
+def test_resume_on_the_full_graph_and_in_minibatches_gives_the_same_model(tiny_dir, tmp_path, batch_size):
+    """Full graph, one step per epoch: a step's forward pass also evaluates the previous model, and a run
+    interrupted at an epoch's end resumes to the same weights and history."""
+    ds = load(tiny_dir)
+    cfg = _cfg(batch_size=batch_size)
+    straight = train_gcf(ds, tmp_path / "a", cfg, seed=3, progress=False)
+
+    def interrupt(epoch, metrics):
+        if epoch == 4:
+            raise KeyboardInterrupt
+
+    with pytest.raises(CoplError, match="resume after epoch 4"):
+        train_gcf(ds, tmp_path / "b", cfg, seed=3, progress=False, on_epoch_end=interrupt)
+    resumed = train_gcf(ds, tmp_path / "b", cfg, seed=3, progress=False)
+    assert [{k: v for k, v in h.items() if k != "seconds"} for h in resumed["history"]] == \
+           [{k: v for k, v in h.items() if k != "seconds"} for h in straight["history"]]
+    a = load_file(str(tmp_path / "a" / "embeddings.safetensors"))
+    b = load_file(str(tmp_path / "b" / "embeddings.safetensors"))
+    assert torch.equal(a["users"], b["users"]) and torch.equal(a["responses"], b["responses"])
+
+
+def test_a_full_graph_step_evaluates_the_previous_model_as_a_separate_pass_would(tiny_dir, tmp_path):
+    from coplctl.graph.train import TrainingData, _fit, _start
+
+    cfg = _cfg()
+    data = TrainingData.build(load(tiny_dir), torch.device("cpu"), torch.float32)
+    run = _start(data, cfg, 0, tmp_path / "checkpoint.safetensors")
+    seen = []  # the model is the epoch's own when its metrics are recorded
+    _fit(run, data, cfg, saved_epoch=None, progress=False,
+         on_epoch_end=lambda epoch, m: seen.append(((m["train_accuracy"], m["valid_accuracy"]), data.accuracy(run.model))))
+    assert len(seen) == 6 and all(recorded == separate for recorded, separate in seen)
+
+
 def test_graph_train_command(tiny_dir, tmp_path, capsys):
     from coplctl.cli import main
 
@@ -211,7 +245,7 @@ def test_interrupt_in_the_middle_of_an_epoch_resumes_from_the_last_boundary(tiny
     cfg = _cfg(batch_size=210)  # 840 training pairs: 4 steps per epoch
     straight = train_gcf(ds, tmp_path / "a", cfg, seed=3, progress=False)
     monkeypatch.setattr(gt, "CHECKPOINT_SECONDS", 0)  # checkpoint at every epoch boundary
-    calls, real = [], gt.bt_loss
+    calls, real = [], gt.pair_loss
 
     def ctrl_c_in_epoch_four(*args):
         calls.append(1)
@@ -219,10 +253,10 @@ def test_interrupt_in_the_middle_of_an_epoch_resumes_from_the_last_boundary(tiny
             raise KeyboardInterrupt
         return real(*args)
 
-    monkeypatch.setattr(gt, "bt_loss", ctrl_c_in_epoch_four)
+    monkeypatch.setattr(gt, "pair_loss", ctrl_c_in_epoch_four)
     with pytest.raises(CoplError, match="resume after epoch 3"):
         train_gcf(ds, tmp_path / "b", cfg, seed=3, progress=False)
-    monkeypatch.setattr(gt, "bt_loss", real)
+    monkeypatch.setattr(gt, "pair_loss", real)
     resumed = train_gcf(ds, tmp_path / "b", cfg, seed=3, progress=False)
     assert [h["loss"] for h in resumed["history"]] == [h["loss"] for h in straight["history"]]
     a = load_file(str(tmp_path / "a" / "embeddings.safetensors"))
@@ -320,7 +354,11 @@ def test_a_checkpoint_temporary_left_by_a_killed_run_is_swept_at_the_end(tiny_di
 
 @pytest.mark.parametrize("variant", ["paper", "official", "lightgcn"])
 def test_layers_are_pyg_message_passing_fused_into_the_csr_product(variant):
+    """PyG's propagate() on a layer's EdgeIndex routes to the fused CSR product and gives what PyG's
+    per-edge path gives; CoPL's memory-lean layers multiply by the same CSR matrices directly."""
     from torch_geometric.nn import LGConv, MessagePassing
+
+    from coplctl.graph.model import _signed
 
     g = PreferenceGraph.from_pairs(PAIRS)
     torch.manual_seed(0)
@@ -331,14 +369,22 @@ def test_layers_are_pyg_message_passing_fused_into_the_csr_product(variant):
         layer.register_message_and_aggregate_forward_hook(lambda *args: fused.append(1))
         layer.register_message_forward_hook(lambda *args: per_edge.append(1))
     adj = g.adjacency(dtype=torch.double)
-    e_u, e_r = model(adj)
-    assert len(fused) == 2 * 4 and not per_edge  # propagate() on the EdgeIndex routes to the CSR product
-    for layer in model.layers:
+    e_u, e_r = model.users.weight, model.responses.weight
+    layer = model.layers[0]
+    with torch.no_grad():
+        messages = layer.signed(e_u, e_r, adj)
+        assert len(fused) == 4 and not per_edge  # propagate() on the EdgeIndex routes to the CSR product
+        for direct, through_pyg in zip(_signed(adj, e_u, e_r), messages):
+            torch.testing.assert_close(direct, through_pyg)
         layer.fuse = False  # PyG's unfused path: message() per edge, then a sum per receiver
-    ref_u, ref_r = model(adj)
-    assert len(per_edge) == 2 * 4
-    torch.testing.assert_close(e_u, ref_u)
-    torch.testing.assert_close(e_r, ref_r)
+        for per, through_pyg in zip(layer.signed(e_u, e_r, adj), messages):
+            torch.testing.assert_close(per, through_pyg)
+        assert len(per_edge) == 4
+        layer.fuse = True
+    if variant == "lightgcn":
+        fused.clear()
+        out_u, _ = model(adj)
+        assert len(fused) == 2 * 4 and out_u.shape == e_u.shape
 
 
 def test_edge_dropout_draws_from_the_run_generator_only():

@@ -56,7 +56,7 @@ def test_adapt_evaluate_score_and_experts_on_a_model_run(copl_run, micro_dir, tm
                                 for t in ds.responses.text[:2]))
     scored = _json(capsys, "score", str(run), "--input", str(requests), "--output", str(rewards))
     assert scored == [json.loads(line) for line in rewards.read_text().splitlines()] and len(scored) == 2
-    assert scored[0]["reward"] == one[0]["reward"]
+    assert scored[0]["reward"] == pytest.approx(one[0]["reward"], rel=1e-5)  # batch of 2 vs 1: GEMM rounding
 
     info = _json(capsys, "plot", "experts", str(run), "--out", str(tmp_path / "e.png"))
     assert info["path"] == str(tmp_path / "e.png") and (tmp_path / "e.png").exists()

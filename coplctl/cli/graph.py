@@ -64,10 +64,9 @@ def train(
     options = dict(dim=dim, layers=layers, epochs=epochs, lr=lr, batch_size=batch_size, sampler=sampler)
     cfg = preset_config(preset.value, **{**parse_sets(sets or []), **{k: v for k, v in options.items() if v is not None}})
     refuse_overlap(out_dir, {"the dataset": data})
-    ds = load(data)
     if (out_dir / "checkpoint.safetensors").exists() and not force:
         err.print(f"resuming the interrupted run in {out_dir}")
-    m = train_gcf(ds, out_dir, cfg, seed=seed, device=device, force=force)
+    m = train_gcf(load(data, texts=False), out_dir, cfg, seed=seed, device=device, force=force)  # texts stay on disk
     if as_json:
         print_json({"run": str(out_dir), "config": asdict(cfg), "metrics": m})
     else:

@@ -19,22 +19,32 @@ from coplctl.core.errors import DataError
 _TAGS = ("$tensor", "$tuple", "$items")
 
 
-def _encode(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+def _encode(obj: Any, tensors: dict[str, torch.Tensor], storages: set[int]) -> Any:
     if isinstance(obj, torch.Tensor):
         key = str(len(tensors))
-        tensors[key] = obj.detach().cpu().contiguous().clone()
+        tensors[key] = _own(obj.detach().cpu().contiguous(), storages)
         return {"$tensor": key}
     if isinstance(obj, tuple):
-        return {"$tuple": [_encode(v, tensors) for v in obj]}
+        return {"$tuple": [_encode(v, tensors, storages) for v in obj]}
     if isinstance(obj, list):
-        return [_encode(v, tensors) for v in obj]
+        return [_encode(v, tensors, storages) for v in obj]
     if isinstance(obj, dict):
         if all(isinstance(k, str) and k not in _TAGS for k in obj):
-            return {k: _encode(v, tensors) for k, v in obj.items()}
-        return {"$items": [[_encode(k, tensors), _encode(v, tensors)] for k, v in obj.items()]}
+            return {k: _encode(v, tensors, storages) for k, v in obj.items()}
+        return {"$items": [[_encode(k, tensors, storages), _encode(v, tensors, storages)] for k, v in obj.items()]}
     if obj is None or isinstance(obj, (bool, int, float, str)):
         return obj
     raise TypeError(f"a checkpoint cannot hold {type(obj).__name__}")
+
+
+def _own(t: torch.Tensor, storages: set[int]) -> torch.Tensor:
+    """``t`` as it is when it owns its whole storage (no copy: a million users' optimiser state would
+    double the process's memory), else a copy (safetensors refuses tensors that share memory)."""
+    storage = t.untyped_storage()
+    if storage.nbytes() != t.numel() * t.element_size() or storage.data_ptr() in storages:
+        t = t.clone()
+    storages.add(t.untyped_storage().data_ptr())
+    return t
 
 
 def _decode(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
@@ -56,7 +66,7 @@ def save_checkpoint(path: str | Path, obj: Any) -> None:
     from safetensors.torch import save_file
 
     tensors: dict[str, torch.Tensor] = {}
-    tree = json.dumps(_encode(obj, tensors))
+    tree = json.dumps(_encode(obj, tensors, set()))
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata={"coplctl.core.checkpoint": tree})
 

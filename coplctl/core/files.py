@@ -194,15 +194,22 @@ def read_adapted(path: str | Path) -> tuple[list[str], "torch.Tensor"]:
     return ids, emb
 
 
-def read_parquet(path: str | Path, columns: tuple[str, ...] = (), what: str = "table"):
-    """A Parquet table that must have ``columns``; damage or a missing column is one DataError."""
+def read_parquet(path: str | Path, columns: tuple[str, ...] = (), what: str = "table", *,
+                 only: tuple[str, ...] | None = None):
+    """A Parquet table that must have ``columns`` (``only``: read just these); damage or a missing column
+    is one DataError."""
     import pandas as pd
 
     path = Path(path)
     if not path.is_file():
         raise DataError(path, f"no such {what}" if not path.exists() else f"is not a {what}")
     try:
-        df = pd.read_parquet(path)
+        if only is not None:
+            import pyarrow.parquet as pq
+
+            present = set(pq.read_schema(path).names)
+            only = [c for c in only if c in present]  # an absent one is reported below, as a missing column
+        df = pd.read_parquet(path, columns=list(only) if only is not None else None)
     except Exception as e:  # pyarrow raises ArrowInvalid, OSError ... for damaged files
         raise DataError(path, f"is not a readable Parquet file ({_first_line(e)})") from None
     missing = [c for c in columns if c not in df.columns]

@@ -101,8 +101,9 @@ def _write_parquet(df: pd.DataFrame, path: Path) -> None:
     pq.write_table(table, path, compression="zstd")
 
 
-def load(path: str | Path) -> PreferenceDataset:
-    """Read and validate a dataset directory."""
+def load(path: str | Path, *, texts: bool = True) -> PreferenceDataset:
+    """Read and validate a dataset directory. ``texts=False`` leaves the responses' texts (and ratings) on
+    disk, for work on the graph alone (at a million users they are most of the dataset's memory)."""
     path = Path(path)
     if not path.exists():
         raise DataError(path, "no such dataset directory (create one with `coplctl data simulate` "
@@ -117,11 +118,20 @@ def load(path: str | Path) -> PreferenceDataset:
     if version != FORMAT_VERSION:
         raise DataError(path / "meta.json", f"format_version is {version!r}; this coplctl reads version "
                                             f"{FORMAT_VERSION} (upgrade coplctl or rebuild the dataset)")
-    tables = {name: read_parquet(path / name) for name in COLUMNS}
+    tables = {name: read_parquet(path / name, only=None if texts or name != "responses.parquet" else
+                                 ("response_id", "prompt")) for name in COLUMNS}
     ds = PreferenceDataset(tables["responses.parquet"], tables["users.parquet"],
                            tables["pairs.parquet"], meta, path)
-    validate(ds, path)
+    validate(ds, path, texts=texts)
+    release_arrow_memory()
     return ds
+
+
+def release_arrow_memory() -> None:
+    """Hand Arrow's freed memory back to the system (its allocator keeps it for reuse otherwise)."""
+    import pyarrow as pa
+
+    pa.default_memory_pool().release_unused()
 
 
 def _fail(file: Path, problem: str, bad) -> None:
@@ -132,9 +142,9 @@ def _fail(file: Path, problem: str, bad) -> None:
         raise DataError(file, problem, row=int(rows[0]), more=len(rows) - 1)
 
 
-def _check_columns(df: pd.DataFrame, file: Path, nullable: tuple[str, ...] = ()) -> None:
+def _check_columns(df: pd.DataFrame, file: Path, nullable: tuple[str, ...] = (), skip: tuple[str, ...] = ()) -> None:
     """Check required columns and nulls; make id and text columns strings in place."""
-    columns = COLUMNS[file.name]
+    columns = [c for c in COLUMNS[file.name] if c not in skip]
     missing = [c for c in columns if c not in df.columns]
     if missing:
         raise DataError(file, f"missing column{'s' if len(missing) > 1 else ''} {', '.join(missing)} "
@@ -149,48 +159,84 @@ def _check_columns(df: pd.DataFrame, file: Path, nullable: tuple[str, ...] = ())
             df[c] = df[c].map(str, na_action="ignore")
 
 
-def validate(ds: PreferenceDataset, root: Path) -> None:
-    """Check every rule of the format; raise one DataError at the first violation found."""
+def numbered(prefix: str, n: int):
+    """``prefix`` + 0 .. n-1, zero-padded to one width (``u0000`` ... ``u9999``): ids as an Arrow string array."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    width = len(str(max(n - 1, 0)))
+    digits = pc.utf8_lpad(pc.cast(pa.array(np.arange(n, dtype=np.int64)), pa.large_string()), width, padding="0")
+    return pc.binary_join_element_wise(pa.scalar(prefix, pa.large_string()), digits, pa.scalar("", pa.large_string()))
+
+
+def strings(values) -> pd.Series:
+    """A pandas column of this pandas' own string dtype (Arrow-backed ``str`` in pandas 3, objects before)
+    from an Arrow string array, as reading Parquet gives: no Python object per row in pandas 3."""
+    return values.to_pandas()
+
+
+def positions(values, within) -> np.ndarray:
+    """The position of each of ``values`` in ``within`` (ids; a Series, array or list), -1 where absent:
+    one hash join in Arrow, linear in both lengths (no Python loop over rows)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    table = pa.array(within) if not isinstance(within, (pa.Array, pa.ChunkedArray)) else within
+    table = table.combine_chunks() if isinstance(table, pa.ChunkedArray) else table
+    found = pc.index_in(pa.array(values) if not isinstance(values, (pa.Array, pa.ChunkedArray)) else values,
+                        value_set=table)
+    return pc.fill_null(found, -1).to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
+
+
+def validate(ds: PreferenceDataset, root: Path, *, texts: bool = True) -> None:
+    """Check every rule of the format; raise one DataError at the first violation found. Ids are joined
+    as integer positions (:func:`positions`), so a check costs linear time in the table sizes. ``texts=False``:
+    the responses were read without their texts, whose rules are then not checked."""
     rf, uf, pf = root / "responses.parquet", root / "users.parquet", root / "pairs.parquet"
     ds.responses, ds.users, ds.pairs = (df.reset_index(drop=True) for df in (ds.responses, ds.users, ds.pairs))
     responses, users, pairs = ds.responses, ds.users, ds.pairs
 
-    _check_columns(responses, rf)
+    _check_columns(responses, rf, skip=() if texts else ("text",))
     _fail(rf, "duplicate response_id", responses["response_id"].duplicated())
-    _fail(rf, "empty text", responses["text"].str.strip().eq("").to_numpy())
+    if texts:
+        _fail(rf, "empty text", responses["text"].str.strip().eq("").to_numpy())
 
     _check_columns(users, uf, nullable=("group",))
     _fail(uf, "duplicate user_id", users["user_id"].duplicated())
-    _fail(uf, "role must be 'seen' or 'unseen'", ~users["role"].isin(ROLES))
+    role = positions(users["role"], list(ROLES))
+    _fail(uf, "role must be 'seen' or 'unseen'", role < 0)
 
     _check_columns(pairs, pf)
-    if not users["role"].eq("seen").any():
+    if not (role == 0).any():
         raise DataError(uf, "holds no seen user: a dataset needs seen users with train pairs")
     contr = pairs["controversial"]
     if contr.isna().any() or not contr.isin([True, False]).all():
         _fail(pf, "controversial must be true or false", contr.isna() | ~contr.isin([True, False]))
     pairs["controversial"] = contr.astype(bool)
-    _fail(pf, "split must be one of " + ", ".join(SPLITS), ~pairs["split"].isin(SPLITS))
-    _fail(pf, "unknown user_id (not in users.parquet)", ~pairs["user_id"].isin(users["user_id"]))
+    split = positions(pairs["split"], list(SPLITS))
+    _fail(pf, "split must be one of " + ", ".join(SPLITS), split < 0)
+    user = positions(pairs["user_id"], users["user_id"])
+    _fail(pf, "unknown user_id (not in users.parquet)", user < 0)
+    ids = {}
     for col in ("chosen_id", "rejected_id"):
-        _fail(pf, f"unknown {col} (not a response_id of responses.parquet)",
-              ~pairs[col].isin(responses["response_id"]))
-    _fail(pf, "chosen_id equals rejected_id", pairs["chosen_id"] == pairs["rejected_id"])
+        ids[col] = positions(pairs[col], responses["response_id"])
+        _fail(pf, f"unknown {col} (not a response_id of responses.parquet)", ids[col] < 0)
+    chosen, rejected = ids["chosen_id"], ids["rejected_id"]
+    _fail(pf, "chosen_id equals rejected_id", chosen == rejected)
 
-    prompt_of = responses.set_index("response_id")["prompt"]
-    _fail(pf, "chosen and rejected responses answer different prompts",
-          pairs["chosen_id"].map(prompt_of).to_numpy() != pairs["rejected_id"].map(prompt_of).to_numpy())
+    prompt = pd.factorize(responses["prompt"])[0]
+    _fail(pf, "chosen and rejected responses answer different prompts", prompt[chosen] != prompt[rejected])
 
-    lo, hi = unordered(pairs["chosen_id"], pairs["rejected_id"])
-    key = pd.DataFrame({"u": pairs["user_id"], "lo": lo, "hi": hi})
-    _fail(pf, "duplicate pair (the same user already annotated these two responses)", key.duplicated())
+    pair = np.minimum(chosen, rejected) * max(len(responses), 1) + np.maximum(chosen, rejected)
+    _fail(pf, "duplicate pair (the same user already annotated these two responses)",
+          pd.DataFrame({"u": user, "pair": pair}).duplicated())
 
-    role = pairs["user_id"].map(users.set_index("user_id")["role"])
+    pair_role = role[user]
     for r, allowed in ROLE_SPLITS.items():
-        for split in sorted(set(SPLITS) - allowed):
-            _fail(pf, f"split {split} for a {r} user ({r} users have only "
-                      + "/".join(sorted(allowed)) + " pairs)", (role == r) & (pairs["split"] == split))
+        for name in sorted(set(SPLITS) - allowed):
+            _fail(pf, f"split {name} for a {r} user ({r} users have only "
+                      + "/".join(sorted(allowed)) + " pairs)", (pair_role == ROLES.index(r)) & (split == SPLITS.index(name)))
 
-    for r, split in (("seen", "train"), ("unseen", "fewshot")):
-        has = set(pairs.loc[pairs["split"] == split, "user_id"])
-        _fail(uf, f"{r} user has no {split} pairs", (users["role"] == r) & ~users["user_id"].isin(has))
+    for r, name in (("seen", "train"), ("unseen", "fewshot")):
+        has = np.bincount(user[split == SPLITS.index(name)], minlength=len(users)) > 0
+        _fail(uf, f"{r} user has no {name} pairs", (role == ROLES.index(r)) & ~has)

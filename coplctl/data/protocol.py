@@ -42,7 +42,7 @@ import pandas as pd
 
 from coplctl.core.config import AT_LEAST_1, NON_NEGATIVE, POSITIVE, OneOf, Range, check_fields
 from coplctl.core.errors import CoplError
-from coplctl.data.dataset import WEIGHT_PREFIX
+from coplctl.data.dataset import WEIGHT_PREFIX, numbered, strings
 
 #: Preference groups = UltraFeedback attributes, in the order UF-P uses them.
 ATTRIBUTES = ("helpfulness", "honesty", "instruction_following", "truthfulness")
@@ -270,7 +270,9 @@ class _Draw:
     """Every user's group and pairs, drawn from the pools: seen users annotate ``counts`` survey pairs (one
     held out for validation when they have enough) and get test pairs; unseen users get few-shot,
     validation and test pairs. ``user_idx``, ``cand_idx`` and ``split_code`` (0 train, 1 valid, 2 test,
-    3 fewshot) list the annotations."""
+    3 fewshot) list the annotations, user by user (survey pairs, then validation-pool pairs, then test
+    pairs). Every user's draws from one pool are distinct and uniform (:func:`distinct_draws`), all users
+    at once: no Python loop over users."""
 
     def __init__(self, cfg: ProtocolConfig, pools: _Pools, n_groups: int, rng: np.random.Generator):
         n_seen, n_unseen = cfg.users, cfg.unseen_users
@@ -281,52 +283,68 @@ class _Draw:
         else:
             self.counts = rng.integers(1, 2 * cfg.per_user, size=n_seen)  # 1 .. 2n-1 inclusive, mean n
         self.held_out = np.where(self.counts >= cfg.per_user, cfg.valid_pairs, 0)
-        self._pools, self._rng = pools, rng
-        self._parts: tuple[list, list, list] = ([], [], [])
-        for u in range(n_seen):
-            self._take_valid(u, [(0, int(self.counts[u] - self.held_out[u]))], int(self.held_out[u]))
-            self._take(u, pools.test, [(2, cfg.test_pairs)])
-        for j in range(n_unseen):
-            self._take_valid(n_seen + j, [(3, cfg.fewshot_pairs)], cfg.unseen_valid_pairs)
-            self._take(n_seen + j, pools.test, [(2, cfg.unseen_test_pairs)])
-        self.user_idx, self.cand_idx, self.split_code = (np.concatenate(part) for part in self._parts)
-
-    def _take(self, user: int, pool: np.ndarray, sizes: list[tuple[int, int]]) -> None:
-        users, cands, codes = self._parts
-        picked = pool[self._rng.choice(len(pool), size=sum(k for _, k in sizes), replace=False)]
-        start = 0
-        for code, k in sizes:
-            cands.append(picked[start:start + k])
-            users.append(np.full(k, user))
-            codes.append(np.full(k, code))
-            start += k
-
-    def _take_valid(self, user: int, own: list[tuple[int, int]], valid: int) -> None:
-        if self._pools.valid is None:  # the authors': from the survey pool, with the user's own pairs
-            self._take(user, self._pools.survey, own + [(1, valid)])
+        own = np.concatenate([self.counts - self.held_out, np.full(n_unseen, cfg.fewshot_pairs)])
+        valid = np.concatenate([self.held_out, np.full(n_unseen, cfg.unseen_valid_pairs)])
+        own_code = np.repeat([0, 3], [n_seen, n_unseen])  # train for seen users, fewshot for unseen ones
+        tests = np.concatenate([np.full(n_seen, cfg.test_pairs), np.full(n_unseen, cfg.unseen_test_pairs)])
+        blocks = []
+        if pools.valid is None:  # the authors': validation pairs from the survey, with the user's own pairs
+            user, item, rank = distinct_draws(own + valid, len(pools.survey), rng)
+            blocks.append((user, pools.survey[item], np.where(rank < own[user], own_code[user], 1)))
         else:
-            self._take(user, self._pools.survey, own)
-            self._take(user, self._pools.valid, [(1, valid)])
+            user, item, _ = distinct_draws(own, len(pools.survey), rng)
+            blocks.append((user, pools.survey[item], own_code[user]))
+            user, item, _ = distinct_draws(valid, len(pools.valid), rng)
+            blocks.append((user, pools.valid[item], np.ones_like(user)))
+        user, item, _ = distinct_draws(tests, len(pools.test), rng)
+        blocks.append((user, pools.test[item], np.full_like(user, 2)))
+        user, cand, code = (np.concatenate(part) for part in zip(*blocks))
+        order = np.argsort(user, kind="stable")  # user by user, each user's blocks in the order above
+        self.user_idx, self.cand_idx, self.split_code = user[order], cand[order], code[order]
+
+
+def distinct_draws(sizes: np.ndarray, pool: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For every owner i, ``sizes[i]`` distinct items of ``range(pool)``, each ordered tuple equally likely:
+    (owner, item, rank within the owner), owners in order. Items are drawn with replacement and repeats
+    drawn again until none is left (the law is the same under any relabelling of the pool, hence uniform);
+    owners who take most of the pool draw a random permutation instead."""
+    sizes = np.asarray(sizes, dtype=np.int64)
+    if (sizes > pool).any():
+        raise CoplError(f"cannot draw {int(sizes.max())} distinct pairs from a pool of {pool}")
+    owner = np.repeat(np.arange(len(sizes)), sizes)
+    rank = np.arange(len(owner)) - np.repeat(np.cumsum(sizes) - sizes, sizes)
+    item = rng.integers(0, max(pool, 1), len(owner))
+    dense = sizes * 2 > pool  # repeats would be common: a permutation's first k items
+    if dense.any():
+        take = np.repeat(dense, sizes)
+        keys = rng.random((int(dense.sum()), pool)).argsort(axis=1)
+        item[take] = keys[np.repeat(np.arange(len(keys)), sizes[dense]), rank[take]]
+    while True:
+        again = pd.DataFrame({"o": owner, "i": item}).duplicated().to_numpy()
+        if not again.any():
+            return owner, item, rank
+        item[again] = rng.integers(0, pool, int(again.sum()))
 
 
 def _frames(cfg: ProtocolConfig, groups, draw: _Draw, weights, prefers_a, a, b, is_contr):
     """The users and pairs tables of the drawn annotations (chosen/rejected as response indices)."""
-    width = len(str(draw.n_users - 1))
-    user_ids = np.array([f"u{i:0{width}d}" for i in range(draw.n_users)])
+    import pyarrow as pa
+
+    user_ids = numbered("u", draw.n_users)
     users = pd.DataFrame({
-        "user_id": user_ids,
+        "user_id": strings(user_ids),
         "group": np.asarray(groups, dtype=object)[draw.group_of_user],
-        "role": np.where(np.arange(draw.n_users) < cfg.users, "seen", "unseen"),
+        "role": strings(pa.array(["seen", "unseen"]).take(pa.array(np.arange(draw.n_users) >= cfg.users, pa.int8()))),
     })
     if weights is not None:
         users["group"] = None
         for k, g in enumerate(groups):
             users[f"{WEIGHT_PREFIX}{g}"] = weights[:, k]
     pairs = pd.DataFrame({
-        "user_id": user_ids[draw.user_idx],
+        "user_id": strings(user_ids.take(pa.array(draw.user_idx))),
         "chosen": np.where(prefers_a, a[draw.cand_idx], b[draw.cand_idx]),
         "rejected": np.where(prefers_a, b[draw.cand_idx], a[draw.cand_idx]),
-        "split": np.asarray(["train", "valid", "test", "fewshot"])[draw.split_code],
+        "split": strings(pa.array(["train", "valid", "test", "fewshot"]).take(pa.array(draw.split_code))),
         "controversial": is_contr[draw.cand_idx],
     })
     return users, pairs

@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 
 from coplctl.core.config import PROBABILITY, Range, check_fields
-from coplctl.data.dataset import PreferenceDataset
+from coplctl.data.dataset import PreferenceDataset, numbered, strings
 from coplctl.data.protocol import ATTRIBUTES, ProtocolConfig, assign_users, break_ties, controversial
 
 RESPONSES_PER_PROMPT = 4  # UltraFeedback: four completions per prompt
@@ -191,25 +191,45 @@ def _ratings(n: int, rng: np.random.Generator, rho: float) -> np.ndarray:
     return out
 
 
-def _prompts(n: int, rng: np.random.Generator) -> tuple[list[str], np.ndarray]:
-    """n distinct prompt texts and the subject index of each."""
+def _prompts(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """n prompts as (template combination, subject index) each; :func:`_prompt_texts` writes them out."""
     sizes = (len(PROMPT_TEMPLATES), len(TASKS), len(SUBJECTS), len(CONTEXTS))
     total = int(np.prod(sizes))
     combo = rng.choice(total, size=n, replace=n > total)
-    tpl, task, subj, ctx = np.unravel_index(combo, sizes)
-    texts = [PROMPT_TEMPLATES[a].format(task=TASKS[b], subject=SUBJECTS[c], context=CONTEXTS[d])
-             for a, b, c, d in zip(tpl, task, subj, ctx)]
-    if n > total:  # more prompts than combinations: number the repeats to keep prompts distinct
-        seen: dict[str, int] = {}
-        for i, t in enumerate(texts):
-            seen[t] = seen.get(t, 0) + 1
-            if seen[t] > 1:
-                texts[i] = f"{t} (variant {seen[t]})"
-    return texts, subj
+    return combo, np.unravel_index(combo, sizes)[2]
 
 
-def _texts(ratings: np.ndarray, subject: np.ndarray, cfg: SimConfig, rng: np.random.Generator) -> list[str]:
-    """Response texts whose cue sentences reveal each attribute level noisily."""
+def _sorted_unique(values: np.ndarray, bound: int) -> tuple[np.ndarray, np.ndarray]:
+    """``np.unique(values, return_inverse=True)`` for integers in ``range(bound)``, in linear time."""
+    seen = np.zeros(bound, dtype=bool)
+    seen[values] = True
+    kinds = np.flatnonzero(seen)
+    slot = np.empty(bound, dtype=np.int64)
+    slot[kinds] = np.arange(len(kinds))
+    return kinds, slot[values]
+
+
+def _prompt_texts(combo: np.ndarray, which: np.ndarray):
+    """The texts of prompts ``which`` (an Arrow string array). Prompts are distinct: a combination drawn
+    again is numbered, ``"... (variant 2)"`` for its second prompt and so on, in prompt order."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    sizes = (len(PROMPT_TEMPLATES), len(TASKS), len(SUBJECTS), len(CONTEXTS))
+    kinds, slot = _sorted_unique(combo[which], int(np.prod(sizes)))
+    tpl, task, subj, ctx = np.unravel_index(kinds, sizes)
+    base = pa.array([PROMPT_TEMPLATES[a].format(task=TASKS[b], subject=SUBJECTS[c], context=CONTEXTS[d])
+                     for a, b, c, d in zip(tpl, task, subj, ctx)], pa.large_string()).take(pa.array(slot))
+    repeat = pd.Series(combo).groupby(combo).cumcount().to_numpy()[which]  # 0: the first prompt of its combination
+    if not repeat.any():
+        return base
+    suffix = pa.array(["", *(f" (variant {k + 1})" for k in range(1, int(repeat.max()) + 1))],
+                      pa.large_string()).take(pa.array(repeat))
+    return pc.binary_join_element_wise(base, suffix, pa.scalar("", pa.large_string()))
+
+
+def _texts(ratings: np.ndarray, subject: np.ndarray, cfg: SimConfig, rng: np.random.Generator):
+    """Response texts (an Arrow string array) whose cue sentences reveal each attribute level noisily."""
     n, n_attr = ratings.shape
     k = cfg.cues_per_attribute
     true = np.repeat(ratings[:, :, None].astype(np.int64) - 1, k, axis=2)  # (n, attr, k) levels 0..4
@@ -230,17 +250,32 @@ def _texts(ratings: np.ndarray, subject: np.ndarray, cfg: SimConfig, rng: np.ran
     n_fill = rng.integers(1, 3, n)
     fill = rng.integers(0, len(FILLERS), (n, 2))
     order = rng.random((n, n_attr * k + 2)).argsort(axis=1)
-    banks = [CUES[a] for a in ATTRIBUTES]
-    texts = []
-    for i in range(n):
-        s = SUBJECTS[subject[i]]
-        fmt = {"s": s, "S": s[0].upper() + s[1:]}
-        body = [banks[a][level[i, a, j]][phrase[i, a, j]] for a in range(n_attr) for j in range(k)]
-        body += [FILLERS[fill[i, j]] for j in range(n_fill[i])]
-        body = [body[j] for j in order[i] if j < len(body)]
-        parts = [OPENERS[opener[i]], *body, CLOSERS[closer[i]]]
-        texts.append(" ".join(p.format(**fmt) for p in parts))
-    return texts
+    # Every sentence a text can hold, formatted for every subject: a text is a row of sentence ids (-1: none),
+    # joined by Arrow in C++ instead of a Python loop over responses.
+    bank = [*OPENERS, *FILLERS, *CLOSERS, *(c for a in ATTRIBUTES for level in CUES[a] for c in level)]
+    first = {"opener": 0, "filler": len(OPENERS), "closer": len(OPENERS) + len(FILLERS)}
+    cue0 = first["closer"] + len(CLOSERS)
+    slots = np.empty((n, n_attr * k + 2), dtype=np.int64)
+    for a in range(n_attr):
+        for j in range(k):
+            slots[:, a * k + j] = cue0 + (a * 5 + level[:, a, j]) * 3 + phrase[:, a, j]
+    slots[:, n_attr * k] = first["filler"] + fill[:, 0]
+    slots[:, n_attr * k + 1] = np.where(n_fill > 1, first["filler"] + fill[:, 1], -1)
+    body = np.take_along_axis(slots, order, axis=1)
+    rows = np.column_stack([first["opener"] + opener, body, first["closer"] + closer])
+    return _join(rows, bank, subject)
+
+
+def _join(rows: np.ndarray, bank: list[str], subject: np.ndarray):
+    """Row i: the sentences ``bank[rows[i, j]]`` (j in order, -1 skipped) formatted for ``SUBJECTS[subject[i]]``,
+    joined by single spaces."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    formatted = pa.array([t.format(s=s, S=s[0].upper() + s[1:]) for t in bank for s in SUBJECTS], pa.large_string())
+    index = np.where(rows >= 0, rows * len(SUBJECTS) + subject[:, None], -1)
+    columns = [formatted.take(pa.array(col, mask=col < 0)) for col in index.T]
+    return pc.binary_join_element_wise(*columns, pa.scalar(" ", pa.large_string()), null_handling="skip")
 
 
 def _candidates(n_prompts: int, ratings: np.ndarray, rng: np.random.Generator):
@@ -293,21 +328,22 @@ def simulate(cfg: SimConfig) -> PreferenceDataset:
     users, pairs, stats = assign_users(prompt, a, b, labels, p, rng_proto, margins)
     stats = {"generated_prompts": n_prompts, "dropped_tied_prompts": tied, **stats}
 
-    used = np.unique(np.concatenate([pairs["chosen"].to_numpy(), pairs["rejected"].to_numpy()]))
-    prompt_texts, subject = _prompts(n_prompts, rng_prompt)
+    used, _ = _sorted_unique(np.concatenate([pairs["chosen"].to_numpy(), pairs["rejected"].to_numpy()]),
+                             n_prompts * RESPONSES_PER_PROMPT)
+    combo, subject = _prompts(n_prompts, rng_prompt)
     resp_prompt = used // RESPONSES_PER_PROMPT
     texts = _texts(ratings[used], subject[resp_prompt], cfg, rng_text)
-    width = len(str(len(used) - 1))
-    rid = np.array([f"r{i:0{width}d}" for i in range(len(used))])
+    rid = numbered("r", len(used))
     lookup = np.full(n_prompts * RESPONSES_PER_PROMPT, -1)
     lookup[used] = np.arange(len(used))
-    responses = pd.DataFrame({"response_id": rid, "prompt": np.asarray(prompt_texts)[resp_prompt], "text": texts})
+    responses = pd.DataFrame({"response_id": strings(rid), "prompt": strings(_prompt_texts(combo, resp_prompt)),
+                              "text": strings(texts)})
     for k, attr in enumerate(ATTRIBUTES):
         responses[attr] = ratings[used, k]
     pairs = pd.DataFrame({
         "user_id": pairs["user_id"],
-        "chosen_id": rid[lookup[pairs["chosen"].to_numpy()]],
-        "rejected_id": rid[lookup[pairs["rejected"].to_numpy()]],
+        "chosen_id": strings(rid.take(lookup[pairs["chosen"].to_numpy()])),
+        "rejected_id": strings(rid.take(lookup[pairs["rejected"].to_numpy()])),
         "split": pairs["split"],
         "controversial": pairs["controversial"],
     })

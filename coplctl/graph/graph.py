@@ -18,12 +18,12 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 from safetensors.torch import save_file
 from torch_geometric import EdgeIndex
 from torch_geometric.utils import coalesce, degree, dropout_edge, to_torch_csr_tensor
-from torch_geometric.utils import spmm as pyg_spmm
 
 from coplctl.core.atomic import atomic_path, atomic_write_text
 from coplctl.core.errors import CoplError, DataError
@@ -31,18 +31,26 @@ from coplctl.core.errors import CoplError, DataError
 
 @dataclass(frozen=True, eq=False)
 class Messages:
-    """The messages of one sign into one side of the graph, in the two forms message passing uses.
+    """The messages of one sign into one side of the graph.
 
-    ``edge_index`` is PyG's :class:`~torch_geometric.EdgeIndex` (row 0 the sending nodes, row 1 the
-    receiving ones, sorted by receiver; sparse size (senders, receivers)), what PyG's ``propagate``
-    reads. ``matrix`` is A (receivers × senders) in CSR with the edge weights α or β, entries in
-    ``edge_index``'s order, and ``transpose`` Aᵀ as its own CSR matrix: the forward pass multiplies by
-    A and the backward pass by Aᵀ, row-wise sums in a fixed order, hence the same numbers on every run.
+    ``matrix`` is A (receivers × senders) in CSR with the edge weights α or β, and ``transpose`` Aᵀ as its
+    own CSR matrix: the forward pass multiplies by A and the backward pass by Aᵀ, row-wise sums in a
+    fixed order, hence the same numbers on every run. ``edge_index`` is the same edges as PyG's
+    :class:`~torch_geometric.EdgeIndex` (row 0 the sending nodes, row 1 the receiving ones, sorted by
+    receiver; sparse size (senders, receivers)), what PyG's ``propagate`` reads; it is built when first
+    asked for (CoPL's layers multiply by the matrices directly, and at a million users the index would
+    add a gigabyte).
     """
 
-    edge_index: EdgeIndex
     matrix: torch.Tensor
     transpose: torch.Tensor
+
+    @cached_property
+    def edge_index(self) -> EdgeIndex:
+        counts = self.matrix.crow_indices().diff().long()
+        receivers = torch.repeat_interleave(torch.arange(len(counts), device=counts.device), counts)
+        return EdgeIndex(torch.stack([self.matrix.col_indices().long(), receivers]),
+                         sparse_size=(self.matrix.shape[1], self.matrix.shape[0]), sort_order="col")
 
     @property
     def weight(self) -> torch.Tensor:
@@ -71,17 +79,24 @@ def spmm(matrix: torch.Tensor, transpose: torch.Tensor, x: torch.Tensor) -> torc
     return _SpMM.apply(matrix, transpose, x)
 
 
+def csr_mm(matrix: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``matrix @ x`` into a new tensor, written in place: the same numbers as PyG's ``spmm`` without its
+    zero-filled and copied intermediate (a third of the time on tall matrices)."""
+    out = torch.empty(matrix.shape[0], x.shape[1], dtype=x.dtype, device=x.device)
+    return torch.addmm(out, matrix, x, beta=0, out=out)
+
+
 class _SpMM(torch.autograd.Function):
     """y = A x; dx = Aᵀ dy with the explicit transpose (a scatter-add backward is order-dependent)."""
 
     @staticmethod
     def forward(ctx, a, a_t, x):
         ctx.a_t = a_t
-        return pyg_spmm(a, x)
+        return csr_mm(a, x)
 
     @staticmethod
     def backward(ctx, grad):
-        return None, None, pyg_spmm(ctx.a_t, grad)
+        return None, None, csr_mm(ctx.a_t, grad)
 
 
 def sym_norm(edges: torch.Tensor, n_users: int, n_responses: int) -> torch.Tensor:
@@ -93,24 +108,26 @@ def sym_norm(edges: torch.Tensor, n_users: int, n_responses: int) -> torch.Tenso
     return (du[edges[0]] * dr[edges[1]]).rsqrt()
 
 
-def _csr(idx: torch.Tensor, w: torch.Tensor, size: tuple[int, int], device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """The coalesced edges (rows first) and the CSR matrix of ``size`` they make."""
+def _csr(idx: torch.Tensor, w: torch.Tensor, size: tuple[int, int], device, dtype) -> torch.Tensor:
+    """The CSR matrix of ``size`` with the coalesced edges (rows first) and weights; 32-bit indices where
+    they fit (half the index memory, the same products)."""
     idx, w = coalesce(idx.to(device), w.to(device=device, dtype=dtype), max(size))
     with warnings.catch_warnings():  # torch calls CSR "beta" on every construction: noise here
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
         warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitly disabled")
-        return idx, to_torch_csr_tensor(idx, w, size=size, is_coalesced=True)
+        m = to_torch_csr_tensor(idx, w, size=size, is_coalesced=True)
+        if max(idx.shape[1], *size) < 2**31 - 1:
+            m = torch.sparse_csr_tensor(m.crow_indices().int(), m.col_indices().int(), m.values(), size)
+        return m
 
 
 def message_pair(edges: torch.Tensor, w: torch.Tensor, n_users: int, n_responses: int, *, device=None,
                  dtype=torch.float32) -> tuple[Messages, Messages]:
     """Messages along edges (2, E) [user; response] with weights ``w``: (into users, into responses).
     Each one's matrix is the other's transpose."""
-    ur_idx, ur = _csr(edges, w, (n_users, n_responses), device, dtype)
-    ru_idx, ru = _csr(edges.flip(0), w, (n_responses, n_users), device, dtype)
-    into_u = EdgeIndex(ur_idx.flip(0), sparse_size=(n_responses, n_users), sort_order="col")
-    into_r = EdgeIndex(ru_idx.flip(0), sparse_size=(n_users, n_responses), sort_order="col")
-    return Messages(into_u, ur, ru), Messages(into_r, ru, ur)
+    ur = _csr(edges, w, (n_users, n_responses), device, dtype)
+    ru = _csr(edges.flip(0), w, (n_responses, n_users), device, dtype)
+    return Messages(ur, ru), Messages(ru, ur)
 
 
 def build_adjacency(pos: torch.Tensor, pos_w: torch.Tensor, neg: torch.Tensor, neg_w: torch.Tensor,
@@ -145,18 +162,30 @@ class PreferenceGraph:
     neg: torch.Tensor  # (2, E⁻)
 
     @classmethod
-    def from_pairs(cls, pairs: pd.DataFrame, user_ids: list[str] | None = None) -> "PreferenceGraph":
-        """Build from (user_id, chosen_id, rejected_id) rows; users default to those in the pairs."""
+    def from_pairs(cls, pairs: pd.DataFrame, user_ids: list[str] | None = None,
+                   response_ids=None) -> "PreferenceGraph":
+        """Build from (user_id, chosen_id, rejected_id) rows; users default to those in the pairs (in order
+        of appearance). Responses are those of the pairs, in the order of ``response_ids`` (a dataset's
+        responses table: a run's responses are then a filter of it) or else of appearance."""
+        from coplctl.data.dataset import positions
+
         if user_ids is None:
-            user_ids = list(dict.fromkeys(pairs["user_id"]))
-        users = {u: i for i, u in enumerate(user_ids)}
-        responses = list(dict.fromkeys(pd.concat([pairs["chosen_id"], pairs["rejected_id"]])))
-        rindex = {r: i for i, r in enumerate(responses)}
-        u = torch.tensor(pairs["user_id"].map(users).to_numpy(), dtype=torch.long)
+            user_ids = pd.unique(pairs["user_id"]).tolist()
+        u = torch.from_numpy(positions(pairs["user_id"], user_ids))
         if (u < 0).any():
             raise CoplError("pairs reference users outside the graph")
-        c = torch.tensor(pairs["chosen_id"].map(rindex).to_numpy(), dtype=torch.long)
-        r = torch.tensor(pairs["rejected_id"].map(rindex).to_numpy(), dtype=torch.long)
+        if response_ids is None:
+            responses = pd.unique(pd.concat([pairs["chosen_id"], pairs["rejected_id"]], ignore_index=True)).tolist()
+            c, r = (torch.from_numpy(positions(pairs[col], responses)) for col in ("chosen_id", "rejected_id"))
+        else:
+            c, r = (positions(pairs[col], response_ids) for col in ("chosen_id", "rejected_id"))
+            if (c < 0).any() or (r < 0).any():
+                raise CoplError("pairs reference responses outside the responses table")
+            used = np.zeros(len(response_ids), dtype=bool)
+            used[c], used[r] = True, True
+            node = np.cumsum(used) - 1  # table row -> node index
+            responses = pd.Series(response_ids)[used].tolist()
+            c, r = torch.from_numpy(node[c]), torch.from_numpy(node[r])
         n = max(len(user_ids), len(responses))
         pos = coalesce(torch.stack([u, c]), num_nodes=n)
         neg = coalesce(torch.stack([u, r]), num_nodes=n)
@@ -164,8 +193,8 @@ class PreferenceGraph:
 
     @classmethod
     def from_dataset(cls, ds) -> "PreferenceGraph":
-        """The graph of a dataset's training pairs (every seen user is a node)."""
-        return cls.from_pairs(ds.split("train"), ds.user_ids("seen"))
+        """The graph of a dataset's training pairs (every seen user is a node; responses in table order)."""
+        return cls.from_pairs(ds.split("train"), ds.user_ids("seen"), ds.responses["response_id"])
 
     @property
     def num_users(self) -> int:
@@ -183,9 +212,10 @@ class PreferenceGraph:
     def response_index(self) -> dict[str, int]:
         return {r: i for i, r in enumerate(self.response_ids)}
 
-    @cached_property
+    @property
     def weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(α for positive edges, β for negative edges)."""
+        """(α for positive edges, β for negative edges), computed when asked (cheap; not kept alongside the
+        adjacency that holds them)."""
         return (sym_norm(self.pos, self.num_users, self.num_responses),
                 sym_norm(self.neg, self.num_users, self.num_responses))
 
@@ -219,13 +249,29 @@ class PreferenceGraph:
         return build_adjacency(pos, pw, neg, nw, self.num_users, self.num_responses, device=device, dtype=dtype)
 
     def index_pairs(self, pairs: pd.DataFrame) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(user, chosen, rejected) node indices of pairs, and the mask of pairs fully inside the graph."""
-        u = pairs["user_id"].map(self.user_index)
-        c = pairs["chosen_id"].map(self.response_index)
-        r = pairs["rejected_id"].map(self.response_index)
-        ok = (u.notna() & c.notna() & r.notna()).to_numpy()
-        as_t = lambda s: torch.tensor(s.fillna(-1).astype("int64").to_numpy())  # noqa: E731
-        return as_t(u), as_t(c), as_t(r), torch.tensor(ok)
+        """(user, chosen, rejected) node indices of pairs (-1 outside the graph), and the mask of pairs
+        fully inside the graph."""
+        u, c, r = (torch.from_numpy(self.index(pairs[col], side)) for col, side in
+                   (("user_id", "users"), ("chosen_id", "responses"), ("rejected_id", "responses")))
+        return u, c, r, (u >= 0) & (c >= 0) & (r >= 0)
+
+    def index(self, ids, side: str) -> "np.ndarray":
+        """Node index of each of ``ids`` among the graph's ``users`` or ``responses`` (-1 where not a node)."""
+        from coplctl.data.dataset import positions
+
+        return positions(ids, self._user_table if side == "users" else self._response_table)
+
+    @cached_property
+    def _user_table(self):
+        import pyarrow as pa
+
+        return pa.array(self.user_ids, pa.large_string())
+
+    @cached_property
+    def _response_table(self):
+        import pyarrow as pa
+
+        return pa.array(self.response_ids, pa.large_string())
 
     def save(self, directory: Path) -> None:
         with atomic_path(directory / "graph.safetensors") as tmp:

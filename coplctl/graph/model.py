@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from torch_geometric import EdgeIndex
 from torch_geometric.nn import LGConv, MessagePassing
 
-from coplctl.graph.graph import Adjacency, Messages, spmm
+from coplctl.graph.graph import Adjacency, Messages, csr_mm, spmm
 
 VARIANTS = ("paper", "official", "lightgcn")
 
@@ -65,6 +65,139 @@ class _SignedPropagation:
         return spmm(matrix, transpose, x)
 
 
+CHUNK = 1 << 16
+"""Rows computed at once in a layer's dense part: bounds its transient memory on any graph size."""
+
+
+class _LayerFn(torch.autograd.Function):
+    """A CoPL layer whose backward pass keeps nothing but the layer's input and output embeddings: the
+    aggregated messages are recomputed, and the dense part runs in chunks of rows, so no (nodes x 5d)
+    concatenation or per-term product is ever stored. Memory per layer is one (nodes x d) output, which
+    is what lets full-graph training run on a million users (paper §4.1 as written; same numbers as the
+    straightforward autograd graph up to float rounding).
+
+    Each side computes z = e A + p P + (e*p) B + n N + (e*n) C + b, y = LeakyReLU(z), with the (d x d) blocks
+    of the side's weight (``paper``: [A P B N C] in a Linear(5d, d); ``official``: [A B C] in one shared
+    Linear(3d, d), and P = I, N = -I)."""
+
+    @staticmethod
+    def forward(ctx, e_u, e_r, w_u, b_u, w_r, b_r, layer, adj):
+        with torch.no_grad():  # messages are computed chunk by chunk of receiving rows, never as a whole
+            y_u = _side_forward(layer, w_u, b_u, e_u, e_r, adj.pos_ur, adj.neg_ur)
+            y_r = _side_forward(layer, w_r, b_r, e_r, e_u, adj.pos_ru, adj.neg_ru)
+        ctx.layer, ctx.adj, ctx.shared = layer, adj, w_u is w_r
+        ctx.save_for_backward(e_u, e_r, w_u, b_u, w_r, b_r)  # not the outputs: their signs are recomputed
+        return y_u, y_r
+
+    @staticmethod
+    def backward(ctx, g_yu, g_yr):
+        e_u, e_r, w_u, b_u, w_r, b_r = ctx.saved_tensors
+        layer, adj = ctx.layer, ctx.adj
+        with torch.no_grad():  # the messages are recomputed per chunk, never stored
+            # the (larger) response side first: its message gradients are freed before the user side's exist
+            ge_r, gp, gn, gw_r, gb_r = _side_backward(layer, w_r, b_r, e_r, e_u, adj.pos_ru, adj.neg_ru, g_yr)
+            # p_r = A e_u: d e_u += Aᵀ d p_r (the explicit transpose: sums in a fixed order)
+            from_r = _add_t(_add_t(torch.zeros_like(e_u), adj.pos_ru, gp), adj.neg_ru, gn)
+            del gp, gn
+            ge_u, gp, gn, gw_u, gb_u = _side_backward(layer, w_u, b_u, e_u, e_r, adj.pos_ur, adj.neg_ur, g_yu)
+            ge_u += from_r
+            _add_t(_add_t(ge_r, adj.pos_ur, gp), adj.neg_ur, gn)
+        if ctx.shared:  # official: one Linear for both sides
+            return ge_u, ge_r, gw_u + gw_r, gb_u + gb_r, None, None, None, None
+        return ge_u, ge_r, gw_u, gb_u, gw_r, gb_r, None, None
+
+
+def _rows(messages: Messages, start: int, stop: int) -> torch.Tensor:
+    """Rows ``start:stop`` of the message set's CSR matrix (views of its index and value arrays)."""
+    import warnings
+
+    m = messages.matrix
+    crow = m.crow_indices()[start:stop + 1]
+    lo, hi = int(crow[0]), int(crow[-1])
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitly disabled")
+        return torch.sparse_csr_tensor(crow - lo, m.col_indices()[lo:hi], m.values()[lo:hi], (stop - start, m.shape[1]))
+
+
+def _messages(pos: Messages, neg: Messages, other: Tensor, start: int, stop: int) -> tuple[Tensor, Tensor]:
+    """(Σα e, Σβ e) over the senders ``other`` into receiving rows ``start:stop``."""
+    return csr_mm(_rows(pos, start, stop), other), csr_mm(_rows(neg, start, stop), other)
+
+
+def _add_t(out: Tensor, messages: Messages, g: Tensor) -> Tensor:
+    """``out += Aᵀ g`` in place, for the message set's matrix A (its explicit transpose)."""
+    return torch.addmm(out, messages.transpose, g, out=out)
+
+
+def _signed(adj: Adjacency, e_u: Tensor, e_r: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(Σα e_r, Σβ e_r) into users and (Σα e_u, Σβ e_u) into responses, by the CSR products themselves."""
+    return (*_messages(adj.pos_ur, adj.neg_ur, e_r, 0, len(e_u)), *_messages(adj.pos_ru, adj.neg_ru, e_u, 0, len(e_r)))
+
+
+def _blocks(layer, w: Tensor) -> tuple:
+    """(A, P, B, N, C) of a side's weight (see :class:`_LayerFn`); P, N are None for the identities."""
+    d = w.shape[0]
+    parts = [w[:, i * d:(i + 1) * d] for i in range(w.shape[1] // d)]
+    return tuple(parts) if layer.variant == "paper" else (parts[0], None, parts[1], None, parts[2])
+
+
+def _pre(blocks, b, e, p, n, out: Tensor, tmp: Tensor) -> Tensor:
+    """z = e A + p P + (e*p) B + n N + (e*n) C + b, written into ``out`` (``tmp``: scratch of the same shape)."""
+    a, pw, bh, nw, ch = blocks
+    torch.addmm(b, e, a.t(), out=out)
+    out.addmm_(p, pw.t()) if pw is not None else out.add_(p)
+    out.addmm_(torch.mul(e, p, out=tmp), bh.t())
+    out.addmm_(n, nw.t()) if nw is not None else out.sub_(n)
+    return out.addmm_(torch.mul(e, n, out=tmp), ch.t())
+
+
+def _side_forward(layer, w, b, e, other, pos: Messages, neg: Messages) -> Tensor:
+    blocks, out = _blocks(layer, w), torch.empty_like(e)
+    slope, tmp = layer.act.negative_slope, torch.empty_like(e[:CHUNK])
+    for i in range(0, len(e), CHUNK):
+        s = slice(i, min(i + CHUNK, len(e)))
+        p, n = _messages(pos, neg, other, s.start, s.stop)
+        torch.nn.functional.leaky_relu_(_pre(blocks, b, e[s], p, n, out[s], tmp[: len(p)]), slope)
+    return out
+
+
+def _side_backward(layer, w, b, e, other, pos: Messages, neg: Messages, gy):
+    """Gradients of one side's dense part: (de, dp, dn, dW, db); the messages and the pre-activation are
+    recomputed per chunk (so a layer's output need not be kept: the last one is freed after the loss).
+    Chunk temporaries are reused: a fresh large tensor per chunk costs more in page faults than its
+    arithmetic."""
+    blocks = a, pw, bh, nw, ch = _blocks(layer, w)
+    slope = layer.act.negative_slope
+    ge, gp, gn = torch.empty_like(e), torch.empty_like(e), torch.empty_like(e)
+    ga, gpw, gbh, gnw, gch = (torch.zeros_like(m) if m is not None else None for m in (a, pw, bh, nw, ch))
+    gb = torch.zeros(w.shape[0], dtype=w.dtype, device=w.device)
+    scratch = torch.empty((4, min(CHUNK, len(e)), e.shape[1]), dtype=e.dtype, device=e.device)
+    for i in range(0, len(e), CHUNK):
+        s = slice(i, min(i + CHUNK, len(e)))
+        es = e[s]
+        ps, ns = _messages(pos, neg, other, s.start, s.stop)
+        gz, prod, g_bh, g_ch = scratch[:, : len(es)]
+        positive = _pre(blocks, b, es, ps, ns, g_bh, prod) > 0
+        torch.where(positive, gy[s], torch.mul(gy[s], slope, out=prod), out=gz)
+        gb += gz.sum(0)
+        ga.addmm_(gz.t(), es)
+        gbh.addmm_(gz.t(), torch.mul(es, ps, out=prod))
+        gch.addmm_(gz.t(), torch.mul(es, ns, out=prod))
+        torch.mm(gz, bh, out=g_bh)
+        torch.mm(gz, ch, out=g_ch)
+        torch.mm(gz, a, out=ge[s]).addcmul_(ps, g_bh).addcmul_(ns, g_ch)
+        if pw is not None:
+            gpw.addmm_(gz.t(), ps)
+            gnw.addmm_(gz.t(), ns)
+            torch.mm(gz, pw, out=gp[s]).addcmul_(es, g_bh)
+            torch.mm(gz, nw, out=gn[s]).addcmul_(es, g_ch)
+        else:
+            torch.mul(es, g_bh, out=gp[s]).add_(gz)
+            torch.mul(es, g_ch, out=gn[s]).sub_(gz)
+    parts = [ga, gpw, gbh, gnw, gch] if pw is not None else [ga, gbh, gch]
+    return ge, gp, gn, torch.cat(parts, dim=1), gb
+
+
 class CoPLLayer(_SignedPropagation, MessagePassing):
     """One message-passing layer of CoPL's GCF.
 
@@ -92,15 +225,9 @@ class CoPLLayer(_SignedPropagation, MessagePassing):
         else:
             self.shared = nn.Linear(3 * dim, dim)
 
-    def _side(self, lin: nn.Linear, e: Tensor, pos: Tensor, neg: Tensor) -> Tensor:
-        if self.variant == "paper":
-            return self.act(lin(torch.cat([e, pos, e * pos, neg, e * neg], dim=-1)))
-        return self.act(lin(torch.cat([e, e * pos, e * neg], dim=-1)) + pos - neg)
-
     def forward(self, e_u: Tensor, e_r: Tensor, adj: Adjacency) -> tuple[Tensor, Tensor]:
-        u_pos, u_neg, r_pos, r_neg = self.signed(e_u, e_r, adj)
         lin_u, lin_r = (self.user, self.response) if self.variant == "paper" else (self.shared, self.shared)
-        return self._side(lin_u, e_u, u_pos, u_neg), self._side(lin_r, e_r, r_pos, r_neg)
+        return _LayerFn.apply(e_u, e_r, lin_u.weight, lin_u.bias, lin_r.weight, lin_r.bias, self, adj)
 
 
 class LightGCNLayer(_SignedPropagation, LGConv):

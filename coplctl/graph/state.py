@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import copy
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -41,6 +41,7 @@ class TrainState:
         improved = metrics["valid_accuracy"] > self.best_valid if has_valid else True
         if improved:
             self.best_valid, self.best_epoch = metrics["valid_accuracy"], self.epoch
+            self.best_state = None  # the old copy goes before the new one is made (a million users: 0.8 GB)
             self.best_state = copy.deepcopy({k: v.cpu() for k, v in model.state_dict().items()})
             self.seconds_to_best, self.since_best = self.seconds, 0
         else:
@@ -69,7 +70,9 @@ class TrainingRun:
         save_checkpoint(self.path, {"config": self.config, "seed": self.seed, "model": self.model.state_dict(),
                                     "optimizer": self.optimizer.state_dict(),
                                     "scheduler": self.scheduler.state_dict(),
-                                    "generator": self.generator.get_state(), "state": asdict(self.state)})
+                                    "generator": self.generator.get_state(),
+                                    # not dataclasses.asdict: it would deep-copy the best weights first
+                                    "state": {f.name: getattr(self.state, f.name) for f in fields(self.state)}})
 
     def resume(self) -> bool:
         """Load the checkpoint if there is one (True); a pickle left by an older coplctl is ignored, with a

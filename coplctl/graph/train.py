@@ -10,6 +10,7 @@ import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Annotated
 
@@ -18,10 +19,11 @@ import torch
 from coplctl.core.atomic import atomic_path, atomic_write_text, check_replaceable, remove_stale
 from coplctl.core.config import AT_LEAST_1, FRACTION, NON_NEGATIVE, POSITIVE, OneOf, check_fields
 from coplctl.core.errors import CoplError
-from coplctl.core.optim import bt_loss, cosine_with_warmup, resolve_device
+from coplctl.core.optim import cosine_with_warmup, resolve_device
 from coplctl.core.progress import Bar
-from coplctl.data.dataset import weight_columns
+from coplctl.data.dataset import release_arrow_memory, weight_columns
 from coplctl.graph.graph import Adjacency, PreferenceGraph
+from coplctl.graph.loss import pair_accuracy, pair_loss
 from coplctl.graph.model import GCF, VARIANTS
 from coplctl.graph.probe import group_probe, weight_probe
 from coplctl.graph.sampling import NeighborSampler
@@ -122,7 +124,9 @@ def preset_config(preset: str = "auto", **overrides) -> GCFConfig:
     return GCFConfig(**{**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}})
 
 
-CHECKPOINT_SECONDS = 60  # an interruption loses at most this much training
+CHECKPOINT_SECONDS = 60
+"""An interruption loses at most this much training (or ten times what a checkpoint takes to write, when
+that is more: at a million users a checkpoint is 3 GB)."""
 
 Pairs = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (user, chosen, rejected) node indices
 
@@ -135,7 +139,6 @@ class TrainingData:
     adj: Adjacency  # the whole graph's: validation, and every step of the full-graph sampler
     train: Pairs
     valid: Pairs  # valid pairs whose user and responses are all in the graph
-    edges: tuple[torch.Tensor, torch.Tensor]  # each training pair's positive and negative edge column
     device: torch.device
     dtype: torch.dtype
 
@@ -143,25 +146,25 @@ class TrainingData:
     def build(cls, ds, device: torch.device, dtype: torch.dtype) -> "TrainingData":
         graph = PreferenceGraph.from_dataset(ds)
         u, c, r, _ = graph.index_pairs(ds.split("train"))
-        pairs = ds.split("valid")
-        vu, vc, vr, vok = graph.index_pairs(pairs[pairs["user_id"].isin(graph.user_index)])
-        edges = graph.edge_ids(u, c, "pos"), graph.edge_ids(u, r, "neg")
+        vu, vc, vr, vok = graph.index_pairs(ds.split("valid"))
         train = tuple(t.to(device) for t in (u, c, r))
         valid = tuple(t[vok].to(device) for t in (vu, vc, vr))
-        return cls(graph, graph.adjacency(device=device, dtype=dtype), train, valid, edges, device, dtype)
+        data = cls(graph, graph.adjacency(device=device, dtype=dtype), train, valid, device, dtype)
+        release_arrow_memory()
+        return data
+
+    @cached_property
+    def edges(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each training pair's positive and negative edge column (``holdout`` leaves them out)."""
+        u, c, r = (t.cpu() for t in self.train)
+        return self.graph.edge_ids(u, c, "pos"), self.graph.edge_ids(u, r, "neg")
 
     def accuracy(self, model: GCF) -> tuple[float, float]:
         """(train, valid) accuracy of the model's full-graph embeddings."""
         model.eval()
         with torch.no_grad():
             e_u, e_r = model(self.adj)
-        return _accuracy(e_u, e_r, *self.train), _accuracy(e_u, e_r, *self.valid)
-
-
-def _accuracy(e_u, e_r, u, c, r) -> float:
-    if len(u) == 0:
-        return float("nan")
-    return float((GCF.score(e_u, e_r, u, c) > GCF.score(e_u, e_r, u, r)).float().mean())
+        return pair_accuracy(e_u, e_r, *self.train), pair_accuracy(e_u, e_r, *self.valid)
 
 
 def train_gcf(ds, out: str | Path, cfg: GCFConfig, *, seed: int = 0, device: str | None = None,
@@ -181,6 +184,11 @@ def train_gcf(ds, out: str | Path, cfg: GCFConfig, *, seed: int = 0, device: str
         raise CoplError(f"{out} already holds a trained model; pass --force to train again")
     out.mkdir(parents=True, exist_ok=True)
     data = TrainingData.build(ds, resolve_device(device), getattr(torch, cfg.dtype))
+    # The pairs live in `data` now, and texts left on disk are streamed at export: a caller that passed the
+    # dataset without keeping it (`coplctl graph train`) frees the rest while the model trains.
+    ds = dataclasses.replace(ds, pairs=ds.pairs.iloc[:0], responses=ds.responses if "text" in ds.responses
+                             else ds.responses[["response_id"]])
+    release_arrow_memory()
     run = _start(data, cfg, seed, out / CHECKPOINT)
     resumed = run.resume()
     _fit(run, data, cfg, saved_epoch=run.state.epoch if resumed else None, progress=progress,
@@ -195,7 +203,8 @@ def _start(data: TrainingData, cfg: GCFConfig, seed: int, checkpoint: Path) -> T
     init_std = cfg.init_std if cfg.init_std is not None else 0.1 * math.sqrt(32 / cfg.dim)
     model = GCF(data.graph.num_users, data.graph.num_responses, cfg.dim, cfg.layers, cfg.variant,
                 cfg.negative_slope, init_std, cfg.signed_init).to(device=data.device, dtype=data.dtype)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # fused: one kernel per tensor, no temporaries the size of the embeddings (1.3 GB at a million users)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
     sched = cosine_with_warmup(opt, cfg.epochs * _steps_per_epoch(data, cfg), cfg.warmup_ratio)
     return TrainingRun(model, opt, sched, torch.Generator().manual_seed(seed), dataclasses.asdict(cfg), seed,
                        checkpoint)
@@ -208,38 +217,80 @@ def _steps_per_epoch(data: TrainingData, cfg: GCFConfig) -> int:
 def _fit(run: TrainingRun, data: TrainingData, cfg: GCFConfig, *, saved_epoch: int | None, progress: bool,
          on_epoch_end: Callable[[int, dict], None] | None) -> None:
     """Epochs until ``cfg.epochs`` or early stopping, with a checkpoint every CHECKPOINT_SECONDS; Ctrl-C
-    saves one at an epoch boundary and raises a CoplError that says where the next run resumes."""
+    saves one at an epoch boundary and raises a CoplError that says where the next run resumes.
+
+    With one full-graph step per epoch and no edge dropout or holdout (the ``cpu`` preset), a step's
+    forward pass is the full-graph forward pass of the model the previous step left: it evaluates that
+    model (train and valid accuracy) before training on, so an epoch costs one forward pass, not two,
+    and the numbers are those of a separate evaluation."""
     state = run.state
     sampler = NeighborSampler(data.graph, cfg.fanouts[: cfg.layers]) if cfg.sampler == "neighbor" else None
+    folded = sampler is None and cfg.batch_size <= 0 and not cfg.edge_dropout and not cfg.holdout
     bar = Bar(progress, cfg.epochs, "GCF", completed=state.epoch)
-    last_save = time.monotonic()
-    at_boundary = True  # a checkpoint is exact only between epochs
+    last_save, last_end = time.monotonic(), time.perf_counter()
+    boundary, save_cost = [True], [0.0]  # a checkpoint is exact only between epochs; how long the last took
+    pending = None  # the loss of a step whose model the next forward pass evaluates
+
+    def end(loss: float, accuracies: tuple[float, float]) -> bool:
+        """Record an epoch; True when training should stop here."""
+        nonlocal last_save, last_end, saved_epoch
+        now = time.perf_counter()
+        metrics = {"epoch": state.epoch + 1, "loss": loss, "train_accuracy": accuracies[0],
+                   "valid_accuracy": accuracies[1]}
+        state.record(metrics, now - last_end, run.model, has_valid=len(data.valid[0]) > 0)
+        last_end, boundary[0] = now, True
+        bar.update(completed=state.epoch, info=f"loss {metrics['loss']:.4f} valid {metrics['valid_accuracy']:.4f}"
+                                               f" best {state.best_valid:.4f}@{state.best_epoch}")
+        if on_epoch_end is not None:
+            on_epoch_end(state.epoch, metrics)
+        if cfg.patience and state.since_best >= cfg.patience and state.epoch >= cfg.min_epochs:
+            return True
+        slow = save_cost[0] > 1  # a large graph's checkpoint: at most a tenth of the time goes to them
+        if time.monotonic() - last_save > (max(CHECKPOINT_SECONDS, 10 * save_cost[0]) if slow else CHECKPOINT_SECONDS):
+            started = time.monotonic()
+            run.save()
+            saved_epoch, last_save, save_cost[0] = state.epoch, time.monotonic(), time.monotonic() - started
+        return False
+
     try:
-        while state.epoch < cfg.epochs:
-            at_boundary = False
-            t0 = time.perf_counter()
-            loss = _train_epoch(run, data, cfg, sampler)
-            train_acc, valid_acc = data.accuracy(run.model)
-            metrics = {"epoch": state.epoch + 1, "loss": loss, "train_accuracy": train_acc, "valid_accuracy": valid_acc}
-            state.record(metrics, time.perf_counter() - t0, run.model, has_valid=len(data.valid[0]) > 0)
-            at_boundary = True
-            bar.update(completed=state.epoch, info=f"loss {metrics['loss']:.4f} valid {metrics['valid_accuracy']:.4f}"
-                                                   f" best {state.best_valid:.4f}@{state.best_epoch}")
-            if on_epoch_end is not None:
-                on_epoch_end(state.epoch, metrics)
-            if cfg.patience and state.since_best >= cfg.patience and state.epoch >= cfg.min_epochs:
-                break
-            if time.monotonic() - last_save > CHECKPOINT_SECONDS:
-                run.save()
-                saved_epoch, last_save = state.epoch, time.monotonic()
+        while state.epoch + (pending is not None) < cfg.epochs:
+            if not folded:
+                boundary[0] = False
+                if end(_train_epoch(run, data, cfg, sampler), data.accuracy(run.model)):
+                    break
+                continue
+            run.model.train()
+            e_u, e_r = run.model(data.adj)
+            loss, train_acc = pair_loss(e_u, e_r, *data.train, cfg.l2)  # on the model the last step left
+            valid_acc = pair_accuracy(e_u.detach(), e_r.detach(), *data.valid) if pending is not None else None
+            del e_u, e_r  # the loss holds its gradient: the last layer's output can go (0.8 GB at a million users)
+            if pending is not None:
+                pending, stop = None, end(pending, (train_acc, valid_acc))
+                if stop or state.epoch >= cfg.epochs:
+                    break
+            boundary[0] = False
+            pending = _step(run, cfg, loss)
+        if pending is not None:  # the last step's model, evaluated on its own
+            end(pending, data.accuracy(run.model))
     except KeyboardInterrupt:
-        if at_boundary:
+        if boundary[0]:
             run.save()
             saved_epoch = state.epoch
         where = f"after epoch {saved_epoch}" if saved_epoch else "from the start"
         raise CoplError(f"interrupted during training; run the same command again to resume {where}") from None
     finally:
         bar.close()
+
+
+def _step(run: TrainingRun, cfg: GCFConfig, loss: torch.Tensor) -> float:
+    """One optimisation step on a batch's loss (:func:`coplctl.graph.loss.pair_loss`); the loss value."""
+    run.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if cfg.grad_clip:
+        torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip)
+    run.optimizer.step()
+    run.scheduler.step()
+    return loss.item()
 
 
 def _train_epoch(run: TrainingRun, data: TrainingData, cfg: GCFConfig, sampler: NeighborSampler | None) -> float:
@@ -267,18 +318,39 @@ def _train_epoch(run: TrainingRun, data: TrainingData, cfg: GCFConfig, sampler: 
             e_u, e_r = model(sub.adj, sub.users.to(dev), sub.responses.to(dev))
             ul, rl = sub.user_local.to(dev), sub.response_local.to(dev)
             bu, bc, br = ul[bu], rl[bc], rl[br]
-        loss = bt_loss(GCF.score(e_u, e_r, bu, bc).float(), GCF.score(e_u, e_r, bu, br).float())
-        if cfg.l2:
-            loss = loss + cfg.l2 * (e_u.index_select(0, bu).pow(2).sum(-1) + e_r.index_select(0, bc).pow(2).sum(-1)
-                                    + e_r.index_select(0, br).pow(2).sum(-1)).float().mean()
-        run.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        run.optimizer.step()
-        run.scheduler.step()
-        total += loss.item()
+        loss, _ = pair_loss(e_u, e_r, bu, bc, br, cfg.l2)
+        del e_u, e_r
+        total += _step(run, cfg, loss)
     return total / steps
+
+
+def _write_responses(path: Path, ds, graph: PreferenceGraph) -> None:
+    """The graph's responses (response_id, prompt, text) in node order, from the dataset in memory or, when
+    it was loaded without texts, streamed from its responses.parquet in row batches (a graph built from a
+    dataset lists its responses in the table's order, so its rows are a filter of the table)."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from coplctl.data.dataset import positions
+
+    columns = ["response_id", "prompt", "text"]
+    rows = positions(graph.response_ids, ds.responses["response_id"])
+    if (rows < 0).any():
+        raise CoplError("the dataset lacks some of the graph's responses")
+    with atomic_path(path) as tmp:
+        if "text" in ds.responses.columns:
+            ds.responses.iloc[rows][columns].reset_index(drop=True).to_parquet(tmp, index=False)
+            return
+        if (np.diff(rows) <= 0).any():
+            raise CoplError("the graph's responses are not in the order of the dataset's table; load it with texts")
+        keep = np.zeros(len(ds.responses), dtype=bool)
+        keep[rows] = True
+        source, start = pq.ParquetFile(ds.path / "responses.parquet"), 0
+        with pq.ParquetWriter(tmp, pa.schema([source.schema_arrow.field(c) for c in columns])) as writer:
+            for batch in source.iter_batches(batch_size=1 << 16, columns=columns):
+                writer.write_batch(batch.filter(pa.array(keep[start:start + len(batch)])))
+                start += len(batch)
 
 
 def _export(out: Path, ds, data: TrainingData, run: TrainingRun) -> dict:
@@ -294,7 +366,7 @@ def _export(out: Path, ds, data: TrainingData, run: TrainingRun) -> dict:
     weights = weight_columns(ds.users)
     metrics = {
         "status": "complete", "seed": seed, "epochs_run": state.epoch, "best_epoch": state.best_epoch,
-        "train_accuracy": _accuracy(e_u, e_r, *data.train), "valid_accuracy": _accuracy(e_u, e_r, *data.valid),
+        "train_accuracy": pair_accuracy(e_u, e_r, *data.train), "valid_accuracy": pair_accuracy(e_u, e_r, *data.valid),
         "valid_pairs_scored": int(len(data.valid[0])), "seconds": round(state.seconds, 3),
         "seconds_to_best": round(state.seconds_to_best, 3),
         "seconds_per_epoch": round(state.seconds / max(1, state.epoch), 4), "history": state.history,
@@ -303,10 +375,9 @@ def _export(out: Path, ds, data: TrainingData, run: TrainingRun) -> dict:
     if weights:
         metrics["weight_probe"] = weight_probe(e_u.float().cpu().numpy(), users[weights].to_numpy(), seed=seed)
     graph.save(out)
-    responses = ds.responses.set_index("response_id").loc[graph.response_ids, ["prompt", "text"]].reset_index()
-    for name, df in (("responses", responses), ("users", ds.users)):
-        with atomic_path(out / f"{name}.parquet") as tmp:
-            df.to_parquet(tmp, index=False)
+    _write_responses(out / "responses.parquet", ds, graph)
+    with atomic_path(out / "users.parquet") as tmp:
+        ds.users.to_parquet(tmp, index=False)
     for name, tensors in (("model", model.state_dict()),
                           ("embeddings", {"users": e_u.float(), "responses": e_r.float()})):
         with atomic_path(out / f"{name}.safetensors") as tmp:
