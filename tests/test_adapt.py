@@ -15,8 +15,9 @@ from coplctl.copl.adapt import AdaptConfig, Adapted, adapt_users, graph_accuracy
 from coplctl.core.errors import CoplError, DataError
 from coplctl.data import load
 from coplctl.data.userfile import read_user_file
+from coplctl.graph.config import preset_config
 from coplctl.graph.run import GCFRun
-from coplctl.graph.train import preset_config, train_gcf
+from coplctl.graph.train import train_gcf
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,8 @@ from safetensors.torch import load_file
 
 from coplctl.copl.method import CoPL
 from coplctl.data.simulate import SimConfig, simulate
-from coplctl.graph.train import preset_config, train_gcf
+from coplctl.graph.config import preset_config
+from coplctl.graph.train import train_gcf
 from coplctl.models.reward import pair_scores
 
 

@@ -140,7 +140,8 @@ def test_results_loader_and_tables(scratch, result):
 @pytest.fixture(scope="module")
 def graph_run(tiny_dir, tmp_path_factory) -> Path:
     from coplctl.data import load
-    from coplctl.graph.train import preset_config, train_gcf
+    from coplctl.graph.config import preset_config
+    from coplctl.graph.train import train_gcf
 
     out = tmp_path_factory.mktemp("fuzz-gcf") / "gcf"
     train_gcf(load(tiny_dir), out, preset_config("cpu", dim=4, layers=2, epochs=2, patience=0, min_epochs=0),

@@ -11,8 +11,8 @@ import pytest
 
 from coplctl.core.errors import CoplError
 from coplctl.data import load
+from coplctl.graph.config import PRESETS, GCFConfig, preset_config
 from coplctl.graph.probe import group_probe, spectral_split
-from coplctl.graph.train import PRESETS, GCFConfig, preset_config
 
 #: A valid value, different from every preset's, for each GCF field.
 OTHER = {"dim": 8, "layers": 2, "variant": "lightgcn", "epochs": 3, "lr": 3e-3, "batch_size": 64, "l2": 0.5,
@@ -135,3 +135,24 @@ def test_bad_device_or_seed_is_one_line(tiny_dir, tmp_path, capsys, args, code, 
     assert main(["graph", "train", "--data", str(tiny_dir), "--out", str(tmp_path / "r"), *args]) == code
     err = " ".join(capsys.readouterr().err.split())
     assert words in err and "Traceback" not in err, err
+
+
+def test_auto_trains_on_the_full_graph_while_it_fits_and_samples_neighbours_beyond(tiny_dir, tmp_path, monkeypatch):
+    import json
+
+    import torch
+
+    import coplctl.graph.config as gc
+    from coplctl.graph.train import train_gcf
+
+    cfg = preset_config("cpu", dim=8, layers=2, epochs=2, patience=0)
+    assert cfg.sampler == "auto"
+    nodes, edges = 6_200_000, 31_000_000  # a million users of UF-P-4-AVG: about 11.5 GB at d = 32
+    assert 11e9 < gc.full_graph_bytes(nodes, edges, preset_config("cpu")) < 12e9
+    assert gc.resolve_sampler(cfg, 100, 400, torch.device("cpu")).sampler == "full"
+    monkeypatch.setattr(gc, "memory_budget", lambda device: 1000)  # a graph that does not fit
+    picked = gc.resolve_sampler(cfg, 100, 400, torch.device("cpu"))
+    assert (picked.sampler, picked.batch_size) == ("neighbor", gc.NEIGHBOR_BATCH)
+    train_gcf(load(tiny_dir), tmp_path / "run", cfg, progress=False)
+    config = json.loads((tmp_path / "run" / "config.json").read_text())["gcf"]
+    assert (config["sampler"], config["batch_size"]) == ("neighbor", gc.NEIGHBOR_BATCH)

@@ -11,10 +11,11 @@ from safetensors.torch import load_file
 
 from coplctl.core.errors import CoplError
 from coplctl.data import load
+from coplctl.graph.config import preset_config
 from coplctl.graph.graph import PreferenceGraph
 from coplctl.graph.model import GCF
 from coplctl.graph.sampling import NeighborSampler
-from coplctl.graph.train import preset_config, train_gcf
+from coplctl.graph.train import train_gcf
 
 PAIRS = pd.DataFrame({
     "user_id":     ["u0", "u0", "u1", "u2", "u2"],

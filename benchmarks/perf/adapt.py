@@ -37,7 +37,8 @@ def build(work: Path, epochs: int) -> None:
     from coplctl.data import load
     from coplctl.data.protocol import ProtocolConfig
     from coplctl.data.simulate import SimConfig, simulate
-    from coplctl.graph.train import preset_config, train_gcf
+    from coplctl.graph.config import preset_config
+    from coplctl.graph.train import train_gcf
 
     data = work / "sim-uf-p-4-avg"
     if not data.exists():

@@ -34,7 +34,8 @@ def _rss_mb(field: str) -> float:
 
 def worker_train(data: str, out: str, overrides: dict) -> dict:
     from coplctl.data import load
-    from coplctl.graph.train import preset_config, train_gcf
+    from coplctl.graph.config import preset_config
+    from coplctl.graph.train import train_gcf
 
     m = train_gcf(load(data), out, preset_config("cpu", **overrides), force=True, progress=False)
     times = [b["seconds"] - a["seconds"] for a, b in zip(m["history"], m["history"][1:])]

@@ -53,7 +53,8 @@ def main() -> None:
     from coplctl.data.protocol import ProtocolConfig
     from coplctl.data.simulate import SimConfig, simulate
     from coplctl.graph.probe import spectral_split
-    from coplctl.graph.train import preset_config, train_gcf
+    from coplctl.graph.config import preset_config
+    from coplctl.graph.train import train_gcf
 
     work = Path(args.work)
     data = work / f"sim-{args.variant}-{args.annotations}-{args.users}"

@@ -42,7 +42,7 @@ def train(
     batch_size: Annotated[Optional[int], typer.Option(
         "--batch-size", min=0, help="Pairs per step; 0 = all pairs (one full-graph step per epoch).")] = None,
     sampler: Annotated[Optional[str], typer.Option(
-        "--sampler", help="full, or neighbor (sampled subgraphs per batch, for very large graphs).")] = None,
+        "--sampler", help="auto (full while the graph fits in memory, else neighbor), full, or neighbor (sampled subgraphs per batch).")] = None,
     sets: Sets = None,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:1 ...")] = "auto",
     seed: Seed = 0,
@@ -59,20 +59,31 @@ def train(
 
     from coplctl.core.atomic import refuse_overlap
     from coplctl.data import load
-    from coplctl.graph.train import preset_config, train_gcf
+    from coplctl.graph.config import preset_config
+    from coplctl.graph.train import train_gcf
 
     options = dict(dim=dim, layers=layers, epochs=epochs, lr=lr, batch_size=batch_size, sampler=sampler)
     cfg = preset_config(preset.value, **{**parse_sets(sets or []), **{k: v for k, v in options.items() if v is not None}})
     refuse_overlap(out_dir, {"the dataset": data})
     if (out_dir / "checkpoint.safetensors").exists() and not force:
         err.print(f"resuming the interrupted run in {out_dir}")
-    m = train_gcf(load(data, texts=False), out_dir, cfg, seed=seed, device=device, force=force)  # texts stay on disk
+    # texts stay on disk; under `accelerate launch`, every process trains (coplctl.graph.parallel)
+    m = train_gcf(load(data, texts=False), out_dir, cfg, seed=seed, device=device, force=force, distributed=True)
+    if not _main_process():
+        return
     if as_json:
         print_json({"run": str(out_dir), "config": asdict(cfg), "metrics": m})
     else:
         _print(m, f"GCF on {data} (d={cfg.dim}, L={cfg.layers}, {cfg.variant})")
     err.print(f"wrote {out_dir}. Next: coplctl adapt --model {out_dir} --user-file FILE --out OUT", highlight=False,
               soft_wrap=True)
+
+
+def _main_process() -> bool:
+    """False on the other processes of a launched multi-process run (they print nothing)."""
+    import os
+
+    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0
 
 
 def _print(m: dict, title: str) -> None:

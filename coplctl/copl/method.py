@@ -112,7 +112,7 @@ class CoPLConfig(TrainConfig):
         if self.top_k > self.experts:
             raise CoplError(f"CoPL option top_k: {self.top_k} is more than the {self.experts} experts")
         if self.gcf_run is None and self.user_embeddings == "gcf":  # check the GCF's options now, not after hours
-            from coplctl.graph.train import preset_config
+            from coplctl.graph.config import preset_config
 
             preset_config(self.gcf_preset, **self.gcf_overrides)
 
@@ -207,7 +207,8 @@ class CoPL(NeuralMethod):
         import hashlib
         import json
 
-        from coplctl.graph.train import preset_config, train_gcf
+        from coplctl.graph.config import preset_config
+        from coplctl.graph.train import train_gcf
         from coplctl.models.backbone import cache_root
 
         cfg = preset_config(self.config.gcf_preset, **self.config.gcf_overrides)

@@ -1,7 +1,7 @@
 """The GCF's pair loss and accuracy, over pairs in chunks: a million users' training pairs never become
 (pairs x d) tensors.
 
-Loss (paper Eq. 5 with the L2 penalty of :class:`coplctl.graph.train.GCFConfig`): for pairs (u, c ≻ r),
+Loss (paper Eq. 5 with the L2 penalty of :class:`coplctl.graph.config.GCFConfig`): for pairs (u, c ≻ r),
 
     mean over pairs of  −log σ(⟨e_u, e_c⟩ − ⟨e_u, e_r⟩)  +  λ (‖e_u‖² + ‖e_c‖² + ‖e_r‖²)
 

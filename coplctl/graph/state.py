@@ -7,6 +7,7 @@ import copy
 import warnings
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -64,9 +65,19 @@ class TrainingRun:
     seed: int
     path: Path  # the checkpoint file
     state: TrainState = field(default_factory=TrainState)
+    net: torch.nn.Module | None = None
+    """What training steps call: the model, or its DDP wrapper across processes (:mod:`coplctl.graph.parallel`)."""
+    procs: Any = None
+    """The processes training runs on (:class:`coplctl.graph.parallel.Processes`); the main one writes."""
+
+    def __post_init__(self):
+        self.net = self.net if self.net is not None else self.model
 
     def save(self) -> None:
-        """Write the checkpoint (atomically: an interrupted write leaves the previous one)."""
+        """Write the checkpoint (atomically: an interrupted write leaves the previous one); on the main
+        process only, when several train."""
+        if self.procs is not None and not self.procs.main:
+            return
         save_checkpoint(self.path, {"config": self.config, "seed": self.seed, "model": self.model.state_dict(),
                                     "optimizer": self.optimizer.state_dict(),
                                     "scheduler": self.scheduler.state_dict(),

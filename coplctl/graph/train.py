@@ -12,117 +12,23 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Annotated
 
 import torch
 
 from coplctl.core.atomic import atomic_path, atomic_write_text, check_replaceable, remove_stale
-from coplctl.core.config import AT_LEAST_1, FRACTION, NON_NEGATIVE, POSITIVE, OneOf, check_fields
 from coplctl.core.errors import CoplError
+from coplctl.core.files import read_json
 from coplctl.core.optim import cosine_with_warmup, resolve_device
 from coplctl.core.progress import Bar
 from coplctl.data.dataset import release_arrow_memory, weight_columns
+from coplctl.graph.config import GCFConfig, resolve_sampler
 from coplctl.graph.graph import Adjacency, PreferenceGraph
 from coplctl.graph.loss import pair_accuracy, pair_loss
-from coplctl.graph.model import GCF, VARIANTS
+from coplctl.graph.model import GCF
+from coplctl.graph.parallel import Processes, for_processes, processes, share, step_stream, wrap
 from coplctl.graph.probe import group_probe, weight_probe
 from coplctl.graph.sampling import NeighborSampler
 from coplctl.graph.state import CHECKPOINT, TrainingRun
-
-
-@dataclass
-class GCFConfig:
-    """GCF hyperparameters. Defaults are the CPU preset; ``PRESETS["paper"]`` holds the paper's values.
-
-    CPU preset: d=32 and one full-graph step per epoch over all training pairs, with a larger learning
-    rate, an L2 penalty on the scored embeddings and the paper layer's signed init. On the simulated
-    twins at paper scale (one pair per prompt, as real UF-P) it reaches 88.8% validation accuracy and a
-    99.2% group probe on UF-P-2-ALL, 88.4% and 95.7% on UF-P-4-AVG, in about 2-4 minutes on 2 cores
-    (``benchmarks/perf/gcf_quality.py``).
-    """
-
-    dim: Annotated[int, AT_LEAST_1] = 32
-    """Embedding width d (paper: 512; the CPU preset's 32 lands within a point of 512, see benchmarks/perf/gcf.py)."""
-    layers: Annotated[int, AT_LEAST_1] = 4
-    """Message-passing layers L (paper: 4)."""
-    variant: Annotated[str, OneOf(*VARIANTS)] = "paper"
-    """``paper`` (Eq. 2-4), ``official`` (the authors' code, see METHODS.md) or ``lightgcn`` (another GNN)."""
-    epochs: Annotated[int, AT_LEAST_1] = 300
-    """Maximum epochs (paper: 300; official code: 100)."""
-    lr: Annotated[float, POSITIVE] = 2e-2
-    """AdamW learning rate (paper: 1e-4 with batches of 1024 pairs)."""
-    batch_size: Annotated[int, NON_NEGATIVE] = 0
-    """Pairs per optimisation step; 0 = all training pairs (one full-graph step per epoch). Paper: 1024."""
-    l2: Annotated[float, NON_NEGATIVE] = 1e-2
-    """λ of the L2 penalty on the layer-L embeddings that enter each batch's scores (as BPR penalises its
-    factors); the paper writes λ‖θ‖² without a value. It is what keeps full-batch GCF from memorising."""
-    weight_decay: Annotated[float, NON_NEGATIVE] = 0.0
-    """AdamW weight decay of the layer weights."""
-    grad_clip: Annotated[float, NON_NEGATIVE] = 1.0
-    """Clip the gradient norm (0 = off): the Hadamard terms make deep GCF steep early on."""
-    warmup_ratio: Annotated[float, FRACTION] = 0.1
-    """Linear warmup share of all steps before the cosine decay (paper: 0.1)."""
-    negative_slope: Annotated[float, NON_NEGATIVE] = 0.2
-    """LeakyReLU slope ψ (paper: not reported; 0.2 as in NGCF)."""
-    signed_init: bool = True
-    """``paper`` variant: initialise W1 = I and W3 = -I (the other blocks as usual), so that training starts
-    from signed propagation, e ← ψ(W_self e + Σα e_r⁺ − Σβ e_r⁻ + ...). The paper gives no init. With
-    PyTorch's default init the layers mix the signs at random, and on graphs with one pair per prompt
-    (real UF-P) the user embeddings then barely carry the preference groups: a logistic probe of the group
-    reads 53% of simulated UF-P-2-ALL's users right, against 99% with this init (95% for a spectral split
-    of the co-annotation matrix), and validation accuracy rises from 73% to 88% (benchmarks/perf/gcf_quality.py)."""
-    init_std: Annotated[float, POSITIVE] | None = None
-    """Standard deviation of the initial embeddings; None = 0.1·sqrt(32/d), so that embedding norms
-    (and initial scores) do not grow with d."""
-    edge_dropout: Annotated[float, FRACTION] = 0.0
-    """Share of edges dropped at each training step (official code: 0.1)."""
-    holdout: Annotated[float, FRACTION] = 0.0
-    """Share of the training pairs held out of message passing at each step: their edges are removed
-    from the graph the step propagates on, and only they enter the loss. 0 = the paper (every training
-    edge carries messages and is scored)."""
-    sampler: Annotated[str, OneOf("full", "neighbor")] = "full"
-    """``full``: propagate on the whole graph at each step; ``neighbor``: sampled subgraphs per batch."""
-    fanouts: tuple[Annotated[int, AT_LEAST_1], ...] = (15, 10, 10, 10)
-    """Edges sampled per node and hop when ``sampler="neighbor"``."""
-    patience: Annotated[int, NON_NEGATIVE] = 40
-    """Stop after this many epochs without a better validation accuracy (0 = never) ..."""
-    min_epochs: Annotated[int, NON_NEGATIVE] = 150
-    """... but not before this epoch: accuracy plateaus at the non-personalized level for tens of
-    epochs before users' groups separate (longer for larger d)."""
-    dtype: Annotated[str, OneOf("float32", "bfloat16", "float16")] = "float32"
-    """Parameter dtype (float32, bfloat16 or float16)."""
-
-    def __post_init__(self):
-        check_fields(self, "GCF")  # types and ranges, from the annotations above
-        if self.sampler == "neighbor" and self.batch_size <= 0:
-            raise CoplError("the neighbour sampler needs a batch size (--batch-size)")
-        if self.sampler == "neighbor" and len(self.fanouts) < self.layers:
-            raise CoplError(f"GCF option fanouts: {len(self.fanouts)} values for {self.layers} layers")
-        if self.holdout and self.sampler == "neighbor":
-            raise CoplError("GCF option holdout works with the full-graph sampler only")
-
-
-PRESETS = {
-    "cpu": {},
-    "paper": {"dim": 512, "lr": 1e-4, "batch_size": 1024, "epochs": 300},
-    "official": {"dim": 512, "lr": 1e-4, "batch_size": 1024, "epochs": 100, "variant": "official",
-                 "edge_dropout": 0.1},
-}
-
-
-def preset_config(preset: str = "auto", **overrides) -> GCFConfig:
-    """``auto`` = ``paper`` when a GPU is present, else ``cpu``; then apply the non-None overrides."""
-    if preset == "auto":
-        preset = "paper" if torch.cuda.is_available() else "cpu"
-    if preset not in PRESETS:
-        raise CoplError(f"unknown preset {preset!r}; choose auto, {', '.join(PRESETS)}")
-    fields = {f.name for f in dataclasses.fields(GCFConfig)}
-    unknown = sorted(set(overrides) - fields)
-    if unknown:
-        raise CoplError(f"GCF has no option {unknown[0]!r} (options: {', '.join(sorted(fields))})")
-    # options override the preset's values (an option the preset also sets is not a conflict)
-    return GCFConfig(**{**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}})
-
 
 CHECKPOINT_SECONDS = 60
 """An interruption loses at most this much training (or ten times what a checkpoint takes to write, when
@@ -168,14 +74,38 @@ class TrainingData:
 
 
 def train_gcf(ds, out: str | Path, cfg: GCFConfig, *, seed: int = 0, device: str | None = None,
-              force: bool = False, progress: bool = True,
-              on_epoch_end: Callable[[int, dict], None] | None = None) -> dict:
+              force: bool = False, progress: bool = True, on_epoch_end: Callable[[int, dict], None] | None = None,
+              distributed: bool = False) -> dict:
     """Train GCF on ``ds``'s train pairs, select on its valid pairs, write the run to ``out``.
 
     Returns the final metrics. An existing checkpoint in ``out`` with the same configuration is
-    resumed; a finished run raises unless ``force``.
+    resumed; a finished run raises unless ``force``. ``distributed``: when launched on several processes
+    (``accelerate launch``, ``torchrun``), train on all of them (:mod:`coplctl.graph.parallel`); every
+    process calls this and gets the metrics.
     """
-    out = Path(out)
+    out, dev = Path(out), resolve_device(device)
+    procs = processes(dev, distributed)
+    procs.agree(lambda: _prepare_out(out, force) if procs.main else None)
+    data = TrainingData.build(ds, dev, getattr(torch, cfg.dtype))
+    stats = data.graph.stats()
+    cfg = resolve_sampler(for_processes(cfg, procs), stats["users"] + stats["responses"],
+                          stats["positive_edges"] + stats["negative_edges"], dev)  # `auto`: full-graph while it fits
+    # The pairs live in `data` now, and texts left on disk are streamed at export: a caller that passed the
+    # dataset without keeping it (`coplctl graph train`) frees the rest while the model trains.
+    ds = dataclasses.replace(ds, pairs=ds.pairs.iloc[:0], responses=ds.responses if "text" in ds.responses
+                             else ds.responses[["response_id"]])
+    release_arrow_memory()
+    run = _start(data, cfg, seed, out / CHECKPOINT, procs)
+    resumed = run.resume()
+    _fit(run, data, cfg, saved_epoch=run.state.epoch if resumed else None, progress=progress and procs.main,
+         on_epoch_end=on_epoch_end)
+    run.model.load_state_dict(run.state.best_state)
+    metrics = _export(out, ds, data, run) if procs.main else None
+    procs.wait()
+    return metrics if metrics is not None else read_json(out / "metrics.json", what="GCF metrics")
+
+
+def _prepare_out(out: Path, force: bool) -> None:
     if force and out.exists():
         if not (out / CHECKPOINT).exists():  # only a graph run (finished or not) is replaced
             check_replaceable(out, "config.json", "GCF run")
@@ -183,22 +113,11 @@ def train_gcf(ds, out: str | Path, cfg: GCFConfig, *, seed: int = 0, device: str
     if (out / "metrics.json").exists():
         raise CoplError(f"{out} already holds a trained model; pass --force to train again")
     out.mkdir(parents=True, exist_ok=True)
-    data = TrainingData.build(ds, resolve_device(device), getattr(torch, cfg.dtype))
-    # The pairs live in `data` now, and texts left on disk are streamed at export: a caller that passed the
-    # dataset without keeping it (`coplctl graph train`) frees the rest while the model trains.
-    ds = dataclasses.replace(ds, pairs=ds.pairs.iloc[:0], responses=ds.responses if "text" in ds.responses
-                             else ds.responses[["response_id"]])
-    release_arrow_memory()
-    run = _start(data, cfg, seed, out / CHECKPOINT)
-    resumed = run.resume()
-    _fit(run, data, cfg, saved_epoch=run.state.epoch if resumed else None, progress=progress,
-         on_epoch_end=on_epoch_end)
-    run.model.load_state_dict(run.state.best_state)
-    return _export(out, ds, data, run)
 
 
-def _start(data: TrainingData, cfg: GCFConfig, seed: int, checkpoint: Path) -> TrainingRun:
+def _start(data: TrainingData, cfg: GCFConfig, seed: int, checkpoint: Path, procs: Processes | None = None) -> TrainingRun:
     """A new run: the model initialised from ``seed``, its optimiser, schedule and random stream."""
+    procs = procs or Processes()
     torch.manual_seed(seed)
     init_std = cfg.init_std if cfg.init_std is not None else 0.1 * math.sqrt(32 / cfg.dim)
     model = GCF(data.graph.num_users, data.graph.num_responses, cfg.dim, cfg.layers, cfg.variant,
@@ -207,7 +126,7 @@ def _start(data: TrainingData, cfg: GCFConfig, seed: int, checkpoint: Path) -> T
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
     sched = cosine_with_warmup(opt, cfg.epochs * _steps_per_epoch(data, cfg), cfg.warmup_ratio)
     return TrainingRun(model, opt, sched, torch.Generator().manual_seed(seed), dataclasses.asdict(cfg), seed,
-                       checkpoint)
+                       checkpoint, net=wrap(model, procs), procs=procs)
 
 
 def _steps_per_epoch(data: TrainingData, cfg: GCFConfig) -> int:
@@ -286,7 +205,7 @@ def _step(run: TrainingRun, cfg: GCFConfig, loss: torch.Tensor) -> float:
     """One optimisation step on a batch's loss (:func:`coplctl.graph.loss.pair_loss`); the loss value."""
     run.optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    if cfg.grad_clip:
+    if cfg.grad_clip:  # after DDP's averaging: the same on every process
         torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip)
     run.optimizer.step()
     run.scheduler.step()
@@ -295,14 +214,15 @@ def _step(run: TrainingRun, cfg: GCFConfig, loss: torch.Tensor) -> float:
 
 def _train_epoch(run: TrainingRun, data: TrainingData, cfg: GCFConfig, sampler: NeighborSampler | None) -> float:
     """One pass over the training pairs (in minibatches of ``cfg.batch_size``); returns the mean loss."""
-    model, gen, dev, (u, c, r) = run.model, run.generator, data.device, data.train
+    model, gen, dev, (u, c, r), procs = run.net, run.generator, data.device, data.train, run.procs
     n, steps = len(u), _steps_per_epoch(data, cfg)
     model.train()
-    order = torch.randperm(n, generator=gen).to(dev) if cfg.batch_size > 0 else None
+    order = torch.randperm(n, generator=gen).to(dev) if cfg.batch_size > 0 else None  # the same on every process
     total = 0.0
     for s in range(steps):
-        b = slice(None) if order is None else order[s * cfg.batch_size:(s + 1) * cfg.batch_size]
+        b = slice(None) if order is None else share(order[s * cfg.batch_size:(s + 1) * cfg.batch_size], procs)
         bu, bc, br = u[b], c[b], r[b]
+        draws = gen if procs.size == 1 else step_stream(run.seed, run.state.epoch, s, procs)
         if sampler is None:
             without = None
             if cfg.holdout:  # these pairs are scored, and carry no messages in this step
@@ -314,14 +234,14 @@ def _train_epoch(run: TrainingRun, data: TrainingData, cfg: GCFConfig, sampler: 
                 device=dev, dtype=data.dtype, edge_dropout=cfg.edge_dropout, generator=gen, without=without)
             e_u, e_r = model(step_adj)
         else:
-            sub = sampler.sample(bu.cpu(), torch.cat([bc, br]).cpu(), generator=gen, device=dev, dtype=data.dtype)
+            sub = sampler.sample(bu.cpu(), torch.cat([bc, br]).cpu(), generator=draws, device=dev, dtype=data.dtype)
             e_u, e_r = model(sub.adj, sub.users.to(dev), sub.responses.to(dev))
             ul, rl = sub.user_local.to(dev), sub.response_local.to(dev)
             bu, bc, br = ul[bu], rl[bc], rl[br]
         loss, _ = pair_loss(e_u, e_r, bu, bc, br, cfg.l2)
         del e_u, e_r
         total += _step(run, cfg, loss)
-    return total / steps
+    return procs.mean(total / steps)
 
 
 def _write_responses(path: Path, ds, graph: PreferenceGraph) -> None:
