@@ -153,9 +153,8 @@ class VPL(NeuralMethod):
 
     def _features(self, responses: pd.DataFrame) -> torch.Tensor:
         """Frozen-backbone embeddings of responses, for contexts (adapters off in lora mode)."""
-        texts = [self.backbone.format(p, t) for p, t in zip(responses["prompt"], responses["text"])]
         with adapters_disabled(self.backbone.model):
-            return features(self.backbone, texts)
+            return features(self.backbone, responses["prompt"], responses["text"])
 
     def prepare(self, data, *, seed, work_dir) -> dict[str, int]:
         super().prepare(data, seed=seed, work_dir=work_dir)

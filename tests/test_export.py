@@ -67,8 +67,13 @@ def _peft_rewards(model, export, tiny_lm, requests, *, user_table=None, users=No
     head = load_file(str(export / "coplctl_reward.safetensors"))
     tok = AutoTokenizer.from_pretrained(tiny_lm)
     tok.padding_side = "right"
-    texts = [side["text_format"].format(prompt=r["prompt"], response=r["response"]) for r in requests]
-    enc = tok(texts, padding=True, truncation=True, max_length=side["backbone"]["max_length"], return_tensors="pt")
+    from coplctl.models.tokens import encode
+
+    assert side["backbone"]["truncation"] == "prompt_start"
+    ids, _ = encode(tok, side["backbone"]["max_length"], [r["prompt"] for r in requests],
+                    [r["response"] for r in requests])
+    enc = tok.pad({"input_ids": ids}, return_tensors="pt")
+    texts = ids
     with torch.no_grad():
         if user_table is None:
             hidden = model(**enc).last_hidden_state

@@ -333,15 +333,66 @@ def import_(
            force=force, as_json=as_json, note_dropped=True)
 
 
+BackboneOpt = Annotated[Optional[str], typer.Option(
+    "--backbone", help="Also count the texts this backbone cuts to its length limit (its tokenizer only).")]
+MaxLengthOpt = Annotated[Optional[int], typer.Option(
+    "--max-length", min=1, help="Tokens per formatted text (default: the backbone's own limit).")]
+
+
 @app.command("inspect", epilog=examples("coplctl data inspect data/sim-uf-p-4-avg",
-                                        "coplctl data inspect data/sim-uf-p-4-avg --json | jq .splits"))
-def inspect(path: DataDir, as_json: Json = False) -> None:
-    """Summarise a dataset: users per group and role, annotations per user, pairs per split."""
+                                        "coplctl data inspect data/sim-uf-p-4-avg --json | jq .splits",
+                                        "coplctl data inspect data/uf-p-4-avg --backbone minilm"))
+def inspect(path: DataDir, backbone: BackboneOpt = None, max_length: MaxLengthOpt = None, as_json: Json = False) -> None:
+    """Summarise a dataset: users per group and role, annotations per user, pairs per split; with --backbone,
+    the responses whose prompt (cut from its start) or response would be cut to the length limit."""
     from coplctl.data.dataset import load
     from coplctl.data.inspect import render, summarize
 
-    summary = summarize(load(path))
+    ds = load(path)
+    summary = summarize(ds)
+    if backbone:
+        from coplctl.models.backbone import truncation
+
+        summary["truncation"] = truncation(backbone, ds.responses["prompt"], ds.responses["text"], max_length)
     if as_json:
         print_json(summary)
     else:
         render(summary, out)
+
+
+@app.command("embed", epilog=examples(
+    "coplctl data embed data/sim-uf-p-2-all",
+    "accelerate launch --num_processes 8 -m coplctl data embed data/uf-p-4-avg --backbone gemma-2b-it"))
+def embed(path: DataDir, backbone: Annotated[str, typer.Option("--backbone", help="Backbone whose features to cache.")] = "minilm",
+          max_length: MaxLengthOpt = None,
+          precision: Annotated[str, typer.Option("--precision", help="auto, float32 or bfloat16 (see train's feature_precision).")] = "auto",
+          batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Texts per forward pass.")] = 32,
+          as_json: Json = False) -> None:
+    """Cache the frozen features of a dataset's responses ($COPLCTL_CACHE/features), as frozen-mode training
+    would. Under accelerate launch every process embeds its share into the shared cache directory."""
+    from accelerate import PartialState
+
+    from coplctl.core.progress import stderr_console
+    from coplctl.data.dataset import load
+    from coplctl.models.backbone import Backbone
+    from coplctl.models.features import embed_all
+
+    from coplctl.core.optim import resolve_device
+
+    state = PartialState(cpu=resolve_device("auto").type == "cpu")  # under accelerate launch: joins the group
+    ds = load(path)
+    model = Backbone(backbone, max_length=max_length, precision=precision, device=str(state.device))
+    bar = None
+    if state.is_main_process:
+        bar = lambda done, total: stderr_console().print(f"embedded {done:,}/{total:,} texts (this process's share)")  # noqa: E731
+    done = embed_all(model, ds.responses["prompt"], ds.responses["text"], batch_size=batch_size, progress=bar)
+    if not state.is_main_process:
+        return
+    if as_json:
+        print_json(done)
+        return
+    speed = f" in {done['seconds']:.1f} s ({done['texts_per_second']:,} texts/s)" if done["embedded"] else ""
+    out.print(f"{done['texts']:,} distinct response texts, {done['embedded']:,} embedded{speed} on "
+              f"{done['processes']} process(es); cut to the length limit: {done['truncated']['prompt']:,} prompts "
+              f"(from their start), {done['truncated']['response']:,} responses. Cache: {done['cache']}",
+              highlight=False, soft_wrap=True)

@@ -342,14 +342,13 @@ class CoPL(NeuralMethod):
 
     def _add_rows(self, ids: list[str], emb: torch.Tensor) -> None:
         """Known users get their row replaced, new users a new row."""
-        index = self.user_index
         table = self.net.user_table.detach().clone()
         emb = emb.to(table)
-        fresh = [i for i, u in enumerate(ids) if u not in index]
-        for i, u in enumerate(ids):
-            if u in index:
-                table[index[u]] = emb[i]
-        self._set_table(torch.cat([table, emb[fresh]]), self.user_ids + [ids[i] for i in fresh])
+        rows = torch.from_numpy(pd.Index(self.user_ids).get_indexer(pd.Index(ids, dtype=object)).astype("int64"))
+        known = rows >= 0
+        table[rows[known]] = emb[known]
+        fresh = torch.nonzero(~known).flatten()
+        self._set_table(torch.cat([table, emb[fresh]]), self.user_ids + [ids[i] for i in fresh.tolist()])
 
     def _set_table(self, table: torch.Tensor, user_ids: list[str]) -> None:
         """The net's user table becomes ``table`` (rows of ``user_ids``), of the same kind as before: a

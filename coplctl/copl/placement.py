@@ -123,9 +123,8 @@ def backbone_features(backbone, responses: pd.DataFrame) -> torch.Tensor:
     """Pooled frozen-backbone features of ``responses`` (prompt, text), from the feature cache."""
     from coplctl.models.features import features
 
-    texts = [backbone.format(p, t) for p, t in zip(responses["prompt"], responses["text"])]
     with plain_backbone(backbone.model):
-        return features(backbone, texts)
+        return features(backbone, responses["prompt"], responses["text"])
 
 
 def outside_responses(graph_ids: list[str], pairs: pd.DataFrame, responses: pd.DataFrame) -> pd.DataFrame:

@@ -27,9 +27,8 @@ def _survey(ds) -> pd.DataFrame:
 def _label(run, users: np.ndarray, a: np.ndarray, b: np.ndarray) -> pd.DataFrame:
     """GCF-labelled pairs: chosen = the response the user's GCF score prefers."""
     g = run.graph
-    ui = torch.tensor([g.user_index[u] for u in users])
-    ai = torch.tensor([g.response_index[x] for x in a])
-    bi = torch.tensor([g.response_index[x] for x in b])
+    ui, ai, bi = (torch.from_numpy(pd.Index(ids).get_indexer(x).astype("int64"))
+                  for ids, x in ((g.user_ids, users), (g.response_ids, a), (g.response_ids, b)))
     prefer_a = ((run.user_emb[ui] * (run.response_emb[ai] - run.response_emb[bi])).sum(-1) > 0).numpy()
     return pd.DataFrame({"user_id": users, "chosen_id": np.where(prefer_a, a, b),
                          "rejected_id": np.where(prefer_a, b, a)})

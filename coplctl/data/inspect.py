@@ -117,6 +117,10 @@ def render(summary: dict, console) -> None:
     s = summary["survey"]
     share = "-" if s["controversial_share"] is None else f"{100 * s['controversial_share']:.1f}%"
     console.print(f"Survey set (distinct train/valid/fewshot pairs): {s['pairs']:,}, controversial: {share}")
+    if summary.get("truncation"):
+        c = summary["truncation"]
+        console.print(f"Cut to {c['backbone']}'s {c['max_length']} tokens: {c['prompt']:,} of {c['texts']:,} texts "
+                      f"lose the start of their prompt, {c['response']:,} part of their response")
     if summary["filtering"]:
         t = Table(title="Building: counts after each stage")
         t.add_column("stage")

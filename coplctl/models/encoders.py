@@ -32,6 +32,7 @@ class ResponseInputs:
     features: torch.Tensor | None = None  # (N, F) for frozen mode
     tokens: list[torch.Tensor] | None = None  # token ids per response for lora mode
     pad_id: int = 0
+    truncated: dict | None = None  # texts whose prompt / response was cut ({"prompt": n, "response": n})
 
     def __len__(self) -> int:
         return len(self.features) if self.mode == "frozen" else len(self.tokens)
@@ -57,14 +58,18 @@ def concat_batches(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> di
 def build_inputs(backbone: Backbone, responses: pd.DataFrame, mode: str, *, progress=None,
                  batch_size: int = 64) -> ResponseInputs:
     """Inputs for ``responses`` (prompt, text): cached frozen features, or token ids."""
-    texts = [backbone.format(p, r) for p, r in zip(responses["prompt"], responses["text"])]
     if mode == "frozen":
         from coplctl.models.features import features
 
-        return ResponseInputs("frozen", features=features(backbone, texts, batch_size=batch_size, progress=progress))
-    enc = backbone.tokenizer(texts, truncation=True, max_length=backbone.max_length)
-    return ResponseInputs("lora", tokens=[torch.tensor(t) for t in enc["input_ids"]],
-                          pad_id=backbone.tokenizer.pad_token_id)
+        cuts: dict = {}
+        feats = features(backbone, responses["prompt"], responses["text"], batch_size=batch_size, progress=progress,
+                         cuts=cuts)
+        return ResponseInputs("frozen", features=feats, truncated=cuts or None)
+    from coplctl.models.tokens import cut_counts
+
+    ids, codes = backbone.encode(responses["prompt"], responses["text"])
+    return ResponseInputs("lora", tokens=[torch.tensor(t) for t in ids], pad_id=backbone.tokenizer.pad_token_id,
+                          truncated=cut_counts(codes))
 
 
 def mlp(d_in: int, width: int, layers: int) -> nn.Sequential:

@@ -1,10 +1,16 @@
 """Frozen-mode features: each unique formatted text is embedded once per backbone and kept on disk.
 
 The cache lives in ``$COPLCTL_CACHE/features/<backbone key>/`` as append-only safetensors shards, each
-holding the SHA-1 digests of its texts and their pooled features. Any method and any run with the
-same backbone (name, architecture, max length, pooling) reuses them; a new dataset only embeds the
+holding the SHA-1 digests of its texts, their pooled features and how each text was cut to the length
+limit (:mod:`coplctl.models.tokens`). Any method and any run with the same backbone key (name,
+architecture, length limit, pooling, precision) reuses them; a new dataset only embeds the
 texts not seen before. Shards are written atomically, so an interrupted run loses only the shard
 in progress. A process keeps each cache's index open and reads only shards added since its last call.
+
+Inside :func:`shared_by_processes`, entered by every process of an initialised torch.distributed group
+(``accelerate launch``) at the same point, each process embeds its share of the missing texts (shard-sized chunks dealt round-robin) into the shared cache directory, then all
+wait for each other and read the others' shards: on several machines the cache directory
+(``$COPLCTL_CACHE``) must be shared storage.
 
 Inside :func:`in_memory` (the Python API's scoring), texts the disk cache lacks are embedded into a
 bounded in-memory store instead (least recently used first out), so scoring in a loop never writes.
@@ -20,11 +26,13 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
 from coplctl.core.atomic import atomic_path
 from coplctl.models.backbone import Backbone, cache_root
+from coplctl.models.tokens import cut_counts
 
 SHARD_TEXTS = 4096  # texts per shard written (and per progress step)
 
@@ -41,6 +49,7 @@ class FeatureCache:
         self.index: dict[bytes, tuple[int, int]] = {}
         self.shards: list[Path] = []
         self._loaded: dict[int, torch.Tensor] = {}
+        self._cuts: dict[int, torch.Tensor] = {}
         self.refresh()
 
     def refresh(self) -> None:
@@ -62,20 +71,24 @@ class FeatureCache:
             self._loaded[k] = load_file(str(self.shards[k]))["features"]
         return self._loaded[k]
 
-    def add(self, digests: list[bytes], features: torch.Tensor) -> None:
+    def add(self, digests: list[bytes], features: torch.Tensor, cuts: np.ndarray, tag: str = "") -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         k = len(self.shards)
-        path = self.dir / f"shard-{time.time_ns():020d}.safetensors"
+        path = self.dir / f"shard-{time.time_ns():020d}{tag}.safetensors"
         d = torch.frombuffer(bytearray(b"".join(digests)), dtype=torch.uint8).reshape(len(digests), 20)
         with atomic_path(path) as tmp:
-            save_file({"digests": d, "features": features.contiguous()}, str(tmp))
+            save_file({"digests": d, "features": features.contiguous(), "cuts": torch.from_numpy(cuts)}, str(tmp))
         self.shards.append(path)
         self._loaded[k] = features
+        self._cuts[k] = torch.from_numpy(cuts)
         for row, dg in enumerate(digests):
             self.index.setdefault(dg, (k, row))
 
+    def _locate(self, digests: list[bytes]) -> torch.Tensor:
+        return torch.tensor([self.index[d] for d in digests], dtype=torch.long).reshape(-1, 2)
+
     def lookup(self, digests: list[bytes]) -> torch.Tensor:
-        loc = torch.tensor([self.index[d] for d in digests], dtype=torch.long).reshape(-1, 2)
+        loc = self._locate(digests)
         if len(loc) == 0:
             return torch.empty(0, 0)
         out = torch.empty(len(loc), self._shard(int(loc[0, 0])).shape[1])
@@ -83,6 +96,17 @@ class FeatureCache:
             m = loc[:, 0] == k
             out[m] = self._shard(k)[loc[m, 1]]
         return out
+
+    def cut_codes(self, digests: list[bytes]) -> np.ndarray:
+        """How each text was cut (:mod:`coplctl.models.tokens` codes)."""
+        loc = self._locate(digests)
+        out = torch.zeros(len(loc), dtype=torch.uint8)
+        for k in loc[:, 0].unique().tolist():
+            if k not in self._cuts:
+                self._cuts[k] = load_file(str(self.shards[k]))["cuts"]
+            m = loc[:, 0] == k
+            out[m] = self._cuts[k][loc[m, 1]]
+        return out.numpy()
 
 
 class MemoryStore:
@@ -108,6 +132,7 @@ class MemoryStore:
 
 
 _MEMORY: ContextVar[MemoryStore | None] = ContextVar("coplctl_feature_memory", default=None)
+_SHARED: ContextVar[bool] = ContextVar("coplctl_features_shared", default=False)
 _OPEN: dict[Path, FeatureCache] = {}
 
 
@@ -132,34 +157,85 @@ def open_cache(key: str, root: Path | None = None) -> FeatureCache:
     return cache
 
 
-def features(backbone: Backbone, texts: list[str], *, batch_size: int = 32, progress=None,
-             root: Path | None = None) -> torch.Tensor:
-    """Pooled frozen-backbone features of formatted texts, computing only those not cached yet.
+@contextmanager
+def shared_by_processes() -> Iterator[None]:
+    """Within this block, :func:`features` splits the missing texts among the processes of the initialised
+    torch.distributed group; every process must make the same calls (same texts, same order)."""
+    token = _SHARED.set(True)
+    try:
+        yield
+    finally:
+        _SHARED.reset(token)
 
-    ``progress(done, total)`` is called as texts are embedded.
+
+def _processes() -> tuple[int, int]:
+    """(this process's rank, processes) sharing :func:`features` calls, else (0, 1)."""
+    if _SHARED.get() and torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def features(backbone: Backbone, prompts, responses, *, batch_size: int = 32, progress=None,
+             root: Path | None = None, cuts: dict | None = None) -> torch.Tensor:
+    """Pooled frozen-backbone features of the formatted texts of ``prompts`` and ``responses`` (parallel
+    sequences), computing only those not cached yet (shared across processes, see the module's docstring).
+
+    ``progress(done, total)`` is called as this process embeds texts; ``cuts``, if given, receives the
+    counts of texts whose prompt or response was cut (:func:`coplctl.models.tokens.cut_counts`).
     """
+    prompts, responses = list(prompts), list(responses)
     cache = open_cache(backbone.key, root)
     memory = _MEMORY.get()
-    digests = [text_digest(t) for t in texts]
+    digests = [text_digest(backbone.format(p, r)) for p, r in zip(prompts, responses)]
     missing, seen = [], set()
-    for t, d in zip(texts, digests):
+    for i, d in enumerate(digests):
         if d not in cache.index and d not in seen and (memory is None or d not in memory):
             seen.add(d)
-            missing.append((t, d))
+            missing.append(i)
+    rank, world = _processes() if memory is None else (0, 1)
+    size = min(SHARD_TEXTS, max(1, -(-len(missing) // world)))  # every process gets a share of few texts too
+    chunks = [missing[s:s + size] for s in range(0, len(missing), size)][rank::world]
+    mine = sum(len(c) for c in chunks)
     new: dict[bytes, torch.Tensor] = {}  # this call's texts held in memory (the store may evict them)
-    for s in range(0, len(missing), SHARD_TEXTS):
-        chunk = missing[s:s + SHARD_TEXTS]
-        feats = backbone.embed([t for t, _ in chunk], batch_size=batch_size)
+    done = 0
+    for chunk in chunks:
+        feats, codes = backbone.embed([prompts[i] for i in chunk], [responses[i] for i in chunk], batch_size)
+        chunk_digests = [digests[i] for i in chunk]
         if memory is None:
-            cache.add([d for _, d in chunk], feats)
+            cache.add(chunk_digests, feats, codes, tag=f"-{rank}" if world > 1 else "")
         else:
-            memory.put([d for _, d in chunk], feats)
-            new.update(zip((d for _, d in chunk), feats))
+            memory.put(chunk_digests, feats)
+            new.update(zip(chunk_digests, feats))
+        done += len(chunk)
         if progress is not None:
-            progress(min(s + SHARD_TEXTS, len(missing)), len(missing))
+            progress(done, mine)
+    if world > 1:
+        torch.distributed.barrier()  # every process's shards are written
+        cache.refresh()
+    if cuts is not None and memory is None:
+        cuts.update(cut_counts(cache.cut_codes(digests)))
     if memory is None or all(d in cache.index for d in digests):
         return cache.lookup(digests)
     on_disk = [d in cache.index for d in digests]
     rows = iter(cache.lookup([d for d, ok in zip(digests, on_disk) if ok]))
     return torch.stack([next(rows) if ok else new[d] if d in new else memory.get(d)
                         for d, ok in zip(digests, on_disk)])
+
+
+def embed_all(backbone: Backbone, prompts, responses, *, batch_size: int = 32, progress=None) -> dict:
+    """Fill the cache with the features of every text (shared by the processes of an initialised
+    torch.distributed group, which must all call this); what was done, as plain JSON-able values."""
+    prompts, responses = list(prompts), list(responses)
+    cache = open_cache(backbone.key)
+    distinct = {text_digest(backbone.format(p, r)) for p, r in zip(prompts, responses)}
+    before = sum(d in cache.index for d in distinct)
+    cuts: dict = {}
+    t0 = time.perf_counter()
+    with shared_by_processes():
+        features(backbone, prompts, responses, batch_size=batch_size, progress=progress, cuts=cuts)
+        processes = _processes()[1]
+    seconds = time.perf_counter() - t0
+    new = len(distinct) - before
+    return {"backbone": backbone.key, "cache": str(cache.dir), "texts": len(distinct), "embedded": new,
+            "seconds": round(seconds, 2), "texts_per_second": round(new / seconds, 1) if new else None,
+            "processes": processes, "truncated": cuts}

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
 
+import numpy as np
 import pandas as pd
 import torch
 from safetensors.torch import save_file
@@ -87,7 +88,7 @@ class NeuralMethod(RewardMethod):
         if device == "auto":  # under `accelerate launch` every process uses its own device
             device = str(distributed_state(self.config).device)
         return Backbone(self.config.backbone, max_length=self.config.max_length, dtype=self.config.dtype,
-                        device=device)
+                        device=device, precision=self.config.feature_precision)
 
     def encoder(self, extra_dim: int = 0) -> ResponseEncoder:
         c = self.config
@@ -102,21 +103,24 @@ class NeuralMethod(RewardMethod):
     @user_ids.setter
     def user_ids(self, ids) -> None:
         self._user_ids = list(ids)
-        self._index_of = {u: i for i, u in enumerate(self._user_ids)}
+        self._rows_of = pd.Index(self._user_ids)
+        self._index_of = None  # built on first use
 
     @property
     def user_index(self) -> dict[str, int]:
+        if self._index_of is None:
+            self._index_of = dict(zip(self._user_ids, range(len(self._user_ids))))
         return self._index_of
 
     def rows(self, user_ids: Sequence[str]) -> torch.Tensor:
         if not self.personalized:
             return torch.zeros(len(user_ids), dtype=torch.long)
-        index = self.user_index
-        unknown = [u for u in dict.fromkeys(user_ids) if u not in index]
-        if unknown:
-            raise CoplError(f"unknown user {unknown[0]!r} for {self.registry_name}: neither seen in training nor "
+        rows = self._rows_of.get_indexer(pd.Index(user_ids, dtype=object)) if len(user_ids) else np.empty(0, np.int64)
+        if (rows < 0).any():
+            unknown = user_ids[int(np.flatnonzero(rows < 0)[0])]
+            raise CoplError(f"unknown user {unknown!r} for {self.registry_name}: neither seen in training nor "
                             f"adapted (coplctl adapt --model RUN --user-file FILE --out NEW_RUN adds new users)")
-        return torch.tensor([index[u] for u in user_ids], dtype=torch.long)
+        return torch.from_numpy(rows.astype(np.int64))
 
     def pair_tensors(self, pairs: pd.DataFrame, responses: pd.DataFrame) -> tuple[torch.Tensor, ...]:
         pos = pd.Series(range(len(responses)), index=responses["response_id"])
@@ -147,9 +151,12 @@ class NeuralMethod(RewardMethod):
         self.backbone = backbone or self.load_backbone()
         self.progress = progress
         self.responses = data.responses[["response_id", "prompt", "text"]]
-        with state.main_process_first():  # the main process trains shared work (GCF) and fills caches first
-            self.net_sizes = dict(self.prepare(data, seed=seed, work_dir=work_dir))
+        from coplctl.models.features import shared_by_processes
+
+        with shared_by_processes():  # every process embeds its share of the responses' missing features
             inputs = self.inputs(data.responses, progress=progress and state.is_main_process)
+        with state.main_process_first():  # the main process trains shared work (GCF) first
+            self.net_sizes = dict(self.prepare(data, seed=seed, work_dir=work_dir))
         torch.manual_seed(seed)
         self.net = fp32_trainable(self.build_net(len(self.user_ids), self.net_sizes))
         train = self.pair_tensors(data.split("train"), data.responses) + self.extra_columns(data)
@@ -158,6 +165,8 @@ class NeuralMethod(RewardMethod):
         metrics = train_pairs(self.net, inputs, train, self.pair_tensors(valid, data.responses), self.config,
                               seed=seed, progress=progress, label=self.registry_name, lr_groups=self.lr_groups(),
                               work_dir=work_dir, report_to=report_to)
+        if inputs.truncated is not None:  # texts cut to the length limit, prompts from their start
+            metrics = {**metrics, "truncated": {"max_length": self.backbone.max_length, **inputs.truncated}}
         return metrics
 
     def score(self, user_ids: Sequence[str], responses: pd.DataFrame) -> torch.Tensor:

@@ -31,8 +31,9 @@ class TrainConfig:
     """``frozen`` (cached backbone features + trained trunk; CPU-friendly) or ``lora`` (adapters in the LM)."""
     backbone: str = "minilm"
     """Embedded name (minilm, gemma-3-270m), gemma-2b-it / gemma-7b-it, or any hub id / local path."""
-    max_length: Annotated[int, AT_LEAST_1] = 512
-    """Tokens per formatted text (prompt + response)."""
+    max_length: Annotated[int, AT_LEAST_1] | None = None
+    """Tokens per formatted text (prompt + response), cut from the start of the prompt first; None: the model's
+    own limit (its ``max_seq_length``: 256 for minilm; else at most 512)."""
     lr: Annotated[float, NON_NEGATIVE] | None = None
     """AdamW learning rate (paper: 5e-5 for CoPL; baselines searched in 1e-4, 5e-5, 1e-5, 5e-6)."""
     epochs: Annotated[int, AT_LEAST_1] | None = None
@@ -54,6 +55,9 @@ class TrainConfig:
     dtype: Annotated[str, OneOf("auto", "float32", "bfloat16", "float16")] = "auto"
     """Backbone weights: ``auto`` (bf16 on GPU, fp32 on CPU, as the paper trains in bf16), ``float32``,
     ``bfloat16``; trained parameters (adapters, gates, heads) stay fp32."""
+    feature_precision: Annotated[str, OneOf("auto", "float32", "bfloat16")] = "auto"
+    """Frozen features: ``auto`` (bf16 autocast on GPUs and on CPUs with native bf16, else fp32), ``float32``,
+    ``bfloat16`` (autocast; fp32 weights)."""
     mixed_precision: Annotated[str, OneOf("auto", "no", "bf16", "fp16")] = "auto"
     """``auto``: the launcher's (``accelerate launch --mixed_precision``) when set, else autocast to the
     backbone's dtype when it is not fp32; ``no``; ``bf16``; ``fp16`` (with a gradient scaler)."""

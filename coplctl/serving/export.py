@@ -55,7 +55,8 @@ def backbone_info(method) -> dict:
     name = method.config.backbone
     source, _ = resolve(name)
     info = {"name": name, "base_model_name_or_path": source, "revision": _revision(source),
-            "kind": method.backbone.kind, "max_length": method.config.max_length, "package": None}
+            "kind": method.backbone.kind, "max_length": method.backbone.max_length,
+            "truncation": "prompt_start", "package": None}
     if name in EMBEDDED:
         pip = EMBEDDED[name].pip.split()[0]
         try:

@@ -57,7 +57,8 @@ def model_card(sidecar: dict, config: dict, training: dict | None, evaluation: d
              f"- revision: `{b['revision'] or 'not recorded (a local path)'}`"]
     if b.get("package"):
         parts.append(f"- shipped by the PyPI package `{b['package']}`")
-    parts += [f"- max length: {b['max_length']} tokens, {b['kind']}",
+    parts += [f"- max length: {b['max_length']} tokens, {b['kind']}; a longer formatted text loses the start of its "
+              f"prompt first, its response only when that does not fit alone (`coplctl.models.tokens.encode`)",
               f"- adapters: `{config['peft_type']}`, rank {config['r']}, alpha {config['lora_alpha']}, "
               f"targets {', '.join(config['target_modules'] if isinstance(config['target_modules'], list) else [str(config['target_modules'])])}",
               ""]
