@@ -6,7 +6,8 @@ survey pair keeps its paper-scale number of annotators; 100 unseen users. Per si
 own process, so that its peak resident memory (ru_maxrss) is its own:
 
 - simulate: generate and save the dataset (seconds each);
-- gcf: load the pairs (texts stay on disk), build the training graph, train GCF with the ``cpu`` preset
+- graph: load the pairs (texts stay on disk) and build the training graph (seconds each);
+- gcf: train GCF with the ``cpu`` preset
   for --epochs epochs (the sampler the preset picks by size: ``auto``), and report s/epoch, s to the best
   epoch, valid accuracy and the group probe (logistic regression of the groups from user embeddings);
 - adapt: 10,000 new users (--new-users) × 8 pairs over graph responses, read from a user file and adapted
@@ -19,7 +20,7 @@ log(cost ratio) / log(users ratio); 1 is linear). Targets on 2 cores / 24 GB: 1M
 GCF < 60 s per epoch at < 12 GB, adaptation of 10k new users < 10 s, every stage's growth from 100k to
 1M at most 1.2 × linear.
 
-    python benchmarks/perf/scale.py [--sizes 10000,100000,1000000] [--epochs 3] [--work .bench-scale]
+    python benchmarks/perf/scale.py [--sizes 10000,100000,1000000] [--epochs 3] [--work .bench-scale] [--reuse simulate]
 """
 
 from __future__ import annotations
@@ -55,21 +56,28 @@ def stage_simulate(work: Path, n: int) -> dict:
             "pairs": counts.get("pairs"), "peak_mb": _peak_mb()}
 
 
-def stage_gcf(work: Path, epochs: int) -> dict:
+def stage_graph(work: Path) -> dict:
     import torch
 
     from coplctl.data import load
-    from coplctl.graph.config import preset_config
-    from coplctl.graph.train import TrainingData, train_gcf
+    from coplctl.graph.train import TrainingData
 
     t0 = time.perf_counter()
     ds = load(work / "data", texts=False)
     t1 = time.perf_counter()
-    TrainingData.build(ds, torch.device("cpu"), torch.float32)  # timed alone; train_gcf builds its own
-    t2 = time.perf_counter()
-    m = train_gcf(ds, work / "gcf", preset_config("cpu", epochs=epochs), force=True, progress=False)
+    TrainingData.build(ds, torch.device("cpu"), torch.float32)  # what train_gcf builds first
+    return {"load_s": t1 - t0, "graph_build_s": time.perf_counter() - t1, "peak_mb": _peak_mb()}
+
+
+def stage_gcf(work: Path, epochs: int) -> dict:
+    from coplctl.data import load
+    from coplctl.graph.config import preset_config
+    from coplctl.graph.train import train_gcf
+
+    m = train_gcf(load(work / "data", texts=False), work / "gcf", preset_config("cpu", epochs=epochs), force=True,
+                  progress=False)
     config = json.loads((work / "gcf" / "config.json").read_text())["gcf"]
-    return {"load_s": t1 - t0, "graph_build_s": t2 - t1, "sampler": config["sampler"],
+    return {"sampler": config["sampler"],
             "s_per_epoch": m["seconds_per_epoch"], "s_to_best": m["seconds_to_best"], "epochs": m["epochs_run"],
             "valid_accuracy": m["valid_accuracy"], "group_probe": m.get("group_probe"), "peak_mb": _peak_mb()}
 
@@ -131,12 +139,14 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=3, help="GCF epochs per size (s/epoch is their mean)")
     ap.add_argument("--new-users", type=int, default=10_000)
     ap.add_argument("--texts", type=int, default=400)
+    ap.add_argument("--reuse", default="", help="comma-separated stages whose earlier figures (in --work) are kept")
     ap.add_argument("--stage", help=argparse.SUPPRESS)
     a = ap.parse_args()
     work = Path(a.work)
     if a.stage:
         work.mkdir(parents=True, exist_ok=True)
-        stage = {"simulate": lambda: stage_simulate(work, int(work.name)), "gcf": lambda: stage_gcf(work, a.epochs),
+        stage = {"simulate": lambda: stage_simulate(work, int(work.name)), "graph": lambda: stage_graph(work),
+                 "gcf": lambda: stage_gcf(work, a.epochs),
                  "adapt": lambda: stage_adapt(work, a.new_users), "features": lambda: stage_features(work, a.texts)}
         print(json.dumps(stage[a.stage]()))
         return
@@ -144,8 +154,13 @@ def main() -> None:
     for n in (int(s) for s in a.sizes.split(",")):
         w = work / str(n)
         row = {}
-        for stage in ("simulate", "gcf", "adapt"):
-            row[stage] = _child(stage, w, a)
+        for stage in ("simulate", "graph", "gcf", "adapt"):
+            done = w / f"{stage}.json"  # --reuse: a stage measured before (e.g. simulate) is read back
+            if a.reuse and stage in a.reuse.split(",") and done.exists():
+                row[stage] = json.loads(done.read_text())
+            else:
+                row[stage] = _child(stage, w, a)
+                done.write_text(json.dumps(row[stage]))
             print(f"{n:>9,} users  {stage:<8} {json.dumps(row[stage])}", flush=True)
         rows[n] = row
     first = min(rows)
@@ -155,13 +170,13 @@ def main() -> None:
           f"{'s/epoch':>8} {'s to best':>9} {'probe':>6} {'adapt 10k s':>11} {'peak GB sim/gcf/adapt':>22} "
           f"{'embed all h':>11}")
     for n, r in rows.items():
-        s, g, d = r["simulate"], r["gcf"], r["adapt"]
+        s, b, g, d = r["simulate"], r["graph"], r["gcf"], r["adapt"]
         peaks = "/".join(f"{r[k]['peak_mb'] / 1024:.1f}" for k in ("simulate", "gcf", "adapt"))
         hours = s["responses"] / feats["texts_per_s"] / 3600
-        print(f"{n:>9,} {s['simulate_s']:>10.1f} {s['save_s']:>7.1f} {g['load_s']:>7.1f} {g['graph_build_s']:>8.1f} "
+        print(f"{n:>9,} {s['simulate_s']:>10.1f} {s['save_s']:>7.1f} {b['load_s']:>7.1f} {b['graph_build_s']:>8.1f} "
               f"{g['sampler']:>8} {g['s_per_epoch']:>8.1f} {g['s_to_best']:>9.1f} {g['group_probe']:>6.3f} "
               f"{d['read_s'] + d['adapt_s']:>11.2f} {peaks:>22} {hours:>11.1f}")
-    flat = {n: {"simulate_s": r["simulate"]["simulate_s"], "graph_build_s": r["gcf"]["graph_build_s"],
+    flat = {n: {"simulate_s": r["simulate"]["simulate_s"], "graph_build_s": r["graph"]["graph_build_s"],
                 "s_per_epoch": r["gcf"]["s_per_epoch"], "adapt_s": r["adapt"]["read_s"] + r["adapt"]["adapt_s"],
                 "gcf_peak_mb": r["gcf"]["peak_mb"], "simulate_peak_mb": r["simulate"]["peak_mb"]} for n, r in rows.items()}
     print("\ngrowth (cost ratio between sizes against the users' ratio):")
