@@ -44,3 +44,19 @@ def test_two_processes_fill_the_cache_one_process_fills(tmp_path):
     torch.testing.assert_close(c2.lookup(digests), c1.lookup(digests), atol=1e-6, rtol=0)
     again = _embed(data, tmp_path / "two", 2)  # everything cached: nothing to embed
     assert again.returncode == 0 and json.loads(again.stdout)["embedded"] == 0
+
+
+def test_inspect_counts_the_texts_a_backbone_would_cut(tmp_path, capsys):
+    from coplctl.cli import main
+
+    data = tmp_path / "data"
+    ds = simulate(SimConfig(ProtocolConfig("uf-p-2", "all", users=20, unseen_users=2, survey_pairs=120)))
+    ds.save(data)
+    assert main(["data", "inspect", str(data), "--backbone", "minilm", "--json"]) == 0
+    whole = json.loads(capsys.readouterr().out)["truncation"]
+    assert whole == {"backbone": "minilm", "max_length": 256, "texts": len(ds.responses), "prompt": 0, "response": 0}
+    assert main(["data", "inspect", str(data), "--backbone", "minilm", "--max-length", "40", "--json"]) == 0
+    cut = json.loads(capsys.readouterr().out)["truncation"]
+    assert cut["max_length"] == 40 and cut["response"] == len(ds.responses)  # short prompts, long responses
+    assert main(["data", "inspect", str(data), "--backbone", "minilm", "--max-length", "40"]) == 0
+    assert f"Cut to minilm's 40 tokens: 0 of {len(ds.responses):,} texts" in " ".join(capsys.readouterr().out.split())
