@@ -163,10 +163,11 @@ class PreferenceGraph:
 
     @classmethod
     def from_pairs(cls, pairs: pd.DataFrame, user_ids: list[str] | None = None,
-                   response_ids=None) -> "PreferenceGraph":
+                   response_ids=None, *, with_index: bool = False):
         """Build from (user_id, chosen_id, rejected_id) rows; users default to those in the pairs (in order
         of appearance). Responses are those of the pairs, in the order of ``response_ids`` (a dataset's
-        responses table: a run's responses are then a filter of it) or else of appearance."""
+        responses table: a run's responses are then a filter of it) or else of appearance.
+        ``with_index``: also return the pairs' (user, chosen, rejected) node indices (:meth:`index_pairs`'s)."""
         from coplctl.data.dataset import positions
 
         if user_ids is None:
@@ -178,7 +179,8 @@ class PreferenceGraph:
             responses = pd.unique(pd.concat([pairs["chosen_id"], pairs["rejected_id"]], ignore_index=True)).tolist()
             c, r = (torch.from_numpy(positions(pairs[col], responses)) for col in ("chosen_id", "rejected_id"))
         else:
-            c, r = (positions(pairs[col], response_ids) for col in ("chosen_id", "rejected_id"))
+            both = positions(pd.concat([pairs["chosen_id"], pairs["rejected_id"]], ignore_index=True), response_ids)
+            c, r = both[:len(pairs)], both[len(pairs):]  # one join: the responses table is hashed once
             if (c < 0).any() or (r < 0).any():
                 raise CoplError("pairs reference responses outside the responses table")
             used = np.zeros(len(response_ids), dtype=bool)
@@ -189,7 +191,8 @@ class PreferenceGraph:
         n = max(len(user_ids), len(responses))
         pos = coalesce(torch.stack([u, c]), num_nodes=n)
         neg = coalesce(torch.stack([u, r]), num_nodes=n)
-        return cls(list(user_ids), responses, pos, neg)
+        graph = cls(list(user_ids), responses, pos, neg)
+        return (graph, (u, c, r)) if with_index else graph
 
     @classmethod
     def from_dataset(cls, ds) -> "PreferenceGraph":
@@ -251,8 +254,10 @@ class PreferenceGraph:
     def index_pairs(self, pairs: pd.DataFrame) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(user, chosen, rejected) node indices of pairs (-1 outside the graph), and the mask of pairs
         fully inside the graph."""
-        u, c, r = (torch.from_numpy(self.index(pairs[col], side)) for col, side in
-                   (("user_id", "users"), ("chosen_id", "responses"), ("rejected_id", "responses")))
+        u = torch.from_numpy(self.index(pairs["user_id"], "users"))
+        both = torch.from_numpy(self.index(pd.concat([pairs["chosen_id"], pairs["rejected_id"]], ignore_index=True),
+                                           "responses"))
+        c, r = both[:len(pairs)], both[len(pairs):]
         return u, c, r, (u >= 0) & (c >= 0) & (r >= 0)
 
     def index(self, ids, side: str) -> "np.ndarray":

@@ -50,8 +50,8 @@ class TrainingData:
 
     @classmethod
     def build(cls, ds, device: torch.device, dtype: torch.dtype) -> "TrainingData":
-        graph = PreferenceGraph.from_dataset(ds)
-        u, c, r, _ = graph.index_pairs(ds.split("train"))
+        graph, (u, c, r) = PreferenceGraph.from_pairs(ds.split("train"), ds.user_ids("seen"),
+                                                      ds.responses["response_id"], with_index=True)
         vu, vc, vr, vok = graph.index_pairs(ds.split("valid"))
         train = tuple(t.to(device) for t in (u, c, r))
         valid = tuple(t[vok].to(device) for t in (vu, vc, vr))
