@@ -6,7 +6,10 @@ exception is a bug. Examples are bounded and derandomized, so CI runs the same c
 from __future__ import annotations
 
 import json
+import math
+import os
 import shutil
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -25,7 +28,8 @@ RESPONSES = pd.DataFrame({"response_id": ["r1", "r2", "r3", "r4", "r5"],
 SEEN = {"alice"}
 
 # JSON values, shallow and deep; text biased towards known ids, texts and tricky characters
-TEXT = st.one_of(st.sampled_from(["r1", "r2", "r3", "r4", "r5", "same", "B", "C", "D\u2028E", "", "alice", "p1"]),
+TEXT = st.one_of(st.sampled_from(["r1", "r2", "r3", "r4", "r5", "same", "B", "C", "D\u2028E", "", "alice", "p1",
+                                  "\ud800", "Hi \udfff", "\ud83d\ude00"]),  # lone surrogates and a valid pair
                  st.text(max_size=8))
 SCALAR = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70), st.floats(allow_nan=True), TEXT)
 VALUE = st.recursive(SCALAR, lambda inner: st.one_of(st.lists(inner, max_size=3),
@@ -64,6 +68,8 @@ def test_user_file_reader(scratch, content, skip):
         return
     pairs = uf.pairs
     assert len(pairs) > 0
+    for col in ("user_id", "chosen_id", "rejected_id"):
+        assert all(isinstance(v, str) and v.encode("utf-8") for v in pairs[col])  # no lone surrogate gets through
     prompt = RESPONSES.set_index("response_id")["prompt"]
     assert pairs["chosen_id"].isin(prompt.index).all() and pairs["rejected_id"].isin(prompt.index).all()
     assert (pairs["chosen_id"] != pairs["rejected_id"]).all()
@@ -84,7 +90,7 @@ def test_score_request_reader(scratch, content):
     except CoplError:
         return
     assert rows and len(rows) == len(lines) and lines == sorted(set(lines))
-    assert all(isinstance(r[k], str) for r in rows for k in ("user", "prompt", "response"))
+    assert all(isinstance(r[k], str) and r[k].encode("utf-8") for r in rows for k in ("user", "prompt", "response"))
 
 
 SPEC_KEYS = st.sampled_from(["name", "description", "include", "data", "methods", "seeds", "common", "overrides",
@@ -96,7 +102,13 @@ SPEC_VALUE = st.recursive(SCALAR, lambda inner: st.one_of(st.lists(inner, max_si
 YAML_TEXT = st.one_of(
     st.dictionaries(SPEC_KEYS, SPEC_VALUE, max_size=6).map(lambda d: __import__("yaml").safe_dump(d)),
     st.text(max_size=40), st.just("!!python/object/apply:os.system ['true']"), st.just("[" * 5000 + "]" * 5000),
-    st.just("name: ../escape\nmethods: [uniform]\n"), st.just("include: self.yaml\n"))
+    st.just("name: ../escape\nmethods: [uniform]\n"), st.just("include: self.yaml\n"),
+    # aliases: a shared value (PyYAML writes &id001 / *id001) and a nested alias bomb, at the top and under common
+    st.dictionaries(SPEC_KEYS, SPEC_VALUE, min_size=1, max_size=3).map(
+        lambda d: __import__("yaml").safe_dump({"shared": d, "common": d, "x": [d, d]})),
+    st.sampled_from(["", "common:\n  "]).map(lambda indent: indent + ("\n" + indent).join(
+        ["a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]"] +
+        [f"{n}: &{n} [{', '.join(['*' + p] * 9)}]" for p, n in zip("abcdefgh", "bcdefghi")])))
 
 
 @FUZZ
@@ -106,9 +118,11 @@ def test_spec_loader(scratch, text, utf16):
 
     f = scratch / "self.yaml"
     f.write_bytes(text.encode("utf-16" if utf16 else "utf-8", errors="surrogatepass"))
+    t0 = time.perf_counter()
     try:
         spec = load_spec(str(f))
     except CoplError:
+        assert time.perf_counter() - t0 < 5  # refused before anything expands (an alias bomb takes minutes)
         return
     assert "/" not in spec.name and not spec.name.startswith(".")
     spec.jobs()
@@ -133,6 +147,12 @@ def test_results_loader_and_tables(scratch, result):
         build_report(results)[0]
     except CoplError:
         return
+    for r in results:  # what loads is true: finite shares in [0, 1], finite non-negative counts
+        for block in r["metrics"].values():
+            for k, v in (block or {}).items():
+                if isinstance(v, (int, float)) and k in ("accuracy", "common", "controversial", "ties",
+                                                         "controversial_pairs"):
+                    assert math.isfinite(v) and v >= 0 and (v <= 1 or k in ("ties", "controversial_pairs"))
 
 
 # -- run directories ------------------------------------------------------------------------------------
@@ -210,3 +230,44 @@ def test_model_run_loader(model_run, scratch, name, mutation):
         load_method(run)
     except CoplError:
         return
+
+
+# -- outputs ------------------------------------------------------------------------------------------------
+
+OUTPUT = st.sampled_from(["new.jsonl", "sub/new.jsonl", "existing.txt", "link", "pipe", "dir", "-", "/dev/stdout",
+                          "run/model.safetensors", "run/method.json", "run/new.png", "run/sub/x", "data/pairs.parquet",
+                          "data/x.jsonl", "input.jsonl", "run", "data"])
+
+
+@FUZZ
+@given(name=OUTPUT, force=st.booleans())
+def test_outputs_never_land_on_inputs_or_special_files(scratch, name, force):
+    """The one output rule: whatever the path, a command either gets a new (or, with --force, an existing
+    regular) file outside every run and dataset, or standard output, or one CoplError; nothing is touched."""
+    from coplctl.core.atomic import check_file_output
+
+    root = scratch / "outputs"
+    if not root.exists():
+        root.mkdir()
+        (root / "run").mkdir()
+        (root / "run" / "method.json").write_text("{}")
+        (root / "data").mkdir()
+        (root / "data" / "meta.json").write_text("{}")
+        (root / "existing.txt").write_text("keep")
+        (root / "input.jsonl").write_text("{}")
+        (root / "link").symlink_to(root / "existing.txt")
+        os.mkfifo(root / "pipe")
+        (root / "dir").mkdir()
+    before = sorted(p.name for p in root.rglob("*"))
+    dest = name if name in ("-", "/dev/stdout") else root / name
+    try:
+        got = check_file_output(dest, force=force, inputs={"the input file": root / "input.jsonl", "the run": root / "run"})
+    except CoplError:
+        got = "refused"
+    assert sorted(p.name for p in root.rglob("*")) == before and (root / "existing.txt").read_text() == "keep"
+    if name in ("-", "/dev/stdout"):
+        assert got is None
+    elif name in ("new.jsonl", "sub/new.jsonl") or (name == "existing.txt" and force):
+        assert got == root / name
+    else:
+        assert got == "refused"

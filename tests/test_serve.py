@@ -86,3 +86,30 @@ def test_the_command_serves_until_interrupted(micro_dir, tmp_path):
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=30)
     assert proc.returncode in (0, 130) and "serving uniform" in err
+
+
+def test_a_lone_surrogate_is_a_422_and_a_client_that_leaves_mid_body_logs_nothing(served, micro_dir):
+    import logging
+    import socket
+    import time
+    from urllib.parse import urlsplit
+
+    url, _ = served
+    user = load_data(micro_dir).user_ids("seen")[0]
+    body = '{"items": [{"user": "%s", "prompt": "Hi \\ud800", "response": "ok"}]}' % user
+    with httpx.Client(base_url=url, timeout=30) as client:
+        got = client.post("/reward", content=body, headers={"content-type": "application/json"})
+    assert got.status_code == 422 and "items[0].prompt holds a lone surrogate" in got.json()["error"]
+    host = urlsplit(url)
+    logged = []
+    handler = logging.Handler()
+    handler.emit = lambda record: logged.append(record)
+    logging.getLogger("uvicorn.error").addHandler(handler)  # where uvicorn reports an exception in the app
+    with socket.create_connection((host.hostname, host.port)) as s:  # promises 1,000 bytes, sends 10, leaves
+        s.sendall(b"POST /reward HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1000"
+                  b"\r\n\r\n{\"items\":")
+    with httpx.Client(base_url=url, timeout=30) as client:
+        assert client.get("/health").status_code == 200
+    time.sleep(1.5)  # the server notices the disconnect and finishes that request
+    logging.getLogger("uvicorn.error").removeHandler(handler)
+    assert not [r for r in logged if r.exc_info], [r.getMessage() for r in logged]

@@ -3,6 +3,7 @@ the tolerance or the baseline seeds' spread, whichever is larger; a result that 
 
 from __future__ import annotations
 
+import math
 import statistics
 
 from coplctl.bench.results import Result, load_results
@@ -39,6 +40,8 @@ def compare(baseline: str, current: str, tolerance: float = 1.0) -> tuple[list[d
     """Rows of (spec, name, metric, baseline, current, delta, allowed, status); True if any failed."""
     from coplctl.core.errors import CoplError
 
+    if not math.isfinite(tolerance) or tolerance < 0:
+        raise CoplError(f"--tolerance must be a finite number of points, 0 or more, not {tolerance}")
     found = {}
     for label, where in (("baseline", baseline), ("current", current)):
         found[label] = load_results(where)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import os
 import platform
 import subprocess
@@ -89,13 +90,33 @@ def load_results(root: str | Path) -> list[Result]:
     root = Path(root)
     if not root.exists():
         return []
-    files = [root] if root.is_file() else sorted(f for f in root.rglob("seed*.json") if f.is_file())
+    files = [root] if root.is_file() else result_files(root)
     out = []
     for f in files:
         data = check_result(read_json(f, what="results file"), f)
+        named = RESULT_NAME.fullmatch(f.name)
+        if named and int(named.group(1)) != data["seed"]:
+            raise DataError(f, f"holds seed {data['seed']}, but its name says seed {named.group(1)}")
         data["_file"] = str(f)
         out.append(data)
     return out
+
+
+RESULT_NAME = re.compile(r"seed(\d+)\.json")
+
+
+def result_files(root: Path) -> list[Path]:
+    """The result files under ``root``: exactly ``seed<N>.json``. Anything else named ``seed*.json`` (a copy such
+    as ``seed0 copy.json``, or a directory) would be read as another seed or silently skip one: one DataError."""
+    found = []
+    for f in sorted(root.rglob("seed*.json")):
+        if not RESULT_NAME.fullmatch(f.name):
+            raise DataError(f, "is not a results file name (seed<N>.json): move it out of the results directory, "
+                               "or it would count as another seed")
+        if not f.is_file():
+            raise DataError(f, "is not a file: a results file seed<N>.json must be one")
+        found.append(f)
+    return found
 
 
 _NUMBER = (int, float)

@@ -83,6 +83,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(argv: list[str] | None, debug: bool) -> int:
+    from coplctl.core.files import not_unicode
+
+    for i, arg in enumerate(sys.argv[1:] if argv is None else argv, 1):
+        problem = not_unicode(arg)
+        if problem:  # bytes that are not UTF-8 reach Python as lone surrogates
+            err.print(f"error: command-line argument {i} ({arg.encode('utf-8', 'replace').decode()[:60]!r}) "
+                      f"{problem}", style="red", markup=False, highlight=False, soft_wrap=True)
+            return 2
     try:
         rv = app(args=argv, prog_name="coplctl", standalone_mode=False)
         code = rv if isinstance(rv, int) else 0

@@ -78,7 +78,7 @@ def parse_sets(sets: list[str]) -> dict:
     import yaml
 
     from coplctl.core.errors import CoplError
-    from coplctl.core.files import yaml_numbers
+    from coplctl.core.files import load_yaml, yaml_numbers
 
     result = {}
     for item in sets:
@@ -88,7 +88,7 @@ def parse_sets(sets: list[str]) -> dict:
         if not value.strip():
             raise CoplError(f"--set {key.strip()}: empty value (write {key.strip()}=null for none)")
         try:
-            result[key.strip().replace("-", "_")] = yaml_numbers(yaml.safe_load(value))
+            result[key.strip().replace("-", "_")] = yaml_numbers(load_yaml(value))
         except (yaml.YAMLError, RecursionError) as e:
             raise CoplError(f"--set {key.strip()}: invalid value ({' '.join(str(e).split())[:160]})") from None
     return result

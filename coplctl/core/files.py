@@ -8,6 +8,7 @@ read: JSON, YAML through ``safe_load``, Parquet and safetensors; nothing executa
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
@@ -40,10 +41,44 @@ def read_text(path: str | Path, what: str = "file") -> str:
         raise DataError(path, f"is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
 
 
-def parse_json(text: str, path: str | Path, *, line: int | None = None) -> Any:
-    """``json.loads`` whose errors name the file (and line): invalid JSON, or nesting too deep to read."""
+_ESCAPED_SURROGATE = re.compile(r"\\u[dD][89a-fA-F]")  # \ud800-\udfff: half of a UTF-16 pair
+
+
+def not_unicode(text: str) -> str | None:
+    """Why ``text`` is not Unicode text (a lone surrogate, from an unpaired ``\\udXXX`` JSON escape or from
+    bytes that are not UTF-8 in a command-line argument), else None."""
     try:
-        return json.loads(text)
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return (f"holds a lone surrogate U+{ord(text[e.start]):04X} at character {e.start} (an unpaired \\ud800-"
+                f"\\udfff escape, or bytes that are not UTF-8): not Unicode text")
+    return None
+
+
+def _unicode_problem(value: Any, where: str = "") -> str | None:
+    """The first string (key or value) in a JSON value that is not Unicode text, described with its place."""
+    if isinstance(value, str):
+        problem = not_unicode(value)
+        return f"{where or 'the value'} {problem}" if problem else None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for k, v in items:
+        here = f"{where}.{k}" if isinstance(k, str) and where else k if isinstance(k, str) else f"{where}[{k}]"
+        found = (isinstance(k, str) and not_unicode(k) and f"a key {not_unicode(k)}") or _unicode_problem(v, here)
+        if found:
+            return found
+    return None
+
+
+def parse_json(text: str, path: str | Path, *, line: int | None = None) -> Any:
+    """``json.loads`` whose errors name the file (and line): invalid JSON, nesting too deep to read, or a string
+    that is not Unicode text (a lone surrogate escape, which every text consumer would fail on later)."""
+    try:
+        value = json.loads(text)
+        if _ESCAPED_SURROGATE.search(text):
+            problem = _unicode_problem(value)
+            if problem:
+                raise DataError(path, problem, line=line)
+        return value
     except json.JSONDecodeError as e:
         where = f" at line {e.lineno} column {e.colno}" if line is None else f" at column {e.colno}"
         raise DataError(path, f"invalid JSON ({e.msg}{where})", line=line) from None
@@ -102,13 +137,29 @@ def yaml_numbers(value: Any) -> Any:
     return value
 
 
+def load_yaml(text: str) -> Any:
+    """YAML text through PyYAML's safe loader (no Python tags) without aliases: ``*name`` is refused where it
+    is met, before anything is expanded (nested aliases can grow a few lines into gigabytes)."""
+    import yaml
+
+    class NoAliases(yaml.SafeLoader):
+        def compose_node(self, parent, index):
+            if self.check_event(yaml.AliasEvent):
+                mark = self.peek_event().start_mark
+                raise yaml.composer.ComposerError(None, None, "YAML aliases (*name) are not read: write the value "
+                                                  "out where it is used", mark)
+            return super().compose_node(parent, index)
+
+    return yaml.load(text, Loader=NoAliases)  # noqa: S506 (a SafeLoader)
+
+
 def read_yaml(path: str | Path, *, what: str = "YAML file") -> Any:
-    """A YAML file through ``yaml.safe_load`` (no Python tags), errors located by line; ``1e-4`` is a number."""
+    """A YAML file through :func:`load_yaml` (safe, no aliases), errors located by line; ``1e-4`` is a number."""
     import yaml
 
     text = read_text(path, what)
     try:
-        return yaml_numbers(yaml.safe_load(text))
+        return yaml_numbers(load_yaml(text))
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         line = mark.line + 1 if mark is not None else None
@@ -139,12 +190,25 @@ def check_type(value: Any, expect: type | tuple[type, ...], path: str | Path, ke
     return value
 
 
+#: stored scores that are shares (accuracies): finite and within [0, 1]; every other number is a finite count
+SHARES = ("accuracy", "common", "controversial", "valid_accuracy", "train_accuracy", "group_probe")
+
+
 def check_numbers(block: Any, path: str | Path, key: str, keys: tuple[str, ...]) -> None:
-    """``block``, the content of ``key``: null, or a JSON object whose entries ``keys`` are numbers or null
-    (e.g. a stored metrics block); else one DataError naming the file and the key."""
+    """``block``, the content of ``key``: null, or a JSON object whose entries ``keys`` are finite numbers or
+    null (e.g. a stored metrics block), shares (:data:`SHARES`) within [0, 1] and counts not negative; else
+    one DataError naming the file and the key."""
     if check_type(block, dict, path, key, nullable=True) is not None:
         for k in keys:
-            check_type(block.get(k), (int, float), path, f"{key}.{k}", nullable=True)
+            v = check_type(block.get(k), (int, float), path, f"{key}.{k}", nullable=True)
+            if v is None:
+                continue
+            if not math.isfinite(v):
+                raise DataError(path, f"key '{key}.{k}' must be a finite number, not {v}")
+            if k in SHARES and not 0 <= v <= 1:
+                raise DataError(path, f"key '{key}.{k}' is a share and must lie in [0, 1], not {v}")
+            if k not in SHARES and k != "weight_probe" and v < 0:
+                raise DataError(path, f"key '{key}.{k}' is a count and cannot be negative ({v})")
 
 
 def read_user_ids(path: str | Path) -> list[str]:

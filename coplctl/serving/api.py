@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 
 from coplctl.core.errors import CoplError
+from coplctl.core.files import not_unicode
 
 
 @contextmanager
@@ -39,11 +40,20 @@ def _own_rng() -> Iterator[None]:
 
 
 def _texts(value, n: int | None, what: str) -> list[str]:
-    values = [value] if isinstance(value, str) else list(value)
+    if isinstance(value, str):
+        values = [value]
+    elif isinstance(value, (list, tuple, pd.Series, pd.Index)) or (hasattr(value, "__array__") and getattr(value, "ndim", 0) == 1):
+        values = list(value)
+    else:
+        raise CoplError(f"{what} must be a text or a list of texts, not {type(value).__name__}")
     if n is not None and len(values) == 1 and n != 1:
         values = values * n  # one user (or prompt) for every response
-    if not all(isinstance(v, str) for v in values):
-        raise CoplError(f"{what} must be texts")
+    for i, v in enumerate(values):
+        if not isinstance(v, str):
+            raise CoplError(f"{what}[{i}] must be a text, not {type(v).__name__}")
+        problem = not_unicode(v)
+        if problem:
+            raise CoplError(f"{what}[{i}] {problem}")
     return values
 
 
@@ -73,8 +83,8 @@ class RewardModel:
         from coplctl.models.evaluate import score_frame
         from coplctl.models.features import in_memory
 
-        if batch_size < 1:
-            raise CoplError(f"batch_size must be at least 1, not {batch_size}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+            raise CoplError(f"batch_size must be a whole number, at least 1, not {batch_size!r}")
         texts = _texts(responses, None, "responses")
         users, prompts = _texts(users, len(texts), "users"), _texts(prompts, len(texts), "prompts")
         if not len(users) == len(prompts) == len(texts):
@@ -101,7 +111,13 @@ class RewardModel:
         from coplctl.data.userfile import user_pairs
         from coplctl.models.features import in_memory
 
-        records = pairs.to_dict("records") if isinstance(pairs, pd.DataFrame) else list(pairs)
+        if isinstance(pairs, (str, bytes, dict)) or not isinstance(pairs, (pd.DataFrame, Sequence, Iterator)):
+            raise CoplError(f"pairs must be a DataFrame or a list of records (dicts), not {type(pairs).__name__}")
+        if isinstance(pairs, pd.DataFrame):  # a frame's missing cells (NaN, None) are absent keys, as in a user file
+            records = [{k: v for k, v in r.items() if not (v is None or (isinstance(v, float) and v != v))}
+                       for r in pairs.to_dict("records")]
+        else:
+            records = list(pairs)
         uf = user_pairs(enumerate(records), self.method.responses, source="pairs", unit="row",
                         seen_users=set(self.users), new_responses=True)
         responses = uf.with_new_responses(self.method.responses)
@@ -113,6 +129,8 @@ def load(run: str | Path, *, cache_texts: int = 50_000) -> RewardModel:
     """Load the run directory ``run`` (``coplctl train`` / ``adapt`` / a benchmark's ``runs/...``)."""
     from coplctl.models.reward import load_method
 
+    if not isinstance(run, (str, Path)) or not str(run):
+        raise CoplError(f"run must be a run directory (a path), not {run!r:.60}")
     with _own_rng():
         method = load_method(run)
     return RewardModel(method, Path(run), cache_texts)

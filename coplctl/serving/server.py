@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from importlib.metadata import version
 
 from coplctl.core.errors import CoplError
+from coplctl.core.files import not_unicode
 
 
 class _Problem(Exception):
@@ -47,6 +48,9 @@ def _items(body: bytes, max_batch: int) -> tuple[list[str], list[str], list[str]
             value = item.get(key)
             if not isinstance(value, str):
                 raise _Problem(422, f"items[{i}].{key} " + ("is missing" if value is None else "must be a text"))
+            problem = not_unicode(value)
+            if problem:
+                raise _Problem(422, f"items[{i}].{key} {problem}")
             values.append(value)
     return cols["user"], cols["prompt"], cols["response"]
 
@@ -55,7 +59,7 @@ def make_app(rm, *, max_batch: int = 1024, max_body_bytes: int = 8 << 20):
     """The ASGI application serving ``rm`` (a :class:`coplctl.serving.api.RewardModel`)."""
     from starlette.applications import Starlette
     from starlette.concurrency import run_in_threadpool
-    from starlette.requests import Request
+    from starlette.requests import ClientDisconnect, Request
     from starlette.responses import JSONResponse
     from starlette.routing import Route
 
@@ -78,7 +82,13 @@ def make_app(rm, *, max_batch: int = 1024, max_body_bytes: int = 8 << 20):
 
     async def reward(request: Request) -> JSONResponse:
         try:
-            users, prompts, responses = _items(await read_body(request), max_batch)
+            body = await read_body(request)
+        except ClientDisconnect:  # the client left mid-body: nobody to answer, nothing to log
+            return JSONResponse({"error": "the client disconnected"}, status_code=400)
+        except _Problem as p:
+            return JSONResponse({"error": p.message}, status_code=p.status)
+        try:
+            users, prompts, responses = _items(body, max_batch)
             async with lock:
                 scores = await run_in_threadpool(rm.reward, users, prompts, responses)
         except _Problem as p:
@@ -100,8 +110,16 @@ def make_app(rm, *, max_batch: int = 1024, max_body_bytes: int = 8 << 20):
 def serve(rm, *, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 1024,
           max_body_bytes: int = 8 << 20, log_level: str = "info") -> None:
     """Serve ``rm`` until interrupted."""
+    import socket
+
     import uvicorn
 
+    try:  # a busy port or an unknown host is one line here, not uvicorn's log and exit code 3
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((host, port))
+    except OSError as e:
+        raise CoplError(f"cannot listen on {host}:{port} ({e.strerror or e}); choose another --port or --host") from None
     uvicorn.run(make_app(rm, max_batch=max_batch, max_body_bytes=max_body_bytes), host=host, port=port,
                 log_level=log_level)
 
