@@ -157,8 +157,10 @@ def test_score_input_and_output_paths(runs, tmp_path, capsys):
     f.write_text(json.dumps({"user": runs[1].user_ids("seen")[0], "prompt": "p", "response": "r"}) + "\n")
     cases = [(["--input", str(tmp_path / "missing.jsonl")], "missing.jsonl: no such request file"),
              (["--input", str(tmp_path)], "is a directory, not a request file"),
-             (["--input", str(f), "--output", str(tmp_path)], "is a directory; give a file path"),
+             (["--input", str(f), "--output", str(tmp_path)], "contains the --input file"),
+             (["--input", str(f), "--output", str(tmp_path / "d")], "is a directory; coplctl never replaces one"),
              (["--input", str(f), "--output", str(f)], "is the --input file")]
+    (tmp_path / "d").mkdir()
     (tmp_path / "u16.jsonl").write_text(f.read_text(), encoding="utf-16")
     cases.append((["--input", str(tmp_path / "u16.jsonl")], "u16.jsonl: is not UTF-8 text"))
     for args, words in cases:

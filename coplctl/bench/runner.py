@@ -200,6 +200,16 @@ def _search(run: Benchmark, job: Job, seed: int, stage: Callable[[str], None]) -
     return choose(list(job.candidates), found)
 
 
+def _tidy(lock_file: Path, made: list[Path]) -> None:
+    """A benchmark that stopped before writing anything leaves no trace: its lock file, and the directories it
+    made for it, go when they hold nothing else."""
+    if lock_file.parent.is_dir() and [p.name for p in lock_file.parent.iterdir()] == [lock_file.name]:
+        lock_file.unlink(missing_ok=True)
+        for d in reversed(made):
+            with contextlib.suppress(OSError):
+                d.rmdir()  # only when empty
+
+
 def _lock(state, stack: contextlib.ExitStack, out: Path, base: Path, name: str) -> None:
     """The main process creates ``base`` and locks it; every process learns whether that worked."""
     problem = None
@@ -208,10 +218,12 @@ def _lock(state, stack: contextlib.ExitStack, out: Path, base: Path, name: str) 
             for p in (out, base):
                 if p.exists() and not p.is_dir():
                     raise CoplError(f"--out {out}: {p} is a file; the results directory must be a directory")
+            made = [p for p in (out, base) if not p.exists()]
             try:
                 base.mkdir(parents=True, exist_ok=True)
             except OSError as e:
                 raise CoplError(f"cannot create {base} ({e.strerror or e}); choose another --out") from None
+            stack.callback(_tidy, base / LOCK_FILE, made)  # runs after the lock is released
             stack.enter_context(locked(base / LOCK_FILE, str(out), by=f"coplctl benchmark {name}",
                                        advice="wait for it or use another --out"))
         except CoplError as e:

@@ -198,8 +198,10 @@ def _table_data(t) -> dict:
 
 def _check_report_out(out_dir: Path, found: list[dict], figures: list[str]) -> None:
     """``report --out`` is a directory that can be made, and none of the report's files is a results file."""
+    from coplctl.core.atomic import refuse_inside_known
     from coplctl.core.errors import CoplError
 
+    refuse_inside_known(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise CoplError(f"--out {out_dir} is a file; name a directory for the report")
     inputs = {Path(r["_file"]).resolve() for r in found}

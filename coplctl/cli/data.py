@@ -85,8 +85,7 @@ def _build(path: Path, inputs: dict[str, str], status: str, make, *, force: bool
     any work), build under a status line, save atomically, then say what was written (and warn)."""
     from coplctl.core.atomic import check_output, refuse_overlap
 
-    if inputs:
-        refuse_overlap(path, inputs)
+    refuse_overlap(path, inputs)
     check_output(path, force=force, marker="meta.json", kind="dataset")
     with err.status(status):
         ds = make()
@@ -97,6 +96,10 @@ def _build(path: Path, inputs: dict[str, str], status: str, make, *, force: bool
     dropped = {k: v for k, v in stats.items() if k.startswith("dropped") and v} if note_dropped else {}
     if dropped:
         err.print("note: " + ", ".join(f"{k.replace('_', ' ')}: {v:,}" for k, v in dropped.items()), style="yellow")
+    empty = [k for k, v in ds.meta["counts"]["pairs"].items() if v == 0 and k in ("train", "valid", "test")]
+    if empty:  # e.g. --valid-pairs larger than any user's judgements: a split that selects or scores nothing
+        err.print(f"note: the {', '.join(empty)} split(s) of {path} hold no pairs; check the split options "
+                  f"(coplctl data inspect {path})", style="yellow", highlight=False, soft_wrap=True)
     _report(ds, path, as_json)
 
 

@@ -32,8 +32,11 @@ def export(
     from coplctl.core.errors import CoplError
     from coplctl.serving.export import FORMATS, export_peft, push_to_hub
 
+    from coplctl.core.atomic import refuse_inside_known
+
     if fmt not in FORMATS:
         raise CoplError(f"--format {fmt!r}: the formats are {', '.join(FORMATS)}")
+    refuse_inside_known(out_dir)
     summary = export_peft(run, out_dir, force=force)
     if push is not None:
         summary["hub_url"] = push_to_hub(out_dir, push, private=private)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from pathlib import Path
@@ -47,7 +48,7 @@ def train(
     is kept beside it in .OUT.work: the same command, run again after a crash or kill, resumes from there
     (--force starts over); it is deleted once the run is saved.
     """
-    from coplctl.core.atomic import atomic_write_text, check_output, refuse_overlap
+    from coplctl.core.atomic import check_output, locked, refuse_overlap
     from coplctl.core.errors import CoplError
     from coplctl.core.registry import METHODS
     from coplctl.data import load
@@ -65,19 +66,46 @@ def train(
     check_output(out_dir, force=force, marker="method.json", kind="reward-model run")
     ds = load(data)
     work = out_dir.parent / f".{out_dir.name}.work"  # resumable intermediate work (e.g. CoPL's GCF)
-    if force:
-        shutil.rmtree(work, ignore_errors=True)
+    state = distributed_state(cfg)
+    lock_file = out_dir.parent / f".{out_dir.name}.lock"
+    with contextlib.ExitStack() as stack:
+        problem = None
+        if state.is_main_process:  # one `train` per --out at a time
+            try:
+                out_dir.parent.mkdir(parents=True, exist_ok=True)
+                stack.enter_context(locked(lock_file, str(out_dir), by="coplctl train",
+                                           advice="wait for it or use another --out"))
+                stack.callback(lock_file.unlink, missing_ok=True)  # by its holder, before the lock is released
+            except (CoplError, OSError) as e:
+                problem = str(e)
+        if state.num_processes > 1:  # the other processes must not train without the main one
+            from accelerate.utils import broadcast_object_list
+
+            problem = broadcast_object_list([problem])[0]
+        if problem:
+            raise CoplError(problem)
+        if force and state.is_main_process:
+            shutil.rmtree(work, ignore_errors=True)
+        state.wait_for_everyone()
+        _train(method, cls, cfg, ds, data, out_dir, work, seed, report_to, as_json, state)
+
+
+def _train(method, cls, cfg, ds, data, out_dir, work, seed, report_to, as_json, state) -> None:
+    """Fit and save (the body of ``train``, under its lock)."""
+    from coplctl.bench.results import data_hash
+    from coplctl.core.atomic import atomic_write_text
+    from coplctl.core.errors import CoplError
+
     model = cls(cfg)
     tracked = {"report_to": report_to} if report_to != "none" else {}
     if tracked and not _accepts(model.fit, "report_to"):
         raise CoplError(f"method {method} does not support --report-to (its fit takes no report_to)")
-    state = distributed_state(cfg)
     metrics = model.fit(ds, seed=seed, work_dir=work, **tracked)
     if state.is_main_process:
         model.save(out_dir, overwrite=True)
         if (work / "logs").is_dir():  # the tracker's files, kept in the work dir while training (resumable)
             shutil.move(str(work / "logs"), str(out_dir / "logs"))
-        info = {"method": method, "data": str(data), "seed": seed, "metrics": metrics,
+        info = {"method": method, "data": str(data), "data_hash": data_hash(data), "seed": seed, "metrics": metrics,
                 "data_meta": {k: ds.meta.get(k) for k in ("source", "variant", "annotations", "seed", "counts")}}
         atomic_write_text(out_dir / "training.json", json.dumps(info, indent=2) + "\n")
         shutil.rmtree(work, ignore_errors=True)
@@ -105,19 +133,42 @@ def evaluate(
     data: Data,
     fewshot: Annotated[Optional[int], typer.Option(
         "--fewshot", min=1, help="Adapt unseen users from only their first N few-shot pairs.")] = None,
+    other_data: Annotated[bool, typer.Option(
+        "--other-data", help="Evaluate on a dataset other than the one the run was trained on (its evaluation "
+                             "goes to --out, never to RUN/evaluation.json).")] = False,
+    out_file: Annotated[Optional[Path], typer.Option(
+        "--out", help="Also write the evaluation JSON here (with --other-data: the only place it is written).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing --out file.")] = False,
     as_json: Json = False,
 ) -> None:
-    """Seen and unseen users' test accuracy, common vs controversial pairs (writes RUN/evaluation.json)."""
-    from coplctl.core.atomic import atomic_write_text
+    """Seen and unseen users' test accuracy, common vs controversial pairs (writes RUN/evaluation.json when DATA
+    is the dataset the run was trained on, as training.json records it)."""
+    from coplctl.bench.results import data_hash
+    from coplctl.core.atomic import atomic_write_text, check_file_output
+    from coplctl.core.errors import CoplError
+    from coplctl.core.files import read_json
     from coplctl.data import load
     from coplctl.models.evaluate import evaluate as run_eval
     from coplctl.models.evaluate import render
     from coplctl.models.reward import load_method
 
+    trained = read_json(run / "training.json", what="training record") if (run / "training.json").is_file() else {}
+    same = trained.get("data_hash") is None or trained["data_hash"] == data_hash(data)
+    if not same and not other_data:
+        raise CoplError(f"{data} is not the dataset {run} was trained on ({trained.get('data')}, by content hash in "
+                        f"training.json): its user ids may collide with the run's. Pass --other-data to evaluate "
+                        f"on it anyway (with --out FILE to keep the result)")
+    if out_file is not None:
+        out_file = check_file_output(out_file, force=force, inputs={"the run": run, "the dataset": data},
+                                     option="--out")
     method = load_method(run)
     result = run_eval(method, load(data), fewshot=fewshot)
     result.update(data=str(data), fewshot=fewshot)
-    atomic_write_text(run / "evaluation.json", json.dumps(result, indent=2) + "\n")
+    text = json.dumps(result, indent=2) + "\n"
+    if same:
+        atomic_write_text(run / "evaluation.json", text)
+    if out_file is not None:
+        atomic_write_text(out_file, text)
     if as_json:
         print_json(result)
     else:
@@ -135,13 +186,16 @@ def score(
     response: Annotated[Optional[str], typer.Option("--response", help="The response to score.")] = None,
     input_file: Annotated[Optional[Path], typer.Option(
         "--input", help='JSONL of {"user", "prompt", "response"} to score in one go.')] = None,
-    output: Annotated[Optional[Path], typer.Option("--output", help="Write JSONL here instead of stdout.")] = None,
+    output: Annotated[Optional[Path], typer.Option("--output", help=(
+        "Write JSONL here instead of stdout (a new file, or an existing one with --force; never inside a run or "
+        "dataset, never over a symlink, pipe or device; - is stdout)."))] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing --output file.")] = False,
     as_json: Annotated[bool, typer.Option(
         "--json", help="Print one JSON array of {user, prompt, response, reward} objects instead of a number or "
                        "JSONL lines (with --output too, which still gets JSONL).")] = False,
 ) -> None:
     """Reward of a response for a user, or of every line of a JSONL file."""
-    from coplctl.core.atomic import atomic_write_text
+    from coplctl.core.atomic import atomic_write_text, check_file_output
     from coplctl.core.errors import CoplError, DataError
     from coplctl.models.evaluate import read_score_requests, score_frame
     from coplctl.models.reward import load_method
@@ -155,11 +209,9 @@ def score(
         rows, line_of = [{"user": user, "prompt": prompt, "response": response}], None
     else:
         rows, line_of = read_score_requests(input_file)
-    if output is not None:
-        if output.is_dir():
-            raise CoplError(f"--output {output} is a directory; give a file path")
-        if input_file is not None and output.resolve() == input_file.resolve():
-            raise CoplError(f"--output {output} is the --input file; write the rewards elsewhere")
+    jsonl_stdout = output is not None and str(output) in ("-", "/dev/stdout")
+    if output is not None:  # one rule for outputs: never over an input, a run's files, a special file
+        output = check_file_output(output, force=force, inputs={"the --input file": input_file, "the run": run})
     method = load_method(run)
     index = getattr(method, "user_index", None) if getattr(method, "personalized", False) else None
     if index is not None:
@@ -177,7 +229,7 @@ def score(
         atomic_write_text(output, "\n".join(lines) + "\n")
     if as_json:
         print_json(scored)
-    elif output is None and input_file is None:
+    elif output is None and input_file is None and not jsonl_stdout:
         out.print(f"{rewards[0]:.6f}")
     elif output is None:
         typer.echo("\n".join(lines))

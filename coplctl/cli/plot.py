@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from coplctl.cli.common import Json, MaybeOut, Seed, err, examples, print_json
+from coplctl.cli.common import Force, Json, MaybeOut, Seed, err, examples, print_json
 from coplctl.cli.common import out as stdout
 
 app = typer.Typer(name="plot", help="Draw the paper's figures (PNG).", no_args_is_help=True,
@@ -26,17 +26,19 @@ def embeddings(
     out: MaybeOut = None,
     max_users: Annotated[int, typer.Option("--max-users", min=10, help="Seen users drawn (random sample).")] = 3000,
     seed: Seed = 0,
+    force: Force = False,
     as_json: Json = False,
 ) -> None:
     """t-SNE of user embeddings coloured by preference group (paper Figures 1 and 4).
 
-    The figure is written to the PNG file --out (default: RUN/embeddings.png); --json prints its path and the
-    users and groups drawn.
+    The figure is written to the PNG file --out (default: RUN-NAME-embeddings.png in the current directory;
+    never inside a run or dataset); --json prints its path and the users and groups drawn.
     """
     from coplctl.copl.figures import plot_embeddings
 
+    path = _png(out or Path(f"{run.resolve().name}-embeddings.png"), force, {"the run": run, "the --adapted run": adapted})
     with err.status("running t-SNE ..."):
-        info = plot_embeddings(run, out or run / "embeddings.png", adapted=adapted, max_users=max_users, seed=seed)
+        info = plot_embeddings(run, path, adapted=adapted, max_users=max_users, seed=seed)
     err.print(f"wrote {info['path']} ({info['seen']} seen, {info['adapted']} adapted users)", highlight=False)
     if as_json:
         print_json(info)
@@ -50,17 +52,19 @@ def experts(
     layer: Annotated[Optional[list[int]], typer.Option(
         "--layer", help="Index of a MoLE layer to draw (repeatable; default: all).")] = None,
     out: MaybeOut = None,
+    force: Force = False,
     as_json: Json = False,
 ) -> None:
     """Which expert each group's users route to, per MoLE layer (paper Figure 3), with each layer's
     group-expert mutual information; prints per-layer top share and MI, and flags collapsed layers.
 
-    The figure is written to the PNG file --out (default: RUN/experts.png); --json prints its path, the experts
-    in use and the routing statistics per layer.
+    The figure is written to the PNG file --out (default: RUN-NAME-experts.png in the current directory; never
+    inside a run or dataset); --json prints its path, the experts in use and the routing statistics per layer.
     """
     from coplctl.copl.figures import plot_experts
 
-    info = plot_experts(run, out or run / "experts.png", layers=layer)
+    info = plot_experts(run, _png(out or Path(f"{run.resolve().name}-experts.png"), force, {"the run": run}),
+                        layers=layer)
     if as_json:
         print_json(info)
     else:
@@ -71,6 +75,17 @@ def experts(
                   + ", ".join(collapsed), style="yellow", highlight=False, soft_wrap=True)
     err.print(f"wrote {info['path']} ({info['layers']} layers); experts in use per layer: "
               + "; ".join(f"{n}: {e}" for n, e in info["experts_used"].items()), highlight=False, soft_wrap=True)
+
+
+def _png(out: Path, force: bool, inputs: dict) -> Path:
+    """The figure's path under the output rule (:func:`coplctl.core.atomic.check_file_output`)."""
+    from coplctl.core.atomic import check_file_output
+    from coplctl.core.errors import CoplError
+
+    path = check_file_output(out, force=force, inputs=inputs, option="--out")
+    if path is None:
+        raise CoplError("--out: a figure is a PNG file; give its path, not standard output")
+    return path
 
 
 def _print(info: dict, run: Path) -> None:

@@ -134,6 +134,45 @@ def check_output(dest: str | Path, *, force: bool, marker: str, kind: str, optio
     check_replaceable(dest, marker, kind)
 
 
+#: files that mark a directory as something coplctl reads (never a place for another command's output)
+KNOWN_INPUTS = {"method.json": "a trained run", "meta.json": "a dataset", "embeddings.safetensors": "a GCF run",
+                "adapter_config.json": "an export"}
+STDOUT = ("-", "/dev/stdout")
+
+
+def check_file_output(dest: str | Path, *, force: bool, inputs: dict[str, str | Path | None] | None = None,
+                      option: str = "--output") -> Path | None:
+    """The one rule for a command's output file, checked before any work; returns the path to write, or None
+    for standard output (``-`` or ``/dev/stdout``).
+
+    Refused: a path that is (or lies inside, or contains) one of ``inputs``; a path inside a directory
+    coplctl reads (a run, a dataset, a GCF run, an export, a benchmark's output: :data:`KNOWN_INPUTS`);
+    anything but a regular file there (a directory, a symlink, a pipe, a device: never replaced by a file);
+    an existing file without ``force``."""
+    if str(dest) in STDOUT:
+        return None
+    dest = Path(dest)
+    refuse_overlap(dest, inputs or {}, option)
+    if dest.is_symlink() or (dest.exists() and not dest.is_file()):
+        what = ("a symlink" if dest.is_symlink() else "a directory" if dest.is_dir() else
+                "not a regular file (a pipe or a device)")
+        raise CoplError(f"{option} {dest} is {what}; coplctl never replaces one with a file: give a new file path, "
+                        f"or - for standard output")
+    refuse_inside_known(dest, option)
+    if dest.exists() and not force:
+        raise CoplError(f"{option} {dest} already exists; choose another path or pass --force to replace it")
+    return dest
+
+
+def refuse_inside_known(dest: str | Path, option: str = "--out") -> None:
+    """Raise CoplError when ``dest`` lies inside a directory coplctl reads (:data:`KNOWN_INPUTS`)."""
+    for parent in Path(dest).resolve().parents:
+        for marker, kind in KNOWN_INPUTS.items():
+            if (parent / marker).is_file():
+                raise CoplError(f"{option} {dest} is inside {parent}, {kind}; write it elsewhere (its files are "
+                                f"read by coplctl and must not be replaced)")
+
+
 def check_replaceable(dest: str | Path, marker: str, kind: str) -> None:
     """Raise CoplError unless ``dest`` is absent, an empty directory or a ``kind`` (it holds ``marker``):
     --force replaces an output of the same kind, never whatever else happens to be at that path."""
@@ -255,8 +294,9 @@ def locked(path: str | Path, what: str, *, by: str = "coplctl command",
 
 
 def refuse_overlap(out: str | Path, inputs: dict[str, str | Path | None], option: str = "--out") -> None:
-    """Raise CoplError when output ``out`` is, contains or lies inside one of ``inputs`` (what -> path):
-    an output never replaces or writes into its own input, even with --force."""
+    """Raise CoplError when output ``out`` is, contains or lies inside one of ``inputs`` (what -> path), or lies
+    inside any directory coplctl reads (:func:`refuse_inside_known`): an output never replaces or writes into
+    an input, even with --force."""
     o = Path(out).resolve()
     for what, path in inputs.items():
         if path is None or not Path(path).exists():
@@ -268,3 +308,4 @@ def refuse_overlap(out: str | Path, inputs: dict[str, str | Path | None], option
             raise CoplError(f"{option} {out} is inside {what} {path}; choose another {option}")
         if p.is_relative_to(o):
             raise CoplError(f"{option} {out} contains {what} {path}; choose another {option}")
+    refuse_inside_known(out, option)  # after the named inputs, whose messages say more

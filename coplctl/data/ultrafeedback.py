@@ -113,9 +113,10 @@ def _hub_records(repo_id: str, columns: tuple[str, ...]) -> Iterator[tuple[Path,
 
 
 def looks_like_hub_id(source: str) -> bool:
-    """``owner/name``: read from the hub (or its cache) when no such local path exists."""
+    """``owner/name``: read from the hub (or its cache) when no such local path exists. A path whose first part
+    is a local directory (``data/mine``) is a mistyped local path, never sent to the hub."""
     return source.count("/") == 1 and not source.startswith((".", "/", "~")) and \
-        Path(source).suffix not in (".parquet", ".jsonl", ".json", ".csv")
+        Path(source).suffix not in (".parquet", ".jsonl", ".json", ".csv") and not Path(source.split("/")[0]).is_dir()
 
 
 def hub_dataset(source: str, config: str | None = None, *, split: str | None = None):
