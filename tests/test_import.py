@@ -245,3 +245,13 @@ def test_a_hub_id_reads_the_datasets_cache_as_a_download_left_it(tiny_dir, tmp_p
     hub, local = load(tmp_path / "hub"), load(tmp_path / "local")
     assert hub.pairs.equals(local.pairs) and hub.responses.equals(local.responses)
     assert judgements(hub) == judgements(load(tiny_dir))
+
+
+def test_an_option_that_leaves_a_split_empty_is_noted(tiny_dir, tmp_path, capsys):
+    src = write(flat(load(tiny_dir), split_column=False), tmp_path / "t.jsonl")
+    assert main(["data", "import", str(src), "--out", str(tmp_path / "d"), "--valid-pairs", "100"]) == 0
+    err = " ".join(capsys.readouterr().err.split())
+    if load(tmp_path / "d").counts()["pairs"]["valid"] == 0:
+        assert "the valid split(s) of" in err and "hold no pairs" in err
+    else:
+        pytest.fail("--valid-pairs 100 should leave no user with enough judgements for a valid split")

@@ -165,7 +165,12 @@ class Backbone:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.max_length = max_length or tokens.own_max_length(source, config, self.tokenizer)
         self.autocast = feature_autocast(precision, self.device, self.dtype)
-        self.model = AutoModel.from_pretrained(source, dtype=self.dtype).to(self.device)
+        try:  # safetensors only: a pickled checkpoint (pytorch_model.bin) is never unpickled
+            self.model = AutoModel.from_pretrained(source, dtype=self.dtype, use_safetensors=True).to(self.device)
+        except OSError as e:
+            raise CoplError(f"backbone {name!r}: no safetensors weights ({str(e).splitlines()[0][:160]}); coplctl "
+                            f"reads model.safetensors only, never pickled pytorch_model.bin files: convert them "
+                            f"(e.g. save_pretrained of the loaded model) into a new folder") from None
         self.model.requires_grad_(False)
         self.hidden_size = int(self.model.config.hidden_size)
         digest = hashlib.sha1(json.dumps(config.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:12]

@@ -25,7 +25,7 @@ import torch
 
 from coplctl.copl.peft_mole import MOLE_PEFT_TYPE, load_mole, mole_adapters, mole_export_config
 from coplctl.core.atomic import atomic_dir, refuse_overlap
-from coplctl.core.errors import CoplError
+from coplctl.core.errors import CoplError, DataError
 
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 SIDECAR, SIDECAR_WEIGHTS = "coplctl_reward.json", "coplctl_reward.safetensors"
@@ -162,6 +162,8 @@ def load_peft(directory: str | Path, model: torch.nn.Module):
 
     directory = Path(directory)
     saved = read_json(directory / ADAPTER_CONFIG, what="adapter config")
+    if not (directory / ADAPTER_WEIGHTS).is_file():  # peft would fall back to a pickled adapter_model.bin
+        raise DataError(directory / ADAPTER_WEIGHTS, "no such adapter weights file; only safetensors are read")
     if saved.get("peft_type") != MOLE_PEFT_TYPE:
         return PeftModel.from_pretrained(model, str(directory))
     spec = read_json(directory / SIDECAR, what="coplctl sidecar").get("mole")
@@ -180,8 +182,21 @@ def push_to_hub(directory: str | Path, repo_id: str, *, private: bool = False) -
                         f"(the export is in {directory})")
     api = HfApi(token=token)
     try:
+        if private:  # create_repo(private=True, exist_ok=True) leaves an existing public repo public
+            from huggingface_hub.utils import RepositoryNotFoundError
+
+            try:
+                public = not api.repo_info(repo_id).private
+            except RepositoryNotFoundError:
+                public = False
+            if public:
+                raise CoplError(f"--private: the hub repo {repo_id} exists and is public, and pushing would publish "
+                                f"this export (user ids and paths included); make the repo private on the hub "
+                                f"first, or push elsewhere (the export is in {directory})")
         url = api.create_repo(repo_id, private=private, exist_ok=True)
         api.upload_folder(repo_id=repo_id, folder_path=str(directory), commit_message="coplctl export")
+    except CoplError:
+        raise
     except Exception as e:  # network, permissions, bad id: one line, the export stays on disk
         raise CoplError(f"could not push {directory} to the hub as {repo_id} ({type(e).__name__}: "
                         f"{str(e).strip().splitlines()[0][:200] if str(e).strip() else 'no detail'}); "
