@@ -107,9 +107,9 @@ def test_feature_cache_computes_each_text_once_per_backbone(tiny_gemma, tmp_path
     calls = []
     real = tiny_gemma.embed
 
-    def counting(prompts, responses, batch_size=32):
+    def counting(prompts, responses, batch_size=32, progress=None):
         calls.append(list(responses))
-        return real(prompts, responses, batch_size)
+        return real(prompts, responses, batch_size, progress)
 
     tiny_gemma.embed = counting
     try:

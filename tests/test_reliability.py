@@ -224,8 +224,9 @@ def test_serving_on_a_busy_port_is_one_line(tiny_run, capsys):
         s.listen()
         port = s.getsockname()[1]
         assert main(["serve", str(tiny_run / "run"), "--port", str(port)]) == 1
-    err = capsys.readouterr().err
-    assert f"cannot listen on 127.0.0.1:{port}" in err and "Traceback" not in err
+    out = capsys.readouterr()
+    assert out.err.strip() == (f"error: cannot listen on 127.0.0.1:{port} (Address already in use); choose another "
+                               f"--port or --host") and out.out == ""
 
 
 def test_two_trainings_on_one_out_do_not_both_run(tiny_run, tmp_path, capsys):
@@ -291,3 +292,40 @@ def test_adapt_takes_a_frame_where_only_some_rows_have_a_prompt_as_a_user_file_d
     prompt = two["prompt"].to_numpy()[2]
     frame = pd.DataFrame({"user": ["new-1", "new-2"], "chosen": [a, c], "rejected": [b, d], "prompt": [None, prompt]})
     assert rm.adapt(frame)["users"] == 2 and {"new-1", "new-2"} <= set(rm.users)
+
+
+def test_report_and_benchmark_outputs_follow_the_rule(tiny_run, tmp_path, capsys):
+    run = tiny_run / "run"
+    assert main(["report", str(BASELINE), "--out", str(run)]) == 1  # the run itself, not only inside it
+    assert "is inside" in capsys.readouterr().err and not (run / "tables.md").exists()
+    assert main(["benchmark", "quick", "--out", str(tiny_run / "data")]) == 1
+    assert "is inside" in capsys.readouterr().err
+    rep = tmp_path / "rep"
+    assert main(["report", str(BASELINE), "--out", str(rep)]) == 0
+    assert main(["report", str(BASELINE), "--out", str(rep)]) == 1  # an earlier report: --force
+    assert "already exists" in capsys.readouterr().err
+    (rep / "tables.md").unlink()
+    (rep / "tables.md").symlink_to(tmp_path / "elsewhere.md")
+    assert main(["report", str(BASELINE), "--out", str(rep), "--force"]) == 1
+    assert "is a symlink" in capsys.readouterr().err and (rep / "tables.md").is_symlink()
+
+
+def test_a_benchmarks_results_are_an_input_no_output_lands_in(tmp_path, capsys):
+    res = tmp_path / "out"
+    shutil.copytree(BASELINE, res / "quick")
+    (res / "quick" / "spec.json").write_text("{}")
+    from coplctl.core.atomic import check_file_output
+    from coplctl.core.errors import CoplError
+
+    with pytest.raises(CoplError, match="a benchmark's output"):
+        check_file_output(res / "quick" / "results" / "uniform" / "seed0.json", force=True)
+
+
+def test_stdout_on_a_full_disk_is_one_line():
+    import subprocess
+    import sys
+
+    with open("/dev/full", "w") as full:
+        res = subprocess.run([sys.executable, "-m", "coplctl", "methods"], stdout=full, stderr=subprocess.PIPE,
+                             text=True, timeout=120)
+    assert res.returncode == 1 and res.stderr.strip() == "error: cannot write the output (No space left on device)"

@@ -6,6 +6,7 @@ their bodies, so `coplctl --help` and `coplctl methods` start fast."""
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 from typing import Annotated
@@ -82,6 +83,10 @@ def main(argv: list[str] | None = None) -> int:
     return code
 
 
+#: an output that cannot be written (stdout on a full disk, a read-only target): one line, not a traceback
+_OUTPUT_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EFBIG, errno.EIO}
+
+
 def _run(argv: list[str] | None, debug: bool) -> int:
     from coplctl.core.files import not_unicode
 
@@ -94,6 +99,7 @@ def _run(argv: list[str] | None, debug: bool) -> int:
     try:
         rv = app(args=argv, prog_name="coplctl", standalone_mode=False)
         code = rv if isinstance(rv, int) else 0
+        sys.stdout.flush()  # a full disk behind stdout shows here, inside the error handling
     except CoplError as e:
         if debug:
             raise
@@ -102,6 +108,11 @@ def _run(argv: list[str] | None, debug: bool) -> int:
     except (KeyboardInterrupt, typer.Abort):
         err.print("interrupted", style="red")
         code = 130
+    except OSError as e:
+        if debug or e.errno not in _OUTPUT_ERRNOS:
+            raise
+        err.print(f"error: cannot write the output ({e.strerror or e})", style="red", markup=False, highlight=False)
+        code = 1
     except Exception as e:
         # Usage errors (click's, or the copy vendored by recent typer) carry exit_code + format_message.
         if not (hasattr(e, "format_message") and hasattr(e, "exit_code")):

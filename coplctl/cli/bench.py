@@ -70,7 +70,9 @@ def benchmark(
     if spec is None:
         raise typer.BadParameter("name a benchmark spec (see coplctl benchmark --list)", param_hint="SPEC")
     from coplctl.bench.runner import run_benchmark
+    from coplctl.core.atomic import refuse_inside_known
 
+    refuse_inside_known(out_dir, itself=True)  # results never go into a run, a dataset or an export
     s = load_spec(spec)
     summary = run_benchmark(s, out_dir, names=_csv(methods, "--methods"),
                             seeds=_csv(seeds, "--seeds", int, "whole numbers (e.g. 0,1,2)"),
@@ -92,6 +94,7 @@ def report(
                                             show_default=False)],
     fmt: Annotated[str, typer.Option("--format", help="md, csv or latex (printed to stdout).")] = "md",
     out_path: MaybeOut = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace the files of an earlier report in --out.")] = False,
     as_json: Json = False,
 ) -> None:
     """Render the paper's tables (and the methods' figures) from stored results only.
@@ -100,7 +103,7 @@ def report(
     figure links into that directory. --json prints the tables as data instead (each cell's mean, std and per-seed values, in
     points) with the files --out wrote.
     """
-    report = _report(results, fmt, out_path, as_json)
+    report = _report(results, fmt, out_path, as_json, force)
     if as_json:
         print_json({"results": str(results), **report})
 
@@ -149,7 +152,7 @@ def _print_comparison(rows: list[dict], title: str) -> None:
     out.print(t)
 
 
-def _report(results: Path, fmt: str, out_dir: Optional[Path], as_json: bool = False) -> dict:
+def _report(results: Path, fmt: str, out_dir: Optional[Path], as_json: bool = False, force: bool = False) -> dict:
     """Print the tables of the results in ``fmt`` (unless ``as_json``) and write the report to ``out_dir``;
     returns {"tables": the tables as data, "files": the files written}."""
     from coplctl.bench.results import load_results
@@ -165,7 +168,7 @@ def _report(results: Path, fmt: str, out_dir: Optional[Path], as_json: bool = Fa
         raise CoplError(f"no results under {results} (run coplctl benchmark first)")
     tables, own = build_report(found)
     if out_dir is not None:
-        _check_report_out(out_dir, found, [f.name for f in own.figures])
+        _check_report_out(out_dir, found, [f.name for f in own.figures], force)
     if not as_json:
         typer.echo("\n".join(render[fmt](t) for t in tables))
     report = {"tables": [_table_data(t) for t in tables], "files": []}
@@ -183,8 +186,7 @@ def _report(results: Path, fmt: str, out_dir: Optional[Path], as_json: bool = Fa
     if lines:
         report["files"].append(out_dir / "figures.md")
         atomic_write_text(report["files"][-1], "\n".join(lines) + "\n")
-    drawn = " and ".join(f.name for f in own.figures)
-    err.print(f"wrote {out_dir}/tables.md, tables.csv, tables.tex" + (f" and {drawn}" if drawn else ""))
+    err.print(f"wrote {', '.join(str(f) for f in report['files'])}", highlight=False, soft_wrap=True)
     return report
 
 
@@ -196,18 +198,19 @@ def _table_data(t) -> dict:
             "rows": [{"row": label, "cells": dict(zip(t.columns, map(cell, cells)))} for label, cells in t.rows]}
 
 
-def _check_report_out(out_dir: Path, found: list[dict], figures: list[str]) -> None:
+def _check_report_out(out_dir: Path, found: list[dict], figures: list[str], force: bool) -> None:
     """``report --out`` is a directory that can be made, and none of the report's files is a results file."""
-    from coplctl.core.atomic import refuse_inside_known
+    from coplctl.core.atomic import check_file_output, refuse_inside_known
     from coplctl.core.errors import CoplError
 
-    refuse_inside_known(out_dir)
+    refuse_inside_known(out_dir, itself=True)
     if out_dir.exists() and not out_dir.is_dir():
         raise CoplError(f"--out {out_dir} is a file; name a directory for the report")
     inputs = {Path(r["_file"]).resolve() for r in found}
     for name in ("tables.md", "tables.csv", "tables.tex", "figures.md", *figures):
         if (out_dir / name).resolve() in inputs:
             raise CoplError(f"--out {out_dir} would replace the results file {out_dir / name}; choose another --out")
+        check_file_output(out_dir / name, force=force, option="--out")  # an earlier report: --force
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:

@@ -375,7 +375,7 @@ def embed(path: DataDir, backbone: Annotated[str, typer.Option("--backbone", hel
     would. Under accelerate launch every process embeds its share into the shared cache directory."""
     from accelerate import PartialState
 
-    from coplctl.core.progress import stderr_console
+    from coplctl.core.progress import Counted
     from coplctl.data.dataset import load
     from coplctl.models.backbone import Backbone
     from coplctl.models.features import embed_all
@@ -385,10 +385,12 @@ def embed(path: DataDir, backbone: Annotated[str, typer.Option("--backbone", hel
     state = PartialState(cpu=resolve_device("auto").type == "cpu")  # under accelerate launch: joins the group
     ds = load(path)
     model = Backbone(backbone, max_length=max_length, precision=precision, device=str(state.device))
-    bar = None
-    if state.is_main_process:
-        bar = lambda done, total: stderr_console().print(f"embedded {done:,}/{total:,} texts (this process's share)")  # noqa: E731
-    done = embed_all(model, ds.responses["prompt"], ds.responses["text"], batch_size=batch_size, progress=bar)
+    bar = Counted("embedding texts (this process's share)") if state.is_main_process else None
+    try:
+        done = embed_all(model, ds.responses["prompt"], ds.responses["text"], batch_size=batch_size, progress=bar)
+    finally:
+        if bar is not None:
+            bar.close()
     if not state.is_main_process:
         return
     if as_json:

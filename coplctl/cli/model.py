@@ -254,8 +254,10 @@ def serve(
 
     if find_spec("starlette") is None or find_spec("uvicorn") is None:
         raise CoplError("coplctl serve needs starlette and uvicorn: pip install 'coplctl[serve]'")
+    from coplctl.serving.server import check_port
     from coplctl.serving.server import serve as run_server
 
+    check_port(host, port)  # before loading the run and announcing anything
     rm = load(run)
     err.print(f"serving {rm.name} from {run} on http://{host}:{port} (POST /reward, GET /health, GET /info)")
     run_server(rm, host=host, port=port, max_batch=max_batch, max_body_bytes=int(max_body_mb * 1e6))

@@ -136,7 +136,7 @@ def check_output(dest: str | Path, *, force: bool, marker: str, kind: str, optio
 
 #: files that mark a directory as something coplctl reads (never a place for another command's output)
 KNOWN_INPUTS = {"method.json": "a trained run", "meta.json": "a dataset", "embeddings.safetensors": "a GCF run",
-                "adapter_config.json": "an export"}
+                "adapter_config.json": "an export", "spec.json": "a benchmark's output"}
 STDOUT = ("-", "/dev/stdout")
 
 
@@ -164,9 +164,11 @@ def check_file_output(dest: str | Path, *, force: bool, inputs: dict[str, str | 
     return dest
 
 
-def refuse_inside_known(dest: str | Path, option: str = "--out") -> None:
-    """Raise CoplError when ``dest`` lies inside a directory coplctl reads (:data:`KNOWN_INPUTS`)."""
-    for parent in Path(dest).resolve().parents:
+def refuse_inside_known(dest: str | Path, option: str = "--out", *, itself: bool = False) -> None:
+    """Raise CoplError when ``dest`` lies inside a directory coplctl reads (:data:`KNOWN_INPUTS`), or, with
+    ``itself``, is one (an output directory that other files are written into: a report, a benchmark)."""
+    resolved = Path(dest).resolve()
+    for parent in ([resolved] if itself else []) + list(resolved.parents):
         for marker, kind in KNOWN_INPUTS.items():
             if (parent / marker).is_file():
                 raise CoplError(f"{option} {dest} is inside {parent}, {kind}; write it elsewhere (its files are "

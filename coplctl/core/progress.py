@@ -49,10 +49,27 @@ class Bar:
         if self.log and now - self.last_log >= LOG_EVERY_S:
             self.last_log = now
             t = self.prog.tasks[0]
-            self.prog.console.print(f"{t.description} {t.completed:.0f}/{t.total:.0f} [{t.elapsed:.0f} s] "
+            eta = f", ~{t.time_remaining:.0f} s left" if t.time_remaining else ""
+            self.prog.console.print(f"{t.description} {t.completed:.0f}/{t.total:.0f} [{t.elapsed:.0f} s{eta}] "
                                     f"{t.fields['info']}", markup=False, highlight=False)
 
     def close(self) -> None:
         if self.prog is not None:
             self.prog.stop()
             self.prog = None
+
+
+class Counted:
+    """A ``progress(done, total)`` callback drawing a :class:`Bar` once the total is known (its first call)."""
+
+    def __init__(self, label: str):
+        self.label, self.bar = label, None
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.bar is None:
+            self.bar = Bar(True, total, self.label)
+        self.bar.update(completed=done)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

@@ -196,8 +196,9 @@ class Backbone:
         return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
 
     @torch.no_grad()
-    def embed_ids(self, ids: list[list[int]], batch_size: int = 32) -> torch.Tensor:
-        """Pooled features of token id sequences (frozen backbone), float32 on CPU, in input order."""
+    def embed_ids(self, ids: list[list[int]], batch_size: int = 32, progress=None) -> torch.Tensor:
+        """Pooled features of token id sequences (frozen backbone), float32 on CPU, in input order;
+        ``progress(done)`` after each batch."""
         self.model.eval()
         order = np.argsort([len(t) for t in ids], kind="stable")  # similar lengths batch together
         out = torch.empty(len(ids), self.hidden_size)
@@ -211,12 +212,14 @@ class Backbone:
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
                 hidden = self.model(input_ids=batch, attention_mask=mask).last_hidden_state
                 out[torch.from_numpy(idx)] = self.pool(hidden, mask).float().cpu()
+            if progress is not None:
+                progress(min(s + batch_size, len(ids)))
         return out
 
-    def embed(self, prompts, responses, batch_size: int = 32) -> tuple[torch.Tensor, np.ndarray]:
+    def embed(self, prompts, responses, batch_size: int = 32, progress=None) -> tuple[torch.Tensor, np.ndarray]:
         """(pooled features, cut codes) of the formatted texts of ``prompts`` and ``responses``."""
         ids, cuts = self.encode(prompts, responses)
-        return self.embed_ids(ids, batch_size), cuts
+        return self.embed_ids(ids, batch_size, progress), cuts
 
 
 def truncation(name: str, prompts, responses, max_length: int | None = None) -> dict:

@@ -34,7 +34,7 @@ from coplctl.core.atomic import atomic_path
 from coplctl.models.backbone import Backbone, cache_root
 from coplctl.models.tokens import cut_counts
 
-SHARD_TEXTS = 4096  # texts per shard written (and per progress step)
+SHARD_TEXTS = 4096  # texts per shard written
 
 
 def text_digest(text: str) -> bytes:
@@ -180,7 +180,7 @@ def features(backbone: Backbone, prompts, responses, *, batch_size: int = 32, pr
     """Pooled frozen-backbone features of the formatted texts of ``prompts`` and ``responses`` (parallel
     sequences), computing only those not cached yet (shared across processes, see the module's docstring).
 
-    ``progress(done, total)`` is called as this process embeds texts; ``cuts``, if given, receives the
+    ``progress(done, total)`` is called after each batch this process embeds; ``cuts``, if given, receives the
     counts of texts whose prompt or response was cut (:func:`coplctl.models.tokens.cut_counts`).
     """
     prompts, responses = list(prompts), list(responses)
@@ -199,7 +199,8 @@ def features(backbone: Backbone, prompts, responses, *, batch_size: int = 32, pr
     new: dict[bytes, torch.Tensor] = {}  # this call's texts held in memory (the store may evict them)
     done = 0
     for chunk in chunks:
-        feats, codes = backbone.embed([prompts[i] for i in chunk], [responses[i] for i in chunk], batch_size)
+        step = None if progress is None else (lambda k, base=done: progress(base + k, mine))  # noqa: E731
+        feats, codes = backbone.embed([prompts[i] for i in chunk], [responses[i] for i in chunk], batch_size, step)
         chunk_digests = [digests[i] for i in chunk]
         if memory is None:
             cache.add(chunk_digests, feats, codes, tag=f"-{rank}" if world > 1 else "")

@@ -129,12 +129,14 @@ class NeuralMethod(RewardMethod):
                 torch.tensor(pairs["rejected_id"].map(pos).to_numpy(dtype="int64")))
 
     def inputs(self, responses: pd.DataFrame, progress: bool = False):
-        bar = None
-        if progress:
-            from coplctl.core.progress import stderr_console
+        from coplctl.core.progress import Counted
 
-            bar = lambda done, total: stderr_console().print(f"embedded {done:,}/{total:,} new response texts")  # noqa: E731
-        return build_inputs(self.backbone, responses, self.config.mode, progress=bar)
+        bar = Counted("embedding new response texts") if progress else None
+        try:
+            return build_inputs(self.backbone, responses, self.config.mode, progress=bar)
+        finally:
+            if bar is not None:
+                bar.close()
 
     def fit(self, data, backbone=None, *, seed: int = 0, work_dir: Path | None = None, progress: bool = True,
             report_to: str = "none") -> dict:

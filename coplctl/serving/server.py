@@ -107,19 +107,24 @@ def make_app(rm, *, max_batch: int = 1024, max_body_bytes: int = 8 << 20):
                              Route("/info", about)])
 
 
-def serve(rm, *, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 1024,
-          max_body_bytes: int = 8 << 20, log_level: str = "info") -> None:
-    """Serve ``rm`` until interrupted."""
+def check_port(host: str, port: int) -> None:
+    """A busy port or an unknown host as one CoplError (uvicorn would log several lines and exit with 3)."""
     import socket
 
-    import uvicorn
-
-    try:  # a busy port or an unknown host is one line here, not uvicorn's log and exit code 3
+    try:
         with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             probe.bind((host, port))
     except OSError as e:
         raise CoplError(f"cannot listen on {host}:{port} ({e.strerror or e}); choose another --port or --host") from None
+
+
+def serve(rm, *, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 1024,
+          max_body_bytes: int = 8 << 20, log_level: str = "info") -> None:
+    """Serve ``rm`` until interrupted."""
+    import uvicorn
+
+    check_port(host, port)
     uvicorn.run(make_app(rm, max_batch=max_batch, max_body_bytes=max_body_bytes), host=host, port=port,
                 log_level=log_level)
 
