@@ -9,6 +9,7 @@ import shutil
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from coplctl.cli import main
@@ -266,6 +267,10 @@ def test_the_python_api_checks_its_arguments(tiny_run):
         with pytest.raises(CoplError, match=message):
             call()
     assert rm.reward("u0000", "p", ["a", "b"]).shape == (2,)
+    one = rm.reward(["u0000", "u0001"], "p", "a")  # a single response applies to every user, as a single user does
+    assert one.shape == (2,) and np.allclose(one, rm.reward(["u0000", "u0001"], ["p", "p"], ["a", "a"]))
+    with pytest.raises(CoplError, match="differ in length"):
+        rm.reward(["u0000", "u0001"], ["p", "q", "r"], "a")
 
 
 def test_no_command_writes_a_directory_inside_a_run_or_a_dataset(tiny_run, capsys):
@@ -329,3 +334,10 @@ def test_stdout_on_a_full_disk_is_one_line():
         res = subprocess.run([sys.executable, "-m", "coplctl", "methods"], stdout=full, stderr=subprocess.PIPE,
                              text=True, timeout=120)
     assert res.returncode == 1 and res.stderr.strip() == "error: cannot write the output (No space left on device)"
+
+
+def test_help_texts_keep_their_brackets(capsys):
+    assert main(["serve", "--help"]) == 0
+    assert "pip install 'coplctl[serve]'" in " ".join(capsys.readouterr().out.split())
+    assert main(["train", "--help"]) == 0
+    assert "'coplctl[tensorboard]'" in capsys.readouterr().out

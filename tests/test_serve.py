@@ -113,3 +113,33 @@ def test_a_lone_surrogate_is_a_422_and_a_client_that_leaves_mid_body_logs_nothin
     time.sleep(1.5)  # the server notices the disconnect and finishes that request
     logging.getLogger("uvicorn.error").removeHandler(handler)
     assert not [r for r in logged if r.exc_info], [r.getMessage() for r in logged]
+
+
+def test_unknown_routes_and_methods_answer_json(served):
+    url, _ = served
+    with httpx.Client(base_url=url, timeout=30) as client:
+        missing, wrong = client.get("/nope"), client.get("/reward")
+    assert missing.status_code == 404 and missing.json() == {"error": "Not Found"}
+    assert wrong.status_code == 405 and wrong.json() == {"error": "Method Not Allowed"} and "POST" in wrong.headers["allow"]
+
+
+def test_openrlhfs_remote_reward_client_gets_the_runs_rewards(served, micro_dir):
+    """The request OpenRLHF's remote_rm_fn posts (openrlhf/utils/remote_rm_utils.py): requests.post with
+    {"query", "prompts", "labels"}, reading "rewards"; here the label carries the user id."""
+    requests = pytest.importorskip("requests")
+    url, rm = served
+    ds = load_data(micro_dir)
+    r = ds.responses.iloc[:3]
+    users = ds.user_ids("seen")[:3]
+    prompts = [f"Human: {p}\n\nAssistant: " for p in r["prompt"]]
+    data = {"query": [p + t for p, t in zip(prompts, r["text"])], "prompts": prompts, "labels": users}
+    got = requests.post(url=url + "/reward", json=data, headers={"Content-Type": "application/json"}, timeout=180)
+    got.raise_for_status()
+    body = got.json()
+    assert np.allclose(body["rewards"], rm.reward(users, prompts, r["text"].tolist()), atol=1e-6)
+    assert body["scores"] == body["rewards"]
+    bad = requests.post(url=url + "/reward", json={"query": data["query"], "prompts": prompts[::-1],
+                                                    "labels": users}, timeout=180)
+    assert bad.status_code == 422 and "query[0] does not start with prompts[0]" in bad.json()["error"]
+    no_labels = requests.post(url=url + "/reward", json={"query": data["query"], "prompts": prompts}, timeout=180)
+    assert no_labels.status_code == 422 and "--label_key" in no_labels.json()["error"]

@@ -53,7 +53,7 @@ Json = Annotated[bool, typer.Option(
 ReportTo = Annotated[str, typer.Option(
     "--report-to", metavar="<none|tensorboard|wandb>",
     help="Experiment tracker for the training loss, learning rate and validation accuracy (needs the tracker's "
-         "package: pip install 'coplctl[tensorboard]'). TensorBoard event files end up in the run's logs/ folder.")]
+         "package: pip install 'coplctl\\[tensorboard]'). TensorBoard event files end up in the run's logs/ folder.")]
 RewardRun = Annotated[Path, typer.Argument(metavar="RUN", help="A run from coplctl train.", show_default=False)]
 
 

@@ -288,7 +288,7 @@ def build_tldr(
 @app.command("import", epilog=examples(
     "coplctl data import judgements.jsonl --out data/mine",
     "coplctl data import prefs.csv --user-column annotator --group-column persona --unseen-users 20 --out data/mine",
-    "coplctl data import trl-lib/ultrafeedback_binarized --user-column user_id --out data/ufb"))
+    "coplctl data import my-org/my-judgements --out data/hub   # a hub dataset with a user column (the hub extra)"))
 def import_(
     source: Annotated[str, typer.Argument(metavar="FILE_OR_HUB_ID", show_default=False, help=(
         "A flat table, one row per judgement: .jsonl, .json, .csv or .parquet, or a Hugging Face dataset id "

@@ -246,7 +246,7 @@ def serve(
     max_body_mb: Annotated[float, typer.Option("--max-body-mb", min=0.001, help="Largest request body, in MB.")] = 8.0,
 ) -> None:
     """Serve RUN's rewards over HTTP: POST /reward with {"items": [{"user", "prompt", "response"}, ...]};
-    GET /health and /info. Needs the serve extra (pip install 'coplctl[serve]')."""
+    GET /health and /info. Needs the serve extra (pip install 'coplctl\\[serve]')."""
     from importlib.util import find_spec
 
     from coplctl.core.errors import CoplError

@@ -78,15 +78,17 @@ class RewardModel:
 
     def reward(self, users: str | Sequence[str], prompts: str | Sequence[str], responses: str | Sequence[str],
                *, batch_size: int = 256) -> np.ndarray:
-        """Rewards of ``responses[i]`` to ``prompts[i]`` for ``users[i]`` (a single user or prompt applies to
-        every response), as float32, in batches of ``batch_size``."""
+        """Rewards of ``responses[i]`` to ``prompts[i]`` for ``users[i]`` (a single user, prompt or response applies
+        to every item of the others), as float32, in batches of ``batch_size``."""
         from coplctl.models.evaluate import score_frame
         from coplctl.models.features import in_memory
 
         if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
             raise CoplError(f"batch_size must be a whole number, at least 1, not {batch_size!r}")
-        texts = _texts(responses, None, "responses")
-        users, prompts = _texts(users, len(texts), "users"), _texts(prompts, len(texts), "prompts")
+        users, prompts, texts = (_texts(v, None, what) for v, what in
+                                 ((users, "users"), (prompts, "prompts"), (responses, "responses")))
+        n = max(len(users), len(prompts), len(texts))
+        users, prompts, texts = (v * n if len(v) == 1 else v for v in (users, prompts, texts))  # one applies to all
         if not len(users) == len(prompts) == len(texts):
             raise CoplError(f"users, prompts and responses differ in length ({len(users)}, {len(prompts)}, "
                             f"{len(texts)})")

@@ -1,7 +1,11 @@
 """`coplctl serve`: a loaded run behind an HTTP JSON API (Starlette application, served by uvicorn).
 
     POST /reward   {"items": [{"user": "u1", "prompt": "...", "response": "..."}, ...]}
-                   -> 200 {"rewards": [0.12, ...], "method": "copl"}
+                   -> 200 {"rewards": [0.12, ...], "scores": (the same), "method": "copl"}
+    POST /reward   {"query": [prompt + response, ...], "prompts": [prompt, ...], "labels": [user, ...]}
+                   -> 200 {"rewards": [...], "scores": [...], "method": "copl"}   (OpenRLHF's remote reward
+                   model client, ``--remote_rm_url http://HOST:PORT/reward``: the user id is each sample's
+                   label (``--label_key``), the response is the query after its prompt)
     GET  /health   -> 200 {"status": "ok"}
     GET  /info     -> 200 {"method", "run", "users", "mode", "backbone", "max_batch", "max_body_bytes", "version"}
 
@@ -28,13 +32,49 @@ class _Problem(Exception):
         self.status, self.message = status, message
 
 
+def _text(value, where: str) -> str:
+    if not isinstance(value, str):
+        raise _Problem(422, f"{where} " + ("is missing" if value is None else "must be a text"))
+    problem = not_unicode(value)
+    if problem:
+        raise _Problem(422, f"{where} {problem}")
+    return value
+
+
+def _openrlhf(data: dict, max_batch: int) -> tuple[list[str], list[str], list[str]]:
+    """(users, prompts, responses) of OpenRLHF's request: each query is its prompt followed by the response."""
+    cols = {k: data.get(k) for k in ("query", "prompts", "labels")}
+    for k, v in cols.items():
+        if not isinstance(v, list):
+            raise _Problem(422, f"{k} must be a list" + (" (the user id of each sample: OpenRLHF's --label_key)"
+                                                           if k == "labels" else ""))
+    n = len(cols["query"])
+    if not n or len(cols["prompts"]) != n or len(cols["labels"]) != n:
+        raise _Problem(422, f"query, prompts and labels must be non-empty lists of one length ({n}, "
+                            f"{len(cols['prompts'])}, {len(cols['labels'])})")
+    if n > max_batch:
+        raise _Problem(413, f"{n} queries, more than this server's max batch of {max_batch}")
+    users, prompts, responses = [], [], []
+    for i in range(n):
+        query, prompt = _text(cols["query"][i], f"query[{i}]"), _text(cols["prompts"][i], f"prompts[{i}]")
+        if not query.startswith(prompt):
+            raise _Problem(422, f"query[{i}] does not start with prompts[{i}]; the response is the query after its prompt")
+        users.append(_text(cols["labels"][i], f"labels[{i}]"))
+        prompts.append(prompt)
+        responses.append(query[len(prompt):])
+    return users, prompts, responses
+
+
 def _items(body: bytes, max_batch: int) -> tuple[list[str], list[str], list[str]]:
     try:
         data = json.loads(body)
     except (ValueError, RecursionError):
         raise _Problem(400, "the body is not valid JSON") from None
+    if isinstance(data, dict) and "query" in data:
+        return _openrlhf(data, max_batch)
     if not isinstance(data, dict) or not isinstance(data.get("items"), list):
-        raise _Problem(400, 'the body must be a JSON object {"items": [{"user", "prompt", "response"}, ...]}')
+        raise _Problem(400, 'the body must be a JSON object {"items": [{"user", "prompt", "response"}, ...]} '
+                            '(or OpenRLHF\'s {"query", "prompts", "labels"})')
     items = data["items"]
     if not items:
         raise _Problem(422, "items is empty")
@@ -45,13 +85,7 @@ def _items(body: bytes, max_batch: int) -> tuple[list[str], list[str], list[str]
         if not isinstance(item, dict):
             raise _Problem(422, f"items[{i}] must be an object with user, prompt and response")
         for key, values in cols.items():
-            value = item.get(key)
-            if not isinstance(value, str):
-                raise _Problem(422, f"items[{i}].{key} " + ("is missing" if value is None else "must be a text"))
-            problem = not_unicode(value)
-            if problem:
-                raise _Problem(422, f"items[{i}].{key} {problem}")
-            values.append(value)
+            values.append(_text(item.get(key), f"items[{i}].{key}"))
     return cols["user"], cols["prompt"], cols["response"]
 
 
@@ -95,7 +129,8 @@ def make_app(rm, *, max_batch: int = 1024, max_body_bytes: int = 8 << 20):
             return JSONResponse({"error": p.message}, status_code=p.status)
         except CoplError as e:  # e.g. an unknown user
             return JSONResponse({"error": str(e)}, status_code=422)
-        return JSONResponse({"rewards": [float(s) for s in scores], "method": rm.name})
+        rewards = [float(s) for s in scores]
+        return JSONResponse({"rewards": rewards, "scores": rewards, "method": rm.name})
 
     async def health(request: Request) -> JSONResponse:
         return JSONResponse({"status": "ok"})
@@ -103,8 +138,11 @@ def make_app(rm, *, max_batch: int = 1024, max_body_bytes: int = 8 << 20):
     async def about(request: Request) -> JSONResponse:
         return JSONResponse({**info, "users": len(rm.users)})
 
+    async def http_error(request: Request, exc) -> JSONResponse:  # 404, 405: JSON like every other answer
+        return JSONResponse({"error": exc.detail}, status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
     return Starlette(routes=[Route("/reward", reward, methods=["POST"]), Route("/health", health),
-                             Route("/info", about)])
+                             Route("/info", about)], exception_handlers={404: http_error, 405: http_error})
 
 
 def check_port(host: str, port: int) -> None:
