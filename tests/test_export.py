@@ -175,3 +175,21 @@ def test_a_run_with_several_adapters_is_refused(micro_dir, tiny_lm, tmp_path_fac
     run = _train("oracle", micro_dir, tiny_lm, tmp_path_factory, lora_rank=2)  # one adapter per true group
     res = _cli("export", str(run), "--out", str(tmp_path / "out"))
     assert res.returncode == 1 and "group0" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_an_export_has_usual_permissions_the_values_used_and_a_license(uniform_run, tmp_path):
+    import os
+
+    from coplctl.serving.export import export_peft
+
+    out = tmp_path / "export"
+    export_peft(uniform_run, out)
+    mask = os.umask(0)
+    os.umask(mask)
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in out.iterdir()} == \
+        {p.name: oct(0o666 & ~mask) for p in out.iterdir()}  # safetensors alone would write 0600
+    side = json.loads((out / "coplctl_reward.json").read_text())
+    assert all(side["config"][k] is not None for k in ("lr", "epochs", "batch_size"))  # the values used
+    assert side["config"]["lr"] == 5e-5 and side["config"]["epochs"] == 1  # lora mode's defaults, as trained
+    card = (out / "README.md").read_text()
+    assert "\nlicense: other\n" in card.split("---")[1] + "\n"  # a local tiny model: license unknown

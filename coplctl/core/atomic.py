@@ -209,6 +209,9 @@ def atomic_dir(dest: str | Path, *, overwrite: bool = False, marker: str | None 
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; outputs get the usual permissions
     try:
         yield tmp
+        for f in tmp.rglob("*"):  # some writers (safetensors) make 0600 files; outputs get the usual permissions
+            if f.is_file() and not f.is_symlink():
+                os.chmod(f, 0o666 & ~_umask())
         _replace(tmp, dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -54,8 +54,9 @@ def backbone_info(method) -> dict:
 
     name = method.config.backbone
     source, _ = resolve(name)
+    source = HUB_IDS.get(name, source)  # an embedded backbone is a copy of a hub model: name that, not a local path
     info = {"name": name, "base_model_name_or_path": source, "revision": _revision(source),
-            "kind": method.backbone.kind, "max_length": method.backbone.max_length,
+            "license": LICENSES.get(name), "kind": method.backbone.kind, "max_length": method.backbone.max_length,
             "truncation": "prompt_start", "package": None}
     if name in EMBEDDED:
         pip = EMBEDDED[name].pip.split()[0]
@@ -64,6 +65,13 @@ def backbone_info(method) -> dict:
         except PackageNotFoundError:
             info["package"] = pip
     return info
+
+
+#: the hub model an embedded backbone is an exact copy of (gemma-3-270m is not: it is dequantised from a Q4 GGUF)
+HUB_IDS = {"minilm": "sentence-transformers/all-MiniLM-L6-v2"}
+#: the licenses of the known base models (an export is a derivative of its base model)
+LICENSES = {"minilm": "apache-2.0", "sentence-transformers/all-MiniLM-L6-v2": "apache-2.0", "gemma-3-270m": "gemma",
+            "gemma-2b-it": "gemma", "gemma-7b-it": "gemma", "google/gemma-2b-it": "gemma", "google/gemma-7b-it": "gemma"}
 
 
 def _split_state(method) -> tuple[dict, dict, dict | None]:
@@ -122,8 +130,12 @@ def export_peft(run: str | Path, out: str | Path, *, force: bool = False) -> dic
     config = _lora_config(method, backbone["base_model_name_or_path"], backbone["revision"], spec)
     from importlib.metadata import version
 
+    config_used = dataclasses.asdict(method.config)
+    for key in ("lr", "epochs", "batch_size"):  # None means the mode's default: record the value used
+        if config_used.get(key) is None and hasattr(method.config, "get"):
+            config_used[key] = method.config.get(key)
     sidecar = {"coplctl_version": version("coplctl"), "method": method.registry_name,
-               "config": dataclasses.asdict(method.config), "sizes": method.sizes(), "users": method.user_ids,
+               "config": config_used, "sizes": method.sizes(), "users": method.user_ids,
                "backbone": backbone, "text_format": "Human: {prompt}\n\nAssistant: {response}",
                "pooling": "mean over real tokens" if backbone["kind"] == "encoder" else "last real token (right padding)",
                "mole": spec, "tensors": sorted(rest)}

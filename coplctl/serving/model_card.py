@@ -16,6 +16,7 @@ def _front_matter(sidecar: dict, config: dict) -> str:
              f"- {sidecar['method']}"]
     if not Path(base).is_absolute():  # a hub id: the hub links the card to its base model
         lines.append(f"base_model: {base}")
+    lines.append(f"license: {sidecar['backbone'].get('license') or 'other'}")  # the base model's
     return "\n".join(lines + ["---", ""])
 
 
