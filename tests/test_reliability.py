@@ -341,3 +341,22 @@ def test_help_texts_keep_their_brackets(capsys):
     assert "pip install 'coplctl[serve]'" in " ".join(capsys.readouterr().out.split())
     assert main(["train", "--help"]) == 0
     assert "'coplctl[tensorboard]'" in capsys.readouterr().out
+
+
+def test_users_adapted_in_python_are_saved_as_a_run(tiny_run, tmp_path):
+    import coplctl
+    from coplctl.core.errors import CoplError
+
+    rm = coplctl.load(tiny_run / "run")
+    r = rm.method.responses
+    pair = r.groupby("prompt").filter(lambda g: len(g) >= 2).groupby("prompt").head(2)["response_id"].to_numpy()[:2]
+    rm.adapt([{"user": "py-new", "chosen": pair[0], "rejected": pair[1]}])
+    with pytest.raises(CoplError, match="is the loaded run"):
+        rm.save(tiny_run / "run", force=True)
+    out = rm.save(tmp_path / "plus")
+    again = coplctl.load(out)
+    assert "py-new" in again.users and set(rm.users) == set(again.users)
+    assert np.allclose(again.reward("py-new", "p", ["a", "b"]), rm.reward("py-new", "p", ["a", "b"]), atol=1e-6)
+    assert json.loads((out / "summary.json").read_text())["users"] == 1
+    with pytest.raises(CoplError, match="already exists"):
+        rm.save(out)

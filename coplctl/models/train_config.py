@@ -62,8 +62,9 @@ class TrainConfig:
     """``auto``: the launcher's (``accelerate launch --mixed_precision``) when set, else autocast to the
     backbone's dtype when it is not fp32; ``no``; ``bf16``; ``fp16`` (with a gradient scaler)."""
     grad_accum: Annotated[int, AT_LEAST_1] | None = None
-    """Batches whose gradients are summed before each optimizer step (None: the launcher's
-    ``--gradient_accumulation_steps``, else 1). The effective batch is ``batch_size × grad_accum × processes``."""
+    """Batches whose gradients are summed before each optimizer step (None: 1, or the accumulation steps a DeepSpeed
+    launch passes on; accelerate forwards ``--gradient_accumulation_steps`` only with DeepSpeed). The effective
+    batch is ``batch_size × grad_accum × processes``."""
     device: Annotated[str, OneOf("auto", "cpu", "cuda")] = "auto"
     """``auto``, ``cpu`` or ``cuda``; under ``accelerate launch`` the launcher decides."""
     gradient_checkpointing: bool = False

@@ -13,6 +13,7 @@ so scoring inside a training loop neither grows the cache nor slows down.
 
 from __future__ import annotations
 
+import json
 import random
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -65,6 +66,7 @@ class RewardModel:
 
         self.method, self.run = method, run
         self._memory = MemoryStore(cache_texts)
+        self._adapted: list[dict] = []  # the reports of adapt calls since loading
 
     @property
     def name(self) -> str:
@@ -124,7 +126,27 @@ class RewardModel:
                         seen_users=set(self.users), new_responses=True)
         responses = uf.with_new_responses(self.method.responses)
         with _own_rng(), in_memory(self._memory):  # new texts' features stay in memory, as reward's do
-            return self.method.adapt(uf.pairs.drop(columns="line"), responses)
+            report = self.method.adapt(uf.pairs.drop(columns="line"), responses)
+        self._adapted.append(report)
+        return report
+
+    def save(self, path: str | Path, *, force: bool = False) -> Path:
+        """Write the run with the users adapted since loading, as ``coplctl adapt --model RUN --out PATH`` does
+        (a run ``coplctl score``/``serve``/``load`` read, and its ``summary.json``); never over the loaded run."""
+        from coplctl.core.atomic import atomic_write_text, check_output, refuse_overlap
+        from coplctl.serving.adapt_run import MARKER
+
+        if not isinstance(path, (str, Path)) or not str(path):
+            raise CoplError(f"path must be a directory to write (a path), not {path!r:.60}")
+        path = Path(path)
+        refuse_overlap(path, {"the loaded run": self.run}, option="path")
+        check_output(path, force=force, marker="method.json", kind="reward-model run", option="path")
+        with _own_rng():
+            self.method.save(path, overwrite=force)
+        summary = {"model": str(self.run), "users": sum(int(r.get("users") or 0) for r in self._adapted),
+                   "adapt_calls": self._adapted, "from": "coplctl.load(...).adapt(...).save(...)"}
+        atomic_write_text(path / MARKER, json.dumps(summary, indent=2, default=str) + "\n")
+        return path
 
 
 def load(run: str | Path, *, cache_texts: int = 50_000) -> RewardModel:
