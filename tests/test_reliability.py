@@ -360,3 +360,22 @@ def test_users_adapted_in_python_are_saved_as_a_run(tiny_run, tmp_path):
     assert json.loads((out / "summary.json").read_text())["users"] == 1
     with pytest.raises(CoplError, match="already exists"):
         rm.save(out)
+
+
+def test_scoring_in_chunks_gives_the_same_scores(tiny_run, monkeypatch):
+    import coplctl.models.reward as reward
+    from coplctl.data import load
+
+    ds = load(tiny_run / "data")
+    method = coplctl_load(tiny_run / "run").method
+    test = ds.pairs[ds.pairs["split"] == "test"].reset_index(drop=True)
+    whole = reward.pair_scores(method, test, ds.responses)
+    monkeypatch.setattr(reward, "SCORE_CHUNK", 7)
+    chunked = reward.pair_scores(method, test, ds.responses, progress="scoring")
+    assert np.allclose(whole[0], chunked[0], atol=1e-6) and np.allclose(whole[1], chunked[1], atol=1e-6)
+
+
+def coplctl_load(path):
+    import coplctl
+
+    return coplctl.load(path)

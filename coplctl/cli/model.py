@@ -162,7 +162,7 @@ def evaluate(
         out_file = check_file_output(out_file, force=force, inputs={"the run": run, "the dataset": data},
                                      option="--out")
     method = load_method(run)
-    result = run_eval(method, load(data), fewshot=fewshot)
+    result = run_eval(method, load(data), fewshot=fewshot, progress=True)
     result.update(data=str(data), fewshot=fewshot)
     text = json.dumps(result, indent=2) + "\n"
     if same:

@@ -24,9 +24,9 @@ def accuracy_table(correct: np.ndarray, controversial: np.ndarray, ties: np.ndar
 
 
 def evaluate(method: RewardMethod, ds, *, adapt: bool = True, fewshot: int | None = None,
-             roles: tuple[str, ...] = ("seen", "unseen")) -> dict:
+             roles: tuple[str, ...] = ("seen", "unseen"), progress: bool = False) -> dict:
     """Adapt unseen users (optionally from only their first ``fewshot`` pairs), then score the test
-    pairs of the users of ``roles``."""
+    pairs of the users of ``roles`` (with a progress bar per role when ``progress``)."""
     out: dict = {}
     role = ds.pairs["user_id"].map(ds.users.set_index("user_id")["role"])
     shots = ds.pairs[(ds.pairs["split"] == "fewshot")]
@@ -39,7 +39,7 @@ def evaluate(method: RewardMethod, ds, *, adapt: bool = True, fewshot: int | Non
         test = ds.pairs[(ds.pairs["split"] == "test") & (role == r)]
         if test.empty or (r == "unseen" and not adapt):
             continue
-        s_c, s_r = pair_scores(method, test, ds.responses)
+        s_c, s_r = pair_scores(method, test, ds.responses, progress=f"scoring {r} users' test pairs" if progress else None)
         metrics[r] = accuracy_table(s_c > s_r, test["controversial"].to_numpy(), ties=s_c == s_r)
     out["metrics"] = metrics
     return out

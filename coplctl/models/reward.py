@@ -201,14 +201,28 @@ def load_method(directory: str | Path) -> RewardMethod:
     return method
 
 
-def pair_scores(method: RewardMethod, pairs: pd.DataFrame, responses: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
-    """Scores of the chosen and of the rejected response of every pair, for the pair's user."""
+SCORE_CHUNK = 16_384  # pairs scored per call (a progress step)
+
+
+def pair_scores(method: RewardMethod, pairs: pd.DataFrame, responses: pd.DataFrame, *,
+                progress: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Scores of the chosen and of the rejected response of every pair, for the pair's user, in chunks of
+    :data:`SCORE_CHUNK` pairs; ``progress``: a label to show a progress bar under."""
+    from coplctl.core.progress import Bar
+
     table = responses.set_index("response_id")
     users = pairs["user_id"].tolist()
-    chosen = table.loc[pairs["chosen_id"]].reset_index()
-    rejected = table.loc[pairs["rejected_id"]].reset_index()
-    s_c = method.score(users, chosen).detach().float().cpu().numpy()
-    s_r = method.score(users, rejected).detach().float().cpu().numpy()
+    s_c, s_r = np.empty(len(pairs), np.float32), np.empty(len(pairs), np.float32)
+    bar = Bar(progress is not None and len(pairs) > SCORE_CHUNK, len(pairs), progress or "")
+    try:
+        for s in range(0, len(pairs), SCORE_CHUNK):
+            part = pairs.iloc[s:s + SCORE_CHUNK]
+            for out, col in ((s_c, "chosen_id"), (s_r, "rejected_id")):
+                rows = table.loc[part[col]].reset_index()
+                out[s:s + len(part)] = method.score(users[s:s + len(part)], rows).detach().float().cpu().numpy()
+            bar.update(advance=len(part))
+    finally:
+        bar.close()
     return s_c, s_r
 
 
