@@ -8,9 +8,9 @@ texts not seen before. Shards are written atomically, so an interrupted run lose
 in progress. A process keeps each cache's index open and reads only shards added since its last call.
 
 Inside :func:`shared_by_processes`, entered by every process of an initialised torch.distributed group
-(``accelerate launch``) at the same point, each process embeds its share of the missing texts (shard-sized chunks dealt round-robin) into the shared cache directory, then all
-wait for each other and read the others' shards: on several machines the cache directory
-(``$COPLCTL_CACHE``) must be shared storage.
+(``accelerate launch``) at the same point, each process embeds its share of the missing texts (chunks
+dealt round-robin) into the shared cache directory, then all wait for each other and read the others'
+shards: on several machines the cache directory (``$COPLCTL_CACHE``) must be shared storage.
 
 Inside :func:`in_memory` (the Python API's scoring), texts the disk cache lacks are embedded into a
 bounded in-memory store instead (least recently used first out), so scoring in a loop never writes.
@@ -193,6 +193,8 @@ def features(backbone: Backbone, prompts, responses, *, batch_size: int = 32, pr
             seen.add(d)
             missing.append(i)
     rank, world = _processes() if memory is None else (0, 1)
+    if world > 1:  # every process has listed the same missing texts before any of them writes a shard
+        torch.distributed.barrier()
     size = min(SHARD_TEXTS, max(1, -(-len(missing) // world)))  # every process gets a share of few texts too
     chunks = [missing[s:s + size] for s in range(0, len(missing), size)][rank::world]
     mine = sum(len(c) for c in chunks)

@@ -47,9 +47,10 @@ def own_max_length(source: str, config, tokenizer) -> int:
 
 
 def _prompt_span(offsets: list[tuple[int, int]], prompt_len: int) -> tuple[int, int]:
-    """[a, b): the token positions whose characters lie in the prompt."""
+    """[a, b): the token positions whose characters lie in the prompt (a token may start at the space before it,
+    as sentencepiece tokenizers' offsets do)."""
     end = PROMPT_AT + prompt_len
-    inside = [j for j, (s, e) in enumerate(offsets) if PROMPT_AT <= s < e <= end]
+    inside = [j for j, (s, e) in enumerate(offsets) if PROMPT_AT - 1 <= s < e <= end and e > PROMPT_AT]
     return (inside[0], inside[-1] + 1) if inside else (0, 0)
 
 
