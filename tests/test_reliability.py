@@ -379,3 +379,15 @@ def coplctl_load(path):
     import coplctl
 
     return coplctl.load(path)
+
+
+def test_a_cpu_launch_that_runs_one_process_says_so(tiny_run, tmp_path):
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "coplctl", "train", "uniform",
+           "--data", str(tiny_run / "data"), "--out", str(tmp_path / "run"), "--epochs", "1"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "asked accelerate for several processes, but `accelerate launch --cpu` runs one" in " ".join(res.stderr.split())

@@ -95,7 +95,26 @@ def distributed_state(cfg: TrainConfig):
     """accelerate's process state; the first call decides the backend (gloo across CPU processes)."""
     from accelerate import PartialState
 
-    return PartialState(cpu=use_cpu(cfg))
+    state = PartialState(cpu=use_cpu(cfg))
+    _warn_single_process_launch(state.num_processes)
+    return state
+
+
+_WARNED: list[bool] = []
+
+
+def _warn_single_process_launch(processes: int) -> None:
+    """`accelerate launch --cpu --num_processes N` runs one process (accelerate's --cpu picks its simple launcher,
+    which sets MASTER_ADDR for N > 1 but starts one process): say so once rather than train on one silently."""
+    if _WARNED or processes > 1 or "WORLD_SIZE" in os.environ:
+        return
+    if os.environ.get("ACCELERATE_USE_CPU", "").lower() == "true" and "MASTER_ADDR" in os.environ:
+        import warnings
+
+        _WARNED.append(True)
+        warnings.warn("this launch asked accelerate for several processes, but `accelerate launch --cpu` runs one: "
+                      "on CPUs, launch with `--multi_gpu --num_processes N` (gloo) instead; training on 1 process",
+                      stacklevel=3)
 
 
 def make_accelerator(cfg: TrainConfig, *, find_unused: bool = False, log_with: str = "none", log_dir=None):
