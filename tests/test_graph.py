@@ -145,20 +145,28 @@ def test_resume_after_interruption_gives_the_same_model(tiny_dir, tmp_path):
     cfg = _cfg(batch_size=300)  # minibatches: shuffling state must survive the interruption too
     straight = train_gcf(ds, tmp_path / "a", cfg, seed=3, progress=False)
 
-    def interrupt(epoch, metrics):
-        if epoch == 3:
-            raise KeyboardInterrupt
-
-    with pytest.raises(CoplError, match="resume after epoch 3"):
-        train_gcf(ds, tmp_path / "b", cfg, seed=3, progress=False, on_epoch_end=interrupt)
+    _interrupt(ds, tmp_path / "b", cfg, at=3)
     assert (tmp_path / "b" / "checkpoint.safetensors").exists() and not (tmp_path / "b" / "metrics.json").exists()
     with pytest.raises(CoplError, match="different configuration"):
         train_gcf(ds, tmp_path / "b", _cfg(batch_size=301), seed=3, progress=False)
     resumed = train_gcf(ds, tmp_path / "b", cfg, seed=3, progress=False)
     assert resumed["history"] == [{**h, "seconds": resumed["history"][i]["seconds"]}
                                   for i, h in enumerate(straight["history"])]
-    a = load_file(str(tmp_path / "a" / "embeddings.safetensors"))
-    b = load_file(str(tmp_path / "b" / "embeddings.safetensors"))
+    _same_embeddings(tmp_path / "a", tmp_path / "b")
+
+
+def _interrupt(ds, out, cfg, *, at: int) -> None:
+    """Train ``cfg`` into ``out`` and stop it (as Ctrl-C would) at the end of epoch ``at``."""
+    def interrupt(epoch, metrics):
+        if epoch == at:
+            raise KeyboardInterrupt
+
+    with pytest.raises(CoplError, match=f"resume after epoch {at}"):
+        train_gcf(ds, out, cfg, seed=3, progress=False, on_epoch_end=interrupt)
+
+
+def _same_embeddings(a, b) -> None:
+    a, b = (load_file(str(d / "embeddings.safetensors")) for d in (a, b))
     assert torch.equal(a["users"], b["users"]) and torch.equal(a["responses"], b["responses"])
 
 
@@ -170,18 +178,11 @@ def test_resume_on_the_full_graph_and_in_minibatches_gives_the_same_model(tiny_d
     cfg = _cfg(batch_size=batch_size)
     straight = train_gcf(ds, tmp_path / "a", cfg, seed=3, progress=False)
 
-    def interrupt(epoch, metrics):
-        if epoch == 4:
-            raise KeyboardInterrupt
-
-    with pytest.raises(CoplError, match="resume after epoch 4"):
-        train_gcf(ds, tmp_path / "b", cfg, seed=3, progress=False, on_epoch_end=interrupt)
+    _interrupt(ds, tmp_path / "b", cfg, at=4)
     resumed = train_gcf(ds, tmp_path / "b", cfg, seed=3, progress=False)
     assert [{k: v for k, v in h.items() if k != "seconds"} for h in resumed["history"]] == \
            [{k: v for k, v in h.items() if k != "seconds"} for h in straight["history"]]
-    a = load_file(str(tmp_path / "a" / "embeddings.safetensors"))
-    b = load_file(str(tmp_path / "b" / "embeddings.safetensors"))
-    assert torch.equal(a["users"], b["users"]) and torch.equal(a["responses"], b["responses"])
+    _same_embeddings(tmp_path / "a", tmp_path / "b")
 
 
 def test_a_full_graph_step_evaluates_the_previous_model_as_a_separate_pass_would(tiny_dir, tmp_path):
