@@ -175,15 +175,11 @@ def _processes() -> tuple[int, int]:
     return 0, 1
 
 
-def features(backbone: Backbone, prompts, responses, *, batch_size: int = 32, progress=None,
-             root: Path | None = None, cuts: dict | None = None) -> torch.Tensor:
-    """Pooled frozen-backbone features of the formatted texts of ``prompts`` and ``responses`` (parallel
-    sequences), computing only those not cached yet (shared across processes, see the module's docstring).
-
-    ``progress(done, total)`` is called after each batch this process embeds; ``cuts``, if given, receives the
-    counts of texts whose prompt or response was cut (:func:`coplctl.models.tokens.cut_counts`).
-    """
-    prompts, responses = list(prompts), list(responses)
+def _fill(backbone: Backbone, prompts: list[str], responses: list[str], batch_size: int, progress,
+          root: Path | None) -> tuple[list[bytes], dict[bytes, torch.Tensor], FeatureCache, int]:
+    """Embed the texts neither the cache nor the memory store holds (this process's share of them, inside
+    :func:`shared_by_processes`); returns (each text's digest, this call's texts kept in memory, the cache, how
+    many distinct texts were missing)."""
     cache = open_cache(backbone.key, root)
     memory = _MEMORY.get()
     digests = [text_digest(backbone.format(p, r)) for p, r in zip(prompts, responses)]
@@ -210,11 +206,22 @@ def features(backbone: Backbone, prompts, responses, *, batch_size: int = 32, pr
             memory.put(chunk_digests, feats)
             new.update(zip(chunk_digests, feats))
         done += len(chunk)
-        if progress is not None:
-            progress(done, mine)
     if world > 1:
         torch.distributed.barrier()  # every process's shards are written
         cache.refresh()
+    return digests, new, cache, len(missing)
+
+
+def features(backbone: Backbone, prompts, responses, *, batch_size: int = 32, progress=None,
+             root: Path | None = None, cuts: dict | None = None) -> torch.Tensor:
+    """Pooled frozen-backbone features of the formatted texts of ``prompts`` and ``responses`` (parallel
+    sequences), computing only those not cached yet (shared across processes, see the module's docstring).
+
+    ``progress(done, total)`` is called after each batch this process embeds; ``cuts``, if given, receives the
+    counts of texts whose prompt or response was cut (:func:`coplctl.models.tokens.cut_counts`).
+    """
+    memory = _MEMORY.get()
+    digests, new, cache, _ = _fill(backbone, list(prompts), list(responses), batch_size, progress, root)
     if cuts is not None and memory is None:
         cuts.update(cut_counts(cache.cut_codes(digests)))
     if memory is None or all(d in cache.index for d in digests):
@@ -227,18 +234,13 @@ def features(backbone: Backbone, prompts, responses, *, batch_size: int = 32, pr
 
 def embed_all(backbone: Backbone, prompts, responses, *, batch_size: int = 32, progress=None) -> dict:
     """Fill the cache with the features of every text (shared by the processes of an initialised
-    torch.distributed group, which must all call this); what was done, as plain JSON-able values."""
-    prompts, responses = list(prompts), list(responses)
-    cache = open_cache(backbone.key)
-    distinct = {text_digest(backbone.format(p, r)) for p, r in zip(prompts, responses)}
-    before = sum(d in cache.index for d in distinct)
-    cuts: dict = {}
+    torch.distributed group, which must all call this), without reading them back; what was done, as plain
+    JSON-able values."""
     t0 = time.perf_counter()
     with shared_by_processes():
-        features(backbone, prompts, responses, batch_size=batch_size, progress=progress, cuts=cuts)
+        digests, _, cache, new = _fill(backbone, list(prompts), list(responses), batch_size, progress, None)
         processes = _processes()[1]
     seconds = time.perf_counter() - t0
-    new = len(distinct) - before
-    return {"backbone": backbone.key, "cache": str(cache.dir), "texts": len(distinct), "embedded": new,
+    return {"backbone": backbone.key, "cache": str(cache.dir), "texts": len(set(digests)), "embedded": new,
             "seconds": round(seconds, 2), "texts_per_second": round(new / seconds, 1) if new else None,
-            "processes": processes, "truncated": cuts}
+            "processes": processes, "truncated": cut_counts(cache.cut_codes(digests))}
