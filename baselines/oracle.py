@@ -25,7 +25,7 @@ from coplctl.core.files import field, read_json
 from coplctl.core.registry import register_method
 from coplctl.data.dataset import WEIGHT_PREFIX, weight_columns
 from coplctl.models.encoders import ResponseEncoder, RewardHead, default_targets, lora_alpha
-from coplctl.models.neural import BaselineConfig, NeuralMethod, PairScorer
+from coplctl.models.neural import BaselineConfig, FixedUser, NeuralMethod, PairScorer
 
 
 @dataclass
@@ -176,6 +176,25 @@ class Oracle(NeuralMethod):
         self.net.group_of_row = torch.cat([self.net.group_of_row, rows.to(self.net.group_of_row.device)])
         self.user_ids = self.user_ids + new
         return {"users": len(new), "pairs": 0, "method": "each user is scored by its true group's model"}
+
+    def fixed_user(self, user: str | None = None, group: str | None = None) -> FixedUser:
+        """The model of ``group``, or of ``user``'s group (mixture users have no single model: refused)."""
+        if self.weight_of is not None:
+            raise CoplError("this oracle scores each user by a weighted sum of its attribute models, which is no "
+                            "single model: serve the run instead (coplctl serve)")
+        if (user is None) == (group is None):
+            raise CoplError(f"oracle: name a user (--user) or a group (--group, one of {', '.join(self.groups)})")
+        if user is not None:
+            if user not in self.group_of:
+                raise CoplError(f"oracle does not know user {user!r} (and so not its group)")
+            group = self.group_of[user]
+        if group not in self.group_index:
+            raise CoplError(f"oracle has no group {group!r}; its groups are {', '.join(self.groups)}")
+        k = self.group_index[group]
+        if self.config.mode == "lora":
+            self.net._activate(k)
+        return FixedUser(f"group {group}" + (f" (user {user})" if user is not None else ""), lambda m, x: m(x),
+                         self.net.heads[k])
 
     def save_extra(self, directory: Path) -> None:
         (directory / "groups.json").write_text(json.dumps({"groups": self.groups, "group_of": self.group_of,

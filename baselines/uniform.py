@@ -8,7 +8,8 @@ from dataclasses import dataclass
 import pandas as pd
 
 from coplctl.core.registry import register_method
-from coplctl.models.neural import BaselineConfig, NeuralMethod, UserVectorNet, baseline_encoder
+from coplctl.core.errors import CoplError
+from coplctl.models.neural import BaselineConfig, FixedUser, NeuralMethod, UserVectorNet, baseline_encoder
 
 
 @dataclass
@@ -30,3 +31,9 @@ class Uniform(NeuralMethod):
         new = [u for u in dict.fromkeys(pairs["user_id"]) if u not in self.user_index]
         self.user_ids = self.user_ids + new
         return {"users": len(new), "pairs": 0, "method": "none: the reward does not depend on the user"}
+
+    def fixed_user(self, user: str | None = None, group: str | None = None) -> FixedUser:
+        """The one reward every user gets (``user`` is not needed; ``group`` is refused: there is no group model)."""
+        if group is not None:
+            raise CoplError("uniform gives every user and group the same reward: export it without --group")
+        return FixedUser("every user", lambda m, x: m(x), self.net.head)

@@ -171,9 +171,13 @@ def test_a_frozen_mode_run_is_refused_with_the_reason(micro_dir, tiny_lm, tmp_pa
     assert res.returncode == 1 and "lora-mode" in res.stderr and "Traceback" not in res.stderr
 
 
-def test_a_run_with_several_adapters_is_refused(micro_dir, tiny_lm, tmp_path_factory, tmp_path):
-    run = _train("oracle", micro_dir, tiny_lm, tmp_path_factory, lora_rank=2)  # one adapter per true group
-    res = _cli("export", str(run), "--out", str(tmp_path / "out"))
+@pytest.fixture(scope="module")
+def oracle_run(micro_dir, tiny_lm, tmp_path_factory):
+    return _train("oracle", micro_dir, tiny_lm, tmp_path_factory, lora_rank=2)  # one adapter per true group
+
+
+def test_a_run_with_several_adapters_is_refused(oracle_run, tmp_path):
+    res = _cli("export", str(oracle_run), "--out", str(tmp_path / "out"))
     assert res.returncode == 1 and "group0" in res.stderr and "Traceback" not in res.stderr
 
 
@@ -193,3 +197,99 @@ def test_an_export_has_usual_permissions_the_values_used_and_a_license(uniform_r
     assert side["config"]["lr"] == 5e-5 and side["config"]["epochs"] == 1  # lora mode's defaults, as trained
     card = (out / "README.md").read_text()
     assert "\nlicense: other\n" in card.split("---")[1] + "\n"  # a local tiny model: license unknown
+
+
+# What a user without coplctl runs on an hf export: transformers only (coplctl imports are blocked).
+PLAIN_LOAD = """
+import json, sys
+sys.modules["coplctl"] = None  # any import of coplctl fails
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+out = {}
+for folder, requests in json.loads(sys.stdin.read()).items():
+    tok = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
+    chats = [[{"role": "user", "content": p}, {"role": "assistant", "content": r}] for p, r in requests]
+    texts = [tok.apply_chat_template(c, tokenize=False) for c in chats]
+    with torch.no_grad():
+        one = [model(**tok(t, return_tensors="pt", truncation=True)).logits[0, 0].item() for t in texts]
+        batch = model(**tok(texts, return_tensors="pt", padding=True, truncation=True)).logits[:, 0].tolist()
+    offset = json.loads(open(folder + "/config.json").read())["coplctl"]["reward_offset"]
+    out[folder] = {"one": [x + offset for x in one], "batch": [x + offset for x in batch], "texts": texts}
+print(json.dumps(out))
+"""
+
+
+def test_hf_export_gives_the_runs_rewards_with_plain_transformers(copl_run, uniform_run, oracle_run, micro_dir,
+                                                                  tmp_path):
+    """One user's CoPL reward (their experts merged), Uniform's, and an Oracle group's: each loads as a standard
+    AutoModelForSequenceClassification with no coplctl, and gives the run's rewards for that user."""
+    ds = load(micro_dir)
+    seen = ds.user_ids("seen")
+    group = ds.users.set_index("user_id")["group"]
+    rows = ds.responses.head(6).assign(prompt=lambda f: f.prompt.str[:20], text=lambda f: f.text.str[:20])  # within
+    # max_length: a longer text loses its prompt's start in the run, its start (the template's "Human:") here
+    cases = {"copl": (copl_run, ["--user", seen[1]], seen[1]), "uniform": (uniform_run, [], seen[0]),
+             "oracle": (oracle_run, ["--group", str(group[seen[2]])], seen[2])}
+    folders, expected = {}, {}
+    for name, (run, who, user) in cases.items():
+        out = tmp_path / name
+        res = _cli("export", str(run), "--format", "hf", *who, "--out", str(out))
+        assert res.returncode == 0, res.stderr[-2000:]
+        assert "ForSequenceClassification" in res.stdout
+        req = [{"user": user, "prompt": p, "response": t} for p, t in zip(rows.prompt, rows.text)]
+        expected[str(out)] = load_method(run).score([user] * len(req), score_frame(req))
+        folders[str(out)] = [[p, t] for p, t in zip(rows.prompt, rows.text)]
+        assert not list(out.glob("*.bin")) and (out / "model.safetensors").is_file()
+    res = subprocess.run([sys.executable, "-c", PLAIN_LOAD], input=json.dumps(folders), capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    got = json.loads(res.stdout)
+    for folder, want in expected.items():
+        assert got[folder]["texts"] == [f"Human: {p}\n\nAssistant: {t}" for p, t in folders[folder]]  # the run's format
+        torch.testing.assert_close(torch.tensor(got[folder]["one"]), want, rtol=0, atol=1e-4)
+        torch.testing.assert_close(torch.tensor(got[folder]["batch"]), want, rtol=0, atol=1e-4)  # padded batch too
+    config = json.loads((tmp_path / "copl" / "config.json").read_text())
+    assert config["coplctl"]["user"] == seen[1] and len(config["coplctl"]["experts"]) == 4  # routing recorded
+    card = (tmp_path / "copl" / "README.md").read_text()
+    assert "library_name: transformers" in card and "--reward_pretrain" in card and "## Routing" in card
+
+
+def test_copl_users_get_their_own_hf_export(copl_run, micro_dir, tmp_path):
+    """Two users routed apart give two different models; the merged weights differ exactly in the adapted layers."""
+    from safetensors.torch import load_file
+
+    from coplctl.serving.hf_export import export_hf
+
+    seen = load(micro_dir).user_ids("seen")
+    a, b = (load_file(str(export_hf(copl_run, tmp_path / u, user=u)["out"] + "/model.safetensors")) for u in seen[:2])
+    differ = sorted(k for k in a if not torch.equal(a[k], b[k]))
+    assert differ and all(k.endswith(("q_proj.weight", "v_proj.weight")) for k in differ)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--group", "g"], "per user"),  # CoPL has no group model
+    ([], "--user"),  # a personalized reward needs its user
+    (["--user", "nobody"], "unknown user"),
+])
+def test_hf_export_refuses_what_no_standard_model_holds(copl_run, args, message, tmp_path):
+    res = _cli("export", str(copl_run), "--format", "hf", *args, "--out", str(tmp_path / "out"))
+    assert res.returncode == 1 and message in res.stderr and "Traceback" not in res.stderr, res.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_hf_export_of_a_frozen_run_or_a_user_token_method_says_why_not(micro_dir, tiny_lm, tmp_path_factory, tmp_path):
+    from coplctl.core.registry import METHODS
+
+    run = tmp_path / "frozen"
+    m = METHODS.get("uniform")(mode="frozen", backbone=str(tiny_lm), max_length=64, epochs=1)
+    m.fit(load(micro_dir), seed=0, progress=False)
+    m.save(run)
+    res = _cli("export", str(run), "--format", "hf", "--out", str(tmp_path / "a"))
+    assert res.returncode == 1 and "MLP over pooled" in res.stderr and "coplctl serve" in res.stderr
+    i2e = _train("i2e", micro_dir, tiny_lm, tmp_path_factory, lora_rank=2)
+    user = load(micro_dir).user_ids("seen")[0]
+    res = _cli("export", str(i2e), "--format", "hf", "--user", user, "--out", str(tmp_path / "b"))
+    assert res.returncode == 1 and "user token" in res.stderr and "Traceback" not in res.stderr
+    res = _cli("export", str(i2e), "--format", "peft", "--user", user, "--out", str(tmp_path / "c"))
+    assert res.returncode == 1 and "--format hf" in res.stderr

@@ -23,13 +23,13 @@ from torch import nn
 from coplctl.copl import ADAPTATIONS
 from coplctl.copl import report as tables
 from coplctl.copl.experiments import CoPLExperiments
-from coplctl.copl.mole import Routing, gate_routing, inject_mole, load_balance_loss, mole_routing
+from coplctl.copl.mole import MoLELinear, Routing, gate_routing, inject_mole, load_balance_loss, mole_routing
 from coplctl.copl.placement import EMBEDDINGS, place
 from coplctl.core.config import AT_LEAST_1, NON_NEGATIVE, POSITIVE, OneOf, Range
 from coplctl.core.errors import CoplError
 from coplctl.core.registry import register_method
 from coplctl.models.encoders import RewardHead, add_lora, concat_batches, default_targets, lora_alpha
-from coplctl.models.neural import NeuralMethod
+from coplctl.models.neural import FixedUser, NeuralMethod
 from coplctl.models.train_config import TrainConfig
 
 
@@ -302,6 +302,27 @@ class CoPL(NeuralMethod):
     def lr_groups(self) -> dict[str, float]:
         """w/o GNN embedding: the learnable user table at ``user_lr`` (GCF tables are not trained here)."""
         return {"user_table": self.user_rate()} if self.config.user_embeddings == "learned" else {}
+
+    def fixed_user(self, user: str | None = None, group: str | None = None) -> FixedUser:
+        """``user``'s reward: every MoLE layer with the experts its gate picks for the user's embedding."""
+        if group is not None or user is None:
+            raise CoplError("CoPL's reward is per user (the user's GCF embedding gates the experts): export "
+                            "--user U, e.g. one of the group's users")
+        if not self.net.mole:
+            raise CoplError("CoPL w/o MoLE reads the user as an extra input token, which no standard transformers "
+                            "model has a place for: serve the run instead (coplctl serve)")
+        e = self.net.user_table.index_select(0, self.rows([user]).to(self.net.user_table.device))
+        routing = Routing(e, torch.zeros(1, dtype=torch.long, device=e.device))
+        experts = {}
+        with torch.no_grad():
+            for layer in self.net.layers:
+                _, chosen, weights = layer.route(e)
+                experts[layer.name] = {"experts": chosen[0].tolist(), "weights": weights[0].float().tolist()}
+
+        def apply(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+            return m(x, routing=routing) if isinstance(m, MoLELinear) else m(x)
+
+        return FixedUser(f"user {user}", apply, self.net.head, {"experts": experts})
 
     def experiments(self, ctx) -> dict:
         """Tables 4-6 and Figure 2, as the spec's ``experiments.copl`` asks (:mod:`coplctl.copl.experiments`)."""

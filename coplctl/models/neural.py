@@ -9,9 +9,10 @@ trains with the shared loop, scores, saves (the sizes go to ``method.json``) and
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from abc import abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
@@ -34,6 +35,20 @@ from coplctl.models.trainer import load_trainable_state, optimize_rows, rewards,
 
 #: Default rate of per-user parameters in lora mode (see BaselineConfig.user_lr).
 USER_LR_LORA = 1e-2
+
+
+@dataclass(frozen=True)
+class FixedUser:
+    """One user's (or group's) reward of a lora-mode run as plain layers, for an export into a standard
+    model (:mod:`coplctl.serving.hf_export`): the reward is ``head(pool(lm(text)))`` where every adapted
+    linear layer ``m`` of the backbone maps its input ``x`` to ``layer(m, x)`` (affine in ``x``)."""
+
+    label: str
+    """Whose reward: ``user u3``, ``group g1``, ``every user``."""
+    layer: Callable[[nn.Module, torch.Tensor], torch.Tensor]
+    head: nn.Linear
+    details: dict = dataclasses.field(default_factory=dict)
+    """What else fixes the reward (CoPL: each layer's experts and weights for the user), for the export's record."""
 
 
 class NeuralMethod(RewardMethod):
@@ -175,6 +190,13 @@ class NeuralMethod(RewardMethod):
         rows = self.rows(list(user_ids))
         inputs = self.inputs(responses.reset_index(drop=True))
         return rewards(self.net, rows, inputs, torch.arange(len(rows)))
+
+    def fixed_user(self, user: str | None = None, group: str | None = None) -> FixedUser:
+        """One user's (``user``) or one group's (``group``) reward as plain layers (see :class:`FixedUser`), for
+        an export into a standard model. Default: impossible, with the reason (a per-user input vector)."""
+        raise CoplError(f"{self.registry_name}'s reward reads each user's own vector (a user token or latent) besides "
+                        f"the response, which no standard transformers model has a place for; serve the run instead "
+                        f"(coplctl serve, also OpenRLHF's --remote_rm_url) or export --format peft")
 
     def adapt_rows(self, pairs: pd.DataFrame, responses: pd.DataFrame, owner: nn.Module, attr: str,
                    init: torch.Tensor) -> dict:

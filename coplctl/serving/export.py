@@ -29,7 +29,7 @@ from coplctl.core.errors import CoplError, DataError
 
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 SIDECAR, SIDECAR_WEIGHTS = "coplctl_reward.json", "coplctl_reward.safetensors"
-FORMATS = ("peft",)
+FORMATS = ("peft", "hf")
 
 
 def _revision(source: str) -> str | None:

@@ -88,3 +88,41 @@ def model_card(sidecar: dict, config: dict, training: dict | None, evaluation: d
         parts.append("- none recorded")
     parts += ["", "## Training config\n", "```json", json.dumps(sidecar["config"], indent=2, sort_keys=True), "```", ""]
     return "\n".join(parts)
+
+
+def hf_card(record: dict, backbone: dict, run: Path) -> str:
+    """README.md of an hf export (:mod:`coplctl.serving.hf_export`): whose reward, how to load it with transformers
+    alone, and how TRL and OpenRLHF take it."""
+    base = backbone["base_model_name_or_path"]
+    lines = ["---", "library_name: transformers", "pipeline_tag: text-classification", "tags:", "- reward-model",
+             "- personalized-reward", "- coplctl", f"- {record['method']}"]
+    if not Path(base).is_absolute():
+        lines.append(f"base_model: {base}")
+    lines += [f"license: {backbone.get('license') or 'other'}", "---", ""]
+    routing = record.get("experts")
+    parts = ["\n".join(lines), f"# {record['method']} reward of {record['reward_of']} (coplctl)\n",
+             f"The reward of {record['reward_of']} from the coplctl run `{run}`, frozen into a standard "
+             f"sequence-classification model: its adapters{' and the experts the user is routed to' if routing else ''} "
+             "are merged into the weights and the reward head is the `score` layer. Plain transformers loads it.\n",
+             "## Loading\n", "```python", "import torch",
+             "from transformers import AutoModelForSequenceClassification, AutoTokenizer", "",
+             'tok = AutoTokenizer.from_pretrained("THIS_FOLDER")',
+             'model = AutoModelForSequenceClassification.from_pretrained("THIS_FOLDER")',
+             'chat = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]',
+             "text = tok.apply_chat_template(chat, tokenize=False)  # 'Human: {prompt}\\n\\nAssistant: {response}'",
+             "with torch.no_grad():",
+             '    reward = model(**tok(text, return_tensors="pt", truncation=True)).logits[0, 0]', "```", "",
+             f"The logit is the run's reward minus the head's bias, {record['reward_offset']:.6g} (`coplctl.reward_offset` "
+             "in config.json): the same constant for every text, which Bradley-Terry training never changes. "
+             f"Texts longer than {record['max_length']} tokens lose their start (coplctl cuts the prompt's start "
+             "first, the response only when it does not fit alone; for such texts the two can differ).\n",
+             "As TRL's reward model: pass the folder (or this model) where TRL takes a reward model, e.g. "
+             "`reward_funcs=\"THIS_FOLDER\"` of `GRPOTrainer` or `reward_model=` of the PPO/RLOO trainers. "
+             "As OpenRLHF's: `--reward_pretrain THIS_FOLDER`.\n"]
+    if routing:
+        parts += ["## Routing\n", "The experts the user's gate picks in each layer (weights are the gate's probabilities):\n"]
+        parts += [f"- `{name}`: " + ", ".join(f"expert {e} ({w:.3f})" for e, w in zip(r["experts"], r["weights"]))
+                  for name, r in routing.items()]
+        parts.append("")
+    parts += ["## Backbone\n", f"- base model: `{base}`", f"- revision: `{backbone.get('revision') or 'not recorded'}`", ""]
+    return "\n".join(parts)
