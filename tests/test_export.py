@@ -121,8 +121,9 @@ def test_copl_experts_load_as_a_peft_custom_module_and_a_plain_load_refuses(copl
 
     out = tmp_path / "export"
     summary = export_peft(copl_run, out)
-    assert summary["peft_type"] == "COPL_MOLE"
-    with pytest.raises(Exception, match="COPL_MOLE"):  # never a silent load without the experts
+    assert summary["peft_type"].startswith("COPL_MOLE")
+    with pytest.raises(KeyError, match="load it with coplctl.serving.export.load_peft"):  # never a silent load
+        # without the experts, and the error names the loader
         PeftModel.from_pretrained(AutoModel.from_pretrained(tiny_lm), str(out))
     model = load_peft(out, AutoModel.from_pretrained(tiny_lm))
     assert len(mole_layers(model)) == 4  # q_proj and v_proj of the tiny Gemma's two layers
@@ -293,3 +294,26 @@ def test_hf_export_of_a_frozen_run_or_a_user_token_method_says_why_not(micro_dir
     assert res.returncode == 1 and "user token" in res.stderr and "Traceback" not in res.stderr
     res = _cli("export", str(i2e), "--format", "peft", "--user", user, "--out", str(tmp_path / "c"))
     assert res.returncode == 1 and "--format hf" in res.stderr
+
+
+@pytest.mark.parametrize("name", ["uniform", "copl"])
+def test_the_model_cards_loading_snippet_runs_and_gives_the_runs_rewards(name, uniform_run, copl_run, tmp_path):
+    """The card's python block, run as written (folder filled in): rewards equal the run's for its first user."""
+    import re
+
+    from coplctl.serving.export import export_peft
+
+    run = {"uniform": uniform_run, "copl": copl_run}[name]
+    out = tmp_path / "export"
+    export_peft(run, out)
+    card = (out / "README.md").read_text()
+    (code,) = re.findall(r"```python\n(.*?)```", card, flags=re.S)
+    scope: dict = {}
+    exec(code.replace("THIS_FOLDER", str(out)), scope)  # noqa: S102  (the card's own snippet)
+    method = load_method(run)
+    user = method.user_ids[0]
+    expected = method.score([user], score_frame([{"user": user, "prompt": "Hi?", "response": "Hello!"}]))
+    torch.testing.assert_close(scope["rewards"], expected, rtol=1e-5, atol=1e-5)
+    if name == "copl":
+        assert "## Routing" in card and "| layer |" in card  # the gates' diagnostics from training.json
+        assert "test pairs" in card or "none recorded" in card

@@ -5,9 +5,9 @@ The folder holds
 - ``adapter_config.json`` and ``adapter_model.safetensors``: the adapters inside the backbone, in peft's
   layout. A baseline's (or CoPL w/o MoLE's) plain LoRA loads with ``PeftModel.from_pretrained`` into
   ``AutoModel.from_pretrained(base_model_name_or_path)`` and gives exactly the run's hidden states.
-  CoPL's mixture of LoRA experts is ``peft_type: "COPL_MOLE"``: a plain peft load refuses it (a LoRA load
-  would silently drop the experts); :func:`load_peft` loads it with the experts registered as a peft
-  custom module (:mod:`coplctl.copl.peft_mole`).
+  CoPL's mixture of LoRA experts has a ``peft_type`` starting ``COPL_MOLE`` and naming its loader: a plain
+  peft load refuses it with that text (a LoRA load would silently drop the experts); :func:`load_peft` loads
+  it with the experts registered as a peft custom module (:mod:`coplctl.copl.peft_mole`).
 - ``coplctl_reward.safetensors`` and ``coplctl_reward.json``, the sidecar: every other trained tensor
   (the reward head, user tables, gates outside the backbone ...) with the run's names, the users in row
   order, the method and its config, the text format and pooling. The reward is
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from coplctl.copl.peft_mole import MOLE_PEFT_TYPE, load_mole, mole_adapters, mole_export_config
+from coplctl.copl.peft_mole import MOLE_PEFT_TYPE, OLD_MOLE_PEFT_TYPES, load_mole, mole_adapters, mole_export_config
 from coplctl.core.atomic import atomic_dir, refuse_overlap
 from coplctl.core.errors import CoplError, DataError
 
@@ -141,6 +141,12 @@ def export_peft(run: str | Path, out: str | Path, *, force: bool = False) -> dic
                "mole": spec, "tensors": sorted(rest)}
     training = _read_optional(run / "training.json")
     evaluation = _read_optional(run / "evaluation.json")
+    sidecar["routing"] = ((training or {}).get("metrics") or {}).get("routing")
+    if spec is not None and not sidecar["routing"]:  # no training.json: the seen users' routing, without groups
+        from coplctl.copl.mole import gate_routing
+
+        seen = method.net_sizes.get("seen_users", len(method.user_ids))
+        sidecar["routing"] = gate_routing(method.net.layers, method.net.user_table[:seen].detach(), warn=False)
     with atomic_dir(out, overwrite=force, marker=ADAPTER_CONFIG, kind="peft export") as tmp:
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         save_file({k: v.contiguous() for k, v in adapters.items()}, str(tmp / ADAPTER_WEIGHTS),
@@ -176,7 +182,7 @@ def load_peft(directory: str | Path, model: torch.nn.Module):
     saved = read_json(directory / ADAPTER_CONFIG, what="adapter config")
     if not (directory / ADAPTER_WEIGHTS).is_file():  # peft would fall back to a pickled adapter_model.bin
         raise DataError(directory / ADAPTER_WEIGHTS, "no such adapter weights file; only safetensors are read")
-    if saved.get("peft_type") != MOLE_PEFT_TYPE:
+    if saved.get("peft_type") not in (MOLE_PEFT_TYPE, *OLD_MOLE_PEFT_TYPES):
         return PeftModel.from_pretrained(model, str(directory))
     spec = read_json(directory / SIDECAR, what="coplctl sidecar").get("mole")
     if not isinstance(spec, dict):

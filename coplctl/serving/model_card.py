@@ -21,30 +21,69 @@ def _front_matter(sidecar: dict, config: dict) -> str:
 
 
 def _loading(sidecar: dict, config: dict) -> str:
-    base = sidecar["backbone"]["base_model_name_or_path"]
-    if sidecar["mole"] is None:
-        load = ("from peft import PeftModel\nfrom transformers import AutoModel\n\n"
-                f"model = PeftModel.from_pretrained(AutoModel.from_pretrained({base!r}), \"THIS_FOLDER\")")
-        note = "A plain LoRA adapter: peft loads it as is."
-    else:
-        load = ("from transformers import AutoModel\n\nfrom coplctl.copl.mole import Routing, mole_routing\n"
-                "from coplctl.copl.peft_mole import mole_layers\nfrom coplctl.serving.export import load_peft\n\n"
-                f"model = load_peft(\"THIS_FOLDER\", AutoModel.from_pretrained({base!r}))\n"
-                "# user_table: coplctl_reward.safetensors; rows: coplctl_reward.json's users\n"
-                "with mole_routing(mole_layers(model), Routing(user_table[user_rows], torch.arange(len(user_rows)))):\n"
-                "    hidden = model(input_ids=ids, attention_mask=mask).last_hidden_state")
-        note = ("CoPL's mixture of LoRA experts (`peft_type: COPL_MOLE`): a plain `PeftModel.from_pretrained` "
-                "refuses it, because a LoRA load would drop the experts. `coplctl.serving.export.load_peft` "
+    """The card's loading section: a snippet that computes rewards (tests run it) and what it needs."""
+    base, mole = sidecar["backbone"]["base_model_name_or_path"], sidecar["mole"] is not None
+    if mole:
+        imports = ("from coplctl.copl.mole import Routing, mole_routing\nfrom coplctl.copl.peft_mole import mole_layers\n"
+                   "from coplctl.serving.export import load_peft\n\n")
+        load = "model = load_peft(folder, AutoModel.from_pretrained(base)).eval()"
+        run = ("rows = torch.tensor([side[\"users\"].index(u) for u in users])\n"
+               "routing = Routing(tensors[\"user_table\"][rows], torch.arange(len(rows)))  # one user row per text\n"
+               "with torch.no_grad(), mole_routing(mole_layers(model), routing):\n")
+        note = ("CoPL's mixture of LoRA experts: a plain `PeftModel.from_pretrained` refuses it (its `peft_type` names "
+                "the loader), because a LoRA load would drop the experts. `coplctl.serving.export.load_peft` "
                 "registers the experts as a peft custom LoRA module and loads every tensor (needs `pip install "
-                "coplctl`).")
-    reward = ("`head(pool(hidden))`" if sidecar["method"] in ("uniform", "copl") else
-              f"computed from `pool(hidden)` as coplctl's `{sidecar['method']}` does (its user parameters, e.g. a "
-              f"user token inserted after the first token, change the hidden states too)")
-    return (f"{note}\n\n```python\n{load}\n```\n\n"
-            f"Reward: {reward}, with text formatted as `{json.dumps(sidecar['text_format'])}`, "
-            f"pooling the {sidecar['pooling']}, and the reward head and user parameters from "
-            "`coplctl_reward.safetensors` (names as in the coplctl run). `coplctl_reward.json` lists the users "
-            "in row order and the method's full config.\n")
+                "coplctl`); each user's embedding (`user_table`) picks the experts.")
+    else:
+        imports, run = "from peft import PeftModel\n\n", "with torch.no_grad():\n"
+        load = "model = PeftModel.from_pretrained(AutoModel.from_pretrained(base), folder).eval()"
+        note = "A plain LoRA adapter: peft loads it as is; no coplctl is needed."
+    pool = ("pooled = hidden[torch.arange(len(texts)), mask.sum(1) - 1]  # the last real token"
+            if sidecar["backbone"]["kind"] == "decoder" else
+            "pooled = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)  # the mean over real tokens")
+    code = ("import json\n\nimport torch\nfrom safetensors.torch import load_file\n"
+            "from transformers import AutoModel, AutoTokenizer\n" + imports +
+            f"folder, base = \"THIS_FOLDER\", {base!r}\n"
+            "side = json.load(open(f\"{folder}/coplctl_reward.json\"))\n"
+            "tensors = load_file(f\"{folder}/coplctl_reward.safetensors\")  # the head (and user table)\n"
+            "tok = AutoTokenizer.from_pretrained(base)\n"
+            "tok.padding_side, tok.pad_token = \"right\", tok.pad_token or tok.eos_token\n"
+            f"{load}\n\n"
+            "users, prompts, responses = [side[\"users\"][0]], [\"Hi?\"], [\"Hello!\"]\n"
+            "texts = [side[\"text_format\"].format(prompt=p, response=r) for p, r in zip(prompts, responses)]\n"
+            "batch = tok(texts, padding=True, return_tensors=\"pt\")\n"
+            f"{run}    hidden = model(**batch).last_hidden_state\n"
+            f"mask = batch[\"attention_mask\"]\n{pool}\n"
+            "rewards = (pooled @ tensors[\"head.weight\"].T + tensors[\"head.bias\"]).squeeze(-1)")
+    if sidecar["method"] not in ("uniform", "copl"):
+        note += (f" The snippet gives `head(pool(hidden))`; coplctl's `{sidecar['method']}` computes its reward from "
+                 "`pool(hidden)` with its user parameters (e.g. a user token after the first token), from the "
+                 "sidecar's tensors: load the run with coplctl for that.")
+    return (f"{note}\n\n```python\n{code}\n```\n\n"
+            f"Texts are formatted as `{json.dumps(sidecar['text_format'])}`, pooling the {sidecar['pooling']}; a text "
+            f"longer than {sidecar['backbone']['max_length']} tokens is cut by coplctl from the start of its prompt "
+            "(`coplctl.models.tokens.encode`), which plain tokenization does not do. The reward head and user "
+            "parameters are in `coplctl_reward.safetensors` (names as in the coplctl run); `coplctl_reward.json` "
+            "lists the users in row order and the method's full config.\n")
+
+
+def _routing(stats: dict | None) -> list[str]:
+    """CoPL's routing diagnostics from training (:func:`coplctl.copl.mole.routing_stats`), as card lines."""
+    if not stats:
+        return []
+    lines = ["", "## Routing\n", "How the gates spread the seen users over the experts at the end of training (top-1 "
+             "expert per user; a layer is collapsed when one expert takes >= 95% of users: its gate then ignores the "
+             "user embedding):\n", "| layer | most used expert | its share | collapsed | I(group; expert) / H(group) |",
+             "|---|---|---|---|---|"]
+    for name, s in stats.items():
+        nmi = s.get("normalized_mi")
+        lines.append(f"| `{name}` | {s.get('top_expert')} | {_pct(s.get('top_share'))}% | "
+                     f"{'yes' if s.get('collapsed') else 'no'} | {'n/a' if nmi is None else f'{nmi:.2f}'} |")
+    bad = [n for n, s in stats.items() if s.get("collapsed")]
+    if bad:
+        lines += ["", f"**Warning:** {len(bad)} of {len(stats)} layers collapsed during training; in them every user "
+                  "gets the same experts."]
+    return lines
 
 
 def model_card(sidecar: dict, config: dict, training: dict | None, evaluation: dict | None, run: Path) -> str:
@@ -83,9 +122,12 @@ def model_card(sidecar: dict, config: dict, training: dict | None, evaluation: d
         for who in ("seen", "unseen"):
             res = (evaluation.get("metrics") or {}).get(who) or {}
             if isinstance(res, dict) and "accuracy" in res:
-                parts.append(f"- {who} users' test accuracy: {_pct(res.get('accuracy'))} on `{evaluation.get('data')}`")
+                n, c = res.get("pairs"), res.get("controversial_pairs")
+                parts.append(f"- {who} users' test accuracy: {_pct(res.get('accuracy'))} on {n} test pairs of "
+                             f"`{evaluation.get('data')}` (controversial: {_pct(res.get('controversial'))} on {c} pairs)")
     if not metrics and not evaluation:
         parts.append("- none recorded")
+    parts += _routing(sidecar.get("routing"))
     parts += ["", "## Training config\n", "```json", json.dumps(sidecar["config"], indent=2, sort_keys=True), "```", ""]
     return "\n".join(parts)
 
