@@ -143,3 +143,98 @@ def test_openrlhfs_remote_reward_client_gets_the_runs_rewards(served, micro_dir)
     assert bad.status_code == 422 and "query[0] does not start with prompts[0]" in bad.json()["error"]
     no_labels = requests.post(url=url + "/reward", json={"query": data["query"], "prompts": prompts}, timeout=180)
     assert no_labels.status_code == 422 and "--label_key" in no_labels.json()["error"]
+
+
+def _start(args, port):
+    import subprocess
+    import sys
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "coplctl", "serve", *args, "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for _ in range(600):
+        try:
+            httpx.get(f"http://127.0.0.1:{port}/health", timeout=1)
+            return proc
+        except httpx.TransportError:
+            assert proc.poll() is None, proc.stderr.read()
+            time.sleep(0.1)
+    raise AssertionError("the server did not start")
+
+
+def _stop(proc) -> str:
+    import signal
+
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode in (0, 130), err
+    return err
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_users_posted_by_8_concurrent_clients_are_served_at_once_and_after_a_restart(micro_dir, tmp_path):
+    """POST /users adapts new users (CoPL's GCF placement), /reward scores them at once, the overlay keeps them
+    beside the run (never rewriting it) and a restarted server scores them the same."""
+    import hashlib
+    import subprocess
+    import sys
+    from concurrent.futures import ThreadPoolExecutor
+
+    run = train("copl", micro_dir, tmp_path / "run")
+    trained = {str(p.relative_to(run)): hashlib.sha1(p.read_bytes()).hexdigest() for p in run.rglob("*")
+               if p.is_file()}
+    ds = load_data(micro_dir)
+    by_prompt = ds.responses.groupby("prompt")["response_id"].apply(list)
+    ids = [r for r in by_prompt if len(r) >= 2]
+    port = _free_port()
+    proc = _start([str(run), "--max-user-pairs", "3"], port)
+    base = f"http://127.0.0.1:{port}"
+
+    def client(i: int) -> tuple[int, int, list]:
+        (a, b), (c, d) = ids[(2 * i) % len(ids)][:2], ids[(2 * i + 1) % len(ids)][:2]
+        pairs = [{"user": f"new{i}", "chosen": a, "rejected": b}, {"user": f"new{i}", "chosen": d, "rejected": c}]
+        with httpx.Client(base_url=base, timeout=60) as h:
+            added = h.post("/users", json={"pairs": pairs})
+            scored = h.post("/reward", json={"items": [{"user": f"new{i}", "prompt": "Hi?", "response": "Hello!"}]})
+        return added.status_code, scored.status_code, scored.json().get("rewards")
+
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            results = list(pool.map(client, range(8)))
+        assert [(a, s) for a, s, _ in results] == [(200, 200)] * 8, results
+        first = [r for _, _, r in results]
+        with httpx.Client(base_url=base, timeout=60) as h:
+            info = h.get("/info").json()
+            assert info["users"] == len(ds.user_ids("seen")) + 8
+            again = h.post("/users", json={"pairs": [{"user": "new0", "chosen": ids[0][0], "rejected": ids[0][1]}]})
+            assert again.status_code == 422 and "new0" in again.json()["error"]
+            bad = h.post("/users", json={"pairs": [{"user": "x", "chosen": "no-such-id", "rejected": ids[0][1]}]})
+            assert bad.status_code == 422 and "pairs row 0" in bad.json()["error"], bad.text
+            many = h.post("/users", json={"pairs": [{"user": "y", "chosen": ids[k][0], "rejected": ids[k][1]} for k in range(4)]})
+            assert many.status_code == 413 and "limit of 3" in many.json()["error"]
+            assert h.get("/users").status_code == 405 and "error" in h.get("/users").json()
+        second = subprocess.run([sys.executable, "-m", "coplctl", "serve", str(run), "--port", str(_free_port())],
+                                capture_output=True, text=True, timeout=120)  # one server per overlay
+        assert second.returncode == 1 and "in use" in second.stderr and "Traceback" not in second.stderr
+    finally:
+        _stop(proc)
+    assert len(list((run / "served-users").glob("*.jsonl"))) == 8  # refused requests left no file
+    assert {str(p.relative_to(run)): hashlib.sha1(p.read_bytes()).hexdigest() for p in run.rglob("*")
+            if p.is_file() and "served-users" not in p.parts} == trained  # the trained run is untouched
+    proc = _start([str(run)], port)
+    try:
+        with httpx.Client(base_url=base, timeout=60) as h:
+            after = [h.post("/reward", json={"items": [{"user": f"new{i}", "prompt": "Hi?", "response": "Hello!"}]})
+                     .json()["rewards"] for i in range(8)]
+    finally:
+        err = _stop(proc)
+    assert "8 stored users" in " ".join(err.split())
+    assert np.allclose(after, first, atol=1e-6)
+    assert len({round(r[0], 6) for r in first}) > 1  # the users differ: not one shared reward

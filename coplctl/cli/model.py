@@ -237,15 +237,24 @@ def score(
 
 @app.command("serve", epilog=examples(
     "coplctl serve runs/copl --port 8000",
-    "curl -s localhost:8000/reward -d '{\"items\": [{\"user\": \"u0001\", \"prompt\": \"Hi?\", \"response\": \"Hello!\"}]}'"))
+    "curl -s localhost:8000/reward -d '{\"items\": [{\"user\": \"u0001\", \"prompt\": \"Hi?\", \"response\": \"Hello!\"}]}'",
+    "curl -s localhost:8000/users -d '{\"pairs\": [{\"user\": \"alice\", \"chosen\": \"r12\", \"rejected\": \"r13\"}]}'"))
 def serve(
     run: RewardRun,
     host: Annotated[str, typer.Option("--host", help="Interface to listen on (0.0.0.0: every interface).")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", min=1, max=65535, help="TCP port.")] = 8000,
     max_batch: Annotated[int, typer.Option("--max-batch", min=1, help="Most items one request may score.")] = 1024,
     max_body_mb: Annotated[float, typer.Option("--max-body-mb", min=0.001, help="Largest request body, in MB.")] = 8.0,
+    users_dir: Annotated[Optional[Path], typer.Option(
+        "--users-dir", help="Where POST /users stores new users (replayed at start) [default: RUN/served-users].",
+        show_default=False)] = None,
+    max_user_pairs: Annotated[int, typer.Option("--max-user-pairs", min=1,
+                                                help="Most annotation pairs one POST /users may carry.")] = 1000,
+    read_only: Annotated[bool, typer.Option("--read-only", help="Take no new users (POST /users answers 403); "
+                                            "stored ones are still served.")] = False,
 ) -> None:
-    """Serve RUN's rewards over HTTP: POST /reward with {"items": [{"user", "prompt", "response"}, ...]};
+    """Serve RUN's rewards over HTTP: POST /reward with {"items": [{"user", "prompt", "response"}, ...]} (or
+    OpenRLHF's request); POST /users with {"pairs": [...]} learns new users and keeps them beside the run;
     GET /health and /info. Needs the serve extra (pip install 'coplctl\\[serve]')."""
     from importlib.util import find_spec
 
@@ -254,10 +263,22 @@ def serve(
 
     if find_spec("starlette") is None or find_spec("uvicorn") is None:
         raise CoplError("coplctl serve needs starlette and uvicorn: pip install 'coplctl[serve]'")
+    from coplctl.serving.overlay import Overlay, overlay_dir, replay
     from coplctl.serving.server import check_port
     from coplctl.serving.server import serve as run_server
 
     check_port(host, port)  # before loading the run and announcing anything
     rm = load(run)
-    err.print(f"serving {rm.name} from {run} on http://{host}:{port} (POST /reward, GET /health, GET /info)")
-    run_server(rm, host=host, port=port, max_batch=max_batch, max_body_bytes=int(max_body_mb * 1e6))
+    where = overlay_dir(run, users_dir)
+    options = dict(host=host, port=port, max_batch=max_batch, max_body_bytes=int(max_body_mb * 1e6),
+                   max_user_pairs=max_user_pairs)
+    if read_only:
+        added = replay(rm, where)
+        err.print(f"serving {rm.name} from {run} on http://{host}:{port} ({added} stored users; read-only)")
+        run_server(rm, **options)
+        return
+    overlay = Overlay(where)
+    with overlay.open(rm) as added:
+        err.print(f"serving {rm.name} from {run} on http://{host}:{port} (POST /reward, POST /users, GET /health, "
+                  f"GET /info); {added} stored users from {where}")
+        run_server(rm, overlay=overlay, **options)

@@ -6,13 +6,19 @@
                    -> 200 {"rewards": [...], "scores": [...], "method": "copl"}   (OpenRLHF's remote reward
                    model client, ``--remote_rm_url http://HOST:PORT/reward``: the user id is each sample's
                    label (``--label_key``), the response is the query after its prompt)
+    POST /users    {"pairs": [{"user": "alice", "chosen": "<response id or text>", "rejected": "...",
+                   "prompt": "(for new texts)"}, ...]}   (a user file's records)
+                   -> 200 {"users": 1, "pairs": 4, "total_users": 121, "report": {...}}: the new users are
+                   adapted, scored by /reward at once, and stored in the run's overlay
+                   (:mod:`coplctl.serving.overlay`), so a restarted server knows them too
     GET  /health   -> 200 {"status": "ok"}
     GET  /info     -> 200 {"method", "run", "users", "mode", "backbone", "max_batch", "max_body_bytes", "version"}
 
 Errors are JSON ``{"error": "..."}`` naming the item and field: 400 (not JSON, or not an object with
-``items``), 413 (body over ``max_body_bytes`` or more than ``max_batch`` items), 422 (a field missing or
-not a text, an unknown user). Requests are scored one at a time (the model is not shared between threads),
-off the event loop.
+``items``), 403 (``/users`` on a server without an overlay), 404/405, 413 (body over ``max_body_bytes``,
+more than ``max_batch`` items or ``max_user_pairs`` pairs), 422 (a field missing or not a text, an unknown
+user, a pair that names no response, a user the run already has), 507 (the overlay could not be written).
+Requests run one at a time (the model is not shared between threads), off the event loop.
 """
 
 from __future__ import annotations
@@ -89,8 +95,30 @@ def _items(body: bytes, max_batch: int) -> tuple[list[str], list[str], list[str]
     return cols["user"], cols["prompt"], cols["response"]
 
 
-def make_app(rm, *, max_batch: int = 1024, max_body_bytes: int = 8 << 20):
-    """The ASGI application serving ``rm`` (a :class:`coplctl.serving.api.RewardModel`)."""
+def _pairs(body: bytes, max_pairs: int) -> list[dict]:
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError):
+        raise _Problem(400, "the body is not valid JSON") from None
+    if not isinstance(data, dict) or not isinstance(data.get("pairs"), list):
+        raise _Problem(400, 'the body must be a JSON object {"pairs": [{"user", "chosen", "rejected", "prompt"}, ...]}')
+    pairs = data["pairs"]
+    if not pairs:
+        raise _Problem(422, "pairs is empty")
+    if len(pairs) > max_pairs:
+        raise _Problem(413, f"{len(pairs)} pairs, more than this server's limit of {max_pairs} per request")
+    for i, rec in enumerate(pairs):
+        if not isinstance(rec, dict):
+            raise _Problem(422, f"pairs[{i}] must be an object with user, chosen and rejected")
+        for key, value in rec.items():
+            if isinstance(value, str) and not_unicode(value):
+                raise _Problem(422, f"pairs[{i}].{key} {not_unicode(value)}")
+    return pairs
+
+
+def make_app(rm, *, max_batch: int = 1024, max_body_bytes: int = 8 << 20, overlay=None, max_user_pairs: int = 1000):
+    """The ASGI application serving ``rm`` (a :class:`coplctl.serving.api.RewardModel`); ``overlay`` (an opened
+    :class:`coplctl.serving.overlay.Overlay`) stores the users ``POST /users`` adds (None: refused)."""
     from starlette.applications import Starlette
     from starlette.concurrency import run_in_threadpool
     from starlette.requests import ClientDisconnect, Request
@@ -132,6 +160,26 @@ def make_app(rm, *, max_batch: int = 1024, max_body_bytes: int = 8 << 20):
         rewards = [float(s) for s in scores]
         return JSONResponse({"rewards": rewards, "scores": rewards, "method": rm.name})
 
+    async def users(request: Request) -> JSONResponse:
+        if overlay is None:
+            return JSONResponse({"error": "this server takes no new users (started with --read-only)"}, status_code=403)
+        try:
+            records = _pairs(await read_body(request), max_user_pairs)
+            async with lock:
+                report = await run_in_threadpool(overlay.add, rm, records)
+        except ClientDisconnect:
+            return JSONResponse({"error": "the client disconnected"}, status_code=400)
+        except _Problem as p:
+            return JSONResponse({"error": p.message}, status_code=p.status)
+        except CoplError as e:  # a bad record (named by its row), a user the run has
+            return JSONResponse({"error": str(e)}, status_code=422)
+        except OSError as e:
+            return JSONResponse({"error": f"the new users are served until a restart, but storing them in "
+                                          f"{overlay.directory} failed: {e.strerror or e}"}, status_code=507)
+        report = json.loads(json.dumps(report, default=str))
+        return JSONResponse({"users": report.get("users"), "pairs": len(records), "total_users": len(rm.users),
+                             "report": report})
+
     async def health(request: Request) -> JSONResponse:
         return JSONResponse({"status": "ok"})
 
@@ -141,7 +189,8 @@ def make_app(rm, *, max_batch: int = 1024, max_body_bytes: int = 8 << 20):
     async def http_error(request: Request, exc) -> JSONResponse:  # 404, 405: JSON like every other answer
         return JSONResponse({"error": exc.detail}, status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
-    return Starlette(routes=[Route("/reward", reward, methods=["POST"]), Route("/health", health),
+    return Starlette(routes=[Route("/reward", reward, methods=["POST"]), Route("/users", users, methods=["POST"]),
+                             Route("/health", health),
                              Route("/info", about)], exception_handlers={404: http_error, 405: http_error})
 
 
@@ -158,13 +207,13 @@ def check_port(host: str, port: int) -> None:
 
 
 def serve(rm, *, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 1024,
-          max_body_bytes: int = 8 << 20, log_level: str = "info") -> None:
-    """Serve ``rm`` until interrupted."""
+          max_body_bytes: int = 8 << 20, log_level: str = "info", overlay=None, max_user_pairs: int = 1000) -> None:
+    """Serve ``rm`` until interrupted (``overlay``: an opened :class:`coplctl.serving.overlay.Overlay`)."""
     import uvicorn
 
     check_port(host, port)
-    uvicorn.run(make_app(rm, max_batch=max_batch, max_body_bytes=max_body_bytes), host=host, port=port,
-                log_level=log_level)
+    uvicorn.run(make_app(rm, max_batch=max_batch, max_body_bytes=max_body_bytes, overlay=overlay,
+                         max_user_pairs=max_user_pairs), host=host, port=port, log_level=log_level)
 
 
 @contextmanager
