@@ -3,6 +3,7 @@ gradient scaler), set in the config or by `accelerate launch` through its enviro
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -142,10 +143,20 @@ def test_two_processes_leak_no_ddp_warning(micro_dir, tmp_path):
     every process. CoPL's two-process run is checked in tests/test_copl.py."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "-m", "coplctl", "train", "uniform", "--data", str(micro_dir), "--out", str(tmp_path / "run"), "--epochs", "2"]
+           "-m", "coplctl", "train", "uniform", "--data", str(micro_dir), "--out", str(tmp_path / "run"), "--epochs", "2",
+           "--batch-size", "4", "--set", "grad_accum=2"]
     res = subprocess.run(cmd, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-3000:]
     assert not WARNING.findall(res.stderr), res.stderr[-3000:]
+    # the README's accumulation (--set grad_accum=K) reaches a real 2-process launch: each process takes every
+    # other batch of 4 pairs and steps once per 2 of them
+    from coplctl.data import load
+
+    metrics = json.loads((tmp_path / "run" / "training.json").read_text())["metrics"]
+    batches = -(-len(load(micro_dir).split("train")) // 4)
+    per_process = -(-batches // 2)
+    assert (metrics["processes"], metrics["grad_accum"]) == (2, 2)
+    assert metrics["steps"] == 2 * -(-per_process // 2) and per_process > 2
 
 
 def test_ddp_looks_for_unused_parameters_only_when_a_net_asks(monkeypatch):
