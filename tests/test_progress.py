@@ -19,3 +19,17 @@ def test_disabled_bar_prints_nothing(capsys):
     bar.update(advance=1, info="x")
     bar.close()
     assert capsys.readouterr().err == ""
+
+
+def test_a_bar_with_no_update_still_logs_while_work_goes_on(monkeypatch, capsys):
+    """A benchmark's bar moves between jobs only; inside a long job (embedding, GCF, training) the heartbeat
+    keeps a plain line coming every LOG_EVERY_S."""
+    import time
+
+    monkeypatch.setattr(progress, "LOG_EVERY_S", 0.5)
+    bar = progress.Bar(True, 7, "quick")
+    bar.update(completed=0, info="copl seed 0: embedding")
+    time.sleep(2.2)  # no update: the job is busy
+    bar.close()
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("quick 0/7")]
+    assert len(lines) >= 2 and all(line.endswith("copl seed 0: embedding") for line in lines), lines

@@ -1,12 +1,14 @@
 """One rich progress bar on stderr, shared by every long loop (GCF epochs, training steps, benchmarks).
 
 When stderr is not a terminal (CI logs, `> run.log 2>&1`), rich draws nothing until the bar stops, so the bar
-also prints a plain progress line every `LOG_EVERY_S` seconds there.
+also prints a plain progress line every `LOG_EVERY_S` seconds there: on its updates, and from a heartbeat
+thread while no update comes (a benchmark's bar between jobs: embedding, GCF, training run inside one job).
 """
 
 from __future__ import annotations
 
 import functools
+import threading
 import time
 
 LOG_EVERY_S = 30.0
@@ -40,21 +42,35 @@ class Bar:
         self.last_log = time.monotonic()
         self.log = not stderr_console().is_terminal
         self.prog.start()
+        self._stop, self._lock = threading.Event(), threading.Lock()
+        if self.log:
+            threading.Thread(target=self._heartbeat, daemon=True).start()
 
     def update(self, *, advance: int = 0, completed: int | None = None, info: str = "") -> None:
         if self.prog is None:
             return
         self.prog.update(self.task, advance=advance, completed=completed, info=info)
-        now = time.monotonic()
-        if self.log and now - self.last_log >= LOG_EVERY_S:
+        self._log_due()
+
+    def _log_due(self) -> None:
+        prog = self.prog
+        with self._lock:  # the heartbeat and update() may both find a line due
+            now = time.monotonic()
+            if prog is None or not self.log or now - self.last_log < LOG_EVERY_S:
+                return
             self.last_log = now
-            t = self.prog.tasks[0]
-            eta = f", ~{t.time_remaining:.0f} s left" if t.time_remaining else ""
-            self.prog.console.print(f"{t.description} {t.completed:.0f}/{t.total:.0f} [{t.elapsed:.0f} s{eta}] "
-                                    f"{t.fields['info']}", markup=False, highlight=False)
+        t = prog.tasks[0]
+        eta = f", ~{t.time_remaining:.0f} s left" if t.time_remaining else ""
+        prog.console.print(f"{t.description} {t.completed:.0f}/{t.total:.0f} [{t.elapsed:.0f} s{eta}] "
+                           f"{t.fields['info']}", markup=False, highlight=False)
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(1.0):
+            self._log_due()
 
     def close(self) -> None:
         if self.prog is not None:
+            self._stop.set()
             self.prog.stop()
             self.prog = None
 
