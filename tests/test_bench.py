@@ -491,3 +491,22 @@ def test_a_diverging_candidate_is_recorded_never_chosen_and_a_diverging_run_is_o
     assert main(plain) == 1
     err = capsys.readouterr().err
     assert "training loss became" in err and "lower the learning rate" in err and "Traceback" not in err
+
+
+def test_cells_on_few_test_pairs_say_how_few():
+    """A cell resting on 17 test pairs (one pair = 5.9 points) says so in a note; Table 2 counts its
+    controversial pairs; 100 pairs or more need no note."""
+    def result(spec, name, pairs, controversial):
+        seen = {"accuracy": 0.6, "common": 0.7, "controversial": 0.4, "pairs": pairs,
+                "controversial_pairs": controversial}
+        return {"spec": spec, "name": name, "seed": 0, "metrics": {"seen": seen}}
+
+    tables = {t.key: t for t in build_report([result("small", "uniform", 17, 5), result("small", "copl", 17, 5),
+                                              result("big", "uniform", 400, 150)])[0]}
+    assert tables["table1-seen"].notes == ["small: the seen users' cells rest on 17 test pairs per seed (one pair is "
+                                           "5.9 points)"]
+    assert tables["table2-small"].notes == [
+        "small: the seen users' cells rest on 5 controversial test pairs per seed (one pair is 20.0 points)",
+        "small: the seen users' cells rest on 17 test pairs in all per seed (one pair is 5.9 points)"]
+    assert tables["table2-big"].notes == []
+    assert "_Note: small: the seen users' cells rest on 17 test pairs" in to_markdown(tables["table1-seen"])

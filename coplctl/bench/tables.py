@@ -37,7 +37,8 @@ def _standard_tables(results: list[Result]) -> list[Table | None]:
         table = grid(f"table1-{role}", f"Table 1 ({role} users): accuracy on held-out pairs",
                      collect(main, metric(role)))
         if table is not None:
-            table.notes = _skip_notes(results) + _search_notes(main) + _tie_notes(main, role)
+            table.notes = (_skip_notes(results) + _search_notes(main) + _tie_notes(main, role)
+                           + _size_notes(main, role, (("pairs", "test pairs"),)))
         tables.append(table)
     # The paper shows Table 2 for UF-P-2 only; it is rendered for every spec whose test pairs include
     # controversial ones (with 4 groups: pairs on which the groups do not all agree).
@@ -51,8 +52,12 @@ def _standard_tables(results: list[Result]) -> list[Table | None]:
         for label, key in (("common", "common"), ("controversial", "controversial"), ("total", "accuracy")):
             for (s, n), v in collect(mine, metric("seen", key)).items():
                 data[(label, n)] = v
-        tables.append(grid(f"table2-{spec}", f"Table 2 ({spec}, seen users): common vs controversial pairs",
-                           data, specs=["common", "controversial", "total"]))
+        table2 = grid(f"table2-{spec}", f"Table 2 ({spec}, seen users): common vs controversial pairs",
+                      data, specs=["common", "controversial", "total"])
+        if table2 is not None:
+            table2.notes = _size_notes(mine, "seen", (("controversial_pairs", "controversial test pairs"),
+                                                      ("pairs", "test pairs in all")))
+        tables.append(table2)
     ablations = [r for r in results if not _is_method(r)]
     varied = {(r["spec"], r.get("method")) for r in ablations}  # each ablation's row next to its method's own
     abl = ablations + [r for r in main if (r["spec"], r["name"]) in varied]
@@ -101,6 +106,22 @@ def _tie_notes(results: list[Result], role: str) -> list[str]:
             ties.setdefault(key, []).append(m["ties"])
     return [f"{method_label(name)} on {spec}: {statistics.fmean(v):g} tied pairs per seed (scored as wrong)"
             for (_, name, spec), v in sorted(ties.items())]
+
+
+#: below this many test pairs behind a cell, a note gives the count (one pair moves the accuracy by 100/n points)
+FEW_PAIRS = 100
+
+
+def _size_notes(results: list[Result], role: str, counts: tuple[tuple[str, str], ...]) -> list[str]:
+    """One note per benchmark whose ``role`` accuracies rest on fewer than :data:`FEW_PAIRS` pairs of a kind."""
+    notes = []
+    for spec in sorted({r["spec"] for r in results}, key=spec_key):
+        for key, what in counts:
+            n = max(((r["metrics"].get(role) or {}).get(key) or 0 for r in results if r["spec"] == spec), default=0)
+            if 0 < n < FEW_PAIRS:
+                notes.append(f"{spec}: the {role} users' cells rest on {n} {what} per seed (one pair is "
+                             f"{100 / n:.1f} points)")
+    return notes
 
 
 def _fmt(c: Cell | None, latex: bool = False) -> str:
