@@ -98,7 +98,8 @@ class RewardModel:
         unknown = sorted({u for u in users if u not in index}) if index is not None else []
         if unknown:
             raise CoplError(f"unknown user {unknown[0]!r}" + (f" (and {len(unknown) - 1} more)" if len(unknown) > 1
-                            else "") + f": the run has {len(index):,} users; adapt new ones with .adapt(pairs)")
+                            else "") + f": the run has {len(index):,} users; add new ones from their annotations (POST /users on a "
+                            f"server, rm.adapt(pairs) in Python, coplctl adapt)")
         out = np.empty(len(texts), dtype=np.float32)
         with _own_rng(), in_memory(self._memory):
             for s in range(0, len(texts), batch_size):
