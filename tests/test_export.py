@@ -317,3 +317,51 @@ def test_the_model_cards_loading_snippet_runs_and_gives_the_runs_rewards(name, u
     if name == "copl":
         assert "## Routing" in card and "| layer |" in card  # the gates' diagnostics from training.json
         assert "test pairs" in card or "none recorded" in card
+
+
+@pytest.mark.parametrize("name", ["uniform", "copl"])
+def test_coplctl_loads_an_export_folder_and_a_hub_id_with_the_runs_rewards(name, uniform_run, copl_run, micro_dir,
+                                                                          tmp_path):
+    """coplctl.load of a peft export, and of the same export as a hub repo read from a cache laid out as a
+    download leaves it (offline): every exported user scores as in the run."""
+    import numpy as np
+    from tiny_models import install_in_hub_cache
+
+    import coplctl
+    from coplctl.serving.export import export_peft
+
+    run = {"uniform": uniform_run, "copl": copl_run}[name]
+    out = tmp_path / "export"
+    export_peft(run, out)
+    ds = load(micro_dir)
+    users = load_method(run).user_ids[:4]
+    rows = ds.responses.head(4)
+    want = coplctl.load(run).reward(users, rows.prompt.tolist(), rows.text.tolist())
+    rm = coplctl.load(out)
+    assert rm.name == name and rm.users == load_method(run).user_ids
+    np.testing.assert_allclose(rm.reward(users, rows.prompt.tolist(), rows.text.tolist()), want, atol=1e-6)
+    install_in_hub_cache(out, tmp_path / "hf", "me/reward")
+    code = ("import json, sys, coplctl; a = json.loads(sys.argv[1]); "
+            "print(json.dumps(coplctl.load('me/reward').reward(*a).tolist()))")
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+    res = subprocess.run([sys.executable, "-c", code, json.dumps([users, rows.prompt.tolist(), rows.text.tolist()])],
+                         capture_output=True, text=True, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    np.testing.assert_allclose(json.loads(res.stdout), want, atol=1e-6)
+
+
+def test_loading_what_is_no_run_says_what_it_is(copl_run, micro_dir, tmp_path, monkeypatch):
+    import coplctl
+    from coplctl.core.errors import CoplError
+    from coplctl.serving.hf_export import export_hf
+
+    user = load(micro_dir).user_ids("seen")[0]
+    export_hf(copl_run, tmp_path / "hf", user=user)
+    with pytest.raises(CoplError, match="AutoModelForSequenceClassification"):
+        coplctl.load(tmp_path / "hf")
+    with pytest.raises(CoplError, match="me/nothing is no local directory, and the Hugging Face hub did not give it"):
+        coplctl.load("me/nothing")  # offline (the tests' HF_HUB_OFFLINE): one line at once
+    (tmp_path / "runs").mkdir()
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(CoplError, match="does not exist"):
+        coplctl.load("runs/mistyped")  # a local folder's typo is not sent to the hub

@@ -17,11 +17,9 @@ from torch import nn
 
 from coplctl.copl.mole import ExpertGate, Routing, make_gate
 
-#: ``peft_type`` of an exported MoLE adapter's ``adapter_config.json``. peft does not know it, so a plain
-#: ``PeftModel.from_pretrained`` refuses the folder (a LoRA load would silently drop the experts);
-#: :func:`mole_lora_config` turns it back into a LoRA config with the custom module registered.
 #: the ``peft_type`` of a CoPL export: peft knows no such type, so ``PeftModel.from_pretrained`` stops with
-#: ``KeyError: '<this text>'``, which names the loader to use (a plain LoRA load would drop the experts)
+#: ``KeyError: '<this text>'``, which names the loader to use (a plain LoRA load would drop the experts);
+#: :func:`mole_lora_config` turns it back into a LoRA config with the custom module registered
 MOLE_PEFT_TYPE = "COPL_MOLE: CoPL's mixture of LoRA experts; load it with coplctl.serving.export.load_peft"
 OLD_MOLE_PEFT_TYPES = ("COPL_MOLE",)  # exports written before the type named its loader
 

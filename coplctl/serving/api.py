@@ -151,11 +151,42 @@ class RewardModel:
 
 
 def load(run: str | Path, *, cache_texts: int = 50_000) -> RewardModel:
-    """Load the run directory ``run`` (``coplctl train`` / ``adapt`` / a benchmark's ``runs/...``)."""
-    from coplctl.models.reward import load_method
+    """Load a run directory (``coplctl train`` / ``adapt`` / a benchmark's ``runs/...``), a peft export
+    (``coplctl export --format peft``), or either from the Hugging Face hub by its id (``owner/name``: read
+    through ``huggingface_hub`` and its cache, so a cached repo loads offline)."""
+    from coplctl.models.reward import METHOD_FILE, load_method
+    from coplctl.serving.export import is_export, load_export
 
     if not isinstance(run, (str, Path)) or not str(run):
         raise CoplError(f"run must be a run directory (a path), not {run!r:.60}")
+    path = Path(run)
+    if not path.exists() and _hub_id(str(run)):
+        path = _download(str(run))
+    if path.is_dir() and (path / "config.json").is_file() and not (path / METHOD_FILE).is_file() \
+            and '"coplctl"' in (path / "config.json").read_text(errors="replace"):
+        raise CoplError(f"{run} is an hf export: one user's reward as a transformers model; load it with "
+                        f"AutoModelForSequenceClassification.from_pretrained (its README shows how)")
     with _own_rng():
-        method = load_method(run)
-    return RewardModel(method, Path(run), cache_texts)
+        method = load_export(path) if path.is_dir() and not (path / METHOD_FILE).is_file() and is_export(path) \
+            else load_method(path)
+    return RewardModel(method, path, cache_texts)
+
+
+def _hub_id(text: str) -> bool:
+    """``owner/name`` as the hub spells repo ids, unless ``owner`` is a local directory (``runs/copl`` with a
+    typo is a missing run, not a hub repo to wait for)."""
+    import re
+
+    return re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", text) is not None and ".." not in text \
+        and not Path(text.split("/")[0]).is_dir()
+
+
+def _download(repo_id: str) -> Path:
+    """The files of hub repo ``repo_id`` (a model repo) in the local hub cache, downloaded if missing."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id))
+    except Exception as e:  # offline without a cached copy, no such repo, no access: one line
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise CoplError(f"{repo_id} is no local directory, and the Hugging Face hub did not give it ({first})") from None

@@ -74,15 +74,16 @@ LICENSES = {"minilm": "apache-2.0", "sentence-transformers/all-MiniLM-L6-v2": "a
             "gemma-2b-it": "gemma", "gemma-7b-it": "gemma", "google/gemma-2b-it": "gemma", "google/gemma-7b-it": "gemma"}
 
 
-def _split_state(method) -> tuple[dict, dict, dict | None]:
-    """(adapter tensors in peft's checkpoint names, the other trained tensors, MoLE spec or None). CoPL's
-    experts become its peft custom module's tensors (:func:`coplctl.copl.peft_mole.mole_adapters`)."""
+def _split_state(method, tensors: dict | None = None) -> tuple[dict, dict, dict | None]:
+    """(adapter tensors in peft's checkpoint names, the other trained tensors, MoLE spec or None) of
+    ``tensors`` (default: the run's trained state). CoPL's experts become its peft custom module's tensors
+    (:func:`coplctl.copl.peft_mole.mole_adapters`)."""
     from peft.tuners.lora import LoraModel
 
     from coplctl.models.trainer import trainable_state
 
     adapters, rest = {}, {}
-    for name, value in trainable_state(method.net).items():
+    for name, value in (trainable_state(method.net) if tensors is None else tensors).items():
         if name.startswith("encoder.lm."):
             adapters["base_model.model." + name.removeprefix("encoder.lm.")] = value
         else:
@@ -188,6 +189,70 @@ def load_peft(directory: str | Path, model: torch.nn.Module):
     if not isinstance(spec, dict):
         raise CoplError(f"{directory / SIDECAR} has no 'mole' settings for this MoLE adapter")
     return load_mole(model, saved, spec, directory / ADAPTER_WEIGHTS)
+
+
+def is_export(directory: Path) -> bool:
+    """Whether ``directory`` holds a peft export of coplctl (:func:`export_peft`)."""
+    return (directory / ADAPTER_CONFIG).is_file() and (directory / SIDECAR).is_file()
+
+
+def load_export(directory: str | Path):
+    """The method of a peft export (:func:`export_peft`), as :func:`coplctl.models.reward.load_method` gives a
+    run's: it scores every exported user. The net is rebuilt from the sidecar (method, config, sizes, users);
+    its tensors are found under the names the export gave them by exporting a fresh net's names (so the
+    names are never inverted by hand) and loaded strictly. An export has neither the training responses nor
+    CoPL's GCF run: new users can be adapted from texts, and CoPL needs its run for that."""
+    import pandas as pd
+    from safetensors.torch import load_file
+
+    from coplctl.core.files import field, read_json
+    from coplctl.core.registry import METHODS
+    from coplctl.models.reward import make_config
+    from coplctl.models.train_config import fp32_trainable
+    from coplctl.models.trainer import load_trainable_state, trainable_state
+
+    directory = Path(directory)
+    side_path = directory / SIDECAR
+    side = read_json(side_path, what="coplctl sidecar")
+    name = field(side, "method", str, side_path)
+    try:
+        cls = METHODS.get(name)
+        options = dict(field(side, "config", dict, side_path))
+        backbone = field(side, "backbone", dict, side_path)
+        if options.get("backbone") and not Path(options["backbone"]).exists() and Path(options["backbone"]).is_absolute():
+            options["backbone"] = backbone.get("base_model_name_or_path")  # a path of the exporting machine
+        method = cls(make_config(cls.Config, options, owner=f"method {name}"))
+    except CoplError as e:
+        raise CoplError(f"{side_path}: {e}") from None
+    sizes = field(side, "sizes", dict, side_path)
+    method.user_ids = field(side, "users", list, side_path)
+    method.net_sizes = {k: v for k, v in sizes.items() if k != "users"}
+    method.responses = pd.DataFrame({"response_id": pd.Series(dtype=str), "prompt": pd.Series(dtype=str),
+                                     "text": pd.Series(dtype=str)})
+    if hasattr(method, "gcf_dir"):
+        method.gcf_dir = None
+    method.backbone = method.load_backbone()
+    torch.manual_seed(0)
+    method.net = fp32_trainable(method.build_net(len(method.user_ids), method.net_sizes))
+    own = list(trainable_state(method.net))
+    markers = {n: torch.tensor([float(i)]) for i, n in enumerate(own)}
+    adapters, rest, _ = _split_state(method, markers)
+    found = {**load_file(str(directory / ADAPTER_WEIGHTS)), **load_file(str(directory / SIDECAR_WEIGHTS))}
+    saved, missing = {}, []
+    for exported, marker in {**adapters, **rest}.items():
+        if marker.numel() == 1 and marker.dtype == torch.float32 and 0 <= int(marker) < len(own) \
+                and float(marker) == int(marker):
+            if exported not in found:
+                missing.append(exported)
+            else:
+                saved[own[int(marker)]] = found[exported]
+    if missing:
+        raise DataError(directory, f"the export lacks {len(missing)} tensors of its {name} model (e.g. {missing[0]})")
+    try:
+        load_trainable_state(method.net, saved)
+    except CoplError as e:
+        raise DataError(directory, f"{e} (an export of another coplctl version?)") from None
+    return method
 
 
 def push_to_hub(directory: str | Path, repo_id: str, *, private: bool = False) -> str:
