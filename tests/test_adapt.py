@@ -56,7 +56,8 @@ def test_weighted_matches_the_formula(run, tiny_dir):
 
 
 def test_official_variant_weights_as_the_authors_code(tiny_dir, tmp_path):
-    """official runs: γ from L2-normalised embeddings, averaged over the user's pairs."""
+    """official runs: γ from L2-normalised user and raw response embeddings (as the authors' code scores),
+    averaged over the user's pairs."""
     path = tmp_path / "official"
     train_gcf(load(tiny_dir), path, preset_config("official", dim=8, layers=2, epochs=15, batch_size=0,
                                                   lr=2e-2), progress=False)
@@ -72,7 +73,7 @@ def test_official_variant_weights_as_the_authors_code(tiny_dir, tmp_path):
     g = run.graph
     a = torch.tensor([g.response_index[x] for x in pairs["chosen_id"]])
     b = torch.tensor([g.response_index[x] for x in pairs["rejected_id"]])
-    eu, er = F.normalize(run.user_emb, dim=-1), F.normalize(run.response_emb, dim=-1)
+    eu, er = F.normalize(run.user_emb, dim=-1), run.response_emb
     gamma = torch.stack([F.logsigmoid((eu[u] * (er[a] - er[b])).sum(-1)).mean() for u in nb])
     w = torch.softmax(gamma / 0.07, 0)
     torch.testing.assert_close(got.embeddings[0], w @ run.exported_user_emb[nb])

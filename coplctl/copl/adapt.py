@@ -5,9 +5,10 @@ Given a trained GCF and a new user u* with a few pairs D_u* over graph responses
 - ``weighted`` (CoPL, default): take the seen users reached from u*'s chosen responses by k hops over
   positive edges only (k even; k = 2: seen users who chose a response u* chose), score each with the
   GCF, γ_u = Σ_{(a≻b)∈D_u*} log σ(s_ua − s_ub), w = softmax(γ / κ) with κ = 0.07, e_u* = Σ w_u e_u.
-  For a run of the ``official`` variant γ is computed as the authors' code does: scores of the
-  L2-normalised user and response embeddings, and the mean over the user's pairs instead of the sum
-  (much softer weights).
+  For a run of the ``official`` variant γ is computed as the authors' code does
+  (ml-postech/CoPL ``models/CoPL_gcf.py``, ``unseen_user_adaptation.py``): scores of the L2-normalised
+  user embeddings (the exported ones) with the raw response embeddings, and the mean over the user's pairs
+  instead of the sum (much softer weights).
 - ``average``: the unweighted mean of the same neighbours (Table 4, "Naive Avg.").
 - ``optimize``: a free embedding fitted by the GCF's BT loss on D_u*, everything else frozen
   (Table 4, "User Opt.").
@@ -209,8 +210,8 @@ def _neighbour_means(run: GCFRun, E_r, pu, pc, pr, n: int, cfg: AdaptConfig, pla
     pu, pc, pr = pu[order], pc[order], pr[order]
     p_ptr = np.zeros(n + 1, dtype=np.int64)
     np.cumsum(np.bincount(pu, minlength=n), out=p_ptr[1:])
-    official = run.variant == "official"  # the authors' γ: normalised embeddings, mean over pairs
-    S_u, S_r = (F.normalize(E_u, dim=-1), F.normalize(E_r, dim=-1)) if official else (E_u, E_r)
+    official = run.variant == "official"  # the authors' γ: normalised users, raw responses, mean over pairs
+    S_u, S_r = (F.normalize(E_u, dim=-1), E_r) if official else (E_u, E_r)
     delta = S_r[torch.from_numpy(pc)] - S_r[torch.from_numpy(pr)]  # (pairs, d), by user
     raw, emb = E_u.new_zeros(n, E_u.shape[1]), X.new_zeros(n, X.shape[1])
     counts = np.zeros(n, dtype=np.int64)
