@@ -510,3 +510,16 @@ def test_cells_on_few_test_pairs_say_how_few():
         "small: the seen users' cells rest on 17 test pairs in all per seed (one pair is 5.9 points)"]
     assert tables["table2-big"].notes == []
     assert "_Note: small: the seen users' cells rest on 17 test pairs" in to_markdown(tables["table1-seen"])
+
+
+def test_every_real_data_spec_searches_the_baselines_rate_over_the_papers_grid():
+    """Appendix C.2: each baseline's learning rate searched over {1e-4, 5e-5, 1e-5, 5e-6}; CoPL keeps 5e-5."""
+    from coplctl.bench.spec import search_dirs
+
+    names = sorted({p.stem for d in search_dirs() for p in d.glob("*.yaml")})
+    real = [n for n in names if load_spec(n).mode == "lora"]
+    assert {"uf-p-2-all", "uf-p-4-avg", "tldr-all", "personalllm-avg"} <= set(real)
+    for name in real:
+        jobs = {job: o.get("lr") for job, _, o in load_spec(name).jobs()}
+        assert jobs.pop("copl") == 5e-5, name
+        assert all(v == [1e-4, 5e-5, 1e-5, 5e-6] for k, v in jobs.items() if not k.startswith("copl")), (name, jobs)
