@@ -523,3 +523,14 @@ def test_every_real_data_spec_searches_the_baselines_rate_over_the_papers_grid()
         jobs = {job: o.get("lr") for job, _, o in load_spec(name).jobs()}
         assert jobs.pop("copl") == 5e-5, name
         assert all(v == [1e-4, 5e-5, 1e-5, 5e-6] for k, v in jobs.items() if not k.startswith("copl")), (name, jobs)
+
+
+def test_table_2_notes_the_personal_signal_the_results_recorded():
+    sig = {"labels": 900, "without_majority": 10, "users": 100, "share": 0.111, "share_of_labels": 0.11,
+           "personal_per_user": 1.6, "labels_per_user": 14.4}
+    seen = {"accuracy": 0.6, "common": 0.7, "controversial": 0.4, "pairs": 400, "controversial_pairs": 150}
+    results = [{"spec": "mix", "name": n, "seed": 0, "metrics": {"seen": seen}, "data": {"personal_signal": sig}}
+               for n in ("uniform", "copl")]
+    (note,) = {t.key: t for t in build_report(results)[0]}["table2-mix"].notes
+    assert note == ("mix: 11.1% of a seen user's training labels differ from the other users' majority on the same "
+                    "pair (mean over 100 users; 1.60 personal of 14.40 comparable labels per user)")

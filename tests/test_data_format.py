@@ -234,3 +234,22 @@ def test_force_never_replaces_a_directory_of_another_kind(tiny_dir, tmp_path, ca
         assert main(argv) == 1, argv
         assert "refusing to replace it" in capsys.readouterr().err
     assert [p.name for p in other.iterdir()] == ["keep.txt"]
+
+
+def test_personal_signal_counts_labels_against_the_other_users_majority():
+    import pandas as pd
+
+    from coplctl.data.signal import personal_signal
+
+    rows = [("a", "r1", "r2"), ("b", "r1", "r2"), ("c", "r2", "r1"),  # c goes against a and b
+            ("a", "r3", "r4"), ("b", "r4", "r3"),  # one each way: for a, b's is the majority (1 vs 0)
+            ("c", "r5", "r6")]  # nobody else labelled r5/r6: no majority
+    got = personal_signal(pd.DataFrame(rows, columns=["user_id", "chosen_id", "rejected_id"]))
+    # a: r1>r2 agrees (others +0: b agrees, c not: tie -> not counted), r3>r4 vs b: personal
+    # b: r1>r2 tie of others (a agrees, c not) -> not counted; r4>r3 vs a: personal
+    # c: r2>r1 vs a and b: personal; r5/r6 not counted
+    assert got["labels"] == 3 and got["without_majority"] == 3 and got["users"] == 3
+    assert got["share"] == 1.0 and got["personal_per_user"] == 1.0
+    got = personal_signal(pd.DataFrame([("a", "r1", "r2"), ("b", "r1", "r2"), ("c", "r1", "r2")],
+                                       columns=["user_id", "chosen_id", "rejected_id"]))
+    assert got["share"] == 0.0 and got["labels"] == 3  # everybody agrees: nothing personal

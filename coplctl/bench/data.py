@@ -60,4 +60,6 @@ def data_record(spec, ds) -> dict:
     d = spec.data
     own = asdict(d) if d.source == "simulated" else {
         "source": d.source, "path": d.path, "variant": ds.meta.get("variant"), "annotations": ds.meta.get("annotations")}
-    return {**own, "counts": ds.counts()}
+    from coplctl.data.signal import seen_train_signal
+
+    return {**own, "counts": ds.counts(), "personal_signal": seen_train_signal(ds)}

@@ -55,8 +55,9 @@ def _standard_tables(results: list[Result]) -> list[Table | None]:
         table2 = grid(f"table2-{spec}", f"Table 2 ({spec}, seen users): common vs controversial pairs",
                       data, specs=["common", "controversial", "total"])
         if table2 is not None:
-            table2.notes = _size_notes(mine, "seen", (("controversial_pairs", "controversial test pairs"),
-                                                      ("pairs", "test pairs in all")))
+            table2.notes = _signal_notes(mine) + _size_notes(mine, "seen", (("controversial_pairs",
+                                                                               "controversial test pairs"),
+                                                                              ("pairs", "test pairs in all")))
         tables.append(table2)
     ablations = [r for r in results if not _is_method(r)]
     varied = {(r["spec"], r.get("method")) for r in ablations}  # each ablation's row next to its method's own
@@ -106,6 +107,14 @@ def _tie_notes(results: list[Result], role: str) -> list[str]:
             ties.setdefault(key, []).append(m["ties"])
     return [f"{method_label(name)} on {spec}: {statistics.fmean(v):g} tied pairs per seed (scored as wrong)"
             for (_, name, spec), v in sorted(ties.items())]
+
+
+def _signal_notes(results: list[Result]) -> list[str]:
+    """The benchmark's personal signal (:mod:`coplctl.data.signal`), as its results recorded it."""
+    from coplctl.data.signal import describe
+
+    found = {r["spec"]: (r.get("data") or {}).get("personal_signal") for r in results}
+    return [f"{spec}: {describe(sig)}" for spec, sig in sorted(found.items(), key=lambda kv: spec_key(kv[0])) if sig]
 
 
 #: below this many test pairs behind a cell, a note gives the count (one pair moves the accuracy by 100/n points)

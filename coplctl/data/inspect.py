@@ -5,6 +5,7 @@ from __future__ import annotations
 import pandas as pd
 
 from coplctl.data.dataset import ROLES, SPLITS, PreferenceDataset, unordered
+from coplctl.data.signal import describe, seen_train_signal
 
 #: Building stages in pipeline order (meta.json stores its keys sorted); unknown keys follow.
 STAGES = ("rows", "dropped_repeated_judgements", "dropped_contradicting_judgements",
@@ -75,6 +76,7 @@ def summarize(ds: PreferenceDataset) -> dict:
         "filtering": _stages(ds.meta),
         "survey": {"pairs": int(len(distinct)),
                    "controversial_share": round(float(distinct["contr"].mean()), 4) if len(distinct) else None},
+        "personal_signal": seen_train_signal(ds),
     }
 
 
@@ -117,6 +119,7 @@ def render(summary: dict, console) -> None:
     s = summary["survey"]
     share = "-" if s["controversial_share"] is None else f"{100 * s['controversial_share']:.1f}%"
     console.print(f"Survey set (distinct train/valid/fewshot pairs): {s['pairs']:,}, controversial: {share}")
+    console.print(f"Personal signal: {describe(summary['personal_signal'])}", highlight=False)
     if summary.get("truncation"):
         c = summary["truncation"]
         console.print(f"Cut to {c['backbone']}'s {c['max_length']} tokens: {c['prompt']:,} of {c['texts']:,} texts "
