@@ -253,3 +253,36 @@ def test_personal_signal_counts_labels_against_the_other_users_majority():
     got = personal_signal(pd.DataFrame([("a", "r1", "r2"), ("b", "r1", "r2"), ("c", "r1", "r2")],
                                        columns=["user_id", "chosen_id", "rejected_id"]))
     assert got["share"] == 0.0 and got["labels"] == 3  # everybody agrees: nothing personal
+
+
+@pytest.mark.parametrize("fmt, problem", [
+    ("Human: {prompt}", "{response} once"), ("{response} {response}", "{response} once"),
+    ("{user}: {response}", "no other field"), ("{response", "not a format"), (5, "must be a text")])
+def test_a_bad_text_format_is_one_error(fmt, problem):
+    from coplctl.core.errors import CoplError
+    from coplctl.data.dataset import check_text_format
+
+    with pytest.raises(CoplError, match=problem.replace("{", r"\{").replace("}", r"\}")):
+        check_text_format(fmt)
+
+
+def test_a_datasets_text_format_is_what_methods_read_and_record(tiny_copy, tmp_path):
+    """A dataset that feeds the response alone: the run records that format, scores ignore the prompt, and an
+    old dataset without the key keeps today's format."""
+    import json
+
+    from coplctl.core.registry import METHODS
+    from coplctl.data import load
+    from coplctl.models.evaluate import score_frame
+    from coplctl.models.reward import load_method
+
+    meta = json.loads((tiny_copy / "meta.json").read_text())
+    assert "text_format" not in meta and load(tiny_copy).text_format == "Human: {prompt}\n\nAssistant: {response}"
+    (tiny_copy / "meta.json").write_text(json.dumps({**meta, "text_format": "{response}"}))
+    m = METHODS.get("uniform")(mode="frozen", epochs=1)
+    m.fit(load(tiny_copy), seed=0, progress=False)
+    m.save(tmp_path / "run")
+    assert json.loads((tmp_path / "run" / "method.json").read_text())["config"]["text_format"] == "{response}"
+    run = load_method(tmp_path / "run")
+    a, b = (run.score(["x"], score_frame([{"prompt": p, "response": "Same answer."}])) for p in ("Q1?", "Other Q?"))
+    assert bool((a == b).all())  # the prompt is not read

@@ -365,3 +365,18 @@ def test_loading_what_is_no_run_says_what_it_is(copl_run, micro_dir, tmp_path, m
     monkeypatch.chdir(tmp_path)
     with pytest.raises(CoplError, match="does not exist"):
         coplctl.load("runs/mistyped")  # a local folder's typo is not sent to the hub
+
+
+@pytest.mark.parametrize("fmt", ["Human: {prompt}\n\nAssistant: {response}", "Human: {prompt} Assistant: {response}",
+                                 "{response}", "Q: {prompt} {{quoted}} A: {response}\n"])
+def test_the_chat_template_renders_the_runs_text_format(fmt, tiny_lm):
+    from transformers import AutoTokenizer
+
+    from coplctl.serving.hf_export import chat_template
+
+    tok = AutoTokenizer.from_pretrained(tiny_lm)
+    tok.chat_template = chat_template(fmt)
+    chat = [{"role": "user", "content": "Why \"x\"?\n"}, {"role": "assistant", "content": "Because {y}."}]
+    assert tok.apply_chat_template(chat, tokenize=False) == fmt.format(prompt="Why \"x\"?\n", response="Because {y}.")
+    with pytest.raises(Exception, match="user and assistant turns only"):
+        tok.apply_chat_template([{"role": "tool", "content": "x"}], tokenize=False)

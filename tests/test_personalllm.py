@@ -42,6 +42,7 @@ def test_personalllm_follows_the_authors_protocol(plm_dir, tmp_path):
     assert main(["data", "build-personalllm", "--personalllm", str(plm_dir), *ARGS, "--out", str(tmp_path / "d")]) == 0
     ds = load(tmp_path / "d")
     assert ds.meta["source"] == "personalllm" and ds.meta["groups"] == [] and ds.users["group"].isna().all()
+    assert ds.text_format == "{response}"  # the authors' datagen_plm.py feeds the response alone
     r = ds.responses.set_index("response_id")
     assert set(r["text"].str.extract(r"answer (\d)")[0]) <= {"5", "6", "7"}  # responses 5-7 only
     split_of_prompt = r["prompt"].str.split(" ").str[0]

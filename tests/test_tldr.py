@@ -57,6 +57,7 @@ def test_tldr_follows_the_authors_protocol(tldr_dir, tmp_path):
     assert main(["data", "build-tldr", "--tldr", str(path), *ARGS, "--out", str(tmp_path / "d")]) == 0
     ds = load(tmp_path / "d")
     assert ds.meta["source"] == "tldr" and ds.meta["groups"] == ["shorter", "longer"]
+    assert ds.text_format == "Human: {prompt} Assistant: {response}"  # the authors' datagen_tldr.py format
     stats = ds.meta["filter_stats"]
     sup = lambda df: df["summaries"].map(lambda s: all("sup" in x["policy"] and "ppo" not in x["policy"] for x in s))
     tr = train[sup(train)]

@@ -64,7 +64,11 @@ TokenizerOpt = Annotated[Optional[str], typer.Option("--tokenizer", help="Tokeni
 MaxTokensOpt = Annotated[Optional[int], typer.Option(
     "--max-tokens", min=1, help="Drop responses longer than this (prompt + response, formatted; authors: 1024).")]
 FewshotPairsOpt = Annotated[int, typer.Option("--fewshot-pairs", min=1, help="Few-shot pairs per unseen user.")]
-TestPairsOpt = Annotated[int, typer.Option("--test-pairs", min=1, help="Test pairs per seen user (authors: 100).")]
+TestPairsOpt = Annotated[int, typer.Option("--test-pairs", min=1, help="Test pairs per seen user (the authors' "
+                                           "generator draws 100; their reward-model script evaluates about 10).")]
+TextFormatOpt = Annotated[Optional[str], typer.Option(
+    "--text-format", help="How backbones read a pair, with {prompt} and {response} [default: the authors' format "
+    "for this data].", show_default=False)]
 UnseenTestPairsOpt = Annotated[int, typer.Option("--unseen-test-pairs", min=1, help="Test pairs per unseen user.")]
 
 
@@ -215,6 +219,7 @@ def build_personalllm(
     = "gemma_7b,mistral_weqweasdas,llama3_sfairx,oasst_deberta_v3",
     alpha: AlphaOpt = 0.1,
     tokenizer: TokenizerOpt = None,
+    text_format: TextFormatOpt = None,
     max_tokens: MaxTokensOpt = None,
     users: UsersOpt = 10_000,
     unseen_users: UnseenOpt = 100,
@@ -241,7 +246,8 @@ def build_personalllm(
     path = out_dir or Path("data") / f"personalllm-{annotations.value}"
     models = tuple(m.strip() for m in reward_models.split(",") if m.strip())
     cfg = PersonalLLMConfig(protocol=proto, seed=seed, source=personalllm, reward_models=models,
-                            tokenizer=tokenizer, max_tokens=max_tokens)
+                            tokenizer=tokenizer, max_tokens=max_tokens,
+                            **({"text_format": text_format} if text_format is not None else {}))
     _build(path, {"the PersonalLLM copy": personalllm}, "building PersonalLLM preference data ...", lambda: run(cfg),
            force=force, as_json=as_json)
 
@@ -258,6 +264,7 @@ def build_tldr(
     = "openai/summarize_from_feedback",
     workers: Annotated[int, typer.Option("--workers", min=1, help="Labellers kept, those with the most comparisons (authors: 10).")] = 10,
     tokenizer: TokenizerOpt = None,
+    text_format: TextFormatOpt = None,
     max_tokens: MaxTokensOpt = None,
     users: UsersOpt = 10_000,
     unseen_users: UnseenOpt = 100,
@@ -280,7 +287,8 @@ def build_tldr(
     proto = tldr_protocol(annotations=annotations.value, users=users, unseen_users=unseen_users,
                           fewshot_pairs=fewshot_pairs, test_pairs=test_pairs, unseen_test_pairs=unseen_test_pairs)
     path = out_dir or Path("data") / f"tldr-{annotations.value}"
-    cfg = TldrConfig(protocol=proto, seed=seed, source=tldr, workers=workers, tokenizer=tokenizer, max_tokens=max_tokens)
+    cfg = TldrConfig(protocol=proto, seed=seed, source=tldr, workers=workers, tokenizer=tokenizer, max_tokens=max_tokens,
+                     **({"text_format": text_format} if text_format is not None else {}))
     _build(path, {"the TL;DR copy": tldr}, "building TL;DR preference data ...", lambda: run(cfg), force=force,
            as_json=as_json)
 
@@ -356,7 +364,8 @@ def inspect(path: DataDir, backbone: BackboneOpt = None, max_length: MaxLengthOp
     if backbone:
         from coplctl.models.backbone import truncation
 
-        summary["truncation"] = truncation(backbone, ds.responses["prompt"], ds.responses["text"], max_length)
+        summary["truncation"] = truncation(backbone, ds.responses["prompt"], ds.responses["text"], max_length,
+                                           ds.text_format)
     if as_json:
         print_json(summary)
     else:

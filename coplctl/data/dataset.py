@@ -24,8 +24,31 @@ from coplctl.core.errors import DataError
 from coplctl.core.files import read_json, read_parquet
 
 FORMAT_VERSION = 1
-#: How a backbone reads a response (paper §5; the same for every method and backbone).
+#: How a backbone reads a response by default (UF-P, as the authors' UltraFeedback generator writes it). A
+#: dataset may carry its own (``meta.json`` ``text_format``, e.g. the authors' TL;DR and PersonalLLM formats);
+#: every method and backbone trained on it reads that one, and the run records it.
 TEXT_FORMAT = "Human: {prompt}\n\nAssistant: {response}"
+#: The authors' formats of their other generators (ml-postech/CoPL data/datagen_tldr.py, datagen_plm.py).
+TLDR_FORMAT = "Human: {prompt} Assistant: {response}"
+RESPONSE_ONLY = "{response}"
+
+
+def check_text_format(fmt, where: str = "text_format") -> str:
+    """``fmt`` if it is a text holding ``{response}`` once, ``{prompt}`` at most once and no other field;
+    else one CoplError naming ``where``."""
+    import string
+
+    from coplctl.core.errors import CoplError
+
+    if not isinstance(fmt, str):
+        raise CoplError(f"{where} must be a text such as {TEXT_FORMAT!r}, not {type(fmt).__name__}")
+    try:
+        fields = [f for _, f, spec, conv in string.Formatter().parse(fmt) if f is not None]
+    except ValueError as e:
+        raise CoplError(f"{where} {fmt!r} is not a format ({e}); write literal braces as {{{{ and }}}}") from None
+    if fields.count("response") != 1 or fields.count("prompt") > 1 or set(fields) - {"prompt", "response"}:
+        raise CoplError(f"{where} {fmt!r} must hold {{response}} once, {{prompt}} at most once, and no other field")
+    return fmt
 FILES = ("responses.parquet", "users.parquet", "pairs.parquet", "meta.json")
 SPLITS = ("train", "valid", "test", "fewshot")
 ROLES = ("seen", "unseen")
@@ -53,6 +76,12 @@ class PreferenceDataset:
 
     def user_ids(self, role: str) -> list[str]:
         return self.users.loc[self.users["role"] == role, "user_id"].tolist()
+
+    @property
+    def text_format(self) -> str:
+        """How backbones read this dataset's responses (``meta.json`` ``text_format``; :data:`TEXT_FORMAT`
+        for datasets that do not say)."""
+        return check_text_format(self.meta.get("text_format", TEXT_FORMAT), f"{self.path or 'dataset'} text_format")
 
     @property
     def groups(self) -> list[str]:

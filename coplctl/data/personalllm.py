@@ -16,8 +16,11 @@ Steps, as the authors' generator:
   test pool;
 - users: the shared protocol (:mod:`coplctl.data.protocol`) with ``preferences: mixture``: each user
   weighs the reward models with Dirichlet(0.1) weights and prefers the response with the higher weighted
-  score; ALL = 16 annotations (15 train + 1 valid), AVG = 1-31; 100 test pairs per seen user (the
-  authors'); 100 unseen users with 16 few-shot pairs (as UF-P-4; the authors' generator has none).
+  score; ALL = 16 annotations (15 train + 1 valid), AVG = 1-31; 100 test pairs per seen user (as the
+  authors' generator draws them; their reward-model script evaluates 11 of them, 10% of which it uses for
+  model selection, so about 10 a user); 100 unseen users with 16 few-shot pairs (as UF-P-4; the authors'
+  generator has none).
+- text format: the response alone (``{response}``), as the authors' generator feeds it (``--text-format``).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import numpy as np
 import pandas as pd
 
 from coplctl.core.errors import CoplError, DataError
-from coplctl.data.dataset import PreferenceDataset
+from coplctl.data.dataset import PreferenceDataset, RESPONSE_ONLY, check_text_format
 from coplctl.data.protocol import ProtocolConfig, assign_users, break_ties
 from coplctl.data.ultrafeedback import assemble, hub_dataset, input_files, length_filter, location, read_records, sha256
 
@@ -60,8 +63,12 @@ class PersonalLLMConfig:
     """Which of a prompt's responses are used (the authors': 5, 6, 7)."""
     tokenizer: str | None = None
     max_tokens: int | None = None
+    text_format: str = RESPONSE_ONLY
+    """How backbones read a (prompt, response) pair: the authors' generator feeds the response alone
+    (datagen_plm.py: ``{response}``; stored in meta.json)."""
 
     def __post_init__(self):
+        check_text_format(self.text_format)
         if self.protocol.preferences != "mixture":
             raise CoplError("PersonalLLM users have mixed preferences: the protocol needs preferences: mixture")
         if len(self.responses) < 2 or len(set(self.responses)) != len(self.responses):
@@ -164,6 +171,7 @@ def build_personalllm(cfg: PersonalLLMConfig) -> PreferenceDataset:
     local = Path(cfg.source).expanduser()
     meta = {
         "source": "personalllm",
+        "text_format": cfg.text_format,
         "annotations": p.annotations,
         "groups": [],
         "seed": cfg.seed,

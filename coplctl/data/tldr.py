@@ -17,8 +17,10 @@ Steps, as the authors' generator (which follows PAL and Li et al. 2024):
   one fair coin per pair, the groups still opposite), so every pair is controversial;
 - users: the shared protocol (:mod:`coplctl.data.protocol`, variant ``tldr``): train pairs form the
   survey, validation pairs the test pool; 10,000 users in two even groups, ALL = 8 annotations (7 train
-  + 1 valid), AVG = 1-15; 100 test pairs per seen user (the authors'); 100 unseen users with 8 few-shot
-  pairs (as UF-P-2; the authors' generator has none).
+  + 1 valid), AVG = 1-15; 100 test pairs per seen user (as the authors' generator draws them; their
+  reward-model script evaluates about 10 of them); 100 unseen users with 8 few-shot pairs (as UF-P-2; the
+  authors' generator has none).
+- text format: ``Human: {prompt} Assistant: {response}``, the authors' (``--text-format``).
 
 The twin (:func:`simulate_tldr`, ``coplctl data simulate --variant tldr``) has the same protocol on
 generated posts of a few sentences with four summaries each, three compared pairs per post and summary
@@ -35,7 +37,7 @@ import numpy as np
 import pandas as pd
 
 from coplctl.core.errors import CoplError, DataError
-from coplctl.data.dataset import PreferenceDataset
+from coplctl.data.dataset import PreferenceDataset, TLDR_FORMAT, check_text_format
 from coplctl.data.protocol import LENGTH_GROUPS, ProtocolConfig, assign_users
 from coplctl.data.ultrafeedback import assemble, hub_dataset, input_files, length_filter, location, read_records, sha256
 
@@ -61,8 +63,12 @@ class TldrConfig:
     """Labellers kept: those with the most supervised-vs-supervised comparisons (the authors: 10)."""
     tokenizer: str | None = None
     max_tokens: int | None = None
+    text_format: str = TLDR_FORMAT
+    """How backbones read a (post, summary) pair: the authors' ``Human: {prompt} Assistant: {response}``
+    (datagen_tldr.py; stored in meta.json)."""
 
     def __post_init__(self):
+        check_text_format(self.text_format)
         if self.protocol.variant != "tldr" or self.protocol.preferences != "groups":
             raise CoplError("TL;DR users are in two length groups: the protocol needs variant: tldr, preferences: groups")
         if self.workers < 1:
@@ -195,7 +201,7 @@ def build_tldr(cfg: TldrConfig) -> PreferenceDataset:
         raise CoplError(f"{cfg.source}: the kept comparisons need both splits (train for the survey, validation "
                         f"for the test pool); found only {'validation' if is_test.all() else 'train'}")
     local = Path(cfg.source).expanduser()
-    meta = {"source": "tldr", "seed": cfg.seed, "filter_stats": stats,
+    meta = {"source": "tldr", "seed": cfg.seed, "filter_stats": stats, "text_format": cfg.text_format,
             "inputs": {"tldr": cfg.source, "tldr_sha256": sha256(local) if local.exists() else None,
                        "workers": cfg.workers, "tokenizer": cfg.tokenizer, "max_tokens": cfg.max_tokens}}
     return _dataset(comps, a, b, is_test, cfg.protocol, rng_label, rng_proto, meta)

@@ -180,12 +180,16 @@ class Backbone:
         self.key = (f"{Path(name).name if Path(name).exists() else name.replace('/', '--')}-{digest}-{self.max_length}"
                     f"left-{self.kind}-{dt}")
 
+    #: how texts are formatted (:data:`coplctl.data.dataset.TEXT_FORMAT` unless a dataset or run says otherwise;
+    #: a method sets it to its config's ``text_format`` before use)
+    text_format: str = TEXT_FORMAT
+
     def format(self, prompt: str, response: str) -> str:
-        return TEXT_FORMAT.format(prompt=prompt, response=response)
+        return self.text_format.format(prompt=prompt, response=response)
 
     def encode(self, prompts, responses):
         """(token ids per formatted text, cut codes): see :func:`coplctl.models.tokens.encode`."""
-        return tokens.encode(self.tokenizer, self.max_length, prompts, responses)
+        return tokens.encode(self.tokenizer, self.max_length, prompts, responses, self.text_format)
 
     def pool(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Mean over real tokens (encoders) or the last real token (decoders; right padding)."""
@@ -222,7 +226,7 @@ class Backbone:
         return self.embed_ids(ids, batch_size, progress), cuts
 
 
-def truncation(name: str, prompts, responses, max_length: int | None = None) -> dict:
+def truncation(name: str, prompts, responses, max_length: int | None = None, text_format: str = TEXT_FORMAT) -> dict:
     """How many formatted texts backbone ``name`` would cut (its tokenizer only; the model is not loaded)."""
     from transformers import AutoConfig, AutoTokenizer
 
@@ -232,5 +236,5 @@ def truncation(name: str, prompts, responses, max_length: int | None = None) -> 
     except (OSError, ValueError) as e:
         raise CoplError(f"unknown backbone {name!r}: {str(e).splitlines()[0]}") from None
     limit = max_length or tokens.own_max_length(source, config, tokenizer)
-    _, cuts = tokens.encode(tokenizer, limit, prompts, responses)
+    _, cuts = tokens.encode(tokenizer, limit, prompts, responses, text_format)
     return {"backbone": name, "max_length": limit, "texts": len(cuts), **tokens.cut_counts(cuts)}

@@ -27,6 +27,7 @@ from coplctl.core.atomic import atomic_path
 from coplctl.core.config import AT_LEAST_1, NON_NEGATIVE, POSITIVE
 from coplctl.core.errors import CoplError, DataError
 from coplctl.core.files import field, read_json, read_parquet, read_safetensors, read_user_ids
+from coplctl.data.dataset import TEXT_FORMAT, check_text_format
 from coplctl.models.backbone import Backbone
 from coplctl.models.encoders import ResponseEncoder, RewardHead, add_lora, build_inputs, concat_batches, lora_alpha
 from coplctl.models.reward import METHOD_FILE, RewardMethod, bt_loss
@@ -102,8 +103,10 @@ class NeuralMethod(RewardMethod):
         device = self.config.device
         if device == "auto":  # under `accelerate launch` every process uses its own device
             device = str(distributed_state(self.config).device)
-        return Backbone(self.config.backbone, max_length=self.config.max_length, dtype=self.config.dtype,
-                        device=device, precision=self.config.feature_precision)
+        backbone = Backbone(self.config.backbone, max_length=self.config.max_length, dtype=self.config.dtype,
+                            device=device, precision=self.config.feature_precision)
+        backbone.text_format = self.config.text_format or TEXT_FORMAT  # runs from before formats: the default
+        return backbone
 
     def encoder(self, extra_dim: int = 0) -> ResponseEncoder:
         c = self.config
@@ -165,7 +168,10 @@ class NeuralMethod(RewardMethod):
             raise CoplError(f"report_to {report_to}: the tracker's files need a work_dir")
         state = distributed_state(self.config)
         torch.manual_seed(seed)
+        fmt = check_text_format(self.config.text_format or data.text_format, f"{self.registry_name} text_format")
+        self.config = dataclasses.replace(self.config, text_format=fmt)  # method.json records the format used
         self.backbone = backbone or self.load_backbone()
+        self.backbone.text_format = fmt  # a shared backbone reads this method's data as it says
         self.progress = progress
         self.responses = data.responses[["response_id", "prompt", "text"]]
         from coplctl.models.features import shared_by_processes

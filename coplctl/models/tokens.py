@@ -1,6 +1,7 @@
 """Formatted texts as token ids, cut to the backbone's length limit without cutting the response.
 
-A formatted text ``Human: {prompt}\\n\\nAssistant: {response}`` longer than ``max_length`` tokens loses
+A formatted text (the dataset's format, by default ``Human: {prompt}\\n\\nAssistant: {response}``) longer
+than ``max_length`` tokens loses
 tokens from the *start of its prompt* first (the end of a prompt, nearest the response, is kept); only a
 response that does not fit on its own, after the whole prompt is gone, is cut, from its end. Special
 tokens (CLS/SEP, BOS/EOS) always stay. Each text gets a cut code: :data:`WHOLE`, :data:`PROMPT_CUT` or
@@ -26,7 +27,6 @@ from coplctl.data.dataset import TEXT_FORMAT
 
 WHOLE, PROMPT_CUT, RESPONSE_CUT = 0, 1, 2
 FALLBACK_MAX_LENGTH = 512  # models that declare no max_seq_length (the limit used before there was one)
-PROMPT_AT = TEXT_FORMAT.index("{prompt}")  # where the prompt starts in a formatted text
 
 
 def own_max_length(source: str, config, tokenizer) -> int:
@@ -46,17 +46,19 @@ def own_max_length(source: str, config, tokenizer) -> int:
     return min(limits + [FALLBACK_MAX_LENGTH])
 
 
-def _prompt_span(offsets: list[tuple[int, int]], prompt_len: int) -> tuple[int, int]:
-    """[a, b): the token positions whose characters lie in the prompt (a token may start at the space before it,
-    as sentencepiece tokenizers' offsets do)."""
-    end = PROMPT_AT + prompt_len
-    inside = [j for j, (s, e) in enumerate(offsets) if PROMPT_AT - 1 <= s < e <= end and e > PROMPT_AT]
+def _prompt_span(offsets: list[tuple[int, int]], at: int, prompt_len: int) -> tuple[int, int]:
+    """[a, b): the token positions whose characters lie in the prompt, which starts at character ``at`` (a token
+    may start at the space before it, as sentencepiece tokenizers' offsets do); (0, 0) without a prompt."""
+    if at < 0:
+        return 0, 0
+    end = at + prompt_len
+    inside = [j for j, (s, e) in enumerate(offsets) if at - 1 <= s < e <= end and e > at]
     return (inside[0], inside[-1] + 1) if inside else (0, 0)
 
 
-def _cut(ids: list[int], offsets: list[tuple[int, int]], prompt_len: int, limit: int) -> tuple[list[int], int]:
+def _cut(ids: list[int], offsets: list[tuple[int, int]], at: int, prompt_len: int, limit: int) -> tuple[list[int], int]:
     excess = len(ids) - limit
-    a, b = _prompt_span(offsets, prompt_len)
+    a, b = _prompt_span(offsets, at, prompt_len)
     if b - a >= excess:
         return ids[:a] + ids[a + excess:], PROMPT_CUT
     ids, offsets = ids[:a] + ids[b:], offsets[:a] + offsets[b:]
@@ -68,10 +70,12 @@ def _cut(ids: list[int], offsets: list[tuple[int, int]], prompt_len: int, limit:
     return (ids[:keep] + ids[body:])[:limit], RESPONSE_CUT
 
 
-def encode(tokenizer, max_length: int, prompts, responses) -> tuple[list[list[int]], np.ndarray]:
+def encode(tokenizer, max_length: int, prompts, responses, text_format: str = TEXT_FORMAT
+           ) -> tuple[list[list[int]], np.ndarray]:
     """(token ids per formatted text, cut code per text) for parallel sequences of prompts and responses."""
     prompts, responses = list(prompts), list(responses)
-    texts = [TEXT_FORMAT.format(prompt=p, response=r) for p, r in zip(prompts, responses)]
+    texts = [text_format.format(prompt=p, response=r) for p, r in zip(prompts, responses)]
+    at = text_format.find("{prompt}")  # where the prompt starts in a formatted text (-1: no prompt)
     cuts = np.zeros(len(texts), dtype=np.uint8)
     if not texts:
         return [], cuts
@@ -82,7 +86,7 @@ def encode(tokenizer, max_length: int, prompts, responses) -> tuple[list[list[in
     enc = tokenizer(texts, return_offsets_mapping=True, verbose=False)
     ids = enc["input_ids"]
     for i in [i for i, t in enumerate(ids) if len(t) > max_length]:
-        ids[i], cuts[i] = _cut(ids[i], [tuple(o) for o in enc["offset_mapping"][i]], len(prompts[i]), max_length)
+        ids[i], cuts[i] = _cut(ids[i], [tuple(o) for o in enc["offset_mapping"][i]], at, len(prompts[i]), max_length)
     return ids, cuts
 
 

@@ -34,6 +34,10 @@ class TrainConfig:
     max_length: Annotated[int, AT_LEAST_1] | None = None
     """Tokens per formatted text (prompt + response), cut from the start of the prompt first; None: the model's
     own limit (its ``max_seq_length``: 256 for minilm; else at most 512)."""
+    text_format: str | None = None
+    """How the backbone reads a (prompt, response) pair, with ``{prompt}`` and ``{response}``; None: the training
+    dataset's (its meta.json ``text_format``, else ``Human: {prompt}\\n\\nAssistant: {response}``). The run
+    records the format it used, and scores, serves and exports with it."""
     lr: Annotated[float, NON_NEGATIVE] | None = None
     """AdamW learning rate (paper: 5e-5 for CoPL; baselines searched in 1e-4, 5e-5, 1e-5, 5e-6)."""
     epochs: Annotated[int, AT_LEAST_1] | None = None

@@ -137,7 +137,7 @@ def export_peft(run: str | Path, out: str | Path, *, force: bool = False) -> dic
             config_used[key] = method.config.get(key)
     sidecar = {"coplctl_version": version("coplctl"), "method": method.registry_name,
                "config": config_used, "sizes": method.sizes(), "users": method.user_ids,
-               "backbone": backbone, "text_format": "Human: {prompt}\n\nAssistant: {response}",
+               "backbone": backbone, "text_format": method.backbone.text_format,
                "pooling": "mean over real tokens" if backbone["kind"] == "encoder" else "last real token (right padding)",
                "mole": spec, "tensors": sorted(rest)}
     training = _read_optional(run / "training.json")

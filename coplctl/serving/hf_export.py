@@ -32,15 +32,23 @@ from torch import nn
 from coplctl.core.atomic import atomic_dir, refuse_overlap
 from coplctl.core.errors import CoplError
 
-#: the run's text format as a chat template: a (user, assistant) conversation renders as coplctl formats
-#: (prompt, response); the tokenizer adds the BOS token itself (tokenizer(text))
-CHAT_TEMPLATE = (
-    "{%- for m in messages -%}"
-    "{%- if m['role'] == 'user' -%}{{ ('\\n\\n' if not loop.first else '') + 'Human: ' + m['content'] }}"
-    "{%- elif m['role'] == 'assistant' -%}{{ '\\n\\nAssistant: ' + m['content'] }}"
-    "{%- else -%}{{ raise_exception('this reward model reads user and assistant turns only, not ' + m['role']) }}"
-    "{%- endif -%}{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{ '\\n\\nAssistant: ' }}{%- endif -%}")
+def chat_template(text_format: str) -> str:
+    """The run's text format as a chat template: a conversation's last user turn is the prompt, its last
+    assistant turn the response, rendered exactly as coplctl formats (prompt, response); the tokenizer adds
+    the BOS token itself (``tokenizer(text)``). Other roles are refused."""
+    import string
+
+    values = {"prompt": "ns.p", "response": "ns.r"}
+    body = "".join((f"{{{{ {json.dumps(lit)} }}}}" if lit else "") + (f"{{{{ {values[f]} }}}}" if f else "")
+                   for lit, f, _, _ in string.Formatter().parse(text_format))
+    return ("{%- set ns = namespace(p='', r='') -%}"
+            "{%- for m in messages -%}"
+            "{%- if m['role'] == 'user' -%}{%- set ns.p = m['content'] -%}"
+            "{%- elif m['role'] == 'assistant' -%}{%- set ns.r = m['content'] -%}"
+            "{%- else -%}{{ raise_exception('this reward model reads user and assistant turns only, not ' + m['role']) }}"
+            "{%- endif -%}{%- endfor -%}" + body)
+
+
 BLOCK = 4096  # identity columns fed to a layer at once
 
 
@@ -143,11 +151,12 @@ def export_hf(run: str | Path, out: str | Path, *, user: str | None = None, grou
     config.pad_token_id = tok.pad_token_id
     config.coplctl = {"method": method.registry_name, "run": str(run), "reward_of": fixed.label, "user": user,
                       "group": group, "reward_offset": offset, "base_model": info["base_model_name_or_path"],
-                      "max_length": method.backbone.max_length, **fixed.details}
+                      "max_length": method.backbone.max_length,
+                      "text_format": method.backbone.text_format, **fixed.details}
     with atomic_dir(out, overwrite=force, marker="config.json", kind="hf export") as tmp:
         save_torch_state_dict(state, str(tmp), max_shard_size="5GB")
         config.save_pretrained(tmp)
-        _save_tokenizer(tok, tmp, method.backbone.max_length)
+        _save_tokenizer(tok, tmp, method.backbone.max_length, method.backbone.text_format)
         from coplctl.serving.model_card import hf_card
 
         (tmp / "README.md").write_text(hf_card(config.coplctl, info, run))
@@ -156,14 +165,14 @@ def export_hf(run: str | Path, out: str | Path, *, user: str | None = None, grou
             "reward_offset": offset, "backbone": info}
 
 
-def _save_tokenizer(tok, directory: Path, max_length: int) -> None:
+def _save_tokenizer(tok, directory: Path, max_length: int, text_format: str) -> None:
     """The run's tokenizer with its text format as chat template, its length limit and left truncation (the
     start of a long text goes first, as coplctl cuts the prompt's start first)."""
     from transformers import AutoTokenizer
 
     tok.save_pretrained(directory)
     saved = AutoTokenizer.from_pretrained(directory)
-    saved.chat_template, saved.model_max_length, saved.truncation_side = CHAT_TEMPLATE, max_length, "left"
+    saved.chat_template, saved.model_max_length, saved.truncation_side = chat_template(text_format), max_length, "left"
     saved.padding_side = "right"
     if saved.pad_token is None:
         saved.pad_token = tok.pad_token

@@ -151,7 +151,7 @@ def hf_card(record: dict, backbone: dict, run: Path) -> str:
              'tok = AutoTokenizer.from_pretrained("THIS_FOLDER")',
              'model = AutoModelForSequenceClassification.from_pretrained("THIS_FOLDER")',
              'chat = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]',
-             "text = tok.apply_chat_template(chat, tokenize=False)  # 'Human: {prompt}\\n\\nAssistant: {response}'",
+             "text = tok.apply_chat_template(chat, tokenize=False)  # formatted as " + json.dumps(record["text_format"]),
              "with torch.no_grad():",
              '    reward = model(**tok(text, return_tensors="pt", truncation=True)).logits[0, 0]', "```", "",
              f"The logit is the run's reward minus the head's bias, {record['reward_offset']:.6g} (`coplctl.reward_offset` "
