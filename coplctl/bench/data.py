@@ -62,4 +62,4 @@ def data_record(spec, ds) -> dict:
         "source": d.source, "path": d.path, "variant": ds.meta.get("variant"), "annotations": ds.meta.get("annotations")}
     from coplctl.data.signal import seen_train_signal
 
-    return {**own, "counts": ds.counts(), "personal_signal": seen_train_signal(ds)}
+    return {**own, "counts": ds.counts(), "text_format": ds.text_format, "personal_signal": seen_train_signal(ds)}

@@ -169,7 +169,6 @@ class NeuralMethod(RewardMethod):
         state = distributed_state(self.config)
         torch.manual_seed(seed)
         fmt = check_text_format(self.config.text_format or data.text_format, f"{self.registry_name} text_format")
-        self.config = dataclasses.replace(self.config, text_format=fmt)  # method.json records the format used
         self.backbone = backbone or self.load_backbone()
         self.backbone.text_format = fmt  # a shared backbone reads this method's data as it says
         self.progress = progress
@@ -196,6 +195,14 @@ class NeuralMethod(RewardMethod):
         rows = self.rows(list(user_ids))
         inputs = self.inputs(responses.reset_index(drop=True))
         return rewards(self.net, rows, inputs, torch.arange(len(rows)))
+
+    def saved_config(self) -> dict:
+        """The config as ``method.json`` records it: with the text format the backbone read (the dataset's,
+        where the config left it to the data), so a loaded run formats texts as it was trained."""
+        config = super().saved_config()
+        if config.get("text_format") is None and getattr(self, "backbone", None) is not None:
+            config["text_format"] = self.backbone.text_format
+        return config
 
     def fixed_user(self, user: str | None = None, group: str | None = None) -> FixedUser:
         """One user's (``user``) or one group's (``group``) reward as plain layers (see :class:`FixedUser`), for

@@ -148,11 +148,15 @@ class RewardMethod(ABC):
         ``method.json`` so that :meth:`load_state` builds the model from them (default: none)."""
         return {}
 
+    def saved_config(self) -> dict:
+        """The config as ``method.json`` records it (default: every field as set)."""
+        return dataclasses.asdict(self.config)
+
     def save(self, directory: str | Path, *, overwrite: bool = True) -> Path:
         """Save atomically: ``method.json`` (name, config, sizes) and the method's state."""
         with atomic_dir(directory, overwrite=overwrite, marker=METHOD_FILE, kind="reward-model run") as tmp:
             self.save_state(tmp)
-            info = {"method": self.registry_name, "config": dataclasses.asdict(self.config), "sizes": self.sizes()}
+            info = {"method": self.registry_name, "config": self.saved_config(), "sizes": self.sizes()}
             (tmp / METHOD_FILE).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
         return Path(directory)
 
