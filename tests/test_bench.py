@@ -522,7 +522,8 @@ def test_every_real_data_spec_searches_the_baselines_rate_over_the_papers_grid()
     for name in real:
         jobs = {job: o.get("lr") for job, _, o in load_spec(name).jobs()}
         assert jobs.pop("copl") == 5e-5, name
-        assert all(v == [1e-4, 5e-5, 1e-5, 5e-6] for k, v in jobs.items() if not k.startswith("copl")), (name, jobs)
+        assert all(v == [1e-4, 5e-5, 1e-5, 5e-6] for k, v in jobs.items()
+                   if not k.startswith("copl") and k != "ceiling"), (name, jobs)  # the ceiling trains nothing
 
 
 def test_table_2_notes_the_personal_signal_the_results_recorded():
