@@ -524,6 +524,8 @@ def test_every_real_data_spec_searches_the_baselines_rate_over_the_papers_grid()
         assert jobs.pop("copl") == 5e-5, name
         assert all(v == [1e-4, 5e-5, 1e-5, 5e-6] for k, v in jobs.items()
                    if not k.startswith("copl") and k != "ceiling"), (name, jobs)  # the ceiling trains nothing
+    for name in set(names) - set(real):  # their frozen twins (which include them) train at the mode's rates
+        assert load_spec(name).lr_grid == [] and {o.get("lr") for _, _, o in load_spec(name).jobs()} == {None}, name
 
 
 def test_table_2_notes_the_personal_signal_the_results_recorded():

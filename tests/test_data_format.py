@@ -286,3 +286,15 @@ def test_a_datasets_text_format_is_what_methods_read_and_record(tiny_copy, tmp_p
     run = load_method(tmp_path / "run")
     a, b = (run.score(["x"], score_frame([{"prompt": p, "response": "Same answer."}])) for p in ("Q1?", "Other Q?"))
     assert bool((a == b).all())  # the prompt is not read
+
+
+def test_against_majority_marks_labels_that_go_against_the_reference():
+    import pandas as pd
+
+    from coplctl.data.signal import against_majority
+
+    ref = pd.DataFrame([("a", "r1", "r2"), ("b", "r1", "r2"), ("c", "r4", "r3"), ("d", "r3", "r4")],
+                       columns=["user_id", "chosen_id", "rejected_id"])
+    valid = pd.DataFrame([("x", "r2", "r1"), ("y", "r1", "r2"), ("z", "r3", "r4"), ("w", "r5", "r6")],
+                         columns=["user_id", "chosen_id", "rejected_id"])
+    assert against_majority(valid, ref).tolist() == [True, False, False, False]  # r3/r4 tie; r5/r6 unlabelled

@@ -18,7 +18,7 @@ from coplctl.graph.probe import group_probe, spectral_split
 OTHER = {"dim": 8, "layers": 2, "variant": "lightgcn", "epochs": 3, "lr": 3e-3, "batch_size": 64, "l2": 0.5,
          "weight_decay": 0.01, "grad_clip": 2.0, "warmup_ratio": 0.2, "negative_slope": 0.1, "signed_init": False,
          "init_std": 0.3, "edge_dropout": 0.2, "holdout": 0.3, "sampler": "full", "fanouts": (3, 3),
-         "patience": 7, "min_epochs": 2, "dtype": "float32"}
+         "patience": 7, "min_epochs": 2, "dtype": "float32", "select_on": "personal"}
 
 
 def test_every_field_has_a_test_value():

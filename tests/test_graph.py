@@ -423,3 +423,14 @@ def test_resume_with_edge_dropout_gives_the_same_model(tiny_dir, tmp_path):
     a = load_file(str(tmp_path / "a" / "embeddings.safetensors"))
     b = load_file(str(tmp_path / "b" / "embeddings.safetensors"))
     assert torch.equal(a["users"], b["users"]) and torch.equal(a["responses"], b["responses"])
+
+
+def test_selecting_on_personal_valid_pairs_scores_only_those_against_the_majority(tiny_dir, tmp_path):
+    from coplctl.data.signal import against_majority
+
+    ds = load(tiny_dir)
+    every = train_gcf(ds, tmp_path / "all", _cfg(), progress=False)
+    mine = train_gcf(ds, tmp_path / "personal", _cfg(select_on="personal"), progress=False)
+    personal = int(against_majority(ds.split("valid"), ds.split("train")).sum())
+    assert 20 <= personal < every["valid_pairs_scored"]
+    assert mine["valid_pairs_scored"] <= personal  # those inside the graph

@@ -60,3 +60,15 @@ def describe(signal: dict) -> str:
     return (f"{100 * signal['share']:.1f}% of a seen user's training labels differ from the other users' majority "
             f"on the same pair (mean over {signal['users']:,} users; {signal['personal_per_user']:.2f} personal "
             f"of {signal['labels_per_user']:.2f} comparable labels per user)")
+
+
+def against_majority(pairs: pd.DataFrame, reference: pd.DataFrame) -> np.ndarray:
+    """For each row of ``pairs``, whether its label goes against the majority of ``reference``'s labels on the
+    same two responses (False where ``reference`` has no label there, or its labels tie)."""
+    lo, hi = unordered(reference["chosen_id"], reference["rejected_id"])
+    votes = pd.Series(np.where(reference["chosen_id"].to_numpy() == lo.to_numpy(), 1, -1),
+                      index=pd.MultiIndex.from_arrays([lo.to_numpy(), hi.to_numpy()])).groupby(level=[0, 1]).sum()
+    plo, phi = unordered(pairs["chosen_id"], pairs["rejected_id"])
+    mine = np.where(pairs["chosen_id"].to_numpy() == plo.to_numpy(), 1, -1)
+    theirs = votes.reindex(pd.MultiIndex.from_arrays([plo.to_numpy(), phi.to_numpy()])).fillna(0).to_numpy()
+    return mine * theirs < 0

@@ -76,6 +76,11 @@ class GCFConfig:
     full-graph training fits the device's memory (:func:`full_graph_bytes`), else neighbour sampling."""
     fanouts: tuple[Annotated[int, AT_LEAST_1], ...] = (15, 10, 10, 10)
     """Edges sampled per node and hop when ``sampler="neighbor"``."""
+    select_on: Annotated[str, OneOf("all", "personal")] = "all"
+    """Validation pairs the best epoch is chosen on: ``all``, or ``personal``: those whose label goes against
+    the training labels' majority on the same pair (:func:`coplctl.data.signal.against_majority`; all pairs
+    when fewer than 20 are), so the kept epoch is the one that tells users apart rather than the one that
+    predicts the consensus best (beyond the paper; for mixed preferences)."""
     patience: Annotated[int, NON_NEGATIVE] = 40
     """Stop after this many epochs without a better validation accuracy (0 = never) ..."""
     min_epochs: Annotated[int, NON_NEGATIVE] = 150

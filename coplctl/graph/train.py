@@ -49,10 +49,17 @@ class TrainingData:
     dtype: torch.dtype
 
     @classmethod
-    def build(cls, ds, device: torch.device, dtype: torch.dtype) -> "TrainingData":
+    def build(cls, ds, device: torch.device, dtype: torch.dtype, select_on: str = "all") -> "TrainingData":
         graph, (u, c, r) = PreferenceGraph.from_pairs(ds.split("train"), ds.user_ids("seen"),
                                                       ds.responses["response_id"], with_index=True)
-        vu, vc, vr, vok = graph.index_pairs(ds.split("valid"))
+        valid_pairs = ds.split("valid")
+        if select_on == "personal":  # the valid labels that go against the training majority (>= 20 of them)
+            from coplctl.data.signal import against_majority
+
+            personal = against_majority(valid_pairs, ds.split("train"))
+            if personal.sum() >= 20:
+                valid_pairs = valid_pairs[personal]
+        vu, vc, vr, vok = graph.index_pairs(valid_pairs)
         train = tuple(t.to(device) for t in (u, c, r))
         valid = tuple(t[vok].to(device) for t in (vu, vc, vr))
         data = cls(graph, graph.adjacency(device=device, dtype=dtype), train, valid, device, dtype)
@@ -86,7 +93,7 @@ def train_gcf(ds, out: str | Path, cfg: GCFConfig, *, seed: int = 0, device: str
     out, dev = Path(out), resolve_device(device)
     procs = processes(dev, distributed)
     procs.agree(lambda: _prepare_out(out, force) if procs.main else None)
-    data = TrainingData.build(ds, dev, getattr(torch, cfg.dtype))
+    data = TrainingData.build(ds, dev, getattr(torch, cfg.dtype), cfg.select_on)
     stats = data.graph.stats()
     cfg = resolve_sampler(for_processes(cfg, procs), stats["users"] + stats["responses"],
                           stats["positive_edges"] + stats["negative_edges"], dev)  # `auto`: full-graph while it fits
