@@ -537,3 +537,20 @@ def test_table_2_notes_the_personal_signal_the_results_recorded():
     (note,) = {t.key: t for t in build_report(results)[0]}["table2-mix"].notes
     assert note == ("mix: 11.1% of a seen user's training labels differ from the other users' majority on the same "
                     "pair (mean over 100 users; 1.60 personal of 14.40 comparable labels per user)")
+
+
+def test_mixture_users_get_table_6_and_the_ceiling(tmp_path, capsys):
+    """Users without groups: the user-specific models of Table 6 go to random users (one per attribute here);
+    the ceiling runs beside the Oracle; every stored number is finite or null, so the report reads them."""
+    text = TINY.format(extra="").replace(
+        "variant: uf-p-2, annotations: all, users: 60", "variant: uf-p-4, annotations: all, preferences: mixture, users: 60")
+    text += "    pseudo_labels: {pairs_per_user: 2, users_per_group: 1, pairs_per_specific_user: 40}\n"
+    spec = load_spec(str(_write(tmp_path, text, "tiny.yaml")))
+    spec.methods = ["ceiling", "copl"]
+    runner.run_benchmark(spec, tmp_path / "res", progress=False)
+    results = {r["name"]: r for r in load_results(tmp_path / "res")}
+    assert results["copl"]["extra"]["pseudo_labels"]["user_specific"]["users"] == 4
+    assert 0.5 < results["ceiling"]["metrics"]["seen"]["accuracy"] <= 1
+    assert main(["report", str(tmp_path / "res"), "--out", str(tmp_path / "rep")]) == 0
+    printed = capsys.readouterr().out
+    assert "| Ceiling |" in printed and "| User-specific |" in printed

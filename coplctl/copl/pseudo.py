@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from coplctl.data.dataset import PreferenceDataset, unordered
+from coplctl.data.dataset import PreferenceDataset, unordered, weight_columns
 
 
 def _survey(ds) -> pd.DataFrame:
@@ -75,8 +75,14 @@ def pseudo_label_experiments(copl, ctx) -> dict:
     out = {"pseudo_label": evaluate(model, ds, roles=("seen",))["metrics"]["seen"], "pairs_added": int(len(extra))}
 
     uniform = METHODS.get("uniform")
-    groups = ds.users[ds.users["role"] == "seen"].groupby("group")["user_id"].apply(list)
-    chosen_users = [u for g in groups for u in rng.choice(g, size=min(len(g), pl.users_per_group), replace=False)]
+    seen = ds.users[ds.users["role"] == "seen"]
+    groups = seen.groupby("group")["user_id"].apply(list)
+    if groups.empty:  # mixture users have no group: as many users at random as groups of attributes would give
+        groups = [seen["user_id"].tolist()]
+        size = pl.users_per_group * max(1, len(weight_columns(ds.users)))
+    else:
+        size = pl.users_per_group
+    chosen_users = [u for g in groups for u in rng.choice(g, size=min(len(g), size), replace=False)]
     accuracies = []
     for u in chosen_users:
         mine = _sample(survey, ds, [u], pl.pairs_per_specific_user, rng)
@@ -89,6 +95,6 @@ def pseudo_label_experiments(copl, ctx) -> dict:
         test = ds.pairs[(ds.pairs["user_id"] == u) & (ds.pairs["split"] == "test")]
         s_c, s_r = pair_scores(m, test, ds.responses)
         accuracies.append(accuracy_table(s_c > s_r, test["controversial"].to_numpy())["accuracy"])
-    out["user_specific"] = {"accuracy": float(np.mean(accuracies)), "std": float(np.std(accuracies)),
-                            "users": len(chosen_users)}
+    out["user_specific"] = {"accuracy": float(np.mean(accuracies)) if accuracies else None,
+                            "std": float(np.std(accuracies)) if accuracies else None, "users": len(chosen_users)}
     return out
