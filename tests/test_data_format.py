@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -266,7 +267,7 @@ def test_a_bad_text_format_is_one_error(fmt, problem):
         check_text_format(fmt)
 
 
-def test_a_datasets_text_format_is_what_methods_read_and_record(tiny_copy, tmp_path):
+def test_a_datasets_text_format_is_what_methods_read_and_record(micro_dir, tmp_path):
     """A dataset that feeds the response alone: the run records that format, scores ignore the prompt, and an
     old dataset without the key keeps today's format."""
     import json
@@ -276,6 +277,9 @@ def test_a_datasets_text_format_is_what_methods_read_and_record(tiny_copy, tmp_p
     from coplctl.models.evaluate import score_frame
     from coplctl.models.reward import load_method
 
+    import shutil
+
+    tiny_copy = Path(shutil.copytree(micro_dir, tmp_path / "data"))
     meta = json.loads((tiny_copy / "meta.json").read_text())
     assert "text_format" not in meta and load(tiny_copy).text_format == "Human: {prompt}\n\nAssistant: {response}"
     (tiny_copy / "meta.json").write_text(json.dumps({**meta, "text_format": "{response}"}))
