@@ -43,7 +43,7 @@ def read_request(path: Path) -> list[dict]:
         if line.strip():
             rec = parse_json(line, path, line=i)
             if not isinstance(rec, dict):
-                raise DataError(f"{path}:{i}", "each line must be a JSON object (a user's annotation)")
+                raise DataError(path, "each line must be a JSON object (a user's annotation)", line=i)
             records.append(rec)
     return records
 
