@@ -154,6 +154,7 @@ def load(run: str | Path, *, cache_texts: int = 50_000) -> RewardModel:
     """Load a run directory (``coplctl train`` / ``adapt`` / a benchmark's ``runs/...``), a peft export
     (``coplctl export --format peft``), or either from the Hugging Face hub by its id (``owner/name``: read
     through ``huggingface_hub`` and its cache, so a cached repo loads offline)."""
+    from coplctl.core.files import read_json
     from coplctl.models.reward import METHOD_FILE, load_method
     from coplctl.serving.export import is_export, load_export
 
@@ -162,8 +163,8 @@ def load(run: str | Path, *, cache_texts: int = 50_000) -> RewardModel:
     path = Path(run)
     if not path.exists() and _hub_id(str(run)):
         path = _download(str(run))
-    if path.is_dir() and (path / "config.json").is_file() and not (path / METHOD_FILE).is_file() \
-            and '"coplctl"' in (path / "config.json").read_text(errors="replace"):
+    if path.is_dir() and not (path / METHOD_FILE).is_file() and (path / "config.json").is_file() \
+            and "coplctl" in read_json(path / "config.json", what="model config"):
         raise CoplError(f"{run} is an hf export: one user's reward as a transformers model; load it with "
                         f"AutoModelForSequenceClassification.from_pretrained (its README shows how)")
     with _own_rng():

@@ -86,9 +86,10 @@ def merged_weight(module: nn.Module, base: nn.Linear, layer) -> torch.Tensor:
     return w
 
 
-def merged_state(lm: nn.Module, fixed) -> dict[str, torch.Tensor]:
-    """The backbone's state dict in its own names, every adapted layer merged for ``fixed``'s user."""
-    adapted = _adapted(lm)
+def merged_state(lm: nn.Module, fixed, adapted: dict | None = None) -> dict[str, torch.Tensor]:
+    """The backbone's state dict in its own names, every adapted layer (``adapted``, default: all found)
+    merged for ``fixed``'s user."""
+    adapted = _adapted(lm) if adapted is None else adapted
     if not adapted:
         raise CoplError("the run's backbone holds no adapters: nothing to merge")
     state = {k: v for k, v in lm.state_dict().items() if not any(k.startswith(n + ".") for n in adapted)}
@@ -140,7 +141,8 @@ def export_hf(run: str | Path, out: str | Path, *, user: str | None = None, grou
     fixed = method.fixed_user(user=user, group=group)
     prefix = getattr(transformers, cls_name).base_model_prefix
     dtype = next(lm.parameters()).dtype
-    state = {f"{prefix}.{k}": v.contiguous() for k, v in merged_state(lm, fixed).items()}
+    adapted = _adapted(lm)
+    state = {f"{prefix}.{k}": v.contiguous() for k, v in merged_state(lm, fixed, adapted).items()}
     state["score.weight"] = fixed.head.weight.detach().to(dtype).contiguous()
     offset = fixed.head.bias.item() if fixed.head.bias is not None else 0.0
     info = backbone_info(method)
@@ -161,7 +163,7 @@ def export_hf(run: str | Path, out: str | Path, *, user: str | None = None, grou
 
         (tmp / "README.md").write_text(hf_card(config.coplctl, info, run))
     return {"run": str(run), "out": str(out), "format": "hf", "method": method.registry_name,
-            "reward_of": fixed.label, "architecture": cls_name, "merged_layers": len(_adapted(lm)),
+            "reward_of": fixed.label, "architecture": cls_name, "merged_layers": len(adapted),
             "reward_offset": offset, "backbone": info}
 
 
