@@ -1,4 +1,4 @@
-"""Ceiling (not in the paper): what any method could reach from a mixture user's own labels.
+"""Ceiling (not in the paper): what a mixture user's own labels allow a method that knows every response's ratings.
 
 On data whose users mix attributes with Dirichlet(α) weights (``preferences: mixture``, PersonalLLM), a
 user prefers the response with the higher weighted rating. The ceiling knows every response's attribute
@@ -93,7 +93,7 @@ class Ceiling(RewardMethod):
             out[i] = w @ self.prior / w.sum()
         self.user_ids = self.user_ids + list(users)
         self.weights = np.concatenate([self.weights, out])
-        return {"users": len(users), "pairs": int(len(pairs))}
+        return {"users": len(users), "pairs": len(pairs)}
 
     def adapt(self, pairs: pd.DataFrame, responses: pd.DataFrame) -> dict:
         known = set(self.user_ids)
