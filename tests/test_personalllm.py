@@ -115,3 +115,44 @@ def test_the_hub_id_reads_the_datasets_cache_as_a_download_left_it(plm_dir, tmp_
     assert main(["data", "build-personalllm", "--personalllm", str(plm_dir), *ARGS, "--out", str(tmp_path / "local")]) == 0
     hub, local = load(tmp_path / "hub"), load(tmp_path / "local")
     assert hub.pairs.equals(local.pairs) and hub.users.equals(local.users)
+
+
+def test_a_benchmark_builds_its_missing_dataset_on_first_use_from_the_datasets_cache(plm_dir, tmp_path, monkeypatch,
+                                                                                     capsys):
+    datasets = pytest.importorskip("datasets", reason="the hub extra (datasets) is not installed")
+    from hub_datasets import install_dataset_in_cache
+
+    from coplctl.bench.spec import find_spec
+
+    splits = {s: pd.read_parquet(next((plm_dir / "data").glob(f"{s}-*"))) for s in ("train", "test")}
+    cache = tmp_path / "hf-datasets"
+    install_dataset_in_cache("namkoong-lab/PersonalLLM", splits, cache, tmp_path / "prep")
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", cache)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    (work / "plm.yaml").write_text(f"""version: 1
+include: {find_spec("personalllm-all")}
+name: plm-tiny
+data: {{path: data/plm, users: 40, unseen_users: 4, fewshot_pairs: 4, test_pairs: 5, unseen_test_pairs: 5,
+       tokenizer: null, max_tokens: null}}
+methods: [ceiling]
+seeds: [0]
+ablations: []
+""")
+    assert main(["benchmark", "plm.yaml", "--dry-run"]) == 0
+    assert "missing: built on first use (PersonalLLM) from namkoong-lab/PersonalLLM" in capsys.readouterr().out
+    assert main(["benchmark", "plm.yaml", "--no-download", "--out", "res"]) == 1
+    assert "coplctl data build-personalllm --annotations all --out data/plm" in capsys.readouterr().err
+    assert main(["benchmark", "plm.yaml", "--out", "res"]) == 0
+    assert "data/plm does not exist: building PersonalLLM" in capsys.readouterr().err
+    assert main(["data", "build-personalllm", "--personalllm", str(plm_dir), *ARGS, "--out", str(tmp_path / "by-hand")]) == 0
+    built, by_hand = load(work / "data" / "plm"), load(tmp_path / "by-hand")
+    assert built.pairs.equals(by_hand.pairs) and built.users.equals(by_hand.users)
+    assert built.meta["protocol"] == by_hand.meta["protocol"]
+    assert (work / "res" / "plm-tiny" / "results" / "ceiling" / "seed0.json").exists()
+    assert main(["benchmark", "plm.yaml", "--out", "res", "--force"]) == 0  # the second run reuses the data
+    assert "building" not in capsys.readouterr().err
+    assert main(["benchmark", "plm.yaml", "--dry-run"]) == 0
+    assert "data: directory data/plm: exists" in capsys.readouterr().out

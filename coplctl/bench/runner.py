@@ -86,17 +86,35 @@ class Benchmark:
 
 def run_benchmark(spec: BenchmarkSpec, out: str | Path, *, names: list[str] | None = None,
                   seeds: list[int] | None = None, backbone: str | None = None, mode: str | None = None,
-                  force: bool = False, progress: bool = True, log=None, sets: dict | None = None) -> dict:
+                  force: bool = False, progress: bool = True, log=None, sets: dict | None = None,
+                  download: bool = True) -> dict:
     """Run the spec's jobs not finished yet; returns {"done": [...], "skipped": [...]} result paths.
 
     ``sets`` (``--set``) joins the spec's ``common`` (in a copy: the caller's spec is left as it is).
     Every job's config is checked before any work starts, and ``OUT/NAME`` is locked for the run: a
     second benchmark of the same spec into the same directory stops at once instead of removing the first
-    one's work.
+    one's work. A real spec's missing dataset is built on first use (the main process builds, the others
+    wait), unless ``download`` is False.
     """
     import torch
     from accelerate import PartialState
 
+    spec, jobs, seeds = select_jobs(spec, names, seeds, backbone, mode, sets)
+    state = PartialState(cpu=not torch.cuda.is_available())
+    out = Path(out)
+    with contextlib.ExitStack() as lock:
+        _lock(state, lock, out, out / spec.name, spec.name)
+        with state.main_process_first():
+            ds = prepare_data(spec, out / spec.name, force, download=download,
+                              progress=progress and state.is_main_process, log=log if state.is_main_process else None)
+        run = Benchmark(spec, ds, out, state, force, provenance(ds.path), data_record(spec, ds))
+        return _run(run, jobs, seeds, progress, log)
+
+
+def select_jobs(spec: BenchmarkSpec, names: list[str] | None, seeds: list[int] | None, backbone=None, mode=None,
+                sets: dict | None = None) -> tuple[BenchmarkSpec, list[Job], list[int]]:
+    """The spec with ``sets`` (``--set``) joined to its ``common`` (a copy), its jobs resolved and narrowed to
+    ``names``, and the seeds to run: every value checked, the error naming the spec's key or the option."""
     spec = dataclasses.replace(spec, common={**spec.common, **(sets or {})})
     _check_common(spec)
     known = [j[0] for j in spec.jobs()]
@@ -112,14 +130,7 @@ def run_benchmark(spec: BenchmarkSpec, out: str | Path, *, names: list[str] | No
     for seed, key in [*((s, seeds_key) for s in seeds), (spec.data.seed, f"{where}: data.seed")]:
         if not 0 <= seed < 2**32:
             raise SpecError(f"{key}: {seed} is out of range (0 .. 2**32 - 1)")
-    state = PartialState(cpu=not torch.cuda.is_available())
-    out = Path(out)
-    with contextlib.ExitStack() as lock:
-        _lock(state, lock, out, out / spec.name, spec.name)
-        with state.main_process_first():
-            ds = prepare_data(spec, out / spec.name, force)
-        run = Benchmark(spec, ds, out, state, force, provenance(ds.path), data_record(spec, ds))
-        return _run(run, jobs, seeds, progress, log)
+    return spec, jobs, seeds
 
 
 def _run(run: Benchmark, jobs: list[Job], seeds: list[int], progress: bool, log) -> dict:

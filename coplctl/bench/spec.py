@@ -21,6 +21,8 @@ from coplctl.core.registry import paper_methods
 from coplctl.data.protocol import ProtocolConfig
 
 SPEC_VERSION = 1
+BUILDERS = ("tldr", "personalllm")
+"""Builders a ``directory`` source may name (``data.build``); ``ultrafeedback`` sources build UF-P."""
 SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
 """A name that becomes one path component under ``--out``: no separators, no ``..``, no leading dot."""
 
@@ -37,7 +39,7 @@ class DataSpec(ProtocolConfig):
     the paper's). Real data has the protocol it was built with; ``variant`` and ``annotations`` say which."""
 
     source: str = "simulated"
-    """``simulated`` (coplctl data simulate), ``ultrafeedback`` (built beforehand with coplctl data build-ufp)
+    """``simulated`` (coplctl data simulate), ``ultrafeedback`` (coplctl data build-ufp; built on first use)
     or ``directory`` (any valid dataset directory, e.g. your own data: groups and controversial flags are
     taken from it; a method that cannot run on it, e.g. one that needs every user's group, is skipped with a
     note)."""
@@ -45,6 +47,14 @@ class DataSpec(ProtocolConfig):
     """Seed of the data (simulation and user protocol), distinct from the methods' seeds."""
     path: str | None = None
     """``ultrafeedback`` / ``directory``: the dataset directory (relative to the working directory)."""
+    build: str | None = None
+    """``directory`` sources: the builder that makes ``path`` on first use when it is missing (``tldr``,
+    ``personalllm``; ``ultrafeedback`` sources always build UF-P); None: the directory must exist. Ignored by
+    simulated data (a twin may inherit it)."""
+    tokenizer: str | None = None
+    """Builders' length filter on first use: the tokenizer that counts a formatted text's tokens ..."""
+    max_tokens: int | None = None
+    """... and the most tokens a kept response may have (the paper's specs: gemma-2b-it, 1024; None: no filter)."""
 
     def protocol(self) -> ProtocolConfig:
         """The user protocol of simulated data."""
@@ -230,6 +240,8 @@ def load_spec(name_or_path: str) -> BenchmarkSpec:
         raise SpecError(f"{file}: data.source must be simulated, ultrafeedback or directory")
     if spec.data.source != "simulated" and not spec.data.path:
         raise SpecError(f"{file}: data.path is required when data.source is {spec.data.source}")
+    if spec.data.build not in (None, *BUILDERS):
+        raise SpecError(f"{file}: data.build must be one of {', '.join(BUILDERS)}, not {spec.data.build!r}")
     spec.path = str(file)
     return spec
 
