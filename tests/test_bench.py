@@ -226,11 +226,55 @@ def test_pseudo_labels_and_report_in_every_format(tmp_path, capsys):
     assert main(["report", str(tmp_path / "nothing")]) == 1
 
 
-def test_real_data_spec_without_data_says_how_to_build_it(tmp_path, monkeypatch):
+def test_real_data_spec_without_data_says_how_to_build_it(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     spec = load_spec("uf-p-4-avg")
-    with pytest.raises(CoplError, match=r"data/uf-p-4-avg does not exist.*coplctl data build-ufp.*sim-uf-p-4-avg"):
-        runner.run_benchmark(spec, tmp_path / "out", progress=False)
+    with pytest.raises(CoplError, match=r"data/uf-p-4-avg does not exist.*coplctl data build-ufp.*sim-uf-p-4-avg.*"
+                                        r"--no-download: nothing is downloaded"):
+        runner.run_benchmark(spec, tmp_path / "out", progress=False, download=False)
+    assert main(["benchmark", "tldr-all", "--no-download", "--out", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err, err
+    assert "coplctl data build-tldr --annotations all --tokenizer google/gemma-2b-it --max-tokens 1024 --out data/tldr-all" in err
+    assert not (tmp_path / "data").exists()
+
+
+def test_an_offline_hub_without_the_source_in_its_cache_stops_with_one_clear_error(tmp_path, monkeypatch, capsys):
+    datasets = pytest.importorskip("datasets", reason="the hub extra (datasets) is not installed")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "empty-cache")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    assert main(["benchmark", "uf-p-2-all", "--out", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err
+    assert "could not build data/uf-p-2-all: could not load argilla/ultrafeedback-binarized-preferences-cleaned" in err
+    assert "By hand instead: data/uf-p-2-all does not exist. Build it from UltraFeedback first" in err, err
+    assert "Traceback" not in err and not (tmp_path / "data" / "uf-p-2-all").exists()
+
+
+def test_the_dry_run_plans_every_training_and_trains_nothing(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(["benchmark", "uf-p-4-avg", "--backbone", "gemma-7b-it", "--dry-run", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    spec = load_spec("uf-p-4-avg")
+    searched = [m for m in spec.methods if m != "copl"]
+    assert len(plan["jobs"]) == 3 * (4 * len(searched) + 1) == plan["to_run"]  # 3 seeds, a 4-rate grid, CoPL at 5e-5
+    assert {j["lr"] for j in plan["jobs"] if j["name"] == "uniform"} == {1e-4, 5e-5, 1e-5, 5e-6}
+    assert plan["data"]["build"] and "openbmb/UltraFeedback" in plan["data"]["status"]
+    assert plan["backbones"] == [{"backbone": "gemma-7b-it", "mode": "lora", "precision": "float32",
+                                  "precision_setting": "auto"}]
+    gpu = plan["memory"]["copl"]["gpu"]
+    assert gpu["dtype"] == "bfloat16" and gpu["parameters"] == 8_537_680_896  # gemma-7b without its LM head
+    assert gpu["adapted_linears"] == 56 and gpu["tokens"] == 2 * 32 * 512  # q_proj, v_proj of 28 layers
+    assert gpu["total"] == gpu["weights"] + gpu["trainable"] + gpu["activations"]
+    assert gpu["total_other_checkpointing"] < gpu["total"] / 4
+    assert plan["memory"]["copl"]["cpu"]["weights"] == 2 * gpu["weights"]
+    assert not (tmp_path / "results").exists() and not (tmp_path / "data").exists()
+    tiny = _write(tmp_path, TINY.format(extra=""), "tiny.yaml")
+    runner.run_benchmark(load_spec(str(tiny)), tmp_path / "out", names=["uniform"], progress=False)
+    assert main(["benchmark", str(tiny), "--out", str(tmp_path / "out"), "--dry-run"]) == 0
+    text = capsys.readouterr().out
+    assert "2 trainings: 1 to run, 1 finished" in text and "simulated earlier" in text, text
 
 
 def test_finished_results_are_reused_only_with_the_same_settings(tmp_path):
@@ -312,7 +356,7 @@ def test_a_second_benchmark_into_the_same_out_stops_at_once(tmp_path, monkeypatc
     spec = load_spec(str(_write(tmp_path, TINY.format(extra=""), "tiny.yaml")))
     seen = []
 
-    def second_run_while_the_first_prepares_data(spec, base, force=False):
+    def second_run_while_the_first_prepares_data(spec, base, force=False, **options):
         with pytest.raises(CoplError) as e:  # another coplctl benchmark of the same spec and --out
             runner.run_benchmark(spec, tmp_path / "out", progress=False)
         seen.append(str(e.value))
@@ -325,7 +369,7 @@ def test_a_second_benchmark_into_the_same_out_stops_at_once(tmp_path, monkeypatc
 
     assert seen == [f"{tmp_path / 'out'} is in use by another coplctl benchmark tiny (pid {os.getpid()}); "
                     f"wait for it or use another --out"]
-    monkeypatch.setattr(runner, "prepare_data", lambda *a: seen.append("free again") or (_ for _ in ()).throw(
+    monkeypatch.setattr(runner, "prepare_data", lambda *a, **k: seen.append("free again") or (_ for _ in ()).throw(
         KeyboardInterrupt))
     with pytest.raises(KeyboardInterrupt):  # the lock went with the first run
         runner.run_benchmark(spec, tmp_path / "out", progress=False)

@@ -380,3 +380,18 @@ def test_the_chat_template_renders_the_runs_text_format(fmt, tiny_lm):
     assert tok.apply_chat_template(chat, tokenize=False) == fmt.format(prompt="Why \"x\"?\n", response="Because {y}.")
     with pytest.raises(Exception, match="user and assistant turns only"):
         tok.apply_chat_template([{"role": "tool", "content": "x"}], tokenize=False)
+
+
+@pytest.mark.parametrize("run", ["uniform_run", "copl_run"])
+def test_the_memory_estimate_counts_the_parameters_a_run_really_has(run, request):
+    from coplctl.models.memory import estimate
+
+    method = load_method(request.getfixturevalue(run))
+    est = estimate(type(method), method.config, dtype_bytes=4)
+    lm = method.net.encoder.lm
+    adapters = sum(p.numel() for n, p in lm.named_parameters() if "lora_" in n or "expert" in n or "shared_" in n
+                   or ".gate." in n)
+    base = sum(p.numel() for n, p in lm.named_parameters()) - adapters
+    assert est["parameters"] == base
+    assert est["trainable_parameters"] == sum(p.numel() for p in method.net.parameters() if p.requires_grad)
+    assert est["weights"] == 4 * base and est["trainable"] == 16 * est["trainable_parameters"]

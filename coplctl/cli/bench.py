@@ -33,6 +33,7 @@ def _csv(value: Optional[str], option: str, cast=str, what: str = "names") -> Op
     "coplctl benchmark sim-uf-p-4-avg --seeds 0",
     "coplctl benchmark uf-p-4-avg --backbone gemma-7b-it --set batch_size=16",
     "accelerate launch --multi_gpu --num_processes 4 -m coplctl benchmark uf-p-4-avg --backbone gemma-7b-it",
+    "coplctl benchmark uf-p-4-avg --backbone gemma-7b-it --dry-run",
     "coplctl benchmark --list",
     "coplctl benchmark quick --json | jq '.tables[0]'"))
 def benchmark(
@@ -47,14 +48,20 @@ def benchmark(
     out_dir: Out = Path("results"),
     list_specs: Annotated[bool, typer.Option("--list", help="List the available specs and exit.")] = False,
     force: Force = False,
+    dry_run: Annotated[bool, typer.Option(
+        "--dry-run", help="Print the plan (jobs, data, backbone, memory per process) and exit without training.")] = False,
+    no_download: Annotated[bool, typer.Option(
+        "--no-download", help="Never download or build a real spec's missing dataset: stop and say how to.")] = False,
     as_json: Json = False,
 ) -> None:
     """Run every method of a benchmark spec over its seeds, store results, print the tables.
 
     Results go under --out; --backbone, --mode and --set override the spec for every method (that has the field).
     Finished (method, seed) results are skipped, so an interrupted benchmark resumes where it stopped;
-    --force redoes them. --json prints the results directory, the result files done and skipped, and the
-    tables as data (as coplctl report --json).
+    --force redoes them. A real spec's missing dataset is built on first use from the hub datasets (the hub
+    extra; its cache is reused), unless --no-download. --dry-run prints what would run instead. --json prints
+    the results directory, the result files done and skipped, and the tables as data (as coplctl report
+    --json); with --dry-run, the plan.
     """
     from coplctl.bench.spec import list_specs as all_specs
     from coplctl.bench.spec import load_spec
@@ -74,10 +81,19 @@ def benchmark(
 
     refuse_inside_known(out_dir, itself=True)  # results never go into a run, a dataset or an export
     s = load_spec(spec)
-    summary = run_benchmark(s, out_dir, names=_csv(methods, "--methods"),
-                            seeds=_csv(seeds, "--seeds", int, "whole numbers (e.g. 0,1,2)"),
-                            backbone=backbone, mode=mode, force=force, sets=parse_sets(sets or []),
-                            log=lambda m: err.print(m, highlight=False))
+    chosen = {"names": _csv(methods, "--methods"), "seeds": _csv(seeds, "--seeds", int, "whole numbers (e.g. 0,1,2)"),
+              "backbone": backbone, "mode": mode, "sets": parse_sets(sets or []), "download": not no_download}
+    if dry_run:
+        from coplctl.bench.plan import plan
+        from coplctl.cli.plan import print_plan
+
+        from accelerate import PartialState
+
+        p = plan(s, out_dir, **chosen)
+        if PartialState().is_main_process:  # under accelerate launch: one plan, not one per process
+            print_json(p) if as_json else print_plan(p)
+        return
+    summary = run_benchmark(s, out_dir, force=force, log=lambda m: err.print(m, highlight=False), **chosen)
     if summary["skipped"]:
         err.print(f"skipped {len(summary['skipped'])} finished run(s); --force redoes them")
     report = _report(out_dir / s.name, "md", None, as_json)

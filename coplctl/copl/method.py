@@ -324,6 +324,22 @@ class CoPL(NeuralMethod):
 
         return FixedUser(f"user {user}", apply, self.net.head, {"experts": experts})
 
+    @classmethod
+    def adapter_targets(cls, config) -> list[str] | None:
+        return config.target_modules
+
+    @classmethod
+    def adapter_parameters(cls, config, d_in: int, d_out: int) -> int:
+        """The MoLE layer: M experts and the shared one of rank n, and the gate (user width u, hidden g):
+        (M + 1)·n·(d_in + d_out) + u·g + g + g·M + M, u the GCF's width on a GPU (plain LoRA without MoLE)."""
+        if not config.mole:
+            return config.lora_rank * (d_in + d_out)
+        from coplctl.graph.config import preset_config
+
+        preset = "paper" if config.gcf_preset == "auto" else config.gcf_preset
+        u, g, m = preset_config(preset, **config.gcf_overrides).dim, config.gate_hidden, config.experts
+        return (m + int(config.shared_expert)) * config.rank * (d_in + d_out) + u * g + g + g * m + m
+
     def experiments(self, ctx) -> dict:
         """Tables 4-6 and Figure 2, as the spec's ``experiments.copl`` asks (:mod:`coplctl.copl.experiments`)."""
         from coplctl.copl.experiments import run_experiments

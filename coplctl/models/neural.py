@@ -204,6 +204,16 @@ class NeuralMethod(RewardMethod):
             config["text_format"] = self.backbone.text_format
         return config
 
+    @classmethod
+    def adapter_targets(cls, config) -> list[str] | None:
+        """``lora`` mode: the backbone's linear layers that get adapters (None: peft's defaults for the model)."""
+        return getattr(config, "lora_targets", None)
+
+    @classmethod
+    def adapter_parameters(cls, config, d_in: int, d_out: int) -> int:
+        """``lora`` mode: trained parameters of the adapter on one ``d_in → d_out`` linear layer (plain LoRA)."""
+        return config.lora_rank * (d_in + d_out)
+
     def fixed_user(self, user: str | None = None, group: str | None = None) -> FixedUser:
         """One user's (``user``) or one group's (``group``) reward as plain layers (see :class:`FixedUser`), for
         an export into a standard model. Default: impossible, with the reason (a per-user input vector)."""
