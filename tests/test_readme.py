@@ -58,3 +58,21 @@ def test_readme_command_lines_parse(args):
         ctx = command.make_context(" ".join(path), list(rest), parent=ctx)
         rest = (getattr(ctx, "_protected_args", []) + ctx.args) if hasattr(command, "commands") else []
     assert len(path) > 1 or "--help" in args
+
+
+def test_the_first_run_walkthrough_shows_what_the_dry_run_prints(tmp_path, monkeypatch, capsys):
+    from coplctl.cli import main
+
+    section = README.split("### Reproducing the paper on GPUs", 1)[1].split("\n### ", 1)[0]
+    command = next(line for line in re.findall(r"```bash\n(.+?)\n```", section, flags=re.S)[0].splitlines()
+                   if "--dry-run" in line)
+    shown = next(piece for piece in section.split("```") if piece.lstrip().startswith("plan of uf-p-4-avg"))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("COLUMNS", "200")
+    assert main(shlex.split(command)[1:]) == 0
+    printed = capsys.readouterr().out
+    rows = lambda text: [line.strip() for line in text.splitlines() if line.strip().startswith(("│", "┃"))]  # noqa: E731
+    assert rows(shown) and rows(shown) == rows(printed), printed
+    assert "75 trainings: 75 to run, 0 finished in results/uf-p-4-avg (skipped)" in shown
+    assert "75 trainings: 75 to run, 0 finished in results/uf-p-4-avg (skipped)" in printed
