@@ -24,7 +24,9 @@ bound), ``w`` bytes per backbone weight and activation (2 in bf16/fp16, 4 in fp3
 ``benchmarks/perf/memory_estimate.py`` measures it against peak RSS on a CPU (gemma-3-270m, fp32, 128 tokens):
 the activations' growth from batch 2 to 8 within 5% for plain LoRA and CoPL, and the whole peak at batch 8
 within 5%; with gradient checkpointing the measured peak is 0.6-1.4 GB higher than estimated (the
-interpreter and libraries, 0.4 GB, and the recomputation's transients are not in the formula). Not counted:
+interpreter and libraries, 0.4 GB, and the recomputation's transients are not in the formula). On MiniLM
+(BERT: dropout on attention probabilities and hidden states, whose kept copies and masks are not counted)
+the measured growth is 1.7-2x the estimate: read encoder figures as a lower bound. Not counted:
 per-user tables (I2E's user tokens: users × h), transient buffers of single operations, the CUDA context and
 the allocator's fragmentation (a few hundred MB to a few GB in practice).
 """
