@@ -270,11 +270,25 @@ def test_the_dry_run_plans_every_training_and_trains_nothing(tmp_path, monkeypat
     assert gpu["total_other_checkpointing"] < gpu["total"] / 4
     assert plan["memory"]["copl"]["cpu"]["weights"] == 2 * gpu["weights"]
     assert not (tmp_path / "results").exists() and not (tmp_path / "data").exists()
+    assert main(["benchmark", "uf-p-2-avg", "--seeds", "0", "--set", "lr=[1e-4,5e-5]", "--dry-run", "--json"]) == 0
+    jobs = json.loads(capsys.readouterr().out)["jobs"]
+    assert [j["lr"] for j in jobs if j["name"] == "uniform"] == [1e-4, 5e-5]  # --set lr replaces the spec's grid
+    assert [j["lr"] for j in jobs if j["name"] == "copl"] == [5e-5]  # a method's own override still wins
     tiny = _write(tmp_path, TINY.format(extra=""), "tiny.yaml")
     runner.run_benchmark(load_spec(str(tiny)), tmp_path / "out", names=["uniform"], progress=False)
-    assert main(["benchmark", str(tiny), "--out", str(tmp_path / "out"), "--dry-run"]) == 0
+    dry = ["benchmark", str(tiny), "--out", str(tmp_path / "out"), "--dry-run"]
+    assert main(dry) == 0
     text = capsys.readouterr().out
     assert "2 trainings: 1 to run, 1 finished" in text and "simulated earlier" in text, text
+    assert main([*dry, "--force"]) == 0
+    assert "2 trainings: 2 to run, 0 finished" in capsys.readouterr().out
+    assert main([*dry, "--set", "epochs=3"]) == 0  # the stored result was made with epochs 2: the run would stop
+    assert "uniform; stops:" in capsys.readouterr().out.replace("\n", " ")
+    assert main([*dry[:-3], "--out", str(tmp_path / "tiny.yaml"), "--dry-run"]) == 1
+    assert "is a file; the results directory must be a directory" in capsys.readouterr().err
+    stale = _write(tmp_path, TINY.format(extra="").replace("users: 60", "users: 61"), "stale.yaml")
+    assert main(["benchmark", str(stale), "--out", str(tmp_path / "out"), "--dry-run"]) == 0
+    assert "simulated with other settings than the spec's: the run stops" in capsys.readouterr().out
 
 
 def test_finished_results_are_reused_only_with_the_same_settings(tmp_path):
@@ -598,3 +612,17 @@ def test_mixture_users_get_table_6_and_the_ceiling(tmp_path, capsys):
     assert main(["report", str(tmp_path / "res"), "--out", str(tmp_path / "rep")]) == 0
     printed = capsys.readouterr().out
     assert "| Ceiling |" in printed and "| User-specific |" in printed
+
+
+@pytest.mark.parametrize("data, message", [
+    ("{build: foo}", r"data.build must be one of tldr, personalllm, not 'foo'"),
+    ("{source: ultrafeedback, build: tldr}", r"data.build is for directory sources"),
+    ("{tokenizer: null}", r"data.max_tokens needs data.tokenizer"),
+    ("{max_tokens: -5}", r"data: protocol option max_tokens: -5 is out of range"),
+])
+def test_bad_data_build_keys_are_one_error_naming_the_file_and_key(tmp_path, data, message):
+    from coplctl.bench.spec import find_spec
+
+    f = _write(tmp_path, f"version: 1\ninclude: {find_spec('tldr-all')}\nname: t\ndata: {data}\n")
+    with pytest.raises(SpecError, match=rf"{f}: .*{message}"):
+        load_spec(str(f))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -144,10 +146,14 @@ ablations: []
     assert main(["benchmark", "plm.yaml", "--dry-run"]) == 0
     assert "missing: built on first use (PersonalLLM) from namkoong-lab/PersonalLLM" in capsys.readouterr().out
     assert main(["benchmark", "plm.yaml", "--no-download", "--out", "res"]) == 1
-    assert "coplctl data build-personalllm --annotations all --out data/plm" in capsys.readouterr().err
+    recipe = re.search(r"`(coplctl data build-personalllm [^`]+)`", capsys.readouterr().err).group(1)
+    assert recipe == ("coplctl data build-personalllm --annotations all --users 40 --unseen-users 4 --fewshot-pairs 4 "
+                      "--test-pairs 5 --unseen-test-pairs 5 --out data/plm")
+    assert not (work / "data").exists()
     assert main(["benchmark", "plm.yaml", "--out", "res"]) == 0
     assert "data/plm does not exist: building PersonalLLM" in capsys.readouterr().err
-    assert main(["data", "build-personalllm", "--personalllm", str(plm_dir), *ARGS, "--out", str(tmp_path / "by-hand")]) == 0
+    by_hand = recipe.split()[1:-2] + ["--personalllm", str(plm_dir), "--out", str(tmp_path / "by-hand")]
+    assert main(by_hand) == 0  # the recipe --no-download gives builds the same data
     built, by_hand = load(work / "data" / "plm"), load(tmp_path / "by-hand")
     assert built.pairs.equals(by_hand.pairs) and built.users.equals(by_hand.users)
     assert built.meta["protocol"] == by_hand.meta["protocol"]

@@ -14,15 +14,16 @@ from coplctl.core.errors import CoplError
 
 HOW_TO_BUILD = (
     "{path} does not exist. Build it from UltraFeedback first: download openbmb/UltraFeedback and "
-    "argilla/ultrafeedback-binarized-preferences-cleaned (e.g. `huggingface-cli download --repo-type dataset "
-    "openbmb/UltraFeedback --local-dir ~/data/UltraFeedback`), then `coplctl data build-ufp --variant {variant} "
+    "argilla/ultrafeedback-binarized-preferences-cleaned (`huggingface-cli download --repo-type dataset "
+    "openbmb/UltraFeedback --local-dir ~/data/UltraFeedback`, and the second to ~/data/uf-cleaned), then "
+    "`coplctl data build-ufp --variant {variant} "
     "--annotations {annotations} --ultrafeedback ~/data/UltraFeedback --cleaned ~/data/uf-cleaned{cut} --out {path}`; "
     "or run the simulated twin, `coplctl benchmark sim-{variant}-{annotations}`."
 )
 BUILD_ONLY = ("build", "tokenizer", "max_tokens")
 """Data keys only real data's builders read (a simulated twin inherits them from its real spec)."""
 HOW_TO_BUILD_OTHER = ("{path} does not exist. Build it with `coplctl data build-{build} --annotations {annotations}"
-                      "{cut} --out {path}` (see README), or run the simulated twin.")
+                      "{cut} --out {path}` (see README), or run the simulated twin, `coplctl benchmark {twin}`.")
 
 
 @dataclass
@@ -50,30 +51,62 @@ def _own_protocol(d, protocol):
                        if getattr(d, f.name) != getattr(default, f.name)})
 
 
+OPTIONS = {"ufp": ("users", "unseen_users", "survey_pairs", "fewshot_pairs", "valid_pairs", "valid_prompt_fraction",
+                   "preferences", "alpha"),
+           "tldr": ("users", "unseen_users", "fewshot_pairs", "test_pairs", "unseen_test_pairs"),
+           "personalllm": ("users", "unseen_users", "fewshot_pairs", "test_pairs", "unseen_test_pairs",
+                           "valid_prompt_fraction", "alpha")}
+"""The protocol keys each ``coplctl data build-*`` command has an option for."""
+
+
+def _flags(d, built, default, command: str) -> str:
+    """The ``coplctl data build-*`` options that make by hand what the spec builds: the protocol keys where
+    ``built`` differs from the command's ``default``, the seed, the length filter."""
+    keys = [k for k in OPTIONS[command] if getattr(built, k) != getattr(default, k)]
+    pairs = [(k, getattr(built, k)) for k in keys] + [("seed", d.seed)] * bool(d.seed) + [
+        (k, getattr(d, k)) for k in ("tokenizer", "max_tokens") if getattr(d, k) is not None]
+    return "".join(f" --{k.replace('_', '-')} {v}" for k, v in pairs)
+
+
 def builder(spec: BenchmarkSpec) -> Builder | None:
     """The builder of the spec's real dataset, with the spec's protocol and length filter; None for simulated
-    data and for a ``directory`` source that names no ``build``."""
+    data and for a ``directory`` source that names no ``build``. A protocol the builder rejects is one error
+    naming the spec's data section."""
+    try:
+        return _builder(spec)
+    except CoplError as e:
+        raise CoplError(f"{spec.path or spec.name}: data: {e}") from None
+
+
+def _builder(spec: BenchmarkSpec) -> Builder | None:
+    from coplctl.data.protocol import ProtocolConfig
+
     d = spec.data
     cut = {"tokenizer": d.tokenizer, "max_tokens": d.max_tokens}
-    flags = "".join(f" --{k.replace('_', '-')} {v}" for k, v in cut.items() if v is not None)
     if d.source == "ultrafeedback":
         from coplctl.data.ultrafeedback import BuildConfig, build_ufp
 
         cfg = BuildConfig(protocol=d.protocol(), seed=d.seed, **cut)
+        flags = _flags(d, cfg.protocol, ProtocolConfig(variant=d.variant, annotations=d.annotations), "ufp")
         return Builder("UF-P", {"UltraFeedback": cfg.ultrafeedback, "the cleaned pairs": cfg.cleaned},
                        lambda: build_ufp(cfg), HOW_TO_BUILD.format(path=d.path, variant=d.variant,
                                                                     annotations=d.annotations, cut=flags))
-    manual = HOW_TO_BUILD_OTHER.format(path=d.path, build=d.build, annotations=d.annotations, cut=flags)
     if d.source == "directory" and d.build == "tldr":
         from coplctl.data.tldr import TldrConfig, build_tldr, tldr_protocol
 
         cfg = TldrConfig(protocol=_own_protocol(d, tldr_protocol), seed=d.seed, **cut)
-        return Builder("TL;DR", {"TL;DR comparisons": cfg.source}, lambda: build_tldr(cfg), manual)
+        flags = _flags(d, cfg.protocol, tldr_protocol(annotations=d.annotations), "tldr")
+        return Builder("TL;DR", {"TL;DR comparisons": cfg.source}, lambda: build_tldr(cfg),
+                       HOW_TO_BUILD_OTHER.format(path=d.path, build="tldr", annotations=d.annotations, cut=flags,
+                                                 twin="sim-tldr-" + d.annotations))
     if d.source == "directory" and d.build == "personalllm":
         from coplctl.data.personalllm import PersonalLLMConfig, build_personalllm, plm_protocol
 
         cfg = PersonalLLMConfig(protocol=_own_protocol(d, plm_protocol), seed=d.seed, **cut)
-        return Builder("PersonalLLM", {"PersonalLLM": cfg.source}, lambda: build_personalllm(cfg), manual)
+        flags = _flags(d, cfg.protocol, plm_protocol(annotations=d.annotations), "personalllm")
+        return Builder("PersonalLLM", {"PersonalLLM": cfg.source}, lambda: build_personalllm(cfg),
+                       HOW_TO_BUILD_OTHER.format(path=d.path, build="personalllm", annotations=d.annotations,
+                                                 cut=flags, twin="sim-personalllm-" + d.annotations))
     return None
 
 
@@ -105,8 +138,9 @@ def _build(spec: BenchmarkSpec, path: Path, download: bool, progress: bool, log)
     try:
         ds = b.make()
         ds.save(path)
-    except CoplError as e:
-        raise CoplError(f"{where}: could not build {path}: {e}. By hand instead: {b.manual}") from None
+    except CoplError as e:  # the builders' advice on local copies ("; or download ...") is for their options
+        raise CoplError(f"{where}: could not build {path}: {str(e).split('; or ')[0]}. By hand instead: "
+                        f"{b.manual}") from None
     finally:
         bar.close()
     if log:

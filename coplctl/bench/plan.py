@@ -6,6 +6,7 @@ processes, and in ``lora`` mode an estimate of each method's peak memory per pro
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 
 from coplctl.bench.data import builder, datasets_cache
@@ -13,23 +14,35 @@ from coplctl.bench.results import result_path
 from coplctl.bench.runner import select_jobs
 from coplctl.bench.search import candidate_path
 from coplctl.bench.spec import BenchmarkSpec
+from coplctl.core.errors import CoplError
 from coplctl.models.train_config import MODE_DEFAULTS
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
-def data_plan(spec: BenchmarkSpec, base: Path, download: bool) -> dict:
-    """Where the spec's data comes from and what the run must do to have it."""
+def data_plan(spec: BenchmarkSpec, base: Path, download: bool, force: bool = False) -> dict:
+    """Where the spec's data comes from and what the run must do to have it (``usable``: it exists and the
+    run would read it)."""
     d = spec.data
     if d.source == "simulated":
         path = base / "data"
-        status = ("simulated earlier (reused while the spec's data section is unchanged)" if (path / "meta.json").exists()
-                  else "simulated on first use (offline; seconds to a minute at paper scale)")
-        return {"source": "simulated", "path": str(path), "status": status, "build": False}
+        status, usable = "simulated on first use (offline; seconds to a minute at paper scale)", False
+        if (path / "meta.json").exists():
+            from coplctl.data import load
+
+            meta = load(path).meta
+            usable = meta.get("protocol") == asdict(d.protocol()) and meta.get("seed") == d.seed
+            status = ("simulated earlier (reused while the spec's data section is unchanged)" if usable else
+                      "simulated with other settings than the spec's: " + (
+                          "--force regenerates it and reruns everything" if force else
+                          "the run stops (use another --out, or --force)"))
+        return {"source": "simulated", "path": str(path), "status": status, "build": False, "usable": usable}
     path, b = Path(d.path), builder(spec)
+    if path.is_dir():
+        return {"source": d.source, "path": str(path), "status": "exists", "build": False, "usable": True}
     if path.exists():
-        return {"source": d.source, "path": str(path), "status": "exists", "build": False}
-    if b is None:
+        status = "is a file, not a dataset directory: the run stops"
+    elif b is None:
         status = "missing, and the spec names no data.build: the run stops"
     elif not download:
         status = "missing; --no-download: the run stops and says how to build it"
@@ -37,8 +50,8 @@ def data_plan(spec: BenchmarkSpec, base: Path, download: bool) -> dict:
         status = (f"missing: built on first use ({b.what}) from " + ", ".join(v for v in b.inputs.values() if v)
                   + f", read through `datasets` (downloaded unless already in its cache: {datasets_cache()})"
                   + (f"; responses over {d.max_tokens} {d.tokenizer} tokens dropped" if d.max_tokens else ""))
-    return {"source": d.source, "path": str(path), "status": status, "build": b is not None and download,
-            "inputs": b.inputs if b else {}}
+    return {"source": d.source, "path": str(path), "status": status,
+            "build": b is not None and download and not path.exists(), "inputs": b.inputs if b else {}, "usable": False}
 
 
 def _precision(dtype: str, cuda: bool) -> str:
@@ -62,19 +75,37 @@ def memory(job) -> dict | None:
     return out
 
 
+def _status(path: Path, settings: dict, force: bool, cannot: str | None) -> str:
+    """What the run would do with one training whose result (or candidate) file is ``path``."""
+    from coplctl.bench.runner import _check_same
+
+    if path.exists() and not force:
+        try:
+            _check_same(path, settings)
+        except CoplError as e:
+            return f"stops: {e}"
+        return "finished: skipped"
+    if cannot:
+        return f"cannot run: {cannot}"
+    return "to run" + (" (--force redoes it)" if path.exists() else "")
+
+
 def plan(spec: BenchmarkSpec, out: str | Path, *, names=None, seeds=None, backbone=None, mode=None,
-         sets: dict | None = None, download: bool = True) -> dict:
+         sets: dict | None = None, download: bool = True, force: bool = False) -> dict:
     """The dry run of ``coplctl benchmark`` with the same arguments, as one JSON-able document."""
     import torch
     from accelerate import PartialState
 
     spec, jobs, seeds = select_jobs(spec, names, seeds, backbone, mode, sets)
     out = Path(out)
+    for p in (out, out / spec.name):
+        if p.exists() and not p.is_dir():
+            raise CoplError(f"--out {out}: {p} is a file; the results directory must be a directory")
     cuda = torch.cuda.is_available()
     state = PartialState(cpu=not cuda)
-    data = data_plan(spec, out / spec.name, download)
+    data = data_plan(spec, out / spec.name, download, force)
     cannot = {}
-    if data["status"] == "exists" or data["status"].startswith("simulated earlier"):
+    if data.get("usable"):
         from coplctl.core.registry import METHODS
         from coplctl.data import load
 
@@ -85,10 +116,12 @@ def plan(spec: BenchmarkSpec, out: str | Path, *, names=None, seeds=None, backbo
         for seed in seeds:
             final = result_path(out, spec.name, job.name, seed)
             default = MODE_DEFAULTS.get(job.settings.get("mode"), {}).get("lr")
-            for lr in list(job.candidates) or [job.settings.get("lr") or default]:
-                path = candidate_path(out, spec.name, job.name, seed, lr) if job.candidates else final
-                status = ("finished: skipped" if final.exists() or path.exists()
-                          else f"cannot run: {cannot[job.name]}" if cannot.get(job.name) else "to run")
+            own = job.settings.get("lr")
+            for lr in list(job.candidates) or [default if own is None else own]:
+                path, settings = ((candidate_path(out, spec.name, job.name, seed, lr), job.candidates[lr])
+                                  if job.candidates else (final, job.settings))
+                status = _status(final if final.exists() else path, job.settings if final.exists() else settings,
+                                 force, cannot.get(job.name))
                 rows.append({"name": job.name, "method": job.method, "ablation": job.ablation, "seed": seed,
                              "lr": lr, "searched": bool(job.candidates), "status": status, "result": str(path)})
     setup = sorted({(j.settings.get("backbone"), j.settings.get("mode"), j.settings.get("dtype"))
@@ -97,6 +130,6 @@ def plan(spec: BenchmarkSpec, out: str | Path, *, names=None, seeds=None, backbo
             "backbones": [{"backbone": b, "mode": m, "precision": _precision(d or "auto", cuda),
                            "precision_setting": d} for b, m, d in setup],
             "processes": state.num_processes, "device": "cuda" if cuda else "cpu", "seeds": seeds,
-            "jobs": rows, "to_run": sum(r["status"] == "to run" for r in rows),
+            "jobs": rows, "to_run": sum(r["status"].startswith("to run") for r in rows),
             "finished": sum(r["status"].startswith("finished") for r in rows),
             "memory": {j.name: m for j in jobs if (m := memory(j)) is not None}}

@@ -14,7 +14,9 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated
 
+from coplctl.core.config import AT_LEAST_1
 from coplctl.core.errors import CoplError, DataError
 from coplctl.core.files import read_yaml
 from coplctl.core.registry import paper_methods
@@ -53,7 +55,7 @@ class DataSpec(ProtocolConfig):
     simulated data (a twin may inherit it)."""
     tokenizer: str | None = None
     """Builders' length filter on first use: the tokenizer that counts a formatted text's tokens ..."""
-    max_tokens: int | None = None
+    max_tokens: Annotated[int, AT_LEAST_1] | None = None
     """... and the most tokens a kept response may have (the paper's specs: gemma-2b-it, 1024; None: no filter)."""
 
     def protocol(self) -> ProtocolConfig:
@@ -98,9 +100,10 @@ class BenchmarkSpec:
     overrides: dict = field(default_factory=dict)
     """Per-method config overrides: {method: {field: value}}."""
     lr_grid: list[float] = field(default_factory=list)
-    """Learning rates to search for every method whose own overrides do not set ``lr`` (paper: 1e-4,
-    5e-5, 1e-5, 5e-6 for each baseline): each is trained at each value and the best validation accuracy is
-    kept per (method, seed). A list as a method's ``lr`` override searches that method alone."""
+    """Learning rates to search for every method whose own overrides (or ``common``, or ``--set``) do not set
+    ``lr`` (paper: 1e-4, 5e-5, 1e-5, 5e-6 for each baseline): each is trained at each value and the best
+    validation accuracy is kept per (method, seed). A list as a method's ``lr`` override searches that method
+    alone."""
     ablations: list[Ablation] = field(default_factory=list)
     """Table 3: named variants of methods."""
     experiments: dict = field(default_factory=dict)
@@ -112,10 +115,10 @@ class BenchmarkSpec:
 
     def jobs(self) -> list[tuple[str, str, dict]]:
         """(result name, method, overrides) of every model to train, ablations included."""
-        grid = {"lr": list(self.lr_grid)} if self.lr_grid else {}
-        out = [(m, m, {**self.common, **grid, **self.overrides.get(m, {})}) for m in self.methods]
+        grid = {"lr": list(self.lr_grid)} if self.lr_grid else {}  # common (and --set) lr replaces the grid
+        out = [(m, m, {**grid, **self.common, **self.overrides.get(m, {})}) for m in self.methods]
         for a in self.ablations:
-            out.append((a.name, a.method, {**self.common, **grid, **self.overrides.get(a.method, {}), **a.overrides}))
+            out.append((a.name, a.method, {**grid, **self.common, **self.overrides.get(a.method, {}), **a.overrides}))
         return out
 
 
@@ -242,6 +245,10 @@ def load_spec(name_or_path: str) -> BenchmarkSpec:
         raise SpecError(f"{file}: data.path is required when data.source is {spec.data.source}")
     if spec.data.build not in (None, *BUILDERS):
         raise SpecError(f"{file}: data.build must be one of {', '.join(BUILDERS)}, not {spec.data.build!r}")
+    if spec.data.build and spec.data.source == "ultrafeedback":
+        raise SpecError(f"{file}: data.build is for directory sources; an ultrafeedback source always builds UF-P")
+    if spec.data.max_tokens is not None and not spec.data.tokenizer:
+        raise SpecError(f"{file}: data.max_tokens needs data.tokenizer (the tokenizer that counts the tokens)")
     spec.path = str(file)
     return spec
 

@@ -89,7 +89,7 @@ def benchmark(
 
         from accelerate import PartialState
 
-        p = plan(s, out_dir, **chosen)
+        p = plan(s, out_dir, force=force, **chosen)
         if PartialState().is_main_process:  # under accelerate launch: one plan, not one per process
             print_json(p) if as_json else print_plan(p)
         return

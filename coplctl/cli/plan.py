@@ -8,7 +8,7 @@ GIB = 2 ** 30
 
 
 def _gib(n: float) -> str:
-    return f"{n / GIB:,.1f}G"
+    return f"{n / GIB:,.1f}G" if n >= GIB else f"{n / GIB:.2f}G"
 
 
 def _lrs(rows: list[dict]) -> str:
@@ -39,10 +39,11 @@ def print_plan(p: dict) -> None:
         t.add_column(col, justify="left" if col in ("job", "lr") else "right")
     for name in dict.fromkeys(r["name"] for r in p["jobs"]):
         rows = [r for r in p["jobs"] if r["name"] == name]
-        other = sorted({r["status"] for r in rows if r["status"] not in ("to run", "finished: skipped")})
+        other = sorted({r["status"] for r in rows if not r["status"].startswith(("to run", "finished"))})
         method = rows[0]["method"]
         cells = [name + ("" if method == name else f" ({method})") + "".join(f"; {o}" for o in other), _lrs(rows),
-                 str(sum(r["status"] == "to run" for r in rows)), str(sum(r["status"].startswith("finished") for r in rows))]
+                 str(sum(r["status"].startswith("to run") for r in rows)),
+                 str(sum(r["status"].startswith("finished") for r in rows))]
         if mem:
             m = mem.get(name)
             if m and m["gpu"].get("available"):
