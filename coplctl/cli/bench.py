@@ -71,8 +71,9 @@ def benchmark(
         if as_json:
             print_json({s.name: s.description for s in specs})
             return
+        width = max(len(s.name) for s in specs)
         for s in specs:
-            out.print(f"{s.name:<16} {s.description}", highlight=False, soft_wrap=True)
+            out.print(f"{s.name:<{width}}  {s.description}", highlight=False, soft_wrap=True)
         return
     if spec is None:
         raise typer.BadParameter("name a benchmark spec (see coplctl benchmark --list)", param_hint="SPEC")

@@ -119,8 +119,8 @@ def estimate(method, settings, *, dtype_bytes: int, fused_attention: bool = True
     backbone = settings.backbone
     arch = architecture(backbone)
     if arch is None:
-        return {"available": False, "why": f"no config for {backbone!r} here (not embedded, not local, not in the "
-                                           f"hub cache, not on the hub)"}
+        return {"available": False, "why": f"no config for {backbone!r} here (not embedded, not a local model, not in "
+                                           f"the hub cache, and the hub did not answer with one)"}
     config, source, params, shapes = (arch[k] for k in ("config", "source", "parameters", "linears"))
     h, layers = config.hidden_size, config.num_hidden_layers
     targets = list(method.adapter_targets(settings) or DEFAULTS.get(config.model_type, []))
