@@ -330,14 +330,15 @@ class CoPL(NeuralMethod):
 
     @classmethod
     def adapter_parameters(cls, config, d_in: int, d_out: int) -> int:
-        """The MoLE layer: M experts and the shared one of rank n, and the gate (user width u, hidden g):
-        (M + 1)·n·(d_in + d_out) + u·g + g + g·M + M, u the GCF's width on a GPU (plain LoRA without MoLE)."""
-        if not config.mole:
-            return config.lora_rank * (d_in + d_out)
+        """MoLE: M experts and the shared one of rank n, the gate on users of width u (the GCF's on a GPU, or
+        ``learned_dim``) with hidden g: (M + 1)·n·(d_in + d_out) + u·g + g + g·M + M; else plain LoRA."""
         from coplctl.graph.config import preset_config
 
-        preset = "paper" if config.gcf_preset == "auto" else config.gcf_preset
-        u, g, m = preset_config(preset, **config.gcf_overrides).dim, config.gate_hidden, config.experts
+        if not config.mole:
+            return config.lora_rank * (d_in + d_out)
+        u = config.learned_dim if config.user_embeddings == "learned" else preset_config(
+            "paper" if config.gcf_preset == "auto" else config.gcf_preset, **config.gcf_overrides).dim
+        g, m = config.gate_hidden, config.experts
         return (m + int(config.shared_expert)) * config.rank * (d_in + d_out) + u * g + g + g * m + m
 
     def experiments(self, ctx) -> dict:
