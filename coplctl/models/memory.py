@@ -80,9 +80,14 @@ def architecture(name: str) -> dict | None:
     from accelerate import init_empty_weights
     from transformers import AutoModel
 
+    from coplctl.models.backbone import resolve
+    from coplctl.models.tokens import FALLBACK_MAX_LENGTH, own_max_length
+
     config, source = backbone_config(name)
     if config is None:
         return None
+    known = source == resolve(name)[0]  # its own config (not the paper's numbers): its own length limit too
+    length = own_max_length(source, config, None) if known else min(FALLBACK_MAX_LENGTH, config.max_position_embeddings)
     with init_empty_weights():
         model = AutoModel.from_config(config)
     shapes = {n: (m.in_features, m.out_features) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
@@ -90,7 +95,7 @@ def architecture(name: str) -> dict | None:
     norms = [n.rsplit(".", 1)[-1] for n, m in first if type(m).__name__.endswith("Norm")]
     return {"config": config, "source": source, "parameters": sum(p.numel() for p in model.parameters()),
             "linears": shapes, "gated": any(n.endswith("gate_proj") for n in shapes), "norms": norms,
-            "rotary": any("rotary" in n for n, _ in model.named_modules())}
+            "rotary": any("rotary" in n for n, _ in model.named_modules()), "max_length": length}
 
 
 def kept_per_token(arch: dict, length: int, fused_attention: bool) -> int:
@@ -109,11 +114,10 @@ def estimate(method, settings, *, dtype_bytes: int, fused_attention: bool = True
     """The formula of the module docstring for registered ``method`` (its class) with its config ``settings``
     (backbone, batch size, length limit, checkpointing; the method's ``adapter_targets`` and
     ``adapter_parameters`` say what it trains in each adapted layer); sizes in bytes, with the counts they
-    come from. Without ``max_length``: the backbone's own limit, at most 512 (as training).
+    come from. Without ``max_length``: the backbone's own limit, as training reads it.
     ``fused_attention``: a GPU's (no score matrices kept); False: a CPU's."""
     from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as DEFAULTS
 
-    from coplctl.models.tokens import FALLBACK_MAX_LENGTH
     from coplctl.models.train_config import MODE_DEFAULTS
 
     backbone = settings.backbone
@@ -126,8 +130,7 @@ def estimate(method, settings, *, dtype_bytes: int, fused_attention: bool = True
     targets = list(method.adapter_targets(settings) or DEFAULTS.get(config.model_type, []))
     adapted = [s for n, s in shapes.items() if any(n == t or n.endswith("." + t) for t in targets)]
     trainable = sum(method.adapter_parameters(settings, i, o) for i, o in adapted) + h + 1
-    length = settings.max_length or min(FALLBACK_MAX_LENGTH, getattr(config, "max_position_embeddings",
-                                                                     FALLBACK_MAX_LENGTH))
+    length = settings.max_length or arch["max_length"]
     batch_size = settings.batch_size or MODE_DEFAULTS["lora"]["batch_size"]
     tokens = 2 * batch_size * length
     a = kept_per_token(arch, length, fused_attention)
