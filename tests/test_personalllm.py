@@ -104,7 +104,9 @@ def test_odd_values_in_a_jsonl_copy_are_one_error_naming_the_line(plm_dir, tmp_p
     assert "at least two distinct reward models" in capsys.readouterr().err
 
 
-def test_the_hub_id_reads_the_datasets_cache_as_a_download_left_it(plm_dir, tmp_path, monkeypatch):
+@pytest.fixture
+def offline_hub(plm_dir, tmp_path, monkeypatch):
+    """The fixture's tables as namkoong-lab/PersonalLLM in a `datasets` cache, the hub offline."""
     datasets = pytest.importorskip("datasets", reason="the hub extra (datasets) is not installed")
     from hub_datasets import install_dataset_in_cache
 
@@ -113,6 +115,9 @@ def test_the_hub_id_reads_the_datasets_cache_as_a_download_left_it(plm_dir, tmp_
     install_dataset_in_cache("namkoong-lab/PersonalLLM", splits, cache, tmp_path / "prep")
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", cache)
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+
+
+def test_the_hub_id_reads_the_datasets_cache_as_a_download_left_it(plm_dir, tmp_path, offline_hub):
     assert main(["data", "build-personalllm", *ARGS, "--out", str(tmp_path / "hub")]) == 0
     assert main(["data", "build-personalllm", "--personalllm", str(plm_dir), *ARGS, "--out", str(tmp_path / "local")]) == 0
     hub, local = load(tmp_path / "hub"), load(tmp_path / "local")
@@ -120,17 +125,9 @@ def test_the_hub_id_reads_the_datasets_cache_as_a_download_left_it(plm_dir, tmp_
 
 
 def test_a_benchmark_builds_its_missing_dataset_on_first_use_from_the_datasets_cache(plm_dir, tmp_path, monkeypatch,
-                                                                                     capsys):
-    datasets = pytest.importorskip("datasets", reason="the hub extra (datasets) is not installed")
-    from hub_datasets import install_dataset_in_cache
-
+                                                                                     offline_hub, capsys):
     from coplctl.bench.spec import find_spec
 
-    splits = {s: pd.read_parquet(next((plm_dir / "data").glob(f"{s}-*"))) for s in ("train", "test")}
-    cache = tmp_path / "hf-datasets"
-    install_dataset_in_cache("namkoong-lab/PersonalLLM", splits, cache, tmp_path / "prep")
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", cache)
-    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     work = tmp_path / "work"
     work.mkdir()
     monkeypatch.chdir(work)

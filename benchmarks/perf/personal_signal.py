@@ -42,15 +42,16 @@ def spectrum_probe(ds, community: np.ndarray, k: int = 8) -> float:
     import scipy.sparse as sp
     from scipy.sparse.linalg import eigsh
 
-    from coplctl.data.dataset import unordered
+    import pandas as pd
+
+    from coplctl.data.signal import votes
     from coplctl.graph.probe import group_probe
 
     seen = ds.users.loc[ds.users["role"] == "seen", "user_id"]
     index = {u: i for i, u in enumerate(seen)}
     p = ds.pairs[(ds.pairs["split"] == "train") & ds.pairs["user_id"].isin(index)]
-    lo, hi = unordered(p["chosen_id"], p["rejected_id"])
-    key = np.unique(np.stack([lo.to_numpy(), hi.to_numpy()], 1).astype(str), axis=0, return_inverse=True)[1].ravel()
-    vote = np.where(p["chosen_id"].to_numpy() == lo.to_numpy(), 1.0, -1.0)
+    pair, vote = votes(p)
+    key, vote = pd.factorize(pair)[0], vote.astype(float)
     centred = vote - (np.bincount(key, weights=vote) / np.bincount(key))[key]
     s = sp.csr_matrix((centred, (p["user_id"].map(index).to_numpy(), key)), shape=(len(index), key.max() + 1))
     _, vectors = eigsh(s @ s.T, k=k, which="LA", v0=np.random.default_rng(0).standard_normal(len(index)))

@@ -149,6 +149,11 @@ def _build(spec: BenchmarkSpec, path: Path, download: bool, progress: bool, log)
             f"unseen users")
 
 
+def simulated_as_specified(meta: dict, d) -> bool:
+    """Whether simulated data with ``meta`` was made with the spec's data section ``d`` (then it is reused)."""
+    return meta.get("protocol") == asdict(d.protocol()) and meta.get("seed") == d.seed
+
+
 def prepare_data(spec: BenchmarkSpec, base: Path, force: bool = False, *, download: bool = True,
                  progress: bool = False, log=None):
     """The spec's dataset: generated once for simulated specs, read from data.path for real ones (built there
@@ -170,15 +175,14 @@ def prepare_data(spec: BenchmarkSpec, base: Path, force: bool = False, *, downlo
     from coplctl.data.simulate import SimConfig, simulate
 
     path = base / "data"
-    proto = d.protocol()
     if (path / "meta.json").exists():
         ds = load(path)
-        if ds.meta.get("protocol") == asdict(proto) and ds.meta.get("seed") == d.seed:
+        if simulated_as_specified(ds.meta, d):
             return ds
         if not force:
             raise CoplError(f"{path} was simulated with other settings than the spec's data section; results "
                             f"there are stale: use another --out, or --force to regenerate and rerun everything")
-    simulate(SimConfig(protocol=proto, seed=d.seed)).save(path, overwrite=True)
+    simulate(SimConfig(protocol=d.protocol(), seed=d.seed)).save(path, overwrite=True)
     return load(path)
 
 

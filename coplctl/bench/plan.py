@@ -6,12 +6,11 @@ processes, and in ``lora`` mode an estimate of each method's peak memory per pro
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from pathlib import Path
 
-from coplctl.bench.data import builder, datasets_cache
+from coplctl.bench.data import builder, datasets_cache, simulated_as_specified
 from coplctl.bench.results import result_path
-from coplctl.bench.runner import select_jobs
+from coplctl.bench.runner import not_a_file, select_jobs
 from coplctl.bench.search import candidate_path
 from coplctl.bench.spec import BenchmarkSpec
 from coplctl.core.errors import CoplError
@@ -30,8 +29,7 @@ def data_plan(spec: BenchmarkSpec, base: Path, download: bool, force: bool = Fal
         if (path / "meta.json").exists():
             from coplctl.data import load
 
-            meta = load(path).meta
-            usable = meta.get("protocol") == asdict(d.protocol()) and meta.get("seed") == d.seed
+            usable = simulated_as_specified(load(path).meta, d)
             status = ("simulated earlier (reused while the spec's data section is unchanged)" if usable else
                       "simulated with other settings than the spec's: " + (
                           "--force regenerates it and reruns everything" if force else
@@ -98,9 +96,7 @@ def plan(spec: BenchmarkSpec, out: str | Path, *, names=None, seeds=None, backbo
 
     spec, jobs, seeds = select_jobs(spec, names, seeds, backbone, mode, sets)
     out = Path(out)
-    for p in (out, out / spec.name):
-        if p.exists() and not p.is_dir():
-            raise CoplError(f"--out {out}: {p} is a file; the results directory must be a directory")
+    not_a_file(out, out / spec.name)
     cuda = torch.cuda.is_available()
     state = PartialState(cpu=not cuda)
     data = data_plan(spec, out / spec.name, download, force)

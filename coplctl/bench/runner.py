@@ -221,14 +221,19 @@ def _tidy(lock_file: Path, made: list[Path]) -> None:
                 d.rmdir()  # only when empty
 
 
+def not_a_file(out: Path, base: Path) -> None:
+    """``--out`` and its spec's directory in it must be directories where they exist."""
+    for p in (out, base):
+        if p.exists() and not p.is_dir():
+            raise CoplError(f"--out {out}: {p} is a file; the results directory must be a directory")
+
+
 def _lock(state, stack: contextlib.ExitStack, out: Path, base: Path, name: str) -> None:
     """The main process creates ``base`` and locks it; every process learns whether that worked."""
     problem = None
     if state.is_main_process:
         try:
-            for p in (out, base):
-                if p.exists() and not p.is_dir():
-                    raise CoplError(f"--out {out}: {p} is a file; the results directory must be a directory")
+            not_a_file(out, base)
             made = [p for p in (out, base) if not p.exists()]
             try:
                 base.mkdir(parents=True, exist_ok=True)

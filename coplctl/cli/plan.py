@@ -61,7 +61,7 @@ def print_plan(p: dict) -> None:
     g = next((m["gpu"] for m in mem.values() if m["gpu"].get("available")), None)
     if g:
         say(f"memory = weights {_gib(g['weights'])} ({g['parameters'] / 1e9:.2f}B parameters in {g['dtype_bytes']}-byte "
-            f"{mem[next(iter(mem))]['gpu']['dtype']}; config: {g['config']}) + trained parameters with AdamW state "
+            f"{g['dtype']}; config: {g['config']}) + trained parameters with AdamW state "
             f"({g['trainable_parameters'] / 1e6:.1f}M for the first job) + activations of {g['tokens']:,} tokens (batch "
             f"{g['batch_size']} pairs x 2 texts x {g['max_length']} tokens, every text counted at the length limit: an "
             f"upper bound); gradient checkpointing {'on' if g['gradient_checkpointing'] else 'off'}. The formula: "

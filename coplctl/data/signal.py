@@ -17,7 +17,7 @@ import pandas as pd
 from coplctl.data.dataset import unordered
 
 
-def _votes(pairs: pd.DataFrame) -> tuple[pd.MultiIndex, np.ndarray]:
+def votes(pairs: pd.DataFrame) -> tuple[pd.MultiIndex, np.ndarray]:
     """Each label's pair (its two response ids, ordered) and its vote: +1 when the lower id was chosen, else -1."""
     lo, hi = unordered(pairs["chosen_id"], pairs["rejected_id"])
     vote = np.where(pairs["chosen_id"].to_numpy() == lo.to_numpy(), 1, -1)
@@ -35,7 +35,7 @@ def personal_signal(pairs: pd.DataFrame) -> dict:
     if pairs.empty:
         return {"labels": 0, "without_majority": 0, "users": 0, "share": None, "share_of_labels": None,
                 "personal_per_user": None, "labels_per_user": None}
-    key, vote = _votes(pairs)
+    key, vote = votes(pairs)
     codes, _ = pd.factorize(key)
     total = np.bincount(codes, weights=vote)[codes]
     others = total - vote  # the other labels' votes on this pair
@@ -70,7 +70,7 @@ def describe(signal: dict) -> str:
 def against_majority(pairs: pd.DataFrame, reference: pd.DataFrame) -> np.ndarray:
     """For each row of ``pairs``, whether its label goes against the majority of ``reference``'s labels on the
     same two responses (False where ``reference`` has no label there, or its labels tie)."""
-    ref_key, ref_vote = _votes(reference)
-    key, mine = _votes(pairs)
+    ref_key, ref_vote = votes(reference)
+    key, mine = votes(pairs)
     theirs = pd.Series(ref_vote, index=ref_key).groupby(level=[0, 1]).sum().reindex(key).fillna(0).to_numpy()
     return mine * theirs < 0

@@ -59,17 +59,17 @@ def backbone_config(name: str):
     from coplctl.models.backbone import resolve
 
     source, _ = resolve(name)
-    for kwargs in ({"local_files_only": True}, None, {}):
-        if kwargs is None:
-            if source in PAPER_CONFIGS:
-                values = dict(PAPER_CONFIGS[source])
-                return AutoConfig.for_model(values.pop("model_type"), **values), f"the paper's {source} (config.json values)"
-            continue
-        try:
-            return AutoConfig.from_pretrained(source, **kwargs), source
-        except (OSError, ValueError):
-            pass
-    return None, None
+    try:  # JSON config only (no remote code)
+        return AutoConfig.from_pretrained(source, local_files_only=True), source
+    except (OSError, ValueError):
+        pass
+    if source in PAPER_CONFIGS:
+        values = dict(PAPER_CONFIGS[source])
+        return AutoConfig.for_model(values.pop("model_type"), **values), f"the paper's {source} (config.json values)"
+    try:
+        return AutoConfig.from_pretrained(source), source
+    except (OSError, ValueError):
+        return None, None
 
 
 @functools.cache
